@@ -219,3 +219,27 @@ def test_error_wrong_pixel_shape(checkpoint):
   tower = load_vision_tower(checkpoint)
   with pytest.raises(ValueError, match=r"pixel_values must be \(B, 3, 32, 32\) \(NCHW\), got \(1, 32, 32, 3\)"):
     tower(np.zeros((1, 32, 32, 3), np.float32))
+
+
+@pytest.mark.parametrize("projection_dim", [None, 6])
+def test_save_hf_loads_in_transformers(projection_dim, tmp_path):
+  from bridgejax.models.clip import CLIPVisionConfig, CLIPVisionTransformer
+  from bridgejax.weights.clip import save_hf
+  import jax
+  config = CLIPVisionConfig(hidden_size=24, intermediate_size=40, num_layers=2, num_heads=3, image_size=28,
+                            patch_size=7, projection_dim=projection_dim)
+  module = CLIPVisionTransformer(config)
+  pixels = np.random.default_rng(0).standard_normal((2, 3, 28, 28)).astype(np.float32)
+  params = module.init(jax.random.key(0), pixels)["params"]
+  save_hf(str(tmp_path), config, params)
+  cls = transformers.CLIPVisionModel if projection_dim is None else transformers.CLIPVisionModelWithProjection
+  reference = cls.from_pretrained(str(tmp_path)).eval()
+  ours = module.apply({"params": params}, pixels)
+  with torch.no_grad():
+    ref = reference(torch.from_numpy(pixels), output_hidden_states=True)
+  for a, b in zip(ours.hidden_states, ref.hidden_states):
+    assert _max_abs(a, b) <= 1e-5
+  if projection_dim:
+    assert _max_abs(ours.image_embeds, ref.image_embeds) <= 1e-5
+  reloaded = load_vision_tower(str(tmp_path))
+  assert jax.tree.all(jax.tree.map(lambda a, b: np.array_equal(np.asarray(a), np.asarray(b)), reloaded.params, params))

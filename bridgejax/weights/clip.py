@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 
 from bridgejax.models.clip import CLIPVisionConfig, CLIPVisionTransformer, VisionTower
 from bridgejax.weights import converted, safetensors_io
 from bridgejax.weights.errors import CheckpointError
-from bridgejax.weights.tree import Source, abstract_init, assemble, check_tree
+from bridgejax.weights.tree import Source, abstract_init, assemble, check_tree, export
 
 KIND = "clip_vision"
 ARCHITECTURES = ("CLIPVisionModel", "CLIPModel", "CLIPVisionModelWithProjection")
@@ -109,3 +111,27 @@ def load_vision_tower(path: str, *, dtype=jnp.float32, param_dtype=jnp.float32) 
 def _abstract(config: CLIPVisionConfig):
   c = config
   return abstract_init(CLIPVisionTransformer(c), jnp.zeros((1, c.num_channels, c.image_size, c.image_size)))
+
+
+def save_hf(path: str, config: CLIPVisionConfig, params) -> None:
+  """Writes a Hugging Face directory (config.json + model.safetensors) that transformers'
+  CLIPVisionModel (or ...WithProjection) loads, with the hub's `vision_model.` tensor names."""
+  import json
+  import os
+
+  from safetensors.numpy import save_file
+
+  arch = "CLIPVisionModel" if config.projection_dim is None else "CLIPVisionModelWithProjection"
+  hf_config = {
+      "architectures": [arch], "model_type": "clip_vision_model", "hidden_size": config.hidden_size,
+      "intermediate_size": config.intermediate_size, "num_hidden_layers": config.num_layers,
+      "num_attention_heads": config.num_heads, "image_size": config.image_size,
+      "patch_size": config.patch_size, "num_channels": config.num_channels,
+      "layer_norm_eps": config.layer_norm_eps, "hidden_act": config.hidden_act, "dtype": "float32"}
+  if config.projection_dim is not None:
+    hf_config["projection_dim"] = config.projection_dim
+  os.makedirs(path, exist_ok=True)
+  tensors = export(name_map(config, "vision_model."), jax.tree.map(lambda x: np.asarray(x, np.float32), params))
+  save_file(tensors, os.path.join(path, safetensors_io.SINGLE_FILE), metadata={"format": "pt"})
+  with open(os.path.join(path, "config.json"), "w") as f:
+    json.dump(hf_config, f, indent=2)

@@ -24,6 +24,9 @@ class Source:
   def to_ours(self, array: np.ndarray) -> np.ndarray:
     return array if self.transpose is None else np.transpose(array, self.transpose)
 
+  def to_stored(self, array: np.ndarray) -> np.ndarray:
+    return array if self.transpose is None else np.transpose(array, np.argsort(self.transpose))
+
   def stored_shape(self, our_shape: tuple[int, ...]) -> tuple[int, ...]:
     """The shape the checkpoint must have for our parameter to get `our_shape`."""
     if self.transpose is None:
@@ -93,3 +96,9 @@ def check_tree(params, abstract_params, *, checkpoint: str, param_dtype):
   sources = {path: Source(key(path)) for path in traverse_util.flatten_dict(abstract_params)}
   named = {key(path): v for path, v in traverse_util.flatten_dict(params).items()}
   return assemble(sources, named, abstract_params, checkpoint=checkpoint, param_dtype=param_dtype)
+
+
+def export(sources: Mapping[tuple[str, ...], Source], params) -> dict[str, np.ndarray]:
+  """The inverse of `assemble`: checkpoint-named tensors in the checkpoint's layout."""
+  flat = traverse_util.flatten_dict(params)
+  return {src.name: np.ascontiguousarray(src.to_stored(np.asarray(flat[path]))) for path, src in sources.items()}
