@@ -1,0 +1,59 @@
+"""Training checkpoints: Orbax CheckpointManager over the train state and the data iterator.
+
+Each step directory holds `state` (step, trainable params, optimizer state, counters) and, when
+the input pipeline is a grain iterator, `data` (its position), so a resumed run continues at the
+exact next example. Orbax writes into a temporary directory and renames it when complete, so a
+crash mid-save never leaves a checkpoint that looks valid. The per-step RNG is derived from
+(seed, step), so it needs no saving.
+"""
+
+from __future__ import annotations
+
+import os
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+
+
+class Checkpointer:
+
+  def __init__(self, workdir: str, *, keep: int = 3, every_steps: int = 1000):
+    self.directory = os.path.join(os.path.abspath(workdir) if "://" not in workdir else workdir, "checkpoints")
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=every_steps, create=True)
+    self.manager = ocp.CheckpointManager(self.directory, options=options)
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def save(self, step: int, state, data_iterator=None, *, force: bool = False) -> bool:
+    """Saves when `step` is on the interval (or `force`); returns whether it saved."""
+    items = {"state": ocp.args.StandardSave(state)}
+    if isinstance(data_iterator, grain.DatasetIterator | grain.DataLoaderIterator):
+      items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+    return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+
+  def restore(self, abstract_state, data_iterator=None, step: int | None = None):
+    """The state at `step` (default: latest), laid out like `abstract_state` (shapes, dtypes and
+    shardings); restores `data_iterator`'s position in place."""
+    step = self.manager.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f"no checkpoint in {self.directory}")
+    if step not in self.manager.all_steps():
+      raise FileNotFoundError(f"no checkpoint for step {step} in {self.directory}; "
+                              f"available steps: {sorted(self.manager.all_steps())}")
+    items = {"state": ocp.args.StandardRestore(abstract_state)}
+    if data_iterator is not None and "data" in self.manager.item_metadata(step):
+      items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+    return self.manager.restore(step, args=ocp.args.Composite(**items))["state"]
+
+  def wait(self):
+    self.manager.wait_until_finished()
+
+  def close(self):
+    self.manager.close()
+
+
+def abstract_like(tree):
+  """ShapeDtypeStructs (with shardings) describing `tree`, the target layout for a restore."""
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), tree)
