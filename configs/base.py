@@ -30,8 +30,9 @@ def get_config(arg=None):
       "rescale_row": True,  # FROMAGe: [RET] row back to the frozen rows' mean norm after each step
   })
   # Loss weights. FROMAGe's code: 1.0 * CE_caption + 1.0 * CE_text + 1.0 * (InfoNCE_t2i + InfoNCE_i2t) / 2.
-  # The thesis' eq. 5.1 (0.5 * L_c + 0.5 * (L_i2t + L_t2i)): --config.loss.preset=thesis.
-  config.loss = ml_collections.ConfigDict({"preset": "fromage", "caption": 1.0, "text": 1.0, "contrastive": 1.0})
+  # The thesis' eq. 5.1, 0.5 * L_c + 0.5 * (L_i2t + L_t2i), is caption=0.5, text=0.0, contrastive=1.0:
+  #   --config.loss.caption=0.5 --config.loss.text=0.0
+  config.loss = ml_collections.ConfigDict({"caption": 1.0, "text": 1.0, "contrastive": 1.0})
   config.concat_prob = 0.5  # the concat trick's probability per step (batch_size must be even)
 
   config.optim = ml_collections.ConfigDict({
@@ -46,6 +47,18 @@ def get_config(arg=None):
       "max_caption_tokens": 24,
       "num_workers": 8,
       "val_examples": 1000,  # the quick validation during training
+  })
+
+  config.eval = ml_collections.ConfigDict({
+      "tasks": "caption,retrieval",  # comma-separated: caption, retrieval, vqa, visdial
+      "data": "",  # a prepared directory with the eval splits ("" = the directory of data.val)
+      "split": "val",
+      "batch_size": 64,
+      "max_new_tokens": 32,
+      "caption_prompt": "",  # FROMAGe optionally prompts with "A picture of"
+      "num_beams": 1,  # 1 = greedy
+      "max_examples": 0,  # 0 = the whole split
+      "report_examples": 16,  # examples shown in eval/report.html
   })
 
   config.total_steps = 20_000

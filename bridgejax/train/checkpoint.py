@@ -47,6 +47,16 @@ class Checkpointer:
       items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
     return self.manager.restore(step, args=ocp.args.Composite(**items))["state"]
 
+  def load_params(self, step: int | None = None) -> tuple[int, dict]:
+    """(step, trainable params {bridge, ret}) of a checkpoint, for evaluation and inference: no
+    optimizer or data state needed."""
+    step = self.manager.latest_step() if step is None else step
+    if step is None or step not in self.manager.all_steps():
+      raise FileNotFoundError(f"no checkpoint for step {step} in {self.directory}; "
+                              f"available steps: {sorted(self.manager.all_steps())}")
+    restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    return step, restored["state"]["params"]
+
   def wait(self):
     self.manager.wait_until_finished()
 
