@@ -1,0 +1,215 @@
+"""What every bridge shares: the output type, the registry, initialisers, and the attention blocks.
+
+A bridge h maps the frozen vision tower's hidden states (every layer) to k LLM input embeddings
+plus the image feature that the retrieval head W_i consumes. It never sees the LLM.
+
+Axis legend (einsum letters):
+  B batch, N vision tokens (1 + grid²), D vision width, E LLM width, K bridge tokens (k) or
+  learned queries, H heads, F head dim, G groups/regions, S tokens per group.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+from typing import Any, Callable, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+PostNorm = Callable[[Array], Array]
+
+
+class BridgeOutput(NamedTuple):
+  tokens: Array  # (B, K, E): the visual prefix, in the LLM's input-embedding space
+  image_feature: Array  # (B, D): what W_i (the retrieval image head, in model.py) consumes
+
+
+def post_layer_norm(params, eps: float = 1e-5) -> PostNorm:
+  """The frozen tower's post-LayerNorm as a plain function of (..., D).
+
+  `params` is the tower's `params["post_norm"]` ({"scale", "bias"}); pass the result as the
+  bridge's `post_norm` argument. Statistics in float32, output in the input's dtype.
+  """
+  scale, bias = params["scale"], params["bias"]
+
+  def apply(x):
+    xf = x.astype(jnp.float32)
+    mean = xf.mean(-1, keepdims=True)
+    var = jnp.square(xf - mean).mean(-1, keepdims=True)
+    y = (xf - mean) * jax.lax.rsqrt(var + eps) * scale.astype(jnp.float32) + bias.astype(jnp.float32)
+    return y.astype(x.dtype)
+
+  return apply
+
+
+# --- initialisers matching PyTorch's defaults (FROMAGe and the thesis are PyTorch code) ---------
+
+# nn.Linear: kaiming_uniform(a=sqrt(5)) on the weight = U(±1/sqrt(fan_in)), i.e. variance 1/(3 fan_in).
+torch_linear_kernel = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
+# The same for a stack of Linears, kernel (K, fan_in, out): K is a batch axis, not part of fan_in.
+torch_stacked_linear_kernel = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform", batch_axis=(0,))
+
+
+def torch_linear_bias(fan_in: int):
+  """nn.Linear's bias init, U(±1/sqrt(fan_in)); Flax bias initialisers do not see fan_in."""
+  bound = 1 / math.sqrt(fan_in)
+  return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+def dense(features: int, fan_in: int, *, use_bias: bool = True, name: str | None = None, **kw) -> nn.Dense:
+  """nn.Dense initialised like torch.nn.Linear(fan_in, features)."""
+  return nn.Dense(features, use_bias=use_bias, kernel_init=torch_linear_kernel,
+                  bias_init=torch_linear_bias(fan_in), name=name, **kw)
+
+
+# nn.MultiheadAttention: xavier_uniform on the packed (3D, D) in-projection (limit sqrt(6/(4D))),
+# zero in-projection and out-projection biases, the out-projection weight as nn.Linear.
+torch_mha_in_kernel = nn.initializers.variance_scaling(0.5, "fan_avg", "uniform")
+
+
+# --- layers --------------------------------------------------------------------------------------
+
+class MultiHeadCrossAttention(nn.Module):
+  """Standard multi-head attention of learned queries over tokens, torch.nn.MultiheadAttention's math.
+
+  queries (K, D) (parameters, shared over the batch) x tokens (B, N, D) -> (B, K, D) (or (B, K, H*F)
+  without the out-projection). Projections q/k/v/out are (D, D) with biases, as in PyTorch.
+  """
+
+  num_heads: int
+  out_proj: bool = True
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, queries, tokens):
+    width = tokens.shape[-1]
+    if width % self.num_heads:
+      raise ValueError(f"num_heads={self.num_heads} does not divide the vision width {width}")
+    head_dim = width // self.num_heads
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    proj = lambda name: nn.DenseGeneral((self.num_heads, head_dim), kernel_init=torch_mha_in_kernel,
+                                        bias_init=nn.initializers.zeros, name=name, **kw)
+    q = proj("q_proj")(queries.astype(self.dtype)) * head_dim**-0.5  # (K, H, F)
+    k = proj("k_proj")(tokens)  # (B, N, H, F)
+    v = proj("v_proj")(tokens)
+    logits = jnp.einsum("KHF,BNHF->BHKN", q, k).astype(jnp.float32)
+    probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
+    out = jnp.einsum("BHKN,BNHF->BKHF", probs, v)
+    out = out.reshape(*out.shape[:2], width)  # heads concatenated: head_0 ⊕ ... ⊕ head_{H-1}
+    if self.out_proj:
+      out = nn.Dense(width, kernel_init=torch_linear_kernel, bias_init=nn.initializers.zeros,
+                     name="out_proj", **kw)(out)
+    return out
+
+  @staticmethod
+  def num_params(width: int, out_proj: bool = True) -> int:
+    return (4 if out_proj else 3) * (width * width + width)
+
+
+class AttentionPool(nn.Module):
+  """The image feature of all-token bridges: one learned query cross-attending to every token.
+
+  tokens (B, N, D) -> (B, D). Its own parameters: the query (D) and a MultiHeadCrossAttention.
+  """
+
+  num_heads: int = 4
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, tokens):
+    width = tokens.shape[-1]
+    query = self.param("query", nn.initializers.normal(0.02), (1, width), self.param_dtype)
+    out = MultiHeadCrossAttention(self.num_heads, dtype=self.dtype, param_dtype=self.param_dtype,
+                                  name="attn")(query, tokens)
+    return out[:, 0]
+
+  @staticmethod
+  def num_params(width: int) -> int:
+    return width + MultiHeadCrossAttention.num_params(width)
+
+
+# --- registry --------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class BridgeSpec:
+  """One registry entry: the module, its config keys with defaults, and its parameter formula.
+
+  `fixed` are module fields a preset pins (e.g. l4l's layers), not config keys. `num_params(dims,
+  **keys)` is the closed-form trainable parameter count written in the module's docstring, where
+  dims = dict(vision_width, vision_layers, grid_size, llm_width).
+  """
+
+  name: str
+  module: type
+  defaults: dict
+  fixed: dict
+  num_params: Callable[..., int]
+  check: Callable[..., None] | None = None  # (name, dims, **keys) -> raises ValueError
+  doc: str = ""
+
+
+REGISTRY: dict[str, BridgeSpec] = {}
+
+
+def register(name: str, module: type, *, defaults: dict, num_params, fixed: dict | None = None,
+             check=None, doc: str = "") -> None:
+  if name in REGISTRY:
+    raise ValueError(f"bridge {name!r} is registered twice")
+  REGISTRY[name] = BridgeSpec(name, module, dict(defaults), dict(fixed or {}), num_params, check, doc)
+
+
+# --- validation helpers shared by the families ---------------------------------------------------
+
+def check_layer(name: str, key: str, layer, vision_layers: int) -> None:
+  """A hidden_states index: -1 = layer L ... -(L+1) = the embeddings (after the pre-LayerNorm)."""
+  lo = -(vision_layers + 1)
+  if isinstance(layer, bool) or not isinstance(layer, numbers.Integral) or not lo <= layer <= -1:
+    raise ValueError(
+        f"bridge {name!r}: {key}={layer!r} is not a valid layer for a vision tower with {vision_layers} "
+        f"layers; use a negative index into hidden_states from -1 (layer L) to {lo} (the embeddings), "
+        f"e.g. -2 for L-1")
+
+
+def check_positive_int(name: str, key: str, value) -> None:
+  if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+    raise ValueError(f"bridge {name!r}: {key}={value!r} must be a positive integer")
+
+
+def check_bool(name: str, key: str, value) -> None:
+  if not isinstance(value, bool):
+    raise ValueError(f"bridge {name!r}: {key}={value!r} must be True or False")
+
+
+def check_heads(name: str, num_heads, vision_width: int) -> None:
+  check_positive_int(name, "num_heads", num_heads)
+  if vision_width % num_heads:
+    divisors = [h for h in range(1, min(vision_width, 64) + 1) if vision_width % h == 0]
+    raise ValueError(f"bridge {name!r}: num_heads={num_heads} does not divide the vision width "
+                     f"{vision_width}; use one of {divisors}")
+
+
+def check_tokens(name: str, hidden_states, grid_size: int, vision_width: int) -> None:
+  """Call-time check that the hidden states have the geometry the bridge was built for."""
+  expected = (1 + grid_size**2, vision_width)
+  got = tuple(hidden_states[-1].shape[1:])
+  if got != expected:
+    raise ValueError(f"bridge {name!r} was built for {expected[0]} tokens (CLS + {grid_size}x{grid_size} "
+                     f"patches) of width {expected[1]}, got hidden states of shape "
+                     f"{tuple(hidden_states[-1].shape)}; build it with the tower's grid_size and width")
+
+
+def maybe_post_norm(x, norm_fn):
+  """x through the tower's post-LayerNorm; norm_fn False = the bridge's post_norm is off."""
+  if norm_fn is False:
+    return x
+  if norm_fn is None:
+    raise ValueError("this bridge has post_norm=True but was called without the tower's post-LayerNorm; "
+                     "call bridge(hidden_states, bridgejax.bridges.post_layer_norm(vision_params['post_norm'], "
+                     "eps)) or set post_norm=False in its config")
+  return norm_fn(x)

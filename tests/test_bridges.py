@@ -1,0 +1,424 @@
+"""Bridges: shapes, exact parameter formulas (tiny and thesis sizes), numpy/torch recomputation of every
+equation, error paths, and a tiny overfitting smoke test per bridge."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+import torch
+
+from bridgejax import bridges
+from bridgejax.bridges import MultiHeadCrossAttention, post_layer_norm
+
+# Tiny backbone geometry: width 16, 4 layers (5 hidden states), a 4x4 grid (17 tokens), LLM width 8.
+DIMS = dict(vision_width=16, vision_layers=4, grid_size=4, llm_width=8)
+BATCH = 3
+# ViT-L/14 at 224 + Gemma-2B, only through jax.eval_shape.
+THESIS = dict(vision_width=1024, vision_layers=24, grid_size=16, llm_width=2048)
+
+CONFIGS = {  # id: (config, number of output tokens)
+    "cls_linear": (dict(name="cls_linear"), 1),
+    "cls_linear_k4_l2_raw": (dict(name="cls_linear", k=4, layer=-2, post_norm=False), 4),
+    "cls_multi_3x2": (dict(name="cls_multi", layers=(-1, -3, -5), copies=2), 6),
+    "l4l": (dict(name="l4l"), 4),
+    "l2l_postnorm": (dict(name="l2l", post_norm=True), 2),
+    "l2lx2": (dict(name="l2lx2"), 4),
+    "comp": (dict(name="comp"), 4),
+    "grouped": (dict(name="grouped"), 4),
+    "grouped_k2_l2": (dict(name="grouped", k=2, layer=-2, num_heads=2), 2),
+    "regions": (dict(name="regions"), 5),
+    "regions_postnorm": (dict(name="regions", post_norm=True), 5),
+    "wavg": (dict(name="wavg"), 4),
+    "wavg_k8_bias": (dict(name="wavg", k=8, use_bias=True), 8),
+    "crossatt": (dict(name="crossatt"), 4),
+    "crossatt_k12_l2": (dict(name="crossatt", k=12, layer=-2), 12),
+    "crossatt_literal": (dict(name="crossatt", k=3, mha_out_proj=False, post_norm=True, num_heads=8), 3),
+}
+
+
+def _hidden_states(dims=DIMS, batch=BATCH, seed=0):
+  rng = np.random.default_rng(seed)
+  n = 1 + dims["grid_size"] ** 2
+  return tuple(jnp.asarray(rng.standard_normal((batch, n, dims["vision_width"])), jnp.float32)
+               for _ in range(dims["vision_layers"] + 1))
+
+
+def _post_norm_params(width=DIMS["vision_width"], seed=1):
+  rng = np.random.default_rng(seed)
+  return {"scale": jnp.asarray(1 + 0.1 * rng.standard_normal(width), jnp.float32),
+          "bias": jnp.asarray(0.1 * rng.standard_normal(width), jnp.float32)}
+
+
+POST_NORM = post_layer_norm(_post_norm_params())
+
+
+def _np_post_norm(x, eps=1e-5):
+  p = jax.tree.map(np.asarray, _post_norm_params())
+  mean = x.mean(-1, keepdims=True)
+  var = ((x - mean) ** 2).mean(-1, keepdims=True)
+  return (x - mean) / np.sqrt(var + eps) * p["scale"] + p["bias"]
+
+
+def _count(tree):
+  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+
+
+def _init(cfg, dims=DIMS):
+  """(bridge, params, hidden states), initialised once per config and shared by the tests."""
+  return _init_cached(tuple(sorted(cfg.items())), tuple(sorted(dims.items())))
+
+
+@functools.cache
+def _init_cached(cfg, dims):
+  cfg, dims = dict(cfg), dict(dims)
+  bridge = bridges.build_bridge(cfg, **dims)
+  hs = _hidden_states(dims)
+  params = bridge.init(jax.random.key(0), hs, POST_NORM)["params"]
+  return bridge, params, hs
+
+
+# --- shapes and parameter counts ------------------------------------------------------------------
+
+@pytest.mark.parametrize("case", sorted(CONFIGS))
+def test_shapes_and_parameter_formula(case):
+  cfg, k = CONFIGS[case]
+  bridge, params, hs = _init(cfg)
+  out = bridge.apply({"params": params}, hs, POST_NORM)
+  assert out.tokens.shape == (BATCH, k, DIMS["llm_width"])
+  assert out.image_feature.shape == (BATCH, DIMS["vision_width"])
+  assert out.tokens.dtype == jnp.float32 and np.all(np.isfinite(out.tokens))
+  assert bridges.num_tokens(cfg, **DIMS) == k
+  assert _count(params) == bridges.num_params(cfg, **DIMS)
+
+
+def _abstract_count(cfg, dims):
+  bridge = bridges.build_bridge(cfg, **dims)
+  n = 1 + dims["grid_size"] ** 2
+  hs = tuple(jax.ShapeDtypeStruct((1, n, dims["vision_width"]), jnp.float32) for _ in range(dims["vision_layers"] + 1))
+  shapes = jax.eval_shape(lambda h: bridge.init(jax.random.key(0), h, lambda x: x)["params"], hs)
+  out = jax.eval_shape(lambda p, h: bridge.apply({"params": p}, h, lambda x: x), shapes, hs)
+  return _count(shapes), out
+
+
+POOL = 1024 + 4 * (1024 * 1024 + 1024)  # the all-token bridges' 1-query attention for W_i
+THESIS_COUNTS = {  # the numbers written in the module docstrings, at ViT-L/14 + Gemma-2B sizes
+    **{f"cls_linear_k{k}": (dict(name="cls_linear", k=k), k * 2048 * 1025) for k in (1, 4, 8, 12, 16, 20)},
+    "l4l": (dict(name="l4l"), 8_396_800), "l2l": (dict(name="l2l"), 4_198_400),
+    "l2lx2": (dict(name="l2lx2"), 8_396_800), "comp": (dict(name="comp"), 8_396_800),
+    "grouped": (dict(name="grouped"), 134_219_776 + POOL), "regions": (dict(name="regions"), 134_219_776 + POOL),
+    "wavg": (dict(name="wavg"), 2_097_216 + POOL),
+    "crossatt_k4": (dict(name="crossatt"), 6_301_696 + POOL),
+    "crossatt_k12_l2": (dict(name="crossatt", k=12, layer=-2), 6_309_888 + POOL),
+}
+
+
+@pytest.mark.parametrize("case", sorted(THESIS_COUNTS))
+def test_parameter_counts_at_thesis_sizes(case):
+  cfg, expected = THESIS_COUNTS[case]
+  count, out = _abstract_count(cfg, THESIS)
+  assert count == expected == bridges.num_params(cfg, **THESIS)
+  assert out.tokens.shape[1:] == (bridges.num_tokens(cfg, **THESIS), 2048)
+  assert out.image_feature.shape == (1, 1024)
+
+
+def test_thesis_reported_totals():
+  # W_i (1024->256), W_t (2048->256), the [RET] row and the logit scale live in model.py.
+  heads = 1024 * 256 + 256 + 2048 * 256 + 256 + 2048 + 1
+  assert heads == 788_993
+  cls20 = bridges.num_params(dict(name="cls_linear", k=20), **THESIS) + heads
+  assert cls20 == 42_772_993  # 7.1: "the CLS-based models with k = 20 train 42M parameters"
+  crossatt12 = bridges.num_params(dict(name="crossatt", k=12, layer=-2), **THESIS) + heads
+  cls4 = bridges.num_params(dict(name="cls_linear", k=4), **THESIS) + heads
+  assert (crossatt12, cls4) == (11_298_305, 9_185_793)  # 7.4: "just slightly more parameters than ... 4 tokens"
+  regions = bridges.num_params(dict(name="regions"), **THESIS) + heads
+  assert regions == 139_208_193  # the thesis says 151M; see the alltokens docstring
+
+
+# --- each equation against an independent recomputation ---------------------------------------------
+
+def _np(tree):
+  return jax.tree.map(lambda x: np.asarray(x, np.float64), tree)
+
+
+def _np_hidden(hs):
+  return [np.asarray(h, np.float64) for h in hs]
+
+
+def test_cls_linear_equation():
+  cfg = dict(name="cls_linear", k=4, layer=-1, post_norm=True)
+  bridge, params, hs = _init(cfg)
+  out = bridge.apply({"params": params}, hs, POST_NORM)
+  p, h = _np(params), _np_hidden(hs)
+  y = _np_post_norm(h[-1][:, 0])  # pooler_output
+  z = (y @ p["proj"]["kernel"] + p["proj"]["bias"]).reshape(BATCH, 4, 8)
+  np.testing.assert_allclose(out.tokens, z, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(out.image_feature, y, rtol=1e-5, atol=1e-5)
+  # the thesis fork: hidden_states[l][:, 0] without the post-LayerNorm
+  bridge, params, hs = _init(dict(name="cls_linear", k=2, layer=-3, post_norm=False))
+  out = bridge.apply({"params": params}, hs, None)
+  p = _np(params)
+  z = (h[-3][:, 0] @ p["proj"]["kernel"] + p["proj"]["bias"]).reshape(BATCH, 2, 8)
+  np.testing.assert_allclose(out.tokens, z, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(out.image_feature, h[-3][:, 0], rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["l4l", "l2l", "l2lx2", "comp"])
+@pytest.mark.parametrize("post_norm", [False, True])
+def test_multi_cls_equations(name, post_norm):
+  bridge, params, hs = _init(dict(name=name, post_norm=post_norm))
+  out = bridge.apply({"params": params}, hs, POST_NORM)
+  p, h = _np(params), _np_hidden(hs)
+  y = {l: (_np_post_norm(h[l][:, 0]) if post_norm else h[l][:, 0]) for l in (-1, -2, -3, -4)}
+  inputs = {  # eq. 6.5-6.8, in the thesis's token order
+      "l4l": [y[-1], y[-2], y[-3], y[-4]],
+      "l2l": [y[-1], y[-2]],
+      "l2lx2": [y[-1], y[-1], y[-2], y[-2]],
+      "comp": [y[-1], y[-2], y[-1] - y[-2], y[-1] * y[-2]],
+  }[name]
+  z = np.stack([x @ p["kernel"][i] + p["bias"][i] for i, x in enumerate(inputs)], axis=1)
+  np.testing.assert_allclose(out.tokens, z, rtol=1e-5, atol=1e-5)
+  extracted = {"l4l": 4}.get(name, 2)
+  np.testing.assert_allclose(out.image_feature, np.mean([y[-1 - i] for i in range(extracted)], axis=0),
+                             rtol=1e-5, atol=1e-6)
+
+
+def _torch_mha(p, width, heads, out_proj=True):
+  """torch.nn.MultiheadAttention carrying our q/k/v/out weights (Flax kernels are (in, out))."""
+  mha = torch.nn.MultiheadAttention(width, heads, batch_first=True).double()
+  to_t = lambda a: torch.from_numpy(np.asarray(a, np.float64))
+  with torch.no_grad():
+    mha.in_proj_weight.copy_(to_t(np.concatenate(
+        [p[n]["kernel"].reshape(width, width).T for n in ("q_proj", "k_proj", "v_proj")], axis=0)))
+    mha.in_proj_bias.copy_(to_t(np.concatenate([p[n]["bias"].reshape(width) for n in ("q_proj", "k_proj", "v_proj")])))
+    if out_proj:
+      mha.out_proj.weight.copy_(to_t(p["out_proj"]["kernel"].T))
+      mha.out_proj.bias.copy_(to_t(p["out_proj"]["bias"]))
+    else:  # identity out-projection: the concatenated heads themselves
+      mha.out_proj.weight.copy_(torch.eye(width, dtype=torch.float64))
+      mha.out_proj.bias.zero_()
+  return mha
+
+
+def _torch_pool(p, tokens, heads):
+  mha = _torch_mha(p["attn"], tokens.shape[-1], heads)
+  q = torch.from_numpy(np.broadcast_to(p["query"], (tokens.shape[0], 1, tokens.shape[-1])).copy())
+  t = torch.from_numpy(tokens)
+  with torch.no_grad():
+    return mha(q, t, t, need_weights=False)[0][:, 0].numpy()
+
+
+@pytest.mark.parametrize("cfg", [dict(name="crossatt", k=5, layer=-2), dict(name="crossatt", k=3, num_heads=8),
+                                 dict(name="crossatt", k=2, mha_out_proj=False, post_norm=True)],
+                         ids=["k5_l2", "k3_h8", "literal_postnorm"])
+def test_crossatt_equals_torch_multihead_attention(cfg):
+  full = {**bridges.REGISTRY["crossatt"].defaults, **cfg}
+  bridge, params, hs = _init(cfg)
+  out = bridge.apply({"params": params}, hs, POST_NORM)
+  p, h = _np(params), _np_hidden(hs)
+  y = h[full["layer"]]
+  y = _np_post_norm(y) if full["post_norm"] else y
+  mha = _torch_mha(p["attn"], 16, full["num_heads"], out_proj=full["mha_out_proj"])
+  q = torch.from_numpy(np.broadcast_to(p["queries"], (BATCH, full["k"], 16)).copy())
+  t = torch.from_numpy(y)
+  with torch.no_grad():
+    heads = mha(q, t, t, need_weights=False)[0].numpy()
+  z = heads @ p["proj"]["kernel"] + p["proj"]["bias"]
+  np.testing.assert_allclose(out.tokens, z, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(out.image_feature, _torch_pool(p["feature_pool"], y, full["num_heads"]),
+                             rtol=1e-5, atol=1e-5)
+
+
+def _groups(h, k):
+  """Consecutive groups of the row-major patch sequence y^1..y^P (eq. 7.2-7.5)."""
+  patches = h[:, 1:]
+  s = patches.shape[1] // k
+  return [patches[:, i * s:(i + 1) * s] for i in range(k)]
+
+
+@pytest.mark.parametrize("k", [4, 2])
+def test_grouped_equation(k):
+  bridge, params, hs = _init(dict(name="grouped", k=k, layer=-2))
+  out = bridge.apply({"params": params}, hs, None)
+  p, h = _np(params), _np_hidden(hs)
+  z = np.stack([g.reshape(BATCH, -1) @ p["proj"]["kernel"] + p["proj"]["bias"] for g in _groups(h[-2], k)], 1)
+  np.testing.assert_allclose(out.tokens, z, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(out.image_feature, _torch_pool(p["feature_pool"], h[-2], 4), rtol=1e-5, atol=1e-5)
+
+
+def test_regions_equation_on_an_8x8_grid():
+  dims = dict(DIMS, grid_size=8)
+  bridge, params, hs = _init(dict(name="regions"), dims=dims)
+  out = bridge.apply({"params": params}, hs, None)
+  p, h = _np(params), _np_hidden(hs)
+  # token index of patch (row, col) is 1 + 8·row + col; quadrants 4x4 and the centre rows/cols 2..5
+  idx = lambda rows, cols: [1 + 8 * r + c for r in rows for c in cols]
+  regions = [idx(range(0, 4), range(0, 4)), idx(range(0, 4), range(4, 8)), idx(range(4, 8), range(0, 4)),
+             idx(range(4, 8), range(4, 8)), idx(range(2, 6), range(2, 6))]
+  assert all(len(r) == 16 for r in regions)
+  z = np.stack([h[-1][:, r].reshape(BATCH, -1) @ p["proj"]["kernel"] + p["proj"]["bias"] for r in regions], 1)
+  np.testing.assert_allclose(out.tokens, z, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("use_bias", [False, True])
+def test_wavg_equation(use_bias):
+  bridge, params, hs = _init(dict(name="wavg", use_bias=use_bias))
+  params = jax.tree.map(lambda x: x, params)
+  params["weights"] = params["weights"] + jnp.arange(4.0) / 10  # off the uniform init, to see W_a
+  out = bridge.apply({"params": params}, hs, None)
+  p, h = _np(params), _np_hidden(hs)
+  assert ("bias" in p["proj"]) == use_bias
+  z = np.stack([np.einsum("s,bsd->bd", p["weights"], g) @ p["proj"]["kernel"] + p["proj"].get("bias", 0)
+                for g in _groups(h[-1], 4)], 1)
+  np.testing.assert_allclose(out.tokens, z, rtol=1e-5, atol=1e-5)
+
+
+def test_wavg_starts_as_the_group_mean():
+  _, params, _ = _init(dict(name="wavg"))
+  np.testing.assert_allclose(params["weights"], np.full(4, 0.25))
+
+
+def test_mha_param_layout_and_count():
+  _, params, _ = _init(dict(name="crossatt", k=2))
+  assert set(params) == {"queries", "attn", "proj", "feature_pool"}
+  assert set(params["attn"]) == {"q_proj", "k_proj", "v_proj", "out_proj"}
+  assert _count(params["attn"]) == MultiHeadCrossAttention.num_params(16)
+
+
+# --- config handling and errors -------------------------------------------------------------------
+
+def test_config_dict_and_list_layers():
+  cfg = ml_collections.ConfigDict(dict(name="l2l", layers=[-2, -3]))
+  bridge = bridges.build_bridge(cfg, **DIMS)
+  assert bridge.layers == (-2, -3)
+  out = bridge.apply(bridge.init(jax.random.key(0), _hidden_states(), None), _hidden_states(), None)
+  assert out.tokens.shape == (BATCH, 2, 8)
+
+
+def test_bf16_compute_keeps_float32_params():
+  bridge = bridges.build_bridge(dict(name="crossatt", k=2), **DIMS, dtype=jnp.bfloat16)
+  hs = tuple(h.astype(jnp.bfloat16) for h in _hidden_states())
+  variables = bridge.init(jax.random.key(0), hs, None)
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(variables))
+  out = bridge.apply(variables, hs, None)
+  assert out.tokens.dtype == jnp.bfloat16 and out.tokens.shape == (BATCH, 2, 8)
+
+
+ERRORS = {  # id: (config, dims override, message fragment)
+    "unknown_name": (dict(name="qformer"), {}, "unknown bridge name 'qformer'; set config.bridge.name to one of"),
+    "no_name": (dict(k=4), {}, "unknown bridge name None"),
+    "unknown_key": (dict(name="cls_linear", heads=4), {},
+                    "has no config key(s) ['heads']; its keys are: k (default 1)"),
+    "preset_key": (dict(name="l2lx2", copies=3), {}, "has no config key(s) ['copies']"),
+    "layer_low": (dict(name="cls_linear", layer=-6), {}, "from -1 (layer L) to -5 (the embeddings)"),
+    "layer_positive": (dict(name="crossatt", layer=3), {}, "use a negative index into hidden_states"),
+    "layers_out": (dict(name="l4l", layers=(-1, -2, -3, -9)), {}, "layers=-9 is not a valid layer"),
+    "l4l_two": (dict(name="l4l", layers=(-1, -2)), {}, "takes exactly 4 layers"),
+    "comp_three": (dict(name="cls_multi", layers=(-1, -2, -3), compare=True), {}, "compare=True needs exactly two"),
+    "k_zero": (dict(name="crossatt", k=0), {}, "k=0 must be a positive integer"),
+    "post_norm_str": (dict(name="cls_linear", post_norm="yes"), {}, "post_norm='yes' must be True or False"),
+    "heads": (dict(name="crossatt", num_heads=3), {}, "num_heads=3 does not divide the vision width 16; use one of"),
+    "grouped_split": (dict(name="grouped", k=3), {},
+                      "16 patches, which cannot be split into k=3 equal groups; use k in [1, 2, 4, 8, 16]"),
+    "wavg_split": (dict(name="wavg", k=5), {"grid_size": 6}, "36 patches, which cannot be split into k=5"),
+    "regions_grid": (dict(name="regions"), {"grid_size": 6}, "divisible by 4"),
+    "bad_dims": (dict(name="cls_linear"), {"llm_width": 0}, "llm_width=0 must be a positive integer"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(ERRORS))
+def test_config_errors(case):
+  cfg, override, message = ERRORS[case]
+  with pytest.raises(ValueError) as info:
+    bridges.build_bridge(cfg, **{**DIMS, **override})
+  assert message in str(info.value), str(info.value)
+
+
+def test_call_time_errors():
+  bridge = bridges.build_bridge(dict(name="cls_linear", post_norm=True), **DIMS)
+  with pytest.raises(ValueError, match="called without the tower's post-LayerNorm"):
+    bridge.init(jax.random.key(0), _hidden_states(), None)
+  bridge = bridges.build_bridge(dict(name="crossatt"), **DIMS)  # built for a 4x4 grid
+  wrong = _hidden_states(dict(DIMS, grid_size=3))
+  with pytest.raises(ValueError, match=r"built for 17 tokens \(CLS \+ 4x4 patches\) of width 16"):
+    bridge.init(jax.random.key(0), wrong, None)
+
+
+def test_describe_lists_every_bridge():
+  text = bridges.describe()
+  for name in ("cls_linear", "cls_multi", "l4l", "l2l", "l2lx2", "comp", "grouped", "regions", "wavg", "crossatt"):
+    assert name in bridges.names() and name in text
+
+
+# --- each bridge learns: a tiny fixed batch overfits ---------------------------------------------
+
+OVERFIT = ["cls_linear_k4_l2_raw", "l4l", "l2l_postnorm", "l2lx2", "comp", "grouped", "regions", "wavg",
+           "crossatt_k12_l2"]
+
+
+@pytest.mark.parametrize("case", OVERFIT)
+def test_overfits_a_tiny_batch(case):
+  cfg, k = CONFIGS[case]
+  bridge, params, hs = _init(cfg)
+  rng = np.random.default_rng(7)
+  target = jnp.asarray(rng.standard_normal((BATCH, k, 8)), jnp.float32)
+  has_pool = "feature_pool" in params
+  feature_target = jnp.asarray(rng.standard_normal((BATCH, 16)), jnp.float32)
+
+  def loss_fn(p):
+    out = bridge.apply({"params": p}, hs, POST_NORM)
+    loss = jnp.mean(jnp.square(out.tokens - target))
+    if has_pool:  # the W_i feature of all-token bridges is trainable too
+      loss = loss + jnp.mean(jnp.square(out.image_feature - feature_target))
+    return loss
+
+  opt = optax.adam(3e-2)
+
+  @jax.jit
+  def train(p):
+    def step(carry, _):
+      p, s = carry
+      loss, g = jax.value_and_grad(loss_fn)(p)
+      updates, s = opt.update(g, s, p)
+      return (optax.apply_updates(p, updates), s), loss
+    (p, _), losses = jax.lax.scan(step, (p, opt.init(p)), None, length=60)
+    return losses, loss_fn(p)
+
+  losses, final = train(params)
+  assert float(final) < 0.02 * float(losses[0]), (float(losses[0]), float(final))
+
+
+def test_on_the_clip_tower_post_layer_norm_is_pooler_output():
+  from bridgejax.models.clip import CLIPVisionConfig, CLIPVisionTransformer
+  config = CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_layers=4, num_heads=4, image_size=16,
+                            patch_size=4)
+  tower = CLIPVisionTransformer(config)
+  pixels = jnp.asarray(np.random.default_rng(0).standard_normal((2, 3, 16, 16)), jnp.float32)
+  tower_params = tower.init(jax.random.key(0), pixels)["params"]
+  vision = tower.apply({"params": tower_params}, pixels)
+  norm = post_layer_norm(tower_params["post_norm"], config.layer_norm_eps)
+  np.testing.assert_allclose(norm(vision.hidden_states[-1][:, 0]), vision.pooler_output, rtol=1e-5, atol=1e-5)
+  # FROMAGe's input: cls_linear with post_norm=True feeds W_c and W_i the pooler_output
+  bridge = bridges.build_bridge(dict(name="cls_linear", k=2), vision_width=16, vision_layers=config.num_layers,
+                                grid_size=config.grid_size, llm_width=8)
+  out = bridge.apply(bridge.init(jax.random.key(1), vision.hidden_states, norm), vision.hidden_states, norm)
+  np.testing.assert_allclose(out.image_feature, vision.pooler_output, rtol=1e-5, atol=1e-5)
+  assert out.tokens.shape == (2, 2, 8)
+
+
+@pytest.mark.parametrize("cfg,path,fan_in", [
+    (dict(name="l4l"), ("kernel",), 256), (dict(name="cls_linear", k=4), ("proj", "kernel"), 256),
+    (dict(name="grouped"), ("proj", "kernel"), 16 * 256), (dict(name="crossatt"), ("proj", "kernel"), 256)])
+def test_linear_init_matches_torch_scale(cfg, path, fan_in):
+  """Every Linear starts as torch.nn.Linear: U(±1/sqrt(fan_in)), fan_in the input width of one map."""
+  dims = dict(vision_width=256, vision_layers=4, grid_size=8, llm_width=64)
+  bridge = bridges.build_bridge(cfg, **dims)
+  hs = tuple(jnp.zeros((1, 65, 256)) for _ in range(5))
+  params = jax.jit(lambda key, h: bridge.init(key, h, lambda x: x)["params"])(jax.random.key(0), hs)
+  kernel = np.asarray(functools.reduce(lambda tree, key: tree[key], path, params))
+  bound = 1 / np.sqrt(fan_in)
+  assert np.abs(kernel).max() <= bound and np.abs(kernel).max() > 0.98 * bound
+  np.testing.assert_allclose(kernel.std(), bound / np.sqrt(3), rtol=0.05)
