@@ -6,6 +6,10 @@ normalise with the CLIP mean/std; returns float32 CHW, the layout the vision tow
 
 from __future__ import annotations
 
+import io
+import os
+import struct
+
 import numpy as np
 from PIL import Image
 
@@ -44,3 +48,57 @@ def clip_preprocess(image: Image.Image | np.ndarray, size: int = 224) -> np.ndar
   image = center_crop(resize_shortest_side(to_rgb(image), size), size)
   pixels = np.asarray(image, dtype=np.float32) / 255.0
   return ((pixels - CLIP_MEAN) / CLIP_STD).transpose(2, 0, 1)
+
+
+# --- Safe decoding -------------------------------------------------------------------------------
+# Web-scraped data (CC3M: about 18% of the links are dead or broken) must never crash a run, so
+# every way an image can fail is turned into one catchable error that says which image and why.
+
+class ImageError(ValueError):
+  """An image cannot be used. `reason` is a short tag for the skip summary, `source` names it."""
+
+  REASONS = ("missing", "empty", "truncated", "corrupt", "too_large", "download_failed")
+
+  def __init__(self, reason: str, source: str, detail: str = ""):
+    self.reason, self.source, self.detail = reason, source, detail
+    super().__init__(f"{reason} image {source}" + (f": {detail}" if detail else ""))
+
+  def __reduce__(self):  # crosses process boundaries (preparation workers) intact
+    return type(self), (self.reason, self.source, self.detail)
+
+
+def decode_image(data: bytes, source: str = "<bytes>") -> Image.Image:
+  """Encoded image bytes -> fully decoded RGB PIL image, or ImageError.
+
+  Decodes every pixel (PIL opens lazily and only notices a truncated file at load time) and
+  converts to RGB, so whatever passes here also passes clip_preprocess.
+  """
+  if not data:
+    raise ImageError("empty", source, "0 bytes")
+  try:
+    image = Image.open(io.BytesIO(data))
+    image.load()
+    if image.width < 1 or image.height < 1:
+      raise ImageError("corrupt", source, f"size {image.width}x{image.height}")
+    return to_rgb(image)
+  except ImageError:
+    raise
+  except Image.DecompressionBombError as e:  # > 2x PIL's MAX_IMAGE_PIXELS: a bomb or a broken header
+    raise ImageError("too_large", source, str(e)) from e
+  except Image.UnidentifiedImageError as e:
+    raise ImageError("corrupt", source, "not an image PIL can read") from e
+  except (OSError, SyntaxError, ValueError, EOFError, struct.error, IndexError, TypeError) as e:
+    # PIL reports a cut-off file as OSError("image file is truncated ...") or "Truncated File Read".
+    reason = "truncated" if "truncated" in str(e).lower() else "corrupt"
+    raise ImageError(reason, source, f"{type(e).__name__}: {e}") from e
+
+
+def read_image_file(path: str | os.PathLike) -> bytes:
+  """The bytes of an image file, or ImageError('missing') if it is not there."""
+  try:
+    with open(path, "rb") as f:
+      return f.read()
+  except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as e:
+    raise ImageError("missing", str(path), "no such file") from e
+  except PermissionError as e:
+    raise ImageError("missing", str(path), "permission denied") from e

@@ -1,0 +1,143 @@
+"""What every source shares: images that are loaded (and checked) later, in worker processes,
+and the loop that writes examples and counts the ones whose image is unusable."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import multiprocessing
+import os
+import re
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+from bridgejax.data.image import ImageError, decode_image, read_image_file, resize_shortest_side
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageSource:
+  """Where an example's image comes from: a file, bytes in hand, or a known failure."""
+  name: str                      # for messages and skipped.jsonl
+  path: str | None = None
+  data: bytes | None = None
+  error: tuple[str, str] | None = None  # (reason, detail), e.g. img2dataset's failed download
+
+
+def load_image(src: ImageSource, max_size: int | None = None) -> bytes:
+  """The image's encoded bytes after a full decode check, or ImageError.
+
+  With `max_size`, an image whose shorter side exceeds it is re-encoded (JPEG, quality 95) with
+  the shorter side resized to max_size: CLIP's 224 transform then gives nearly the same pixels
+  and a dataset of original-size downloads shrinks tenfold.
+  """
+  if src.error is not None:
+    raise ImageError(src.error[0], src.name, src.error[1])
+  data = src.data if src.data is not None else read_image_file(src.path)
+  image = decode_image(data, src.name)
+  if max_size is not None and min(image.size) > max_size:
+    out = io.BytesIO()
+    resize_shortest_side(image, max_size).save(out, "JPEG", quality=95)
+    data = out.getvalue()
+  return data
+
+
+def _load(item: tuple[Any, ImageSource, int | None]) -> tuple[Any, bytes | ImageError]:
+  key, src, max_size = item
+  try:
+    return key, load_image(src, max_size)
+  except ImageError as e:
+    return key, e
+
+
+class ImageLoader:
+  """Loads ImageSources in order, in `workers` processes (0: in this process)."""
+
+  def __init__(self, workers: int = 0, max_size: int | None = None):
+    self.workers, self.max_size = workers, max_size
+    self._pool = None
+
+  def map(self, items: Iterable[tuple[Any, ImageSource]]) -> Iterator[tuple[Any, bytes | ImageError]]:
+    """(key, source) -> (key, bytes or the ImageError), in input order."""
+    items = ((key, src, self.max_size) for key, src in items)
+    if self.workers <= 0:
+      return map(_load, items)
+    if self._pool is None:  # spawn: safe whatever the parent has imported (jax, threads)
+      self._pool = multiprocessing.get_context("spawn").Pool(self.workers)
+    return self._pool.imap(_load, items, chunksize=8)
+
+  def close(self, abort: bool = False) -> None:
+    if self._pool is not None:
+      self._pool.terminate() if abort else self._pool.close()  # abort: Ctrl-C, a failed write
+      self._pool.join()
+      self._pool = None
+
+  def __enter__(self) -> "ImageLoader":
+    return self
+
+  def __exit__(self, exc_type, exc, tb) -> None:
+    self.close(abort=exc_type is not None)
+
+
+def write_examples(writer, loader: ImageLoader, examples: Iterable[dict[str, Any]],
+                   on_example: Callable[[], None] = lambda: None) -> int:
+  """Write examples whose "image" is an ImageSource into `writer` (a SplitWriter) with the
+  bytes filled in; an unusable image is skipped and counted. Returns the number written."""
+  pending = ((ex, ex.pop("image")) for ex in examples)
+  written = 0
+  for ex, result in loader.map(pending):
+    on_example()
+    if isinstance(result, ImageError):
+      writer.skip(result.reason, result.source, result.detail)
+      continue
+    writer.write({**ex, "image": result})
+    written += 1
+  return written
+
+
+def write_image_table(table, loader: ImageLoader, images: Iterable[tuple[Any, ImageSource]],
+                      on_image: Callable[[], None] = lambda: None) -> dict[Any, int]:
+  """Write images {id, image} into an image-table split; returns id -> index of those that load."""
+  index = {}
+  for key, result in loader.map(images):
+    on_image()
+    if isinstance(result, ImageError):
+      table.skip(result.reason, result.source, result.detail)
+      continue
+    index[key] = table.write({"id": str(key), "image": result})
+  return index
+
+
+def index_images(*roots: str | os.PathLike, recursive: bool = True) -> dict[int, str]:
+  """Image files under `roots`, keyed by the last number in their name.
+
+  COCO (COCO_val2014_000000391895.jpg, 000000391895.jpg) and VisDial
+  (VisualDialog_val2018_000000254080.jpg) both end their file names with the image id.
+  """
+  index: dict[int, str] = {}
+  for root in roots:
+    root = Path(root)
+    if not root.is_dir():
+      raise FileNotFoundError(f"image folder {root} does not exist; pass the folder that holds "
+                              "the images (e.g. --images .../val2014)")
+    walker = os.walk(root) if recursive else [(str(root), [], os.listdir(root))]
+    for dirpath, _, files in walker:
+      for f in files:
+        stem, ext = os.path.splitext(f)
+        numbers = re.findall(r"\d+", stem)
+        if ext.lower() in IMAGE_EXTENSIONS and numbers:
+          index.setdefault(int(numbers[-1]), os.path.join(dirpath, f))
+  return index
+
+
+def image_source(index: dict[int, str], image_id: int, what: str) -> ImageSource:
+  path = index.get(image_id)
+  if path is None:
+    return ImageSource(f"{what} image {image_id}", error=("missing", "not found in the image folders"))
+  return ImageSource(path, path=path)
+
+
+def split_name(name: str) -> str:
+  """'val2014' -> 'val', 'test-dev2015' -> 'test-dev', 'val2018' -> 'val'."""
+  return re.sub(r"\d+$", "", name) or name

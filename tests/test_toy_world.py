@@ -1,0 +1,117 @@
+"""The toy world is deterministic, its text is true of its images, and it prepares into every
+task's records (captions, VQA, VisDial) over the same images."""
+
+import io
+import re
+import time
+
+import numpy as np
+from PIL import Image
+
+from bridgejax.data import prepare, records
+from bridgejax.toy import world
+
+
+def test_same_seed_same_bytes_other_seed_other_world():
+  a, b = world.example("val", 7), world.example("val", 7)
+  assert a == b  # image bytes, captions, questions, dialog: all equal
+  assert world.example("val", 7, seed=1)["image"] != a["image"]
+  assert world.example("test", 7)["image"] != a["image"] and world.example("val", 8)["image"] != a["image"]
+  # random access: example i does not depend on the ones before it
+  assert list(world.examples("train", 3, start=5)) == [world.example("train", i) for i in (5, 6, 7)]
+
+
+def test_images_show_the_scene():
+  for i in range(40):
+    ex = world.example("train", i, num_questions=0, dialog_rounds=0)
+    image = np.asarray(Image.open(io.BytesIO(ex["image"])))
+    assert image.shape == (world.IMAGE_SIZE, world.IMAGE_SIZE, 3)
+    scene = world.make_scene(world.rng_for("train", i, 0))
+    assert scene.to_dict() == ex["scene"]
+    for s in scene.shapes:  # the shape's colour is at its centre
+      pixel = image[int(round(s.cy)), int(round(s.cx))].astype(int)
+      assert np.abs(pixel - np.array(s.rgb)).max() <= 3, (i, s)
+      row, col = int(s.cy // (world.IMAGE_SIZE / 3)), int(s.cx // (world.IMAGE_SIZE / 3))
+      assert (row, col) == (s.row, s.col)
+
+
+def _words(text):
+  return set(re.findall(r"[a-z]+", text))
+
+
+def test_text_is_true_of_the_scene():
+  colors, kinds = set(world.COLORS), set(world.KINDS) | {world.PLURAL[k] for k in world.KINDS}
+  singular = {p: k for k, p in world.PLURAL.items()}
+  for i in range(60):
+    ex = world.example("val", i)
+    shapes = ex["scene"]["shapes"]
+    present_colors = {s["color"] for s in shapes}
+    present_kinds = {s["kind"] for s in shapes} | {world.PLURAL[s["kind"]] for s in shapes}
+    assert len(ex["captions"]) == 5
+    for c in ex["captions"]:
+      assert _words(c) & colors <= present_colors and _words(c) & kinds <= present_kinds, (c, shapes)
+      for m in re.finditer(r"\b(two|three) shapes\b", c):
+        assert world.NUMBER_WORDS.index(m.group(1)) == len(shapes), c
+      for m in re.finditer(r"\b(two|three) (\w+) (\w+)", c):  # "two red circles"
+        if m.group(2) in colors:
+          kind = singular[m.group(3)]
+          n = sum(s["color"] == m.group(2) and s["kind"] == kind for s in shapes)
+          assert world.NUMBER_WORDS.index(m.group(1)) == n, c
+    for q in ex["questions"]:
+      assert q["answer_type"] in ("yes/no", "number", "other") and len(q["answers"]) == 10
+      assert q["multiple_choice_answer"] in q["answers"]
+      if q["question"] in ("How many shapes are there?", "How many shapes are in the image?",
+                           "How many objects are there?"):
+        assert q["multiple_choice_answer"] == str(len(shapes))
+      m = re.fullmatch(r"What color is the (\w+)\?", q["question"])
+      if m and m.group(1) in world.KINDS:
+        assert q["multiple_choice_answer"] == next(s["color"] for s in shapes if s["kind"] == m.group(1))
+    d = ex["dialog"]
+    assert d["caption"] in ex["captions"] and len(d["rounds"]) == 10
+    for r in d["rounds"]:
+      assert len(r["options"]) == len(set(r["options"])) == 100 and r["options"][r["gt_index"]] == r["answer"]
+      assert not r["question"].endswith("?")
+    assert len(d["dense_relevance"]) == 100 and d["dense_relevance"][d["rounds"][d["dense_round_index"]]["gt_index"]] == 1
+
+
+def test_relations_in_questions_hold():
+  checked = 0
+  for i in range(80):
+    scene = world.make_scene(world.rng_for("test", i, 0))
+    for q in world.question_pool(scene, np.random.default_rng(i)):
+      m = re.fullmatch(r"is \{R\} (above|over|below|under|beneath|to the left of|left of|to the right of|right of) "
+                       r"the (.+)\?", q.text)
+      if not m:
+        continue
+      a = scene.shapes[q.subject]
+      b = next(j for j in range(len(scene.shapes)) if world.reference(scene, j) == "the " + m.group(2))
+      rel = next(k for k, words in world.RELATIONS.items() if m.group(1) in words)
+      assert (q.answers[0] == "yes") == (rel in world.relation(a, scene.shapes[b]))
+      checked += 1
+  assert checked > 20
+
+
+def test_language_is_varied_and_generation_fast():
+  start = time.perf_counter()
+  exs = list(world.examples("train", 400, num_questions=0, dialog_rounds=0))
+  elapsed = time.perf_counter() - start
+  captions = [c for e in exs for c in e["captions"]]
+  assert len(set(captions)) > 0.8 * len(captions)
+  assert len({c.split()[0] for c in captions}) >= 6  # several templates and openings
+  assert elapsed < 20, f"{elapsed:.1f}s for 400 training images"  # ~1 s on a free core
+
+
+def test_prepare_toy_writes_every_task_over_shared_images(tmp_path):
+  summary = prepare.prepare_toy(tmp_path / "toy", num_train=12, num_val=6, num_test=4)
+  splits = summary["splits"]
+  assert splits["train"]["num_examples"] == 12 and splits["val"]["num_examples"] == 6
+  assert splits["visdial_test"]["num_examples"] == 4 and splits["vqa_val"]["num_examples"] == 30
+  val, vqa, dial = (records.open_split(tmp_path / "toy", s) for s in ("val", "vqa_val", "visdial_val"))
+  q = vqa[7]
+  assert q["image"] == val[q["question_id"] // 100]["image"] == world.example("val", 1)["image"]
+  assert dial[2]["image"] == val[2]["image"] and dial[2]["rounds"] == world.example("val", 2)["dialog"]["rounds"]
+  assert records.open_split(tmp_path / "toy", "train")[3]["captions"] == world.example("train", 3)["captions"]
+  # the same seed prepares the same bytes
+  prepare.prepare_toy(tmp_path / "again", num_train=12, num_val=6, num_test=4)
+  for f in ("train-00000-of-00001.array_record", "vqa_val-00000-of-00001.array_record"):
+    assert (tmp_path / "toy" / f).read_bytes() == (tmp_path / "again" / f).read_bytes()
