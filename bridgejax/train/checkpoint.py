@@ -1,8 +1,9 @@
 """Training checkpoints: Orbax CheckpointManager over the train state and the data iterator.
 
 Each step directory holds `state` (step, trainable params, optimizer state, counters) and, when
-the input pipeline is a grain iterator, `data` (its position), so a resumed run continues at the
-exact next example. Orbax writes into a temporary directory and renames it when complete, so a
+the input iterator has `get_state()`/`set_state()` (bridgejax.data's grain iterators do), `data`:
+its position as JSON, so a resumed run continues at the exact next example. The data position is
+a pure function of the step, the same on every process, so process 0's copy serves all. Orbax writes into a temporary directory and renames it when complete, so a
 crash mid-save never leaves a checkpoint that looks valid. The per-step RNG is derived from
 (seed, step), so it needs no saving.
 """
@@ -11,7 +12,6 @@ from __future__ import annotations
 
 import os
 
-import grain
 import jax
 import orbax.checkpoint as ocp
 
@@ -29,8 +29,8 @@ class Checkpointer:
   def save(self, step: int, state, data_iterator=None, *, force: bool = False) -> bool:
     """Saves when `step` is on the interval (or `force`); returns whether it saved."""
     items = {"state": ocp.args.StandardSave(state)}
-    if isinstance(data_iterator, grain.DatasetIterator | grain.DataLoaderIterator):
-      items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+    if hasattr(data_iterator, "get_state"):
+      items["data"] = ocp.args.JsonSave(data_iterator.get_state())
     return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
 
   def restore(self, abstract_state, data_iterator=None, step: int | None = None):
@@ -43,9 +43,15 @@ class Checkpointer:
       raise FileNotFoundError(f"no checkpoint for step {step} in {self.directory}; "
                               f"available steps: {sorted(self.manager.all_steps())}")
     items = {"state": ocp.args.StandardRestore(abstract_state)}
-    if data_iterator is not None and "data" in self.manager.item_metadata(step):
-      items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
-    return self.manager.restore(step, args=ocp.args.Composite(**items))["state"]
+    if data_iterator is not None:
+      if "data" not in self.manager.item_metadata(step).keys():
+        raise ValueError(f"checkpoint {step} in {self.directory} has no data position, so the data "
+                         "iterator cannot resume exactly; it was saved without a resumable iterator")
+      items["data"] = ocp.args.JsonRestore()
+    restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+    if data_iterator is not None:
+      data_iterator.set_state(restored["data"])
+    return restored["state"]
 
   def load_params(self, step: int | None = None) -> tuple[int, dict]:
     """(step, trainable params {bridge, ret}) of a checkpoint, for evaluation and inference: no

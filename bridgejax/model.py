@@ -1,0 +1,206 @@
+"""The assembled model: frozen vision tower -> trainable bridge -> frozen LLM, plus the [RET] heads.
+
+Parameters live in one dict: `vision` and `llm` (frozen), `bridge` and `ret` (trainable). Training
+differentiates `loss(trainable, frozen, batch, rng)` with respect to `trainable` only.
+
+The two passes of FROMAGe (REFERENCE.md, Training):
+  captioning: [k visual tokens] + BOS + caption + [RET]; the visual positions are not targets.
+  text:       BOS + caption + [RET], no image; CE over the whole text, and the final-norm hidden
+              state at [RET] is the text embedding for retrieval.
+
+Axis legend: B batch, T text length, K visual tokens (k), S = K + T, D LLM width, E retrieval
+width, W vision width.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from bridgejax import losses
+from bridgejax.bridges import BridgeOutput, build_bridge, post_layer_norm
+from bridgejax.models.clip import CLIPVisionConfig, CLIPVisionTransformer
+from bridgejax.models.gemma import Gemma, GemmaConfig
+
+TRAINABLE = ("bridge", "ret")
+FROZEN = ("vision", "llm")
+
+
+class RetrievalHeads(nn.Module):
+  """The `ret` subtree: the [RET] row, W_t, W_i and the logit scale."""
+
+  llm_width: int
+  embed_dim: int = 256
+  logit_scale_init: float = math.log(1 / 0.07)
+
+  def setup(self):
+    self.ret_embedding = self.param("ret_embedding", nn.initializers.normal(1.0), (1, self.llm_width))
+    self.text_proj = nn.Dense(self.embed_dim, name="text_proj")  # W_t
+    self.image_proj = nn.Dense(self.embed_dim, name="image_proj")  # W_i
+    self.logit_scale = self.param("logit_scale", nn.initializers.constant(self.logit_scale_init), ())
+
+  def __call__(self, ret_hidden, image_feature):  # for init: touches every parameter
+    return self.text_embedding(ret_hidden), self.image_embedding(image_feature), self.logit_scale
+
+  def text_embedding(self, ret_hidden):  # (B, D) -> (B, E)
+    return self.text_proj(ret_hidden.astype(jnp.float32))
+
+  def image_embedding(self, image_feature):  # (B, W) -> (B, E)
+    return self.image_proj(image_feature.astype(jnp.float32))
+
+
+@dataclasses.dataclass(frozen=True)
+class BridgeModel:
+  """Pure functions over the parameter dict; build with `BridgeModel.create`."""
+
+  vision: CLIPVisionTransformer
+  llm: Gemma
+  bridge: nn.Module
+  heads: RetrievalHeads
+  ret_id: int
+  loss_weights: dict
+  concat_prob: float
+
+  @classmethod
+  def create(cls, config, vision_config: CLIPVisionConfig, llm_config: GemmaConfig, *,
+             compute_dtype=jnp.float32, frozen_param_dtype=jnp.float32) -> "BridgeModel":
+    kw = dict(dtype=compute_dtype, param_dtype=frozen_param_dtype)
+    bridge = build_bridge(config.bridge, vision_width=vision_config.hidden_size,
+                          vision_layers=vision_config.num_layers, grid_size=vision_config.grid_size,
+                          llm_width=llm_config.hidden_size)
+    heads = RetrievalHeads(llm_config.hidden_size, config.ret.embed_dim, config.ret.logit_scale_init)
+    weights = losses.resolve_weights(config.loss)
+    return cls(CLIPVisionTransformer(vision_config, **kw), Gemma(llm_config, **kw), bridge, heads,
+               ret_id=llm_config.vocab_size, loss_weights=weights, concat_prob=config.concat_prob)
+
+  # ------------------------------------------------------------------ parameters
+
+  def init_trainable(self, rng, frozen) -> dict:
+    """Fresh {bridge, ret}; the [RET] row starts at the mean norm of the frozen rows (as FROMAGe keeps it)."""
+    hidden_states, post_norm = self._abstract_vision_features()
+    bridge_rng, ret_rng = jax.random.split(rng)
+    bridge = self.bridge.init(bridge_rng, hidden_states, post_norm)["params"]
+    feature = jax.eval_shape(lambda: self.bridge.apply({"params": bridge}, hidden_states, post_norm)).image_feature
+    ret = self.heads.init(ret_rng, jnp.zeros((1, self.heads.llm_width)), jnp.zeros(feature.shape, feature.dtype))
+    trainable = {"bridge": bridge, "ret": ret["params"]}
+    return rescale_ret_row(trainable, frozen_row_norm(frozen))
+
+  def _abstract_vision_features(self):
+    c = self.vision.config
+    out = jax.eval_shape(lambda: self.vision.init_with_output(
+        jax.random.key(0), jnp.zeros((1, c.num_channels, c.image_size, c.image_size)))[0])
+    zeros = tuple(jnp.zeros(h.shape, jnp.float32) for h in out.hidden_states)
+    return zeros, lambda x: x
+
+  # ------------------------------------------------------------------ the pieces
+
+  def encode_images(self, params, images) -> BridgeOutput:
+    """(B, C, H, W) pixels -> the bridge's visual tokens (B, K, D) and retrieval feature."""
+    out = self.vision.apply({"params": params["vision"]}, images)
+    post_norm = post_layer_norm(params["vision"]["post_norm"], self.vision.config.layer_norm_eps)
+    return self.bridge.apply({"params": params["bridge"]}, out.hidden_states, post_norm)
+
+  def image_embedding(self, params, bridge_out: BridgeOutput):  # (B, E), not normalised
+    return self.heads.apply({"params": params["ret"]}, bridge_out.image_feature, method=RetrievalHeads.image_embedding)
+
+  def embed_text(self, params, ids):  # (B, T) -> (B, T, D), [RET] from the trainable row
+    ret_row = params["ret"]["ret_embedding"]
+    return self.llm.apply({"params": params["llm"]}, ids, ret_row, method=Gemma.embed)
+
+  def run_llm(self, params, inputs_embeds, mask, positions=None):
+    """(B, S, D) embeddings, (B, S) mask -> logits (B, S, V + 1), final-norm hidden (B, S, D).
+
+    `positions` default to the running count of real tokens, so masked holes inside a sequence
+    (the concat trick) are invisible: the result equals the compacted sequence.
+    """
+    if positions is None:
+      positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
+    hidden, _, _ = self.llm.apply({"params": params["llm"]}, inputs_embeds, positions, mask, method=Gemma.decode)
+    logits = self.llm.apply({"params": params["llm"]}, hidden, params["ret"]["ret_embedding"], method=Gemma.logits)
+    return logits, hidden
+
+  def text_embedding(self, params, ids, mask):
+    """Text pass: (B, T) ids ending in [RET] -> (logits, text embedding (B, E))."""
+    logits, hidden = self.run_llm(params, self.embed_text(params, ids), mask)
+    last = jnp.sum(mask, axis=1) - 1  # the [RET] position: the last real token
+    ret_hidden = jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
+    emb = self.heads.apply({"params": params["ret"]}, ret_hidden, method=RetrievalHeads.text_embedding)
+    return logits, emb
+
+  def caption_inputs(self, params, visual_tokens, ids, mask):
+    """[visual tokens] + BOS + caption: embeddings (B, S, D), mask (B, S), labels (B, S), target mask (B, S).
+
+    As in FROMAGe's captioning pass, [RET] is neither a target nor (so that the concat trick joins
+    [img_a, cap_a, img_b, cap_b]) an input; BOS is a target, predicted from the last visual token.
+    """
+    k = visual_tokens.shape[1]
+    text = self.embed_text(params, ids)
+    mask = mask * (ids != self.ret_id).astype(mask.dtype)
+    ones = jnp.ones(ids.shape[:1] + (k,), mask.dtype)
+    embeds = jnp.concatenate([visual_tokens.astype(text.dtype), text], axis=1)
+    full_mask = jnp.concatenate([ones, mask], axis=1)
+    target_mask = jnp.concatenate([jnp.zeros_like(ones), mask], axis=1)  # visual positions are no targets
+    labels = jnp.concatenate([jnp.zeros_like(ones, dtype=ids.dtype), ids], axis=1)
+    return embeds, full_mask, labels, target_mask
+
+  # ------------------------------------------------------------------ the loss
+
+  def loss(self, trainable, frozen, batch, rng):
+    """Total loss and its parts for one batch {image (B,C,H,W), text_ids (B,T), text_mask (B,T)}."""
+    params = {**frozen, **trainable}
+    ids, mask = batch["text_ids"], batch["text_mask"]
+    if self.concat_prob > 0 and ids.shape[0] % 2:
+      raise ValueError(f"the concat trick pairs examples: batch_size must be even, got {ids.shape[0]} "
+                       "(or set concat_prob=0)")
+    bridge_out = self.encode_images(params, batch["image"])
+
+    embeds, full_mask, labels, target_mask = self.caption_inputs(params, bridge_out.tokens, ids, mask)
+
+    def caption_ce(concat):
+      e, m, l, t = (pair_up(x) if concat else x for x in (embeds, full_mask, labels, target_mask))
+      logits, _ = self.run_llm(params, e, m)
+      return losses.caption_loss(logits, l, t)
+
+    use_concat = jax.random.bernoulli(rng, self.concat_prob) if self.concat_prob > 0 else False
+    if self.concat_prob > 0:
+      caption = jax.lax.cond(use_concat, lambda: caption_ce(True), lambda: caption_ce(False))
+    else:
+      caption = caption_ce(False)
+
+    text_logits, text_emb = self.text_embedding(params, ids, mask)
+    text = losses.caption_loss(text_logits, ids, mask)
+    image_emb = self.image_embedding(params, bridge_out)
+    logit_scale = params["ret"]["logit_scale"]
+    contrastive, parts = losses.contrastive_loss(image_emb, text_emb, logit_scale)
+    total = losses.total_loss({"caption": caption, "text": text, "contrastive": contrastive}, self.loss_weights)
+    metrics = {"loss": total, "caption_loss": caption, "text_loss": text, "contrastive_loss": contrastive,
+               "concat": jnp.asarray(use_concat, jnp.float32), **parts}
+    return total, metrics
+
+
+def pair_up(x):
+  """Concat trick: rows (2i, 2i+1) become one row [x_2i, x_2i+1] (B, S, ...) -> (B/2, 2S, ...).
+
+  Padding inside the joined row stays masked and `run_llm` counts positions over real tokens only,
+  so the LLM sees exactly FROMAGe's compacted [img_a, cap_a, img_b, cap_b] sequence.
+  """
+  b, s = x.shape[:2]
+  return x.reshape(b // 2, 2, s, *x.shape[2:]).reshape(b // 2, 2 * s, *x.shape[2:])
+
+
+def frozen_row_norm(frozen) -> jax.Array:
+  """Mean L2 norm of the frozen embedding rows, the norm FROMAGe keeps the [RET] row at."""
+  table = frozen["llm"]["embedding"]
+  return jnp.mean(jnp.linalg.norm(jnp.asarray(table, jnp.float32), axis=-1))
+
+
+def rescale_ret_row(trainable, target_norm):
+  """FROMAGe rescales the trainable row to the frozen rows' mean norm after every step."""
+  row = trainable["ret"]["ret_embedding"]
+  row = row * (target_norm / jnp.linalg.norm(row, axis=-1, keepdims=True))
+  return {**trainable, "ret": {**trainable["ret"], "ret_embedding": row}}

@@ -1,0 +1,39 @@
+"""The README's main command: a cross-attention bridge on the toy world, minutes on a laptop CPU.
+
+    python -m bridgejax.data.prepare toy --out /tmp/toy_data
+    python train.py --config configs/demo.py --workdir /tmp/demo --config.data.dir=/tmp/toy_data
+
+The frozen backbones are the toy CLIP and toy Gemma shipped in bridgejax/toy/assets (pretrained on
+the toy world by `python -m bridgejax.toy.pretrain`), loaded through the same code as real ones.
+"""
+
+import os
+
+import bridgejax.toy
+from configs import base
+
+TOY_ASSETS = os.path.join(os.path.dirname(bridgejax.toy.__file__), "assets")
+
+
+def get_config(arg=None):
+  config = base.get_config(arg)
+  config.name = "demo"
+  config.vision.path = os.path.join(TOY_ASSETS, "clip")
+  config.llm.path = os.path.join(TOY_ASSETS, "gemma")
+  config.compute_dtype = "float32"
+  config.frozen_param_dtype = "float32"
+  config.bridge = base.ml_collections.ConfigDict({"name": "crossatt", "k": 4, "layer": -2, "num_heads": 4})
+  config.data.dir = "/tmp/bridgejax_toy_data"
+  config.data.max_caption_tokens = 40  # toy captions are long-winded; 24 would cut many
+  config.data.num_workers = 0
+  config.data.val_examples = 256
+  config.optim.lr = 1e-3
+  config.optim.warmup_steps = 20
+  config.total_steps = 300
+  config.batch_size = 32
+  config.log_every_steps = 10
+  config.checkpoint_every_steps = 100
+  config.eval_every_steps = 100
+  config.eval.batch_size = 32
+  config.eval.tasks = "caption,retrieval"
+  return config

@@ -1,0 +1,28 @@
+"""Runs a few training steps in a fresh process (so XLA_FLAGS can fake 8 CPU devices) and saves
+the losses and final trainable params: python tests/train_helper.py PATHS_JSON WORKDIR OUT.npz DATA MODEL FROZEN"""
+
+import json
+import sys
+
+import jax
+import numpy as np
+
+sys.path.insert(0, ".")
+sys.path.insert(0, "tests")
+import tiny_world  # noqa: E402
+from bridgejax.train import loop  # noqa: E402
+
+
+def main():
+  paths_json, workdir, out, data, model, frozen = sys.argv[1:7]
+  cfg = tiny_world.config(json.loads(paths_json), total_steps=3, **{
+      "mesh.data": int(data), "mesh.model": int(model), "frozen_sharding": frozen})
+  summary = loop.run(cfg, workdir)
+  losses = [json.loads(line)["train/loss"] for line in open(f"{workdir}/metrics.jsonl")]
+  flat = {"/".join(str(k.key) for k in path): np.asarray(leaf)
+          for path, leaf in jax.tree_util.tree_leaves_with_path(summary["state"].params)}
+  np.savez(out, losses=np.asarray(losses), devices=len(jax.devices()), **flat)
+
+
+if __name__ == "__main__":
+  main()

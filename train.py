@@ -1,0 +1,26 @@
+"""Train a bridge: python train.py --config configs/X.py --workdir DIR [--config.key=value ...]
+
+Resumes from the latest checkpoint in DIR if there is one. See README.md for the configs.
+"""
+
+from absl import app, flags
+from ml_collections import config_flags
+
+config_flags.DEFINE_config_file("config", None, "experiment config file (configs/*.py[:args])", lock_config=True)
+flags.DEFINE_string("workdir", None, "directory for checkpoints, metrics.jsonl and eval outputs")
+flags.DEFINE_bool("multihost", False, "call jax.distributed.initialize() first (TPU pods, SLURM/GPU clusters)")
+flags.mark_flags_as_required(["config", "workdir"])
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+  del argv
+  if FLAGS.multihost:
+    import jax
+    jax.distributed.initialize()
+  from bridgejax.train.loop import run
+  run(FLAGS.config, FLAGS.workdir)
+
+
+if __name__ == "__main__":
+  app.run(main)
