@@ -14,8 +14,9 @@ def get_config(arg=None):
   config.name = "base"
 
   # Frozen backbones: HF directories or bridgejax converted directories (python -m bridgejax.weights.convert).
-  config.vision = ml_collections.ConfigDict({"path": "clip-vit-large-patch14"})
-  config.llm = ml_collections.ConfigDict({"path": "gemma-2b-it", "tokenizer": ""})  # tokenizer "" = llm.path
+  # `arch` names the architecture for `python -m bridgejax.inspect` when `path` does not exist yet.
+  config.vision = ml_collections.ConfigDict({"path": "clip-vit-large-patch14", "arch": "clip-vit-large-patch14"})
+  config.llm = ml_collections.ConfigDict({"path": "gemma-2b-it", "tokenizer": "", "arch": "gemma-2b"})  # tokenizer "" = llm.path
   config.compute_dtype = "bfloat16"
   config.frozen_param_dtype = "bfloat16"  # trainable params and optimizer state stay float32
   config.frozen_sharding = "replicate"  # or "fsdp": frozen weights split over the whole mesh
@@ -42,16 +43,17 @@ def get_config(arg=None):
   })
 
   config.data = ml_collections.ConfigDict({
-      "train": "",  # a prepared array_record directory (python -m bridgejax.data.prepare ...)
-      "val": "",
-      "max_caption_tokens": 24,
-      "num_workers": 8,
+      "dir": "",  # a prepared dataset directory (python -m bridgejax.data.prepare ...)
+      "train_split": "train",
+      "val_split": "val",  # "" = no periodic validation
+      "max_caption_tokens": 24,  # BOS + caption + [RET]; a longer caption is cut and still ends in [RET]
+      "num_workers": 8,  # processes decoding and preprocessing images (0 = in the training process)
       "val_examples": 1000,  # the quick validation during training
   })
 
   config.eval = ml_collections.ConfigDict({
       "tasks": "caption,retrieval",  # comma-separated: caption, retrieval, vqa, visdial
-      "data": "",  # a prepared directory with the eval splits ("" = the directory of data.val)
+      "data": "",  # a prepared directory with the eval splits ("" = data.dir)
       "split": "val",
       "batch_size": 64,
       "max_new_tokens": 32,
@@ -59,7 +61,23 @@ def get_config(arg=None):
       "num_beams": 1,  # 1 = greedy
       "max_examples": 0,  # 0 = the whole split
       "report_examples": 16,  # examples shown in eval/report.html
+      "cut_rule": "fromage",  # captioning.cut_caption: "fromage" (its code) or "first" (the papers' wording)
+      "captions_per_image": 5,  # retrieval texts per image (COCO 5k test: 25k captions)
+      "chunk_size": 1024,  # retrieval queries per similarity block
+      "vqa_data": "",  # "" = eval.data
+      "vqa_split": "",  # "" = eval.split, or vqa_<eval.split> if the directory has it (toy world)
+      "vqa_max_new_tokens": 10,  # answers are cut to the longest human answer's word count anyway
+      "vqa_processing": "official",  # or "legacy" (the VQA script before its 2021 fix; LAVIS)
+      "visdial_data": "",  # "" = eval.data
+      "visdial_split": "",  # "" = eval.split, or visdial_<eval.split> if the directory has it
+      "visdial_caption": False,  # FROMAGe's code leaves the caption out of both IT2T and T2I texts
+      "visdial_rounds_per_step": 2,  # IT2T rounds scored per step (x 100 candidates each)
+      "max_dialog_tokens": 512,  # T2I dialog text cap (longer dialogs lose their last rounds; counted)
+      "num_workers": 0,  # processes decoding eval images
+      "progress": True,  # a progress bar per task
   })
+
+  config.eval_after_training = False  # run config.eval.tasks on the final checkpoint (the demo does)
 
   config.total_steps = 20_000
   config.batch_size = 180  # global: split over every device of mesh.data
@@ -71,4 +89,25 @@ def get_config(arg=None):
   config.max_nonfinite_steps = 20  # stop after this many consecutive non-finite steps
   config.tensorboard = True
   config.mesh = ml_collections.ConfigDict({"data": -1, "model": 1})  # -1: all remaining devices
+  return config
+
+
+def parse_arg(arg, **defaults) -> dict:
+  """big_vision-style config arguments: "layer=-2,k=8" -> {"layer": -2, "k": 8}, each value
+  converted to the type of its default; unknown keys are an error that lists the known ones."""
+  values = dict(defaults)
+  for item in filter(None, (arg or "").split(",")):
+    key, sep, value = item.partition("=")
+    if not sep or key not in defaults:
+      raise ValueError(f"config argument {item!r}: expected key=value with key in {sorted(defaults)}")
+    kind = type(defaults[key])
+    values[key] = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
+  return values
+
+
+def bridge_config(name: str, experiment: str | None = None, **keys):
+  """The base recipe with the bridge `name` (and its keys): what each experiment file returns."""
+  config = get_config()
+  config.name = experiment or name
+  config.bridge = ml_collections.ConfigDict({"name": name, **keys})
   return config

@@ -1,7 +1,9 @@
 """The README's main command: a cross-attention bridge on the toy world, minutes on a laptop CPU.
 
-    python -m bridgejax.data.prepare toy --out /tmp/toy_data
-    python train.py --config configs/demo.py --workdir /tmp/demo --config.data.dir=/tmp/toy_data
+    python train.py --config configs/demo.py --workdir /tmp/demo
+
+It generates the toy world into data.dir on first use, trains, then evaluates captioning and
+retrieval on held-out toy images and prints the metrics and sample captions (eval/report.html).
 
 The frozen backbones are the toy CLIP and toy Gemma shipped in bridgejax/toy/assets (pretrained on
 the toy world by `python -m bridgejax.toy.pretrain`), loaded through the same code as real ones.
@@ -24,6 +26,7 @@ def get_config(arg=None):
   config.frozen_param_dtype = "float32"
   config.bridge = base.ml_collections.ConfigDict({"name": "crossatt", "k": 4, "layer": -2, "num_heads": 4})
   config.data.dir = "/tmp/bridgejax_toy_data"
+  config.data.toy = base.ml_collections.ConfigDict({"num_train": 10_000, "num_val": 500, "num_test": 500, "seed": 0})
   config.data.max_caption_tokens = 40  # toy captions are long-winded; 24 would cut many
   config.data.num_workers = 0
   config.data.val_examples = 256
@@ -36,4 +39,6 @@ def get_config(arg=None):
   config.eval_every_steps = 100
   config.eval.batch_size = 32
   config.eval.tasks = "caption,retrieval"
+  config.eval.split = "test"  # held out: val is what training validates on
+  config.eval_after_training = True
   return config

@@ -85,8 +85,22 @@ def train_iterator(config, setup: Setup):
   return iter(dataset)
 
 
+def ensure_toy_data(config) -> None:
+  """configs/demo.py sets data.toy: the toy world is generated into data.dir when not there yet."""
+  toy = config.data.get("toy")
+  if not toy or os.path.exists(os.path.join(config.data.dir, "dataset_info.json")):
+    return
+  from bridgejax.data.prepare import prepare_toy
+  if jax.process_index() == 0:
+    print(f"preparing the toy world in {config.data.dir} ...")
+    prepare_toy(config.data.dir, num_train=toy.num_train, num_val=toy.num_val, num_test=toy.num_test,
+                seed=toy.seed, quiet=False)
+
+
 def run(config, workdir: str) -> dict:
-  """train.py: build, stream the data, train (with periodic validation), print a summary."""
+  """train.py: build, stream the data, train (with periodic validation), print a summary; then,
+  with config.eval_after_training, evaluate the final checkpoint (eval/*.json, eval/report.html)."""
+  ensure_toy_data(config)
   setup = build(config)
   evaluate = None
   if config.data.val_split:
@@ -95,6 +109,9 @@ def run(config, workdir: str) -> dict:
   summary = train(config, workdir, train_iterator(config, setup), setup=setup, evaluate=evaluate)
   if jax.process_index() == 0:
     print(format_summary(summary, workdir))
+  if config.get("eval_after_training") and not summary["preempted"]:
+    from bridgejax.evaluation.run import evaluate as evaluate_checkpoint
+    summary["eval"] = evaluate_checkpoint(config, workdir, setup=setup)
   return summary
 
 

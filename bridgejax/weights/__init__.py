@@ -1,9 +1,14 @@
 """Hugging Face / GGUF / converted checkpoints -> frozen Flax parameter trees.
 
     vision = load_vision_tower(path)        # CLIP vision tower
+    lm = load_language_model(path)          # Gemma 1/2/3: HF dir, .gguf file or converted dir
+    tok = load_tokenizer(path)              # HF tokenizer dir or .gguf vocabulary, with [RET]
 """
 
 from bridgejax.weights.clip import load_vision_tower
 from bridgejax.weights.errors import CheckpointError, MissingCheckpointError
+from bridgejax.weights.gemma import load_language_model
+from bridgejax.weights.tokenizer import Tokenizer, load_tokenizer
 
-__all__ = ["load_vision_tower", "CheckpointError", "MissingCheckpointError"]
+__all__ = ["load_vision_tower", "load_language_model", "load_tokenizer", "Tokenizer", "CheckpointError",
+           "MissingCheckpointError"]

@@ -2,6 +2,7 @@
 
     python -m bridgejax.weights.convert --hf /path/to/clip-vit-large-patch14 --out /path/to/clip-l14
     python -m bridgejax.weights.convert --hf DIR --out DIR --dtype bfloat16
+    python -m bridgejax.weights.convert --hf gemma-3-270m.gguf --out DIR    # GGUF: dequantised
 
 The family is detected from config.json (or a .gguf file); the output loads with the same
 `load_*` function as the source, without transformers or safetensors, and faster.
@@ -16,14 +17,22 @@ import time
 
 import jax.numpy as jnp
 
-from bridgejax.weights import clip, converted, safetensors_io
+from bridgejax.weights import clip, converted, gemma, safetensors_io
 from bridgejax.weights.errors import CheckpointError
 
-# Each family module provides KIND, accepts(hf_config) and read_checkpoint(path, param_dtype).
-FAMILIES = [clip]
+# Each family module provides KIND, accepts(hf_config) and read_checkpoint(path, param_dtype);
+# those that read GGUF files also GGUF_ARCHITECTURES (values of the file's general.architecture).
+FAMILIES = [clip, gemma]
 
 
 def family_of(path: str):
+  if str(path).endswith(".gguf"):  # a single file, no config.json: its metadata names the architecture
+    arch = gemma.gguf_architecture(path)
+    for family in FAMILIES:
+      if arch in getattr(family, "GGUF_ARCHITECTURES", ()):
+        return family
+    raise CheckpointError(f"{path!r}: no bridgejax model reads GGUF architecture {arch!r}; supported: "
+                          + ", ".join(a for f in FAMILIES for a in getattr(f, "GGUF_ARCHITECTURES", ())))
   hf_config = safetensors_io.read_hf_config(path)
   for family in FAMILIES:
     if family.accepts(hf_config):
@@ -44,7 +53,7 @@ def convert(hf_path: str, out_dir: str, dtype: str = "float32") -> str:
 
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--hf", required=True, help="Hugging Face model directory (config.json + *.safetensors)")
+  parser.add_argument("--hf", required=True, help="Hugging Face model directory (config.json + *.safetensors) or a .gguf file")
   parser.add_argument("--out", required=True, help="new directory for the converted checkpoint")
   parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                       help="dtype the frozen parameters are stored in")

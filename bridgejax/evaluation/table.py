@@ -1,0 +1,133 @@
+"""A thesis-style results table from the eval JSONs of several runs: one row per experiment.
+
+    python -m bridgejax.evaluation.table runs/cls_k1 runs/crossatt_k12 ...   [--markdown | --json]
+                                         [--tasks caption,retrieval] [--metrics BLEU-4,CIDEr,t2i_R@1]
+
+Rates are shown x100 with two decimals, as the thesis and FROMAGe report them (CIDEr too, as is
+usual); mean ranks as they are; a metric a run lacks is "-"; SPICE (unavailable offline) "n/a".
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import sys
+
+# Display order and short headers; any other metric in a JSON follows its task's known ones.
+COLUMNS = {
+    "caption": [("BLEU-1", "B-1"), ("BLEU-2", "B-2"), ("BLEU-3", "B-3"), ("BLEU-4", "B-4"), ("METEOR", "METEOR"),
+                ("ROUGE-L", "ROUGE-L"), ("CIDEr", "CIDEr"), ("SPICE", "SPICE"), ("empty_fraction", "empty%")],
+    "retrieval": [("i2t_R@1", "i2t R@1"), ("i2t_R@5", "i2t R@5"), ("i2t_R@10", "i2t R@10"),
+                  ("t2i_R@1", "t2i R@1"), ("t2i_R@5", "t2i R@5"), ("t2i_R@10", "t2i R@10")],
+    "vqa": [("overall", "VQA"), ("yes/no", "yes/no"), ("number", "number"), ("other", "other")],
+    "visdial": [("R@1", "VD R@1"), ("R@5", "VD R@5"), ("R@10", "VD R@10"), ("MRR", "MRR"), ("NDCG", "NDCG"),
+                ("mean_rank", "VD rank"), ("t2i_R@1", "VD t2i R@1"), ("t2i_R@5", "VD t2i R@5"),
+                ("t2i_R@10", "VD t2i R@10"), ("i2t_R@1", "VD i2t R@1"), ("i2t_R@5", "VD i2t R@5"),
+                ("i2t_R@10", "VD i2t R@10")],
+}
+TASK_ORDER = tuple(COLUMNS)
+UNSCALED = {"mean_rank"}
+
+
+def load_workdir(workdir: str) -> dict[str, dict]:
+  """{task: eval/<task>.json} of one run; raises if it has none."""
+  paths = sorted(p for p in glob.glob(os.path.join(workdir, "eval", "*.json")) if not p.endswith("_predictions.json"))
+  if not paths:
+    raise FileNotFoundError(f"{workdir} has no eval/<task>.json; run python eval.py --config ... --workdir {workdir}")
+  out = {}
+  for p in paths:
+    with open(p) as f:
+      data = json.load(f)
+    out[data.get("task", os.path.basename(p)[:-5])] = data
+  return out
+
+
+def fmt(metric: str, value) -> str:
+  if value is None:
+    return "n/a"
+  if metric in UNSCALED:
+    return f"{value:.2f}"
+  return f"{100 * value:.2f}"
+
+
+def columns_for(runs: list[dict[str, dict]], tasks=None, metrics=None) -> list[tuple[str, str, str]]:
+  """[(task, metric, header)] present in at least one run, in display order."""
+  out = []
+  for task in [t for t in TASK_ORDER if tasks is None or t in tasks] + sorted(
+      {t for r in runs for t in r} - set(TASK_ORDER)):
+    if tasks is not None and task not in tasks:
+      continue
+    present = {m for r in runs if task in r for m in r[task]["metrics"]}
+    known = [(m, h) for m, h in COLUMNS.get(task, []) if m in present]
+    extra = [(m, m) for m in sorted(present - {m for m, _ in COLUMNS.get(task, [])})]
+    for m, h in known + extra:
+      if metrics is None or m in metrics or h in metrics:
+        out.append((task, m, h))
+  return out
+
+
+def rows_for(workdirs: list[str], runs: list[dict[str, dict]]) -> list[str]:
+  names = []
+  for w, r in zip(workdirs, runs):
+    any_task = next(iter(r.values()))
+    names.append(f"{any_task.get('config') or os.path.basename(os.path.normpath(w))} @{any_task.get('checkpoint_step')}")
+  if len(set(names)) < len(names):  # the same config twice: tell the runs apart by their directory
+    names = [f"{n} ({os.path.basename(os.path.normpath(w))})" for n, w in zip(names, workdirs)]
+  return names
+
+
+def render(header: list[str], rows: list[list[str]], markdown: bool = False) -> str:
+  if markdown:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+  widths = [max(len(header[i]), *(len(r[i]) for r in rows)) for i in range(len(header))]
+  line = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+  return "\n".join([line(header), "  ".join("-" * w for w in widths)] + [line(r) for r in rows])
+
+
+def table(workdirs: list[str], *, tasks=None, metrics=None, markdown: bool = False, as_json: bool = False) -> str:
+  runs = [load_workdir(w) for w in workdirs]
+  cols = columns_for(runs, tasks, metrics)
+  names = rows_for(workdirs, runs)
+  if as_json:
+    return json.dumps([{"run": n, "workdir": os.path.abspath(w),
+                        **{f"{t}/{m}": r.get(t, {}).get("metrics", {}).get(m) for t, m, _ in cols}}
+                       for n, w, r in zip(names, workdirs, runs)], indent=1)
+  rows = [[n] + [fmt(m, r[t]["metrics"].get(m)) if t in r and m in r[t]["metrics"] else "-" for t, m, _ in cols]
+          for n, r in zip(names, runs)]
+  return render(["run"] + [h for _, _, h in cols], rows, markdown)
+
+
+def format_task_metrics(results: dict[str, dict], title: str = "") -> str:
+  """One run's metrics, a line per task: what eval.py prints at the end."""
+  lines = [title] if title else []
+  for task, summary in results.items():
+    cols = columns_for([{task: summary}], [task])
+    cells = [f"{h} {fmt(m, summary['metrics'].get(m))}" for _, m, h in cols]
+    lines.append(f"  {task:10s} " + "  ".join(cells) + f"   ({summary.get('wall_time_s', 0):.0f} s)")
+  return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(prog="python -m bridgejax.evaluation.table", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("workdirs", nargs="+", help="run directories holding eval/<task>.json")
+  p.add_argument("--tasks", default=None, help="comma-separated tasks to show (default: all present)")
+  p.add_argument("--metrics", default=None, help="comma-separated metrics or headers to show")
+  fmt_group = p.add_mutually_exclusive_group()
+  fmt_group.add_argument("--markdown", action="store_true", help="a Markdown table")
+  fmt_group.add_argument("--json", action="store_true", help="JSON rows of raw (0-1) values")
+  a = p.parse_args(argv)
+  split = lambda s: None if s is None else [x.strip() for x in s.split(",") if x.strip()]
+  try:
+    print(table(a.workdirs, tasks=split(a.tasks), metrics=split(a.metrics), markdown=a.markdown, as_json=a.json))
+  except FileNotFoundError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,263 @@
+"""Using a trained bridge: captions, answers, retrieval, composed retrieval, interleaved output.
+
+    from bridgejax.inference import Pipeline
+    pipe = Pipeline.from_workdir("runs/demo")                  # config from runs/demo/config.json
+    pipe.caption("cat.jpg")                                    # 'a cat on a sofa'
+    pipe.answer("cat.jpg", "what colour is the sofa?")         # 'red'
+    index = pipe.build_index("photos/")                        # W_i embeddings of a folder of images
+    pipe.retrieve("a dog on a beach", index, k=5)              # [Hit(path, score), ...]
+    pipe.retrieve_composed("cat.jpg", "but on the grass", index)
+    pipe.generate("Q: what does a beach look like?\\nA:", index=index)   # ['sand and sea', Hit(...)]
+
+Composed retrieval (Pic2Word-style, zero-shot): Pic2Word maps the query image to a pseudo word
+token, writes it into a sentence with the modification text, encodes the sentence with the text
+encoder, and ranks the gallery by similarity to that embedding. Here the bridge's k visual tokens
+already are such pseudo words in the LLM's input space, and the LLM + [RET] + W_t is the text
+encoder, so the query is the captioning pass's own layout: [visual tokens] + BOS + text + [RET];
+its W_t embedding ranks the index's W_i embeddings by cosine similarity. Nothing extra is trained,
+and the query image itself is left out of the results when it is in the index (as CIR benchmarks do).
+
+Interleaved generation (FROMAGe): decode greedily from [visual tokens] + BOS + prompt (or BOS +
+prompt without an image) until EOS, letting [RET] be generated; the text is split at every [RET],
+and each [RET]'s final hidden state (the same state the training's text pass embeds) goes through
+W_t to fetch the nearest image of the index. FROMAGe's optional boost of the [RET] logit is not
+applied.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bridgejax.data.image import clip_preprocess, decode_image
+from bridgejax.evaluation.captioning import cut_caption
+from bridgejax.evaluation.engine import Engine, l2_normalize, pad_rows, round_up
+from bridgejax.model import RetrievalHeads
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
+
+
+@dataclasses.dataclass(frozen=True)
+class Hit:
+  path: str
+  score: float
+
+
+@dataclasses.dataclass
+class ImageIndex:
+  """L2-normalised W_i embeddings (N, E) of image files; save/load as .npz."""
+
+  paths: list[str]
+  embeddings: np.ndarray
+  model: str = ""  # what made it (config name @ step): embeddings of another model do not compare
+
+  def save(self, path: str) -> str:
+    np.savez(path, embeddings=self.embeddings, paths=np.asarray(self.paths), model=np.asarray(self.model))
+    return path if path.endswith(".npz") else path + ".npz"
+
+  @classmethod
+  def load(cls, path: str) -> "ImageIndex":
+    data = np.load(path)
+    return cls([str(p) for p in data["paths"]], data["embeddings"], str(data["model"]))
+
+  def __len__(self) -> int:
+    return len(self.paths)
+
+
+def load_config(config=None, workdir: str | None = None):
+  """A ConfigDict from: a ConfigDict, a config file path (configs/X.py[:arg]), or the workdir's config.json."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  if isinstance(config, ml_collections.ConfigDict):
+    return config
+  if config is None:
+    path = os.path.join(workdir or "", "config.json")
+    if not os.path.exists(path):
+      raise FileNotFoundError(f"{workdir} has no config.json (train.py writes it); pass the config file too")
+    with open(path) as f:
+      return ml_collections.ConfigDict(json.load(f))
+  path, _, arg = str(config).partition(":")
+  spec = importlib.util.spec_from_file_location("bridgejax_user_config", path)
+  if spec is None or not os.path.exists(path):
+    raise FileNotFoundError(f"config file {path!r} does not exist")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg or None) if arg else module.get_config()
+
+
+def list_images(folder: str) -> list[str]:
+  if not os.path.isdir(folder):
+    raise FileNotFoundError(f"image folder {folder!r} does not exist")
+  paths = sorted(str(p) for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+  if not paths:
+    raise FileNotFoundError(f"{folder!r} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+  return paths
+
+
+class Pipeline:
+  """A trained model ready for use. Build with `from_workdir`, or from parts (setup, params)."""
+
+  def __init__(self, setup, params, *, name: str = "", max_new_tokens: int = 32, batch_size: int = 16):
+    self.setup, self.model, self.tokenizer = setup, setup.model, setup.tokenizer
+    self.params, self.name, self.batch_size = params, name, batch_size
+    self.engine = Engine(self.model, params, self.tokenizer, max_new_tokens=max_new_tokens)
+    self.image_size = self.model.vision.config.image_size
+    self._forward = jax.jit(self._forward_fn)
+
+  @classmethod
+  def from_workdir(cls, workdir: str, config=None, step: int | None = None, **kwargs) -> "Pipeline":
+    """The checkpoint `step` (default: latest) of a training run; config: a ConfigDict, a config
+    file, or None for the run's own config.json."""
+    from bridgejax.evaluation.run import load_params  # pylint: disable=g-import-not-at-top
+    from bridgejax.train.loop import build  # pylint: disable=g-import-not-at-top
+    config = load_config(config, workdir)
+    setup = build(config)
+    step, params = load_params(setup, workdir, step)
+    return cls(setup, params, name=f"{config.get('name', '')}@{step}", **kwargs)
+
+  # ------------------------------------------------------------------ inputs
+
+  def pixels(self, images) -> np.ndarray:
+    """Paths, bytes, PIL images or uint8 HWC arrays -> (B, 3, S, S) CLIP-normalised pixels."""
+    if not isinstance(images, (list, tuple)):
+      images = [images]
+    out = []
+    for image in images:
+      if isinstance(image, (str, os.PathLike)):
+        with open(image, "rb") as f:
+          image = decode_image(f.read(), str(image))
+      elif isinstance(image, bytes):
+        image = decode_image(image)
+      out.append(clip_preprocess(image, self.image_size))
+    return np.stack(out)
+
+  def _encode(self, images):
+    pixels = self.pixels(images)
+    n = pixels.shape[0]
+    size = round_up(n, self.batch_size) if n > self.batch_size else n
+    tokens, emb = self.engine.encode(np.pad(pixels, [(0, size - n)] + [(0, 0)] * 3))
+    return tokens[:n], emb[:n]
+
+  def _ids(self, texts: Sequence[str], *, append_ret: bool = False):
+    rows = [self.tokenizer.encode(t, add_bos=True) + ([self.model.ret_id] if append_ret else []) for t in texts]
+    return pad_rows(rows, round_up(max(map(len, rows)), 16), self.tokenizer.pad_id)
+
+  # ------------------------------------------------------------------ text out
+
+  def caption(self, image, prompt: str = "", max_new_tokens: int | None = None) -> str:
+    """A caption (FROMAGe's cut rule); `prompt` e.g. "A picture of" is not repeated in the output."""
+    return self.captions([image], prompt, max_new_tokens)[0]
+
+  def captions(self, images, prompt: str = "", max_new_tokens: int | None = None) -> list[str]:
+    tokens, _ = self._encode(images)
+    ids, mask = self._ids([prompt] * tokens.shape[0])
+    new = self.engine.generate(tokens, ids, mask, max_new_tokens=max_new_tokens)
+    return [cut_caption(self.engine.decode_new(row)) for row in new]
+
+  def answer(self, image, question: str, max_new_tokens: int = 10) -> str:
+    """The answer after "Q: {question}\\nA:", up to the first newline or period."""
+    from bridgejax.evaluation.tasks import vqa_prompt  # pylint: disable=g-import-not-at-top
+    tokens, _ = self._encode([image])
+    ids, mask = self._ids([vqa_prompt(question)])
+    new = self.engine.generate(tokens, ids, mask, max_new_tokens=max_new_tokens)
+    return cut_caption(self.engine.decode_new(new[0]), "first")
+
+  # ------------------------------------------------------------------ retrieval
+
+  def build_index(self, folder_or_paths, *, progress: bool = False) -> ImageIndex:
+    """W_i embeddings of every image under a folder (recursively), or of a list of paths."""
+    paths = list_images(folder_or_paths) if isinstance(folder_or_paths, (str, os.PathLike)) else list(folder_or_paths)
+    from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+    embs = []
+    for start in tqdm(range(0, len(paths), self.batch_size), disable=not progress, desc="index", unit="batch"):
+      chunk = paths[start:start + self.batch_size]
+      pixels = self.pixels(chunk)
+      pixels = np.pad(pixels, [(0, self.batch_size - len(chunk))] + [(0, 0)] * 3)  # one compiled shape
+      embs.append(np.asarray(self.engine.encode(pixels)[1])[:len(chunk)])
+    return ImageIndex(paths, l2_normalize(np.concatenate(embs)), self.name)
+
+  def text_query(self, text: str) -> np.ndarray:
+    """The normalised W_t embedding of BOS + text + [RET]."""
+    ids, mask = self._ids([text], append_ret=True)
+    return l2_normalize(self.engine.text_embedding(ids, mask))[0]
+
+  def composed_query(self, image, text: str) -> np.ndarray:
+    """The normalised W_t embedding of [visual tokens] + BOS + text + [RET] (see the module doc)."""
+    tokens, _ = self._encode([image])
+    ids, mask = self._ids([text], append_ret=True)
+    return l2_normalize(self._ret_embeddings(tokens, ids, mask, np.asarray([[int(mask.sum()) - 1]]))[0])[0]
+
+  def search(self, query: np.ndarray, index: ImageIndex, k: int = 5, exclude: Sequence[str] = ()) -> list[Hit]:
+    if index.model and self.name and index.model != self.name:
+      import warnings  # pylint: disable=g-import-not-at-top
+      warnings.warn(f"the index was built by {index.model}, this pipeline is {self.name}: rebuild it")
+    scores = index.embeddings @ np.asarray(query, np.float32)
+    skip = {os.path.abspath(p) for p in exclude}
+    order = [i for i in np.argsort(-scores, kind="stable") if os.path.abspath(index.paths[i]) not in skip]
+    return [Hit(index.paths[i], float(scores[i])) for i in order[:k]]
+
+  def retrieve(self, text: str, index: ImageIndex, k: int = 5) -> list[Hit]:
+    return self.search(self.text_query(text), index, k)
+
+  def retrieve_composed(self, image, text: str, index: ImageIndex, k: int = 5) -> list[Hit]:
+    exclude = [image] if isinstance(image, (str, os.PathLike)) else []
+    return self.search(self.composed_query(image, text), index, k, exclude)
+
+  # ------------------------------------------------------------------ interleaved output
+
+  def _forward_fn(self, params, visual_tokens, ids, mask, positions):
+    """W_t embeddings of the final hidden states at `positions` (B, P) of [visual] + text."""
+    if visual_tokens is None:
+      embeds, full = self.model.embed_text(params, ids), mask
+      offset = 0
+    else:
+      embeds, full, _, _ = self.model.caption_inputs(params, visual_tokens, ids, mask)
+      offset = visual_tokens.shape[1]
+    _, hidden = self.model.run_llm(params, embeds, full)
+    picked = jnp.take_along_axis(hidden, (positions + offset)[..., None], axis=1)  # (B, P, D)
+    return self.model.heads.apply({"params": params["ret"]}, picked, method=RetrievalHeads.text_embedding)
+
+  def _ret_embeddings(self, visual_tokens, ids, mask, positions):
+    return np.asarray(self._forward(self.params, visual_tokens, jnp.asarray(ids), jnp.asarray(mask),
+                                    jnp.asarray(positions)))
+
+  def generate(self, prompt: str, *, image=None, index: ImageIndex | None = None,
+               max_new_tokens: int = 32) -> list:
+    """FROMAGe's interleaved output: a list of text segments (str) and retrieved images (Hit) in
+    order; without an index, [RET] positions are returned as the string "[RET]"."""
+    tokens = None if image is None else self._encode([image])[0]
+    ids, mask = self._ids([prompt])
+    new = self.engine.generate(tokens, ids, mask, max_new_tokens=max_new_tokens, stop_at_ret=False)[0]
+    stops = set(self.engine.stop_ids) - {self.model.ret_id}
+    generated = []
+    for t in new.tolist():
+      if t in stops:
+        break
+      generated.append(t)
+    rets = [i for i, t in enumerate(generated) if t == self.model.ret_id]
+    embs = []
+    if rets and index is not None:
+      length = int(mask.sum())
+      full_ids, full_mask = pad_rows([ids[0, :length].tolist() + generated],
+                                     round_up(length + len(generated), 16), self.tokenizer.pad_id)
+      embs = l2_normalize(self._ret_embeddings(tokens, full_ids, full_mask,
+                                               np.asarray([[length + r for r in rets]]))[0])
+    out, start = [], 0
+    for j, r in enumerate(rets + [len(generated)]):
+      text = self.tokenizer.decode(generated[start:r], skip_special_tokens=True)
+      if text:
+        out.append(text)
+      if r < len(generated):
+        out.append(self.search(embs[j], index, 1)[0] if index is not None else "[RET]")
+      start = r + 1
+    return out
+
+
+__all__ = ["Pipeline", "ImageIndex", "Hit", "load_config", "list_images"]

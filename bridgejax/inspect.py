@@ -1,0 +1,105 @@
+"""Count a config's trainable parameters from abstract shapes, at its real sizes, with no weights.
+
+    python -m bridgejax.inspect --config configs/crossatt_k12.py [--json]
+
+Backbone sizes come from config.json at config.vision.path / config.llm.path when it exists, else
+from the architecture named by config.vision.arch / config.llm.arch (CLIP ViT-L/14 and Gemma-2B
+in the thesis configs), so nothing needs downloading.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+
+import jax
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+
+from bridgejax.model import BridgeModel
+from bridgejax.models.clip import CLIPVisionConfig, CLIPVisionTransformer
+from bridgejax.models.gemma import Gemma, GemmaConfig
+
+# Architectures by name, for configs whose checkpoints are not on this machine.
+VISION_ARCHS = {
+    "clip-vit-large-patch14": CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_layers=24,
+                                               num_heads=16, image_size=224, patch_size=14, projection_dim=768),
+    "clip-vit-large-patch14-336": CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_layers=24,
+                                                   num_heads=16, image_size=336, patch_size=14, projection_dim=768),
+    "clip-vit-base-patch16": CLIPVisionConfig(patch_size=16, projection_dim=512),
+    "clip-vit-base-patch32": CLIPVisionConfig(projection_dim=512),
+}
+LLM_ARCHS = {"gemma-2b": GemmaConfig()}  # GemmaConfig's defaults are Gemma-2B
+
+
+def backbone_configs(config) -> tuple[CLIPVisionConfig, GemmaConfig]:
+  from bridgejax.weights import clip, gemma, safetensors_io
+  vision_json = os.path.join(config.vision.path, "config.json")
+  if os.path.isfile(vision_json):
+    vision, _ = clip.config_from_hf(safetensors_io.read_hf_config(config.vision.path))
+  elif config.vision.arch in VISION_ARCHS:
+    vision = VISION_ARCHS[config.vision.arch]
+  else:
+    raise ValueError(f"no {vision_json} and config.vision.arch={config.vision.arch!r} is not one of "
+                     f"{sorted(VISION_ARCHS)}")
+  llm_json = os.path.join(config.llm.path, "config.json")
+  if os.path.isfile(llm_json):
+    llm = gemma.config_from_hf(safetensors_io.read_hf_config(config.llm.path))
+  elif config.llm.arch in LLM_ARCHS:
+    llm = LLM_ARCHS[config.llm.arch]
+  else:
+    raise ValueError(f"no {llm_json} and config.llm.arch={config.llm.arch!r} is not one of {sorted(LLM_ARCHS)}")
+  return vision, llm
+
+
+@functools.lru_cache(maxsize=8)
+def abstract_frozen(vision: CLIPVisionConfig, llm: GemmaConfig) -> dict:
+  """Shapes of the frozen trees (tracing Gemma-2B's init takes seconds: cached)."""
+  c = vision
+  return {
+      "vision": jax.eval_shape(lambda: CLIPVisionTransformer(c).init(
+          jax.random.key(0), np.zeros((1, c.num_channels, c.image_size, c.image_size)))["params"]),
+      "llm": jax.eval_shape(lambda: Gemma(llm).init(jax.random.key(0), np.zeros((1, 1), np.int32))["params"]),
+  }
+
+
+def count(config) -> dict:
+  """{"trainable_params", "by_module", "frozen_params", "vision", "llm", "bridge"}: shapes only."""
+  vision, llm = backbone_configs(config)
+  model = BridgeModel.create(config, vision, llm)
+  frozen = abstract_frozen(vision, llm)
+  trainable = jax.eval_shape(lambda f: model.init_trainable(jax.random.key(0), f), frozen)
+  size = lambda tree: int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
+  by_module = {f"{top}/{name}": size(sub) for top in ("bridge", "ret") for name, sub in trainable[top].items()}
+  return {"config": config.name, "trainable_params": size(trainable), "by_module": by_module,
+          "frozen_params": {k: size(v) for k, v in frozen.items()}, "bridge": config.bridge.to_dict(),
+          "vision": f"{vision.num_layers} layers, width {vision.hidden_size}, {vision.num_tokens} tokens",
+          "llm": f"{llm.family}, {llm.num_layers} layers, width {llm.hidden_size}, vocab {llm.vocab_size}"}
+
+
+def format_table(result: dict) -> str:
+  lines = [f"{result['config']}: bridge {result['bridge']}", f"  vision {result['vision']}; llm {result['llm']}",
+           f"  {'trainable module':32s} {'params':>14s}"]
+  lines += [f"  {name:32s} {n:>14,d}" for name, n in result["by_module"].items()]
+  lines.append(f"  {'total trainable':32s} {result['trainable_params']:>14,d}")
+  for name, n in result["frozen_params"].items():
+    lines.append(f"  {'frozen ' + name:32s} {n:>14,d}")
+  return "\n".join(lines)
+
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config (configs/*.py[:args])")
+_JSON = flags.DEFINE_bool("json", False, "print one JSON object instead of a table")
+
+
+def main(argv):
+  del argv
+  result = count(_CONFIG.value)
+  print(json.dumps(result) if _JSON.value else format_table(result))
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["config"])
+  app.run(main)

@@ -1,0 +1,343 @@
+"""The Gemma decoder family (Gemma 1, 2 and 3) in Flax Linen, numerically equal to transformers'
+GemmaForCausalLM, Gemma2ForCausalLM and Gemma3ForCausalLM. One module; the families differ only in
+config switches (post-norms, q/k-norm, soft-capping, sliding layers, RoPE thetas).
+
+Axis legend (einsum letters):
+  B batch, T query positions, S key positions (the sequence itself, or the KV cache), D width,
+  H query heads, K key/value heads, G query heads per key/value head (H = K * G), F head dim,
+  M MLP width, V vocabulary rows (frozen table), X extra rows ([RET], trainable, outside the params).
+
+Conventions the rest of bridgejax relies on:
+  * Padding is on the right; positions are 0..T-1 whatever the mask (as transformers' forward).
+  * `inputs_embeds` are in the *scaled* space: `embed(ids) = table[ids] * sqrt(D)`; visual tokens
+    injected by a bridge enter after that scaling.
+  * Token ids >= vocab_size look up `extra_embeddings[id - vocab_size]`, and the tied LM head gets
+    the same rows as extra logit columns: logits have V + X columns. The frozen table is never
+    written; gradients reach `extra_embeddings` and `inputs_embeds` through ordinary arguments.
+  * Norm statistics, attention softmax and logits are float32 whatever the compute dtype.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+FULL, SLIDING = "full_attention", "sliding_attention"
+_MASKED = -1e30  # added to masked attention logits (finite, so an all-masked row gives no NaN)
+
+
+@dataclasses.dataclass(frozen=True)
+class GemmaConfig:
+  """One Gemma decoder. Defaults are Gemma-2B (Gemma 1); `weights.gemma` reads the rest from files."""
+
+  family: str = "gemma"  # "gemma" | "gemma2" | "gemma3": informative, the switches below decide
+  vocab_size: int = 256000
+  hidden_size: int = 2048
+  intermediate_size: int = 16384
+  num_layers: int = 18
+  num_heads: int = 8
+  num_kv_heads: int = 1
+  head_dim: int = 256
+  rms_norm_eps: float = 1e-6
+  hidden_act: str = "gelu_pytorch_tanh"
+  query_pre_attn_scalar: float = 256.0  # attention scores are scaled by its -1/2 power
+  rope_theta: float = 10_000.0  # full-attention layers
+  rope_local_theta: float = 10_000.0  # sliding-window layers (Gemma 3: 10k while global is 1M)
+  rope_scaling_factor: float = 1.0  # "linear" RoPE scaling of full-attention layers (Gemma 3 4B+)
+  layer_types: tuple[str, ...] = ()  # FULL or SLIDING per layer; () means all FULL
+  sliding_window: int | None = None  # a sliding layer's query sees keys with q - k < window
+  attn_logit_softcapping: float | None = None  # Gemma 2
+  final_logit_softcapping: float | None = None  # Gemma 2
+  post_norms: bool = False  # Gemma 2/3: RMSNorm after attention and after the MLP too
+  qk_norm: bool = False  # Gemma 3: RMSNorm of each query and key head
+  max_position_embeddings: int = 8192
+  bos_token_id: int = 2
+  eos_token_ids: tuple[int, ...] = (1,)
+  pad_token_id: int = 0
+
+  def __post_init__(self):
+    # JSON (the converted format) turns tuples into lists; keep the config hashable.
+    object.__setattr__(self, "layer_types", tuple(self.layer_types) or (FULL,) * self.num_layers)
+    object.__setattr__(self, "eos_token_ids", tuple(self.eos_token_ids))
+    if len(self.layer_types) != self.num_layers:
+      raise ValueError(f"layer_types has {len(self.layer_types)} entries for {self.num_layers} layers")
+    if set(self.layer_types) - {FULL, SLIDING}:
+      raise ValueError(f"unknown layer types {set(self.layer_types) - {FULL, SLIDING}}")
+    if SLIDING in self.layer_types and not self.sliding_window:
+      raise ValueError("sliding layers need a sliding_window")
+    if self.num_heads % self.num_kv_heads:
+      raise ValueError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
+    if self.hidden_act not in ACTIVATIONS:
+      raise ValueError(f"hidden_act={self.hidden_act!r} is not supported; use one of {sorted(ACTIVATIONS)}")
+
+
+ACTIVATIONS = {
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+}
+
+
+class LayerCache(NamedTuple):
+  k: Array  # (B, S, K, F), keys after RoPE (and k-norm)
+  v: Array  # (B, S, K, F)
+
+
+class LMOutput(NamedTuple):
+  logits: Array  # (B, T, V + X) float32
+  last_hidden_state: Array  # (B, T, D) after the final norm: what [RET] retrieval reads
+  hidden_states: tuple[Array, ...]  # num_layers + 1 entries, transformers' convention: [0] the
+  #   input embeddings, [i] the output of layer i, [-1] the final-norm output (= last_hidden_state)
+  cache: tuple[LayerCache, ...] | None = None  # the updated KV cache when one was passed in
+
+
+def init_cache(config: GemmaConfig, batch: int, length: int, dtype=jnp.float32) -> tuple[LayerCache, ...]:
+  """An empty KV cache of `length` positions for every layer."""
+  shape = (batch, length, config.num_kv_heads, config.head_dim)
+  return tuple(LayerCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(config.num_layers))
+
+
+def attention_mask_for(q_pos, k_pos, k_valid, window: int | None) -> Array:
+  """(B, T, S) bool: query t sees key s when s is valid, not in its future and inside the window.
+
+  q_pos (B, T) and k_pos (B, S) are absolute positions; k_valid (B, S) marks real (unpadded) keys.
+  """
+  q, k = q_pos[:, :, None], k_pos[:, None, :]
+  visible = (k <= q) & k_valid[:, None, :]
+  if window is not None:
+    visible &= q - k < window
+  return visible
+
+
+def rope(x, positions, theta: float, scaling_factor: float = 1.0):
+  """Rotary embedding, half-split layout (transformers' rotate_half). x (B, T, N, F), positions (B, T)."""
+  head_dim = x.shape[-1]
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)) / scaling_factor
+  angles = positions[..., None].astype(jnp.float32) * inv_freq  # (B, T, F/2)
+  cos, sin = jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :]
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+def softcap(x, cap: float | None):
+  return x if cap is None else jnp.tanh(x / cap) * cap
+
+
+class RMSNorm(nn.Module):
+  """Gemma's RMSNorm: x / rms(x) * (1 + scale), statistics in float32 (scale is stored as w, not 1 + w)."""
+
+  eps: float
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    scale = self.param("scale", nn.initializers.zeros, (x.shape[-1],), self.param_dtype)
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return (normed * (1.0 + scale.astype(jnp.float32))).astype(x.dtype)
+
+
+class Attention(nn.Module):
+  config: GemmaConfig
+  layer_type: str
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, positions, mask, cache: LayerCache | None = None):
+    """x (B, T, D), positions (B, T), mask (B, T, S) -> ((B, T, D), updated cache or None).
+
+    Without a cache the keys are x's own positions (S = T). With one, this step's keys are written
+    at `positions` and the query attends over the whole cache (S = cache length).
+    """
+    c = self.config
+    dense = lambda features, name: nn.Dense(features, use_bias=False, dtype=self.dtype,
+                                            param_dtype=self.param_dtype, name=name)
+    heads = lambda t, n: t.reshape(*t.shape[:-1], n, c.head_dim)
+    q = heads(dense(c.num_heads * c.head_dim, "q_proj")(x), c.num_heads)  # (B, T, H, F)
+    k = heads(dense(c.num_kv_heads * c.head_dim, "k_proj")(x), c.num_kv_heads)  # (B, T, K, F)
+    v = heads(dense(c.num_kv_heads * c.head_dim, "v_proj")(x), c.num_kv_heads)
+    if c.qk_norm:
+      q = RMSNorm(c.rms_norm_eps, self.param_dtype, name="q_norm")(q)
+      k = RMSNorm(c.rms_norm_eps, self.param_dtype, name="k_norm")(k)
+    if self.layer_type == SLIDING:
+      theta, scaling = c.rope_local_theta, 1.0
+    else:
+      theta, scaling = c.rope_theta, c.rope_scaling_factor
+    q, k = rope(q, positions, theta, scaling), rope(k, positions, theta, scaling)
+
+    if cache is not None:  # write this step's keys/values at their positions, attend over the cache
+      rows = jnp.broadcast_to(jnp.arange(x.shape[0])[:, None], positions.shape)
+      cache = LayerCache(cache.k.at[rows, positions].set(k.astype(cache.k.dtype)),
+                         cache.v.at[rows, positions].set(v.astype(cache.v.dtype)))
+      k, v = cache.k.astype(self.dtype), cache.v.astype(self.dtype)
+
+    groups = c.num_heads // c.num_kv_heads
+    q = q.reshape(*q.shape[:2], c.num_kv_heads, groups, c.head_dim)  # (B, T, K, G, F)
+    scores = jnp.einsum("BTKGF,BSKF->BKGTS", q, k).astype(jnp.float32) * c.query_pre_attn_scalar**-0.5
+    scores = softcap(scores, c.attn_logit_softcapping)
+    scores = jnp.where(mask[:, None, None], scores, _MASKED)
+    probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
+    out = jnp.einsum("BKGTS,BSKF->BTKGF", probs, v).reshape(*x.shape[:2], c.num_heads * c.head_dim)
+    return dense(c.hidden_size, "o_proj")(out), cache
+
+
+class MLP(nn.Module):
+  config: GemmaConfig
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):  # (B, T, D) -> (B, T, D), GeGLU
+    c = self.config
+    dense = lambda features, name: nn.Dense(features, use_bias=False, dtype=self.dtype,
+                                            param_dtype=self.param_dtype, name=name)
+    gate = ACTIVATIONS[c.hidden_act](dense(c.intermediate_size, "gate_proj")(x))  # (B, T, M)
+    return dense(c.hidden_size, "down_proj")(gate * dense(c.intermediate_size, "up_proj")(x))
+
+
+class DecoderLayer(nn.Module):
+  config: GemmaConfig
+  layer_type: str
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, positions, mask, cache: LayerCache | None = None):
+    c = self.config
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    norm = lambda name: RMSNorm(c.rms_norm_eps, self.param_dtype, name=name)
+    h, cache = Attention(c, self.layer_type, name="attn", **kw)(norm("pre_attn_norm")(x), positions, mask, cache)
+    if c.post_norms:
+      h = norm("post_attn_norm")(h)
+    x = x + h
+    h = MLP(c, name="mlp", **kw)(norm("pre_ffw_norm")(x))
+    if c.post_norms:
+      h = norm("post_ffw_norm")(h)
+    return x + h, cache
+
+
+class Gemma(nn.Module):
+  """The decoder. `__call__` is the full forward pass; `embed`, `decode` and `logits` are its parts,
+  used separately by generation (prefill and cached steps) and by the multimodal model."""
+
+  config: GemmaConfig
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  def setup(self):
+    c = self.config
+    self.embedding = self.param("embedding", nn.initializers.normal(0.02), (c.vocab_size, c.hidden_size),
+                                self.param_dtype)
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    self.layers = [DecoderLayer(c, c.layer_types[i], **kw) for i in range(c.num_layers)]
+    self.final_norm = RMSNorm(c.rms_norm_eps, self.param_dtype)
+
+  def embed(self, input_ids, extra_embeddings=None):
+    """(B, T) ids -> (B, T, D) in the scaled embedding space; ids >= vocab_size read extra_embeddings (X, D)."""
+    c = self.config
+    rows = jnp.take(self.embedding, jnp.minimum(input_ids, c.vocab_size - 1), axis=0).astype(self.dtype)
+    if extra_embeddings is not None:
+      extra_index = jnp.clip(input_ids - c.vocab_size, 0, extra_embeddings.shape[0] - 1)
+      extra = jnp.take(extra_embeddings, extra_index, axis=0).astype(self.dtype)
+      rows = jnp.where((input_ids >= c.vocab_size)[..., None], extra, rows)
+    # transformers multiplies by sqrt(D) cast to the embedding's dtype (55.4 -> 55.5 in bf16): same here.
+    return rows * jnp.asarray(math.sqrt(c.hidden_size), self.dtype)
+
+  def logits(self, hidden, extra_embeddings=None):
+    """(..., D) final-norm hidden states -> (..., V + X) float32 logits of the tied LM head."""
+    head = lambda table: jnp.einsum("...D,VD->...V", hidden, table.astype(self.dtype),
+                                    preferred_element_type=jnp.float32)
+    if extra_embeddings is None:
+      logits = head(self.embedding)
+    elif hidden.size // hidden.shape[-1] < self.config.vocab_size:
+      # few positions (decoding): join the logit columns rather than copy the whole table
+      logits = jnp.concatenate([head(self.embedding), head(extra_embeddings)], axis=-1)
+    else:  # many positions (training): joining the table is the smaller copy
+      logits = head(jnp.concatenate([self.embedding, extra_embeddings.astype(self.embedding.dtype)], axis=0))
+    return softcap(logits, self.config.final_logit_softcapping)
+
+  def decode(self, inputs_embeds, positions, attention_mask=None, cache=None):
+    """The layers and final norm: (B, T, D) embeddings at positions (B, T) -> (final-norm hidden
+    (B, T, D), hidden_states tuple, cache).
+
+    Without a cache, keys are the inputs themselves and `attention_mask` (B, T) marks real tokens.
+    With a cache (from `init_cache`), the inputs are written at `positions` and attend over every
+    cache slot up to their own position: slots past a row's prompt hold padding until generation
+    overwrites them, and causality keeps them out of sight until then.
+    """
+    c = self.config
+    x = inputs_embeds.astype(self.dtype)
+    if cache is None:
+      k_pos = positions
+      k_valid = jnp.ones(x.shape[:2], bool) if attention_mask is None else attention_mask.astype(bool)
+    else:
+      length = cache[0].k.shape[1]
+      k_pos = jnp.broadcast_to(jnp.arange(length), (x.shape[0], length))
+      k_valid = jnp.ones(k_pos.shape, bool)
+    masks = {FULL: attention_mask_for(positions, k_pos, k_valid, None)}
+    if SLIDING in c.layer_types:
+      masks[SLIDING] = attention_mask_for(positions, k_pos, k_valid, c.sliding_window)
+    hidden_states, new_cache = [x], []
+    for i, layer in enumerate(self.layers):
+      x, layer_cache = layer(x, positions, masks[c.layer_types[i]], None if cache is None else cache[i])
+      hidden_states.append(x)
+      new_cache.append(layer_cache)
+    x = self.final_norm(x)
+    hidden_states[-1] = x  # transformers' convention: the last entry is after the final norm
+    return x, tuple(hidden_states), (None if cache is None else tuple(new_cache))
+
+  def __call__(self, input_ids=None, attention_mask=None, inputs_embeds=None, extra_embeddings=None):
+    """Full forward pass over right-padded (B, T) ids or (B, T, D) scaled embeddings -> LMOutput."""
+    if (input_ids is None) == (inputs_embeds is None):
+      raise ValueError("pass exactly one of input_ids and inputs_embeds")
+    if inputs_embeds is None:
+      inputs_embeds = self.embed(input_ids, extra_embeddings)
+    batch, length = inputs_embeds.shape[:2]
+    positions = jnp.broadcast_to(jnp.arange(length), (batch, length))
+    hidden, hidden_states, _ = self.decode(inputs_embeds, positions, attention_mask)
+    return LMOutput(self.logits(hidden, extra_embeddings), hidden, hidden_states)
+
+
+@dataclasses.dataclass
+class LanguageModel:
+  """A Gemma decoder bound to its (frozen) parameters.
+
+      out = lm(input_ids=ids, attention_mask=mask)      # or inputs_embeds=...; -> LMOutput
+      new = lm.generate(ids, attention_mask=mask, max_new_tokens=32)   # (B, 32) new tokens
+  """
+
+  module: Gemma
+  params: Any
+  config: GemmaConfig
+
+  def __post_init__(self):
+    def apply(params, input_ids, attention_mask, inputs_embeds, extra_embeddings):
+      return self.module.apply({"params": params}, input_ids, attention_mask, inputs_embeds, extra_embeddings)
+
+    self._apply = jax.jit(apply)
+    self._embed = jax.jit(lambda params, ids, extra: self.module.apply(
+        {"params": params}, ids, extra, method=Gemma.embed))
+
+  def __call__(self, input_ids=None, attention_mask=None, inputs_embeds=None, extra_embeddings=None) -> LMOutput:
+    as_array = lambda a: None if a is None else jnp.asarray(a)
+    return self._apply(self.params, as_array(input_ids), as_array(attention_mask), as_array(inputs_embeds),
+                       as_array(extra_embeddings))
+
+  def embed(self, input_ids, extra_embeddings=None):
+    """(B, T) ids -> (B, T, D) scaled embeddings, the space `inputs_embeds` lives in."""
+    extra = None if extra_embeddings is None else jnp.asarray(extra_embeddings)
+    return self._embed(self.params, jnp.asarray(input_ids), extra)
+
+  def generate(self, input_ids=None, **kwargs):
+    """KV-cache decoding; see `bridgejax.generate.generate` for the arguments."""
+    from bridgejax import generate as generation  # generate.py imports this module
+
+    return generation.generate(self.module, self.params, input_ids, **kwargs)

@@ -1,0 +1,108 @@
+"""Use a trained bridge from the command line (see bridgejax/inference.py for the Python API).
+
+    python -m bridgejax.predict --workdir RUN caption IMAGE [IMAGE ...] [--prompt "A picture of"]
+    python -m bridgejax.predict --workdir RUN answer IMAGE "what colour is the square?"
+    python -m bridgejax.predict --workdir RUN index FOLDER --out index.npz
+    python -m bridgejax.predict --workdir RUN retrieve --index FOLDER|index.npz "a red circle" [-k 5]
+    python -m bridgejax.predict --workdir RUN compose  --index FOLDER|index.npz IMAGE "but blue" [-k 5]
+    python -m bridgejax.predict --workdir RUN generate --index FOLDER|index.npz [--image IMAGE] "PROMPT"
+
+--config FILE overrides the run's config.json (e.g. to point at moved backbones); --step picks a
+checkpoint (default: the latest); --json prints machine-readable output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+
+
+def _parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(prog="python -m bridgejax.predict", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--workdir", required=True, help="a training run's directory (checkpoints/, config.json)")
+  p.add_argument("--config", default=None, help="config file (default: WORKDIR/config.json)")
+  p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+  p.add_argument("--json", action="store_true", help="print JSON")
+  sub = p.add_subparsers(dest="command", required=True)
+  s = sub.add_parser("caption", help="caption image files")
+  s.add_argument("images", nargs="+")
+  s.add_argument("--prompt", default="", help='e.g. "A picture of" (FROMAGe)')
+  s.add_argument("--max-new-tokens", type=int, default=32)
+  s = sub.add_parser("answer", help="answer a question about an image")
+  s.add_argument("image")
+  s.add_argument("question")
+  s = sub.add_parser("index", help="embed a folder of images into an index file")
+  s.add_argument("folder")
+  s.add_argument("--out", required=True, help="the .npz to write")
+  for name, help_ in (("retrieve", "images for a text"), ("compose", "images for an image + a text"),
+                      ("generate", "interleaved text and retrieved images")):
+    s = sub.add_parser(name, help=help_)
+    s.add_argument("--index", required=True, help="a folder of images or an index .npz")
+    if name == "compose":
+      s.add_argument("image")
+    if name == "generate":
+      s.add_argument("--image", default=None, help="an image before the prompt")
+      s.add_argument("--max-new-tokens", type=int, default=32)
+    s.add_argument("text")
+    if name != "generate":
+      s.add_argument("-k", type=int, default=5)
+  return p
+
+
+def _index(pipe, where: str):
+  from bridgejax.inference import ImageIndex  # pylint: disable=g-import-not-at-top
+  return ImageIndex.load(where) if where.endswith(".npz") and os.path.isfile(where) else pipe.build_index(where)
+
+
+def _hits(hits) -> list[dict]:
+  return [dataclasses.asdict(h) for h in hits]
+
+
+def run(a) -> object:
+  from bridgejax.inference import Hit, Pipeline  # pylint: disable=g-import-not-at-top
+  pipe = Pipeline.from_workdir(a.workdir, a.config, a.step)
+  if a.command == "caption":
+    return dict(zip(a.images, pipe.captions(a.images, a.prompt, a.max_new_tokens)))
+  if a.command == "answer":
+    return {"question": a.question, "answer": pipe.answer(a.image, a.question)}
+  if a.command == "index":
+    index = pipe.build_index(a.folder, progress=True)
+    return {"index": index.save(a.out), "images": len(index)}
+  index = _index(pipe, a.index)
+  if a.command == "retrieve":
+    return _hits(pipe.retrieve(a.text, index, a.k))
+  if a.command == "compose":
+    return _hits(pipe.retrieve_composed(a.image, a.text, index, a.k))
+  segments = pipe.generate(a.text, image=a.image, index=index, max_new_tokens=a.max_new_tokens)
+  return [{"image": s.path, "score": s.score} if isinstance(s, Hit) else {"text": s} for s in segments]
+
+
+def _print(result) -> None:
+  if isinstance(result, dict):
+    for k, v in result.items():
+      print(f"{k}\t{v}")
+  else:
+    for item in result:
+      print("\t".join(str(v) for v in item.values()))
+
+
+def main(argv=None) -> int:
+  a = _parser().parse_args(argv)
+  try:
+    result = run(a)
+  except (FileNotFoundError, ValueError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  if a.json:
+    print(json.dumps(result, indent=1))
+  else:
+    _print(result)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,11 @@
+"""Thesis tables 6.19-6.24: the multi-CLS bridge 'l4l' (equation and choices in bridgejax/bridges/cls.py).
+
+    python train.py --config configs/l4l.py --workdir DIR --config.data.dir=data/cc3m
+"""
+
+from configs import base
+
+
+def get_config(arg=None):
+  del arg
+  return base.bridge_config("l4l")

@@ -1,0 +1,59 @@
+"""Shared pytest fixtures."""
+
+import dataclasses
+
+import pytest
+
+# ------------------------------------------------------------------------------------------------
+# Tiny random Gemma checkpoints (test_gemma.py, test_generate.py): one per family / attention layout.
+
+_GEMMA_COMMON = dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_attention_heads=4, head_dim=8,
+                     initializer_range=0.5, pad_token_id=0, eos_token_id=1, bos_token_id=2)
+TINY_GEMMAS = {  # name: (transformers model class, config class, config kwargs)
+    "gemma_mqa": ("GemmaForCausalLM", "GemmaConfig", dict(num_hidden_layers=2, num_key_value_heads=1)),
+    "gemma_gqa": ("GemmaForCausalLM", "GemmaConfig", dict(num_hidden_layers=2, num_key_value_heads=2)),
+    "gemma_mha": ("GemmaForCausalLM", "GemmaConfig", dict(num_hidden_layers=2, num_key_value_heads=4)),
+    # soft-capping low enough to bite; a window shorter than the test sequences; layers slide, global, slide
+    "gemma2": ("Gemma2ForCausalLM", "Gemma2Config", dict(
+        num_hidden_layers=3, num_key_value_heads=2, sliding_window=4, query_pre_attn_scalar=6,
+        attn_logit_softcapping=3.0, final_logit_softcapping=4.0)),
+    # pattern 2 (slide, global, ...); global RoPE 1M with linear scaling 2, local 10k
+    "gemma3": ("Gemma3ForCausalLM", "Gemma3TextConfig", dict(
+        num_hidden_layers=4, num_key_value_heads=1, sliding_window=4, sliding_window_pattern=2,
+        query_pre_attn_scalar=6, rope_parameters={
+            "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1_000_000.0},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0}})),
+}
+
+
+@dataclasses.dataclass
+class TinyGemma:
+  name: str
+  path: str  # a save_pretrained directory
+  model: object  # the transformers model (eval mode, float32)
+
+
+def make_tiny_gemma(name: str, path, seed: int = 0, **overrides) -> TinyGemma:
+  import torch
+  import transformers
+
+  model_class, config_class, kwargs = TINY_GEMMAS[name]
+  kwargs = {**kwargs, **overrides}
+  torch.manual_seed(seed)
+  model = getattr(transformers, model_class)(getattr(transformers, config_class)(**{**_GEMMA_COMMON, **kwargs})).eval()
+  with torch.no_grad():  # transformers initialises norms at 0 (scale 1 + 0): make (1 + w) matter
+    for param_name, param in model.named_parameters():
+      if "norm" in param_name:
+        param.normal_(0.0, 0.5)
+    # Small embeddings, so that the residual stream is not just the (sqrt(D)-scaled) input token
+    # and greedy decoding says more than one word.
+    table = model.get_input_embeddings().weight
+    table.mul_(0.05 / table.std())
+  model.save_pretrained(str(path))
+  return TinyGemma(name, str(path), model)
+
+
+@pytest.fixture(scope="session")
+def tiny_gemmas(tmp_path_factory) -> dict[str, TinyGemma]:
+  root = tmp_path_factory.mktemp("tiny_gemmas")
+  return {name: make_tiny_gemma(name, root / name) for name in TINY_GEMMAS}

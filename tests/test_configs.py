@@ -1,0 +1,95 @@
+"""Every experiment config builds and runs with tiny backbones; inspect counts parameters exactly."""
+
+import glob
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from ml_collections import config_flags  # noqa: F401  (configs are loaded like train.py does)
+
+from bridgejax import bridges
+from bridgejax.inspect import count
+from bridgejax.model import BridgeModel
+from bridgejax.models.clip import CLIPVisionConfig, CLIPVisionTransformer
+from bridgejax.models.gemma import Gemma, GemmaConfig
+from configs import base
+
+CONFIGS = sorted(os.path.basename(p)[:-3] for p in glob.glob("configs/*.py") if not p.endswith("__init__.py"))
+TINY_VISION = CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_layers=4, num_heads=2, image_size=28,
+                               patch_size=7)
+TINY_LLM = GemmaConfig(vocab_size=30, hidden_size=24, intermediate_size=32, num_layers=1, num_heads=2,
+                       num_kv_heads=1, head_dim=8, query_pre_attn_scalar=8)
+
+
+def load(name: str, arg: str | None = None):
+  module = __import__(f"configs.{name}", fromlist=["get_config"])
+  return module.get_config(arg)
+
+
+def test_every_config_file_is_covered():
+  assert {"base", "fromage", "cls", "l4l", "l2l", "l2lx2", "comp", "grouped", "regions", "wavg", "crossatt",
+          "crossatt_k12", "demo"} <= set(CONFIGS)
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_config_builds_and_gives_k_tokens(name):
+  config = load(name)
+  for key in ("total_steps", "batch_size", "seed", "log_every_steps", "checkpoint_every_steps",
+              "eval_every_steps"):
+    assert isinstance(config[key], int), key
+  assert {"data", "model"} <= set(config.mesh) and config.vision.path and config.llm.path
+  model = BridgeModel.create(config, TINY_VISION, TINY_LLM)
+  x = jnp.zeros((2, 3, 28, 28))
+  frozen = {"vision": CLIPVisionTransformer(TINY_VISION).init(jax.random.key(0), x)["params"],
+            "llm": Gemma(TINY_LLM).init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"]}
+  trainable = model.init_trainable(jax.random.key(1), frozen)
+  out = model.encode_images({**frozen, **trainable}, np.random.default_rng(0).standard_normal((2, 3, 28, 28)))
+  dims = dict(vision_width=16, vision_layers=4, grid_size=4, llm_width=24)
+  k = bridges.num_tokens(config.bridge, **dims)
+  assert out.tokens.shape == (2, k, 24)
+  assert model.image_embedding({**frozen, **trainable}, out).shape == (2, config.ret.embed_dim)
+
+
+@pytest.mark.parametrize("arg,bridge", [("layer=-2,k=8", dict(layer=-2, k=8, post_norm=False)),
+                                        ("k=20,post_norm=true", dict(layer=-1, k=20, post_norm=True))])
+def test_cls_sweep_arguments(arg, bridge):
+  config = load("cls", arg)
+  assert {k: config.bridge[k] for k in bridge} == bridge and config.bridge.name == "cls_linear"
+
+
+def test_crossatt_k12_is_the_thesis_best():
+  config = load("crossatt_k12")
+  assert (config.bridge.name, config.bridge.k, config.bridge.layer) == ("crossatt", 12, -2)
+
+
+def test_bad_config_argument_is_a_clear_error():
+  with pytest.raises(ValueError, match=r"config argument 'depth=3': expected key=value with key in"):
+    load("cls", "depth=3")
+
+
+def _ret_heads(vision_width, llm_width, embed=256):
+  return vision_width * embed + embed + llm_width * embed + embed + llm_width + 1  # W_i, W_t, [RET], scale
+
+
+@pytest.mark.parametrize("name,arg", [("cls", "k=20"), ("cls", "layer=-2,k=4"), ("fromage", None), ("l4l", None),
+                                      ("l2l", None), ("l2lx2", None), ("comp", None), ("grouped", None),
+                                      ("regions", None)])
+def test_inspect_counts_equal_the_formulas_at_real_sizes(name, arg):
+  config = load(name, arg)
+  result = count(config)  # CLIP ViT-L/14 + Gemma-2B from config.*.arch: no weights needed
+  dims = dict(vision_width=1024, vision_layers=24, grid_size=16, llm_width=2048)
+  assert result["trainable_params"] == bridges.num_params(config.bridge, **dims) + _ret_heads(1024, 2048)
+  assert sum(result["by_module"].values()) == result["trainable_params"]
+
+
+def test_inspect_cli_json():
+  out = subprocess.run([sys.executable, "-m", "bridgejax.inspect", "--config", "configs/cls.py:k=20", "--json"],
+                       capture_output=True, text=True, check=True).stdout
+  result = json.loads(out)
+  assert result["trainable_params"] == 20 * 2048 * 1025 + _ret_heads(1024, 2048) == 42_772_993  # thesis: "42M"
+  assert result["by_module"]["bridge/proj"] == 20 * 2048 * 1025

@@ -1,0 +1,275 @@
+"""Eval task runners, eval.py, the report and the table on tiny random backbones and a tiny toy
+dataset (an untrained bridge: the numbers mean nothing; shapes, files and exact equalities do)."""
+
+import dataclasses
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))
+import tiny_eval_world as tw  # noqa: E402
+
+from bridgejax import losses  # noqa: E402
+from bridgejax.data.image import clip_preprocess, decode_image  # noqa: E402
+from bridgejax.data.records import RecordError, open_split  # noqa: E402
+from bridgejax.evaluation import captioning, retrieval, tasks, vqa  # noqa: E402
+from bridgejax.evaluation.engine import Engine, l2_normalize, pad_rows  # noqa: E402
+from bridgejax.generate import generate  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def env():
+  setup, trainable = tw.setup_and_params()
+  params = {**setup.frozen, **trainable}
+  engine = Engine(setup.model, params, setup.tokenizer, max_new_tokens=6)
+  return setup, params, engine, tw.config().eval, tw.world()["data"]
+
+
+def _pixels(split, indices, size=28):
+  return np.stack([clip_preprocess(decode_image(split[i]["image"]), size) for i in indices])
+
+
+def _direct_nll(setup, params, visual, ctx, cand):
+  """Summed CE of `cand` after [visual] + ctx, from one full model.run_llm pass per sequence."""
+  model = setup.model
+  rows = [c + x for c, x in zip(ctx, cand)]
+  ids, mask = pad_rows(rows, max(map(len, rows)), setup.tokenizer.pad_id)
+  embeds, full, _, _ = model.caption_inputs(params, jnp.asarray(visual), jnp.asarray(ids), jnp.asarray(mask))
+  logits, _ = model.run_llm(params, embeds, full)
+  nll = np.asarray(losses.token_nll(logits[:, :-1], jnp.asarray(np.pad(ids, ((0, 0), (visual.shape[1], 0))))[:, 1:]))
+  k = visual.shape[1]
+  return np.asarray([nll[i, k + len(c) - 1: k + len(c) - 1 + len(x)].sum() for i, (c, x) in enumerate(zip(ctx, cand))])
+
+
+def test_candidate_nll_equals_full_forward_ce(env):
+  setup, params, engine, _, data = env
+  tok = setup.tokenizer
+  split = open_split(data, "visdial_val")
+  tokens, _ = engine.encode(_pixels(split, [0, 1]))
+  dialogs = [split[0], split[1]]
+  ctx = [tok.encode(tasks.it2t_context(d, r, with_caption=c), add_bos=True)
+         for d, r, c in ((dialogs[0], 3, False), (dialogs[1], 0, True))]
+  cands = [[tok.encode(" " + o, add_bos=False) for o in d["rounds"][r]["options"][:5]]
+           for d, r in ((dialogs[0], 3), (dialogs[1], 0))]
+  ctx_ids, ctx_mask = pad_rows(ctx, 128, tok.pad_id)
+  cand = [pad_rows(c, 24, tok.pad_id) for c in cands]
+  got = engine.candidate_nll(tokens, ctx_ids, ctx_mask, np.stack([c[0] for c in cand]), np.stack([c[1] for c in cand]))
+  assert got.shape == (2, 5)
+  for r in range(2):
+    want = _direct_nll(setup, params, np.repeat(np.asarray(tokens)[r:r + 1], 5, 0), [ctx[r]] * 5, cands[r])
+    np.testing.assert_allclose(got[r], want, rtol=2e-4, atol=2e-4)
+    np.testing.assert_array_equal(np.argsort(got[r], kind="stable"), np.argsort(want, kind="stable"))
+
+
+def test_visdial_it2t_ranking_equals_direct_ce_and_t2i(env):
+  setup, params, engine, cfg, data = env
+  cfg = tw.config(max_examples=2, visdial_rounds_per_step=3).eval
+  result = tasks.visdial(engine, data, "visdial_val", cfg)
+  assert result.counts["dialogs"] == 2 and result.counts["rounds"] == 20
+  for key in ("R@1", "R@5", "R@10", "MRR", "mean_rank", "NDCG", "t2i_R@1", "i2t_R@1"):
+    assert key in result.metrics and np.isfinite(result.metrics[key])
+  # Round 2 of dialog 1, all 100 candidates, straight through model.run_llm.
+  tok = setup.tokenizer
+  split = open_split(data, "visdial_val")
+  dialog, r = split[1], 2
+  tokens, image_emb = engine.encode(_pixels(split, [1]))
+  ctx = tok.encode(tasks.it2t_context(dialog, r, with_caption=False), add_bos=True)
+  options = dialog["rounds"][r]["options"]
+  nll = _direct_nll(setup, params, np.repeat(np.asarray(tokens), len(options), 0), [ctx] * len(options),
+                    [tok.encode(" " + o, add_bos=False) for o in options])
+  pred = result.predictions[1]["rounds"][r]
+  gt = dialog["rounds"][r]["gt_index"]
+  assert pred["predicted"] == options[int(np.argmin(nll))]
+  ranks = np.empty(len(options), int)
+  ranks[np.argsort(nll, kind="stable")] = np.arange(1, len(options) + 1)
+  assert pred["gt_rank"] == ranks[gt]
+  # T2I: the dialog embedding is the text pass over the FROMAGe dialog text + [RET].
+  ids, mask = tok.batch_encode([tasks.t2i_text(dialog, with_caption=False)], 512, append_ret=True)
+  assert ids[0, int(mask.sum()) - 1] == setup.model.ret_id
+  assert result.predictions[1]["t2i_rank"] in (1, 2)
+
+
+def test_retrieval_uses_model_embeddings(env):
+  setup, params, engine, _, data = env
+  cfg = tw.config(max_examples=3).eval
+  result = tasks.retrieval_task(engine, data, "val", cfg, max_caption_tokens=24)
+  assert result.counts == {"images": 3, "texts": 15}
+  split = open_split(data, "val")
+  out = setup.model.encode_images(params, jnp.asarray(_pixels(split, range(3))))
+  images = setup.model.image_embedding(params, out)
+  captions = [c for i in range(3) for c in split[i]["captions"][:5]]
+  ids, mask = setup.tokenizer.batch_encode(captions, 24, append_ret=True)
+  _, texts = setup.model.text_embedding(params, jnp.asarray(ids), jnp.asarray(mask))
+  want = retrieval.recall_at_k(l2_normalize(images), l2_normalize(texts), np.repeat(np.arange(3), 5))
+  assert result.metrics == pytest.approx(want)
+  ranks = retrieval.ranks(l2_normalize(images), l2_normalize(texts), np.repeat(np.arange(3), 5))
+  assert [p["i2t_rank"] for p in result.predictions] == ranks["i2t"].tolist()
+  assert [q["t2i_rank"] for p in result.predictions for q in p["queries"]] == ranks["t2i"].tolist()
+
+
+def test_caption_is_generate_decoded_and_cut(env):
+  setup, params, engine, _, data = env
+  cfg = tw.config(max_examples=3, caption_prompt="a picture of").eval
+  result = tasks.caption(engine, data, "val", cfg)
+  assert set(result.metrics) >= set(captioning.METRICS) | {"SPICE", "empty_fraction"}
+  assert result.metrics["SPICE"] is None and "SPICE" in result.notes
+  assert result.counts["images"] == 3 and len(result.predictions) == 3
+  split = open_split(data, "val")
+  tok = setup.tokenizer
+  tokens, _ = engine.encode(_pixels(split, range(3)))
+  ids, mask = tok.batch_encode(["a picture of"] * 3, 32)
+  embeds, full, _, _ = setup.model.caption_inputs(params, tokens, jnp.asarray(ids), jnp.asarray(mask))
+  new = np.asarray(generate(setup.model.llm, params["llm"], inputs_embeds=embeds, attention_mask=full,
+                            extra_embeddings=params["ret"]["ret_embedding"], max_new_tokens=6,
+                            eos_token_ids=(tok.eos_id, setup.model.ret_id)))
+  for row, p in zip(new, result.predictions):
+    stop = [i for i, t in enumerate(row.tolist()) if t in (tok.eos_id, setup.model.ret_id)]
+    text = tok.decode(row[:stop[0]] if stop else row)
+    assert p["generated"] == text and p["caption"] == captioning.cut_caption(text)
+    assert p["references"] == split[p["index"]]["captions"]
+
+
+def test_vqa_truncates_and_scores(env):
+  setup, params, engine, _, data = env
+  result = tasks.vqa(engine, data, "vqa_val", tw.config(max_examples=6).eval)
+  assert set(result.metrics) == {"overall", "yes/no", "number", "other"}
+  assert result.counts["questions"] == 6
+  for p in result.predictions:
+    assert p["answer"] == vqa.truncate_to_reference_length(p["generated"], p["answers"])
+  want = vqa.score({p["question_id"]: p["answer"] for p in result.predictions},
+                   {p["question_id"]: {"answers": p["answers"], "answer_type": p["answer_type"]}
+                    for p in result.predictions})
+  assert result.metrics == want
+
+
+def test_quick_validation_matches_the_training_loss(env):
+  setup, params, _, _, data = env
+  trainable = {k: params[k] for k in ("bridge", "ret")}
+  out = tasks.quick_validation(setup, trainable, 1)  # 5 examples in batches of 4: the last one padded
+  assert set(out) == {"caption_loss", "text_loss", "contrastive_loss", "examples", "i2t_R@1", "i2t_R@5",
+                      "t2i_R@1", "t2i_R@5"}
+  assert all(isinstance(v, float) and np.isfinite(v) for v in out.values()) and out["examples"] == 5
+  split = open_split(data, "val")
+  ids, mask = setup.tokenizer.batch_encode([split[i]["captions"][0] for i in range(5)], 24, append_ret=True)
+  batch = {"image": jnp.asarray(_pixels(split, range(5))), "text_ids": jnp.asarray(ids), "text_mask": jnp.asarray(mask)}
+  model = dataclasses.replace(setup.model, concat_prob=0.0)
+  _, metrics = jax.jit(lambda t, f, b: model.loss(t, f, b, jax.random.key(0)))(trainable, setup.frozen, batch)
+  assert out["caption_loss"] == pytest.approx(float(metrics["caption_loss"]), rel=1e-4)
+  assert out["text_loss"] == pytest.approx(float(metrics["text_loss"]), rel=1e-4)
+  assert out == tasks.quick_validation(setup, trainable, 2)  # cached jit, same numbers
+
+
+def test_errors_name_the_problem_and_the_fix(env):
+  from bridgejax.evaluation import run
+  with pytest.raises(ValueError, match="choose from .*caption.*retrieval"):
+    run.parse_tasks("caption,captioning")
+  with pytest.raises(RecordError, match="no vqa split named 'test'.*it has: .*vqa_val \\(vqa\\).*eval.vqa_split"):
+    run.task_data(tw.config(vqa_split="test"), "vqa")
+  assert run.task_data(tw.config(), "visdial")[1] == "visdial_val"
+  setup, _ = tw.setup_and_params()
+  with pytest.raises(FileNotFoundError, match="available steps: \\[3\\]"):
+    run.load_params(setup, tw.workdir_with_checkpoint(), 7)
+  with pytest.raises(FileNotFoundError, match="has no checkpoints/"):
+    run.load_params(setup, tempfile.mkdtemp(), None)
+
+
+# --------------------------------------------------------------------------- eval.py end to end
+
+
+@pytest.fixture(scope="module")
+def evaluated():
+  """python eval.py on the tiny world, all four tasks, in a subprocess (as a user runs it)."""
+  w = tw.world()
+  workdir = tw.workdir_with_checkpoint()
+  config_file = os.path.join(w["root"], "tiny_config.py")
+  with open(config_file, "w") as f:
+    f.write(f"""import sys
+sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})
+from configs import base
+import tiny_eval_world
+
+
+def get_config():
+  c = base.get_config()
+  c.name = "tiny"
+  c.vision.path, c.llm.path = {w['clip']!r}, {w['gemma']!r}
+  c.compute_dtype = c.frozen_param_dtype = "float32"
+  c.bridge.k, c.ret.embed_dim, c.data.dir, c.data.num_workers = 2, 16, {w['data']!r}, 0
+  c.eval.update(batch_size=4, max_new_tokens=6, vqa_max_new_tokens=4, report_examples=3, progress=False)
+  return c
+""")
+  env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), "JAX_PLATFORMS": "cpu"}
+  proc = subprocess.run([sys.executable, os.path.join(REPO, "eval.py"), "--config", config_file, "--workdir", workdir,
+                         "--checkpoint", "3", "--config.eval.tasks=caption,retrieval,vqa,visdial",
+                         "--config.eval.max_examples=5"],
+                        capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  return workdir, proc.stdout
+
+
+def test_eval_py_writes_valid_json(evaluated):
+  workdir, stdout = evaluated
+  assert "tiny @ step 3" in stdout and "report.html" in stdout
+  expected = {"caption": ("BLEU-4", "images", 5), "retrieval": ("t2i_R@1", "images", 5),
+              "vqa": ("overall", "questions", 5), "visdial": ("MRR", "dialogs", 5)}
+  for task, (metric, count, n) in expected.items():
+    with open(os.path.join(workdir, "eval", f"{task}.json")) as f:
+      summary = json.load(f)
+    assert summary["task"] == task and summary["config"] == "tiny" and summary["checkpoint_step"] == 3
+    assert summary["dataset"]["split"] in ("val", "vqa_val", "visdial_val") and os.path.isdir(summary["dataset"]["dir"])
+    assert summary["counts"][count] == n and summary["wall_time_s"] > 0 and metric in summary["metrics"]
+    with open(os.path.join(workdir, "eval", f"{task}_predictions.json")) as f:
+      preds = json.load(f)
+    assert len(preds["predictions"]) == n and preds["checkpoint_step"] == 3
+
+
+def test_table_cli(evaluated):
+  workdir, _ = evaluated
+  other = os.path.join(os.path.dirname(workdir), "copy_of_run")
+  shutil.rmtree(other, ignore_errors=True)
+  shutil.copytree(os.path.join(workdir, "eval"), os.path.join(other, "eval"))
+  from bridgejax.evaluation import table
+  text = table.table([workdir, other])
+  lines = text.splitlines()
+  assert len(lines) == 4 and "B-4" in lines[0] and "VD R@1" in lines[0] and "(copy_of_run)" in lines[3]
+  md = table.table([workdir], markdown=True, tasks=["caption"], metrics=["BLEU-4", "CIDEr"])
+  assert md.splitlines()[0] == "| run | B-4 | CIDEr |"
+  rows = json.loads(table.table([workdir], as_json=True))
+  assert rows[0]["retrieval/t2i_R@1"] is not None and rows[0]["caption/SPICE"] is None
+  assert table.main([tempfile.mkdtemp()]) == 2
+
+
+def test_report_renders_in_headless_chromium(evaluated):
+  workdir, _ = evaluated
+  report = os.path.join(workdir, "eval", "report.html")
+  page = open(report, encoding="utf-8").read()
+  images = page.count("<img ")
+  # captions 3, retrieval 3 rows x (1 + 5 retrieved), vqa 3, visdial 3 x (1 + 5): all base64 inline
+  assert images == 3 + 3 * 6 + 3 + 3 * 6 and page.count('src="data:image/png;base64,') == images
+  chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+  if chromium is None:
+    pytest.skip("Debian's chromium is not installed (apt-get install -y chromium)")
+  out = tempfile.mkdtemp()
+  shot = os.path.join(out, "report.png")
+  subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                  f"--user-data-dir={os.path.join(out, 'profile')}", f"--screenshot={shot}", "--window-size=1200,1600",
+                  "--hide-scrollbars", f"file://{report}"], capture_output=True, timeout=120, check=True)
+  from PIL import Image
+  pixels = np.asarray(Image.open(shot).convert("RGB"), np.int32)
+  assert pixels.shape == (1600, 1200, 3)
+  # Non-blank, and the thumbnails are there: many distinct colours, and the toy backgrounds'
+  # gray (128) or saturated shape colours, which text on white never has.
+  assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 500
+  saturated = (pixels.max(-1) - pixels.min(-1)) > 120
+  assert saturated.mean() > 0.002

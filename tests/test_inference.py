@@ -1,0 +1,115 @@
+"""The inference API and `python -m bridgejax.predict` on tiny random backbones."""
+
+import json
+import os
+import sys
+import tempfile
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))
+import tiny_eval_world as tw  # noqa: E402
+
+from bridgejax import predict  # noqa: E402
+from bridgejax.data.records import open_split  # noqa: E402
+from bridgejax.inference import Hit, ImageIndex, Pipeline  # noqa: E402
+from bridgejax.model import RetrievalHeads  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def pipe_and_images():
+  setup, trainable = tw.setup_and_params()
+  pipe = Pipeline(setup, {**setup.frozen, **trainable}, name="tiny@3", max_new_tokens=5, batch_size=4)
+  folder = tempfile.mkdtemp()
+  split = open_split(tw.world()["data"], "val")
+  for i in range(5):  # 5 images, batch 4: the index pads its last batch
+    with open(os.path.join(folder, f"img{i}.png"), "wb") as f:
+      f.write(split[i]["image"])
+  return pipe, folder
+
+
+def _ret_state_embedding(pipe, visual, ids, position):
+  """W_t of the final hidden state at `position` of [visual] + ids, straight through the model."""
+  model, params = pipe.model, pipe.params
+  mask = jnp.ones((1, len(ids)), jnp.int32)
+  ids = jnp.asarray([ids], jnp.int32)
+  if visual is None:
+    embeds, full = model.embed_text(params, ids), mask
+  else:
+    embeds, full, _, _ = model.caption_inputs(params, visual, ids, mask)
+  _, hidden = model.run_llm(params, embeds, full)
+  emb = model.heads.apply({"params": params["ret"]}, hidden[:, position], method=RetrievalHeads.text_embedding)
+  emb = np.asarray(emb[0])
+  return emb / np.linalg.norm(emb)
+
+
+def test_index_and_retrieval(pipe_and_images, tmp_path):
+  pipe, folder = pipe_and_images
+  index = pipe.build_index(folder)
+  assert len(index) == 5 and index.embeddings.shape == (5, 16)
+  np.testing.assert_allclose(np.linalg.norm(index.embeddings, axis=1), 1.0, rtol=1e-5)
+  _, direct = pipe.engine.encode(pipe.pixels(index.paths))
+  direct = np.asarray(direct) / np.linalg.norm(direct, axis=1, keepdims=True)
+  np.testing.assert_allclose(index.embeddings, direct, atol=1e-5)
+  saved = ImageIndex.load(index.save(str(tmp_path / "index.npz")))
+  assert saved.paths == index.paths and saved.model == "tiny@3"
+
+  text = "a red circle above a blue square"
+  hits = pipe.retrieve(text, index, k=3)
+  ids = pipe.tokenizer.encode(text) + [pipe.model.ret_id]
+  query = _ret_state_embedding(pipe, None, ids, len(ids) - 1)
+  scores = index.embeddings @ query
+  assert [h.path for h in hits] == [index.paths[i] for i in np.argsort(-scores, kind="stable")[:3]]
+  np.testing.assert_allclose([h.score for h in hits], np.sort(scores)[::-1][:3], atol=1e-5)
+
+  # Composed: [visual tokens] + BOS + text + [RET]; the query image itself is left out.
+  query_image = index.paths[2]
+  hits = pipe.retrieve_composed(query_image, "but blue", index, k=5)
+  assert len(hits) == 4 and query_image not in [h.path for h in hits]
+  visual, _ = pipe.engine.encode(pipe.pixels([query_image]))
+  ids = pipe.tokenizer.encode("but blue") + [pipe.model.ret_id]
+  want = _ret_state_embedding(pipe, visual, ids, visual.shape[1] + len(ids) - 1)
+  np.testing.assert_allclose(pipe.composed_query(query_image, "but blue"), want, atol=1e-5)
+
+
+def test_caption_and_answer_are_strings(pipe_and_images):
+  pipe, folder = pipe_and_images
+  image = os.path.join(folder, "img0.png")
+  caps = pipe.captions([image, image], prompt="a picture of")
+  assert len(caps) == 2 and caps[0] == caps[1] and caps[0] == pipe.caption(image, prompt="a picture of")
+  answer = pipe.answer(image, "is there a red hexagon?")
+  assert isinstance(answer, str) and "\n" not in answer
+
+
+def test_interleaved_generation_retrieves_at_ret(pipe_and_images, monkeypatch):
+  pipe, folder = pipe_and_images
+  index = pipe.build_index(folder)
+  tok, ret = pipe.tokenizer, pipe.model.ret_id
+  words = tok.encode(" red circle", add_bos=False)
+  more = tok.encode(" and", add_bos=False)
+  fake = np.asarray([words + [ret] + more + [ret, tok.eos_id, 5, 6]])  # what "generation" emits
+  monkeypatch.setattr(pipe.engine, "generate", lambda *a, **k: fake)
+  image = os.path.join(folder, "img1.png")
+  segments = pipe.generate("Q: show me\nA:", image=image, index=index)
+  assert [type(s) for s in segments] == [str, Hit, str, Hit]
+  assert segments[0] == tok.decode(words) and segments[2] == tok.decode(more)
+  # The first [RET]'s embedding: its final hidden state over [visual] + BOS + prompt + generated.
+  prompt = tok.encode("Q: show me\nA:")
+  visual, _ = pipe.engine.encode(pipe.pixels([image]))
+  ids = prompt + words + [ret]
+  emb = _ret_state_embedding(pipe, visual, ids, visual.shape[1] + len(ids) - 1)
+  best = int(np.argmax(index.embeddings @ emb))
+  assert segments[1].path == index.paths[best]
+  assert pipe.generate("Q: show me\nA:", image=image) == [segments[0], "[RET]", segments[2], "[RET]"]
+
+
+def test_predict_cli(pipe_and_images, capsys):
+  _, folder = pipe_and_images
+  workdir = tw.workdir_with_checkpoint()
+  assert predict.main(["--workdir", workdir, "--json", "retrieve", "--index", folder, "a red hexagon", "-k", "2"]) == 0
+  hits = json.loads(capsys.readouterr().out)
+  assert len(hits) == 2 and all(os.path.dirname(h["path"]) == folder for h in hits)
+  assert predict.main(["--workdir", workdir, "--step", "9", "caption", os.path.join(folder, "img0.png")]) == 2
+  assert "available steps: [3]" in capsys.readouterr().err
