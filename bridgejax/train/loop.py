@@ -112,7 +112,22 @@ def run(config, workdir: str) -> dict:
   if config.get("eval_after_training") and not summary["preempted"]:
     from bridgejax.evaluation.run import evaluate as evaluate_checkpoint
     summary["eval"] = evaluate_checkpoint(config, workdir, setup=setup)
+    if jax.process_index() == 0:
+      print(sample_captions(workdir))
   return summary
+
+
+def sample_captions(workdir: str, n: int = 5) -> str:
+  """A few generated captions next to a true one, from eval/caption_predictions.json."""
+  path = os.path.join(workdir, "eval", "caption_predictions.json")
+  if not os.path.exists(path):
+    return ""
+  with open(path) as f:
+    predictions = json.load(f)["predictions"]
+  lines = ["sample captions (generated | true):"]
+  for p in predictions[:n]:
+    lines.append(f"  {p['caption']!r:50s} | {p['references'][0]!r}")
+  return "\n".join(lines)
 
 
 def format_summary(summary: dict, workdir: str) -> str:
