@@ -16,16 +16,16 @@ def test_demo_trains_and_evaluates(tmp_path):
   workdir, data = tmp_path / "demo", tmp_path / "toy_data"
   result = subprocess.run(
       [sys.executable, "train.py", "--config", "configs/demo.py", "--workdir", str(workdir),
-       f"--config.data.dir={data}", "--config.total_steps=60", "--config.eval_every_steps=30",
+       f"--config.data.dir={data}", "--config.total_steps=60", "--config.eval_every_steps=30", "--config.log_every_steps=10",
        "--config.checkpoint_every_steps=30", "--config.data.toy.num_train=1000", "--config.data.toy.num_val=64",
        "--config.data.toy.num_test=64", "--config.data.val_examples=64"], capture_output=True, text=True)
   assert result.returncode == 0, result.stderr[-3000:]
-  assert "trained to step" in result.stdout and "caption" in result.stdout
+  assert "trained to step" in result.stdout and "sample captions (generated | true):" in result.stdout
 
   records = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
   train = [r for r in records if "train/caption_loss" in r]
   assert [r["step"] for r in train][-1] == 60
-  # Measured: 1.95 at step 10 -> 1.80 at step 60 here; 2.05 -> 1.34 over the full 300-step demo.
+  # Measured at lr 1e-3: 1.95 at step 10 -> 1.80 at step 60; the full demo ends near 1.3.
   # This checks language-level learning only: the image conditioning of captions is not yet
   # learned in the demo's budget (see the training issue), so no retrieval or BLEU bound is
   # claimed here.
