@@ -13,6 +13,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from bridgejax.models.activations import ACTIVATIONS
+
 Array = jax.Array
 
 
@@ -46,12 +48,6 @@ class CLIPVisionConfig:
     return self.grid_size**2 + 1
 
 
-ACTIVATIONS = {
-    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
-    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
-    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
-}
 
 
 class VisionOutput(NamedTuple):

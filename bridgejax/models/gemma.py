@@ -27,6 +27,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from bridgejax.models.activations import ACTIVATIONS
+
 Array = jax.Array
 
 FULL, SLIDING = "full_attention", "sliding_attention"
@@ -78,11 +80,6 @@ class GemmaConfig:
       raise ValueError(f"hidden_act={self.hidden_act!r} is not supported; use one of {sorted(ACTIVATIONS)}")
 
 
-ACTIVATIONS = {
-    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
-    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
-}
 
 
 class LayerCache(NamedTuple):
