@@ -17,6 +17,8 @@ FLAGS = flags.FLAGS
 
 def main(argv):
   del argv
+  from bridgejax.cli import quiet_library_logs
+  quiet_library_logs()
   from bridgejax.evaluation.run import evaluate
   evaluate(FLAGS.config, FLAGS.workdir, FLAGS.checkpoint)
 

@@ -9,15 +9,24 @@ from ml_collections import config_flags
 config_flags.DEFINE_config_file("config", None, "experiment config file (configs/*.py[:args])", lock_config=True)
 flags.DEFINE_string("workdir", None, "directory for checkpoints, metrics.jsonl and eval outputs")
 flags.DEFINE_bool("multihost", False, "call jax.distributed.initialize() first (TPU pods, SLURM/GPU clusters)")
+flags.DEFINE_string("coordinator_address", None, "with --multihost where the cluster is not auto-detected: "
+                    "host:port of process 0")
+flags.DEFINE_integer("num_processes", None, "with --coordinator_address: how many processes in the job")
+flags.DEFINE_integer("process_id", None, "with --coordinator_address: this process's index, 0..num_processes-1")
 flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
 
 
 def main(argv):
   del argv
+  from bridgejax.cli import quiet_library_logs
+  quiet_library_logs()
+  manual = (FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+  if any(v is not None for v in manual) and (not FLAGS.multihost or None in manual):
+    raise app.UsageError("--coordinator_address, --num_processes and --process_id go together, with --multihost")
   if FLAGS.multihost:
     import jax
-    jax.distributed.initialize()
+    jax.distributed.initialize(*manual)  # all None: detected from the cluster (TPU, SLURM, ...)
   from bridgejax.train.loop import run
   run(FLAGS.config, FLAGS.workdir)
 

@@ -12,8 +12,8 @@ from bridgejax.toy import pretrain
 
 def make(root: str, *, num_train: int = 32, num_val: int = 16) -> dict:
   import torch
-  texts, _ = pretrain.corpus(100)
-  tokenizer = pretrain.train_tokenizer(texts, 300)
+  scene_texts, _ = pretrain.corpus(100)
+  tokenizer = pretrain.train_tokenizer(scene_texts, 300)
   torch.manual_seed(0)
   transformers.CLIPVisionModel(transformers.CLIPVisionConfig(
       image_size=112, patch_size=7, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
@@ -30,16 +30,25 @@ def make(root: str, *, num_train: int = 32, num_val: int = 16) -> dict:
           "data.dir": os.path.join(root, "data")}
 
 
+SMALL_AND_FAST = {"total_steps": 6, "batch_size": 8, "log_every_steps": 1, "checkpoint_every_steps": 2,
+                  "eval_every_steps": 1000, "data.val_split": "", "tensorboard": False,
+                  "eval_after_training": False}
+
+
 def config(paths: dict, **overrides):
   """configs/demo.py pointed at the tiny world, small and fast; overrides as dotted keys."""
   from configs import demo
   cfg = demo.get_config()
-  for key, value in {**paths, "total_steps": 6, "batch_size": 8, "log_every_steps": 1,
-                     "checkpoint_every_steps": 2, "eval_every_steps": 1000, "data.val_split": "",
-                     "tensorboard": False, **overrides}.items():
+  for key, value in {**paths, **SMALL_AND_FAST, **overrides}.items():
     node = cfg
     *parents, leaf = key.split(".")
     for p in parents:
       node = node[p]
     node[leaf] = value
   return cfg
+
+
+def train_py_flags(paths: dict, **overrides) -> list[str]:
+  """The same run as config(paths, **overrides), as train.py's command-line flags."""
+  return ["--config=configs/demo.py"] + [f"--config.{key}={value}"
+                                         for key, value in {**paths, **SMALL_AND_FAST, **overrides}.items()]

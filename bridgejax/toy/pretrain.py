@@ -55,18 +55,44 @@ def toy_lm_config(vocab_size: int) -> GemmaConfig:
 # --------------------------------------------------------------------------- the toy language
 
 
-def corpus(num_examples: int, seed: int = 0) -> tuple[list[str], list[list[str]]]:
-  """(texts for the LM and tokenizer, captions per image) from the train split, no images."""
-  texts, image_captions = [], []
+def corpus(num_examples: int, seed: int = 0) -> tuple[list[list[str]], list[list[str]]]:
+  """(texts per image for the LM: captions, questions and answers, dialog rounds; captions per
+  image) from the train split, no images."""
+  scene_texts, image_captions = [], []
   for ex in world.examples("train", num_examples, seed=seed, image=False, dialog_rounds=3):
     image_captions.append(ex["captions"])
-    texts.extend(ex["captions"])
-    texts.extend(f"Q: {q['question']}\nA: {q['multiple_choice_answer']}" for q in ex["questions"])
-    texts.extend(f"Q: {r['question']}\nA: {r['answer']}" for r in ex["dialog"]["rounds"])
-  return texts, image_captions
+    scene_texts.append(ex["captions"]
+                       + [f"Q: {q['question']}\nA: {q['multiple_choice_answer']}" for q in ex["questions"]]
+                       + [f"Q: {r['question']}\nA: {r['answer']}" for r in ex["dialog"]["rounds"]])
+  return scene_texts, image_captions
 
 
-def train_tokenizer(texts: list[str], vocab_size: int):
+def pack_scenes(tokenizer, scene_texts, length: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+  """Rows of `<bos> text <eos> <bos> text <eos> ...`, every text of a row about the same scene.
+
+  Packing without a document mask, as real LMs are pretrained, teaches the toy LM what a real LLM
+  brings to a bridge: text after a `<bos>` agrees with whatever came before it. A bridge's visual
+  tokens sit before `<bos>` in the captioning pass, so this is the skill they rely on. A row of
+  standalone texts would give a frozen LM no reason to read a prefix at all.
+  """
+  rng = np.random.default_rng(seed)
+  rows: list[list[int]] = []
+  for texts in scene_texts:
+    row: list[int] = []
+    for encoding in tokenizer.encode_batch([texts[i] for i in rng.permutation(len(texts))]):
+      tokens = (encoding.ids + [1])[:length]  # the post-processor put <bos> first
+      if len(row) + len(tokens) > length:
+        rows.append(row)
+        row = []
+      row += tokens
+    rows.append(row)
+  ids = np.zeros((len(rows), length), np.int32)
+  for i, row in enumerate(rows):
+    ids[i, :len(row)] = row
+  return ids, (ids != 0).astype(np.int32)
+
+
+def train_tokenizer(scene_texts: list[list[str]], vocab_size: int):
   """A byte-level BPE (lossless decoding) with Gemma's special-token ids and BOS prepended."""
   from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
   tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
@@ -74,7 +100,7 @@ def train_tokenizer(texts: list[str], vocab_size: int):
   tokenizer.decoder = decoders.ByteLevel()
   trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS), show_progress=False,
                                 initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-  tokenizer.train_from_iterator(texts, trainer)
+  tokenizer.train_from_iterator([t for texts in scene_texts for t in texts], trainer)
   tokenizer.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 2)])
   return tokenizer
 
@@ -176,11 +202,11 @@ def pretrain_clip(pixels, captions, tokenizer, *, steps: int, batch_size: int = 
 # --------------------------------------------------------------------------- the toy LM
 
 
-def pretrain_lm(texts, tokenizer, *, steps: int, batch_size: int = 32, lr: float = 3e-3, seed: int = 0,
-                length: int = 40):
+def pretrain_lm(scene_texts, tokenizer, *, steps: int, batch_size: int = 32, lr: float = 3e-3, seed: int = 0,
+                length: int = 96):
   config = toy_lm_config(tokenizer.get_vocab_size())
   model = Gemma(config)
-  ids_all, mask_all = encode_batch(tokenizer, texts, length)
+  ids_all, mask_all = pack_scenes(tokenizer, scene_texts, length, seed)
   params = model.init(jax.random.key(seed), jnp.zeros((1, length), jnp.int32))["params"]
   schedule = optax.warmup_cosine_decay_schedule(0.0, lr, max(steps // 20, 1), steps, lr * 0.05)
   tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=0.01))
@@ -198,7 +224,7 @@ def pretrain_lm(texts, tokenizer, *, steps: int, batch_size: int = 32, lr: float
   data_rng = np.random.default_rng(seed)
   progress = tqdm(range(steps), desc="pretrain toy LM")
   for i in progress:
-    rows = data_rng.integers(len(texts), size=batch_size)
+    rows = data_rng.integers(len(ids_all), size=batch_size)
     params, opt_state, loss = step(params, opt_state, ids_all[rows], mask_all[rows])
     if i % 50 == 0 or i == steps - 1:
       progress.set_postfix(loss=f"{float(loss):.3f}")
@@ -221,11 +247,11 @@ def main(argv=None) -> int:
   from bridgejax.weights.gemma import save_hf as save_gemma
 
   start = time.time()
-  texts, image_captions = corpus(args.num_images, args.seed)
-  tokenizer = train_tokenizer(texts, args.vocab_size)
-  print(f"toy language: {len(texts)} texts, BPE vocabulary {tokenizer.get_vocab_size()}")
+  scene_texts, image_captions = corpus(args.num_images, args.seed)
+  tokenizer = train_tokenizer(scene_texts, args.vocab_size)
+  print(f"toy language: {sum(map(len, scene_texts))} texts, BPE vocabulary {tokenizer.get_vocab_size()}")
 
-  lm_config, lm_params, lm_loss = pretrain_lm(texts, tokenizer, steps=args.lm_steps, seed=args.seed)
+  lm_config, lm_params, lm_loss = pretrain_lm(scene_texts, tokenizer, steps=args.lm_steps, seed=args.seed)
   save_gemma(os.path.join(args.out, "gemma"), lm_config, lm_params)
   save_tokenizer(tokenizer, os.path.join(args.out, "gemma"))
 

@@ -21,7 +21,8 @@ class Checkpointer:
   def __init__(self, workdir: str, *, keep: int = 3, every_steps: int = 1000):
     self.directory = os.path.join(os.path.abspath(workdir) if "://" not in workdir else workdir, "checkpoints")
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=every_steps, create=True)
-    self.manager = ocp.CheckpointManager(self.directory, options=options)
+    handlers = {"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler()}
+    self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -55,12 +56,16 @@ class Checkpointer:
 
   def load_params(self, step: int | None = None) -> tuple[int, dict]:
     """(step, trainable params {bridge, ret}) of a checkpoint, for evaluation and inference: no
-    optimizer or data state needed."""
+    optimizer or data state needed. Placed on this process's first device, whatever topology
+    trained it (a TPU pod's checkpoint loads on a workstation)."""
     step = self.manager.latest_step() if step is None else step
     if step is None or step not in self.manager.all_steps():
       raise FileNotFoundError(f"no checkpoint for step {step} in {self.directory}; "
                               f"available steps: {sorted(self.manager.all_steps())}")
-    restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=here),
+                          self.manager.item_metadata(step)["state"])
+    restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
     return step, restored["state"]["params"]
 
   def wait(self):

@@ -168,8 +168,9 @@ def train(config, workdir: str, train_data: Iterator[dict], *, setup: Setup | No
   setup = setup or build(config)
   model, mesh = setup.model, setup.mesh
   os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    f.write(config.to_json_best_effort(indent=2))
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
 
   optimizer = make_optimizer(config.optim)
   replicated = mesh_lib.replicated(mesh)
@@ -182,7 +183,8 @@ def train(config, workdir: str, train_data: Iterator[dict], *, setup: Setup | No
   checkpointer = Checkpointer(workdir, keep=config.keep_checkpoints, every_steps=config.checkpoint_every_steps)
   if checkpointer.latest_step() is not None:
     state = checkpointer.restore(abstract_like(state), train_data)
-    logging.info("resumed from step %d", int(state.step))
+    if jax.process_index() == 0:
+      print(f"resumed from step {int(state.step)} in {workdir}")
   start = int(state.step)
 
   step_fn = jax.jit(make_train_step(model, optimizer, seed=config.seed, rescale_ret=config.ret.rescale_row),
