@@ -12,10 +12,10 @@ Modules: image (CLIP transform, safe decoding), records (on-disk format and sche
 """
 
 from bridgejax.data.image import ImageError, clip_preprocess, decode_image
-from bridgejax.data.pipeline import (Loader, concat_bit, eval_dataset, restore_iterator_state,
+from bridgejax.data.pipeline import (Loader, eval_dataset, restore_iterator_state,
                                      save_iterator_state, train_dataset)
 from bridgejax.data.records import DatasetWriter, RecordError, Split, load_info, open_split
 
-__all__ = ["ImageError", "clip_preprocess", "decode_image", "Loader", "concat_bit", "eval_dataset",
+__all__ = ["ImageError", "clip_preprocess", "decode_image", "Loader", "eval_dataset",
            "restore_iterator_state", "save_iterator_state", "train_dataset", "DatasetWriter",
            "RecordError", "Split", "load_info", "open_split"]

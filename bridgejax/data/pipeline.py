@@ -6,7 +6,6 @@ Training (captioning + retrieval, FROMAGe): one image and one of its captions pe
     ds = train_dataset("data/cc3m", "train", tokenizer, batch_size=180, seed=0, worker_count=2)
     it = iter(ds)                   # a LoaderIterator
     batch = next(it)   # image (B,3,S,S) f32 | text_ids, text_mask (B,T) i32 | index (B,) i32
-                       # concat (B,) i32: this step's concat-trick coin, the same in every row
     state = it.get_state()          # {"step": n, ...}: the same on every process; checkpoint it
     it = iter(ds); it.set_state(state)   # continues with the very next batch, any worker count
 
@@ -45,12 +44,6 @@ class Tokenizer(Protocol):
                    append_ret: bool = False) -> tuple[np.ndarray, np.ndarray]: ...
 
 
-def concat_bit(seed: int, step: int) -> int:
-  """The concat-trick coin of a training step: 1 with probability 1/2, a pure function of
-  (seed, step), so every process (and a resumed run) draws the same one."""
-  return int(np.random.default_rng((seed, step, 0xC0CA7)).integers(2))
-
-
 def _shard(shard_index: int | None, shard_count: int | None) -> tuple[int, int]:
   if shard_index is None or shard_count is None:
     import jax  # pylint: disable=g-import-not-at-top
@@ -81,15 +74,6 @@ class _TrainExample:
     return {"image": _image(record, self.image_size),
             "text_ids": np.asarray(ids[0], np.int32), "text_mask": np.asarray(mask[0], np.int32),
             "index": np.int32(index)}
-
-
-class _AddConcatBit:
-  def __init__(self, seed: int):
-    self.seed = seed
-
-  def __call__(self, step: int, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    bit = concat_bit(self.seed, step)
-    return {**batch, "concat": np.full(batch["index"].shape, bit, np.int32)}
 
 
 class Loader:
@@ -190,16 +174,16 @@ def train_dataset(data_dir: str | os.PathLike, split: str, tokenizer: Tokenizer,
                   batch_size: int, seed: int = 0, image_size: int = 224, max_length: int = 24,
                   shard_index: int | None = None, shard_count: int | None = None,
                   num_epochs: int | None = None, worker_count: int = 0,
-                  worker_buffer_size: int = 2, pairing: bool = True):
+                  worker_buffer_size: int = 2):
   """Batches of image_text examples for training; returns a Loader (iterable of batches).
 
-  batch_size is per process and must be even (the concat trick pairs rows 2i and 2i+1).
+  batch_size is per process. (The concat trick's coin is the model's: a pure function of
+  (seed, step), so every process draws the same one; see BridgeModel.loss.)
   shard_index/shard_count default to jax.process_index()/process_count(). num_epochs=None
   repeats forever. worker_count processes decode and preprocess (0: in this process).
   """
-  if batch_size <= 0 or (pairing and batch_size % 2):
-    raise ValueError(f"batch_size {batch_size} must be positive and even: the concat trick "
-                     "joins rows 2i and 2i+1 (pass pairing=False to allow odd sizes)")
+  if batch_size <= 0:
+    raise ValueError(f"batch_size {batch_size} must be positive")
   records = Split(data_dir, split)
   if records.kind != "image_text":
     raise RecordError(f"split {split!r} of {data_dir} holds {records.kind} records; training "
@@ -212,8 +196,6 @@ def train_dataset(data_dir: str | os.PathLike, split: str, tokenizer: Tokenizer,
   ds = ds.repeat(num_epochs)
   ds = ds.random_map(_TrainExample(records, tokenizer, image_size, max_length), seed=seed)
   ds = ds.batch(batch_size, drop_remainder=True)
-  if pairing:
-    ds = ds.map_with_index(_AddConcatBit(seed))
   return Loader(ds, worker_count=worker_count, buffer_size=worker_buffer_size, fingerprint=dict(
       split=split, num_records=len(records), seed=seed, batch_size=batch_size, shard_count=shard_count))
 
