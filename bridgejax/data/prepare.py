@@ -38,14 +38,20 @@ def _image_text(dw: DatasetWriter, split: str, examples: Iterable[dict], loader:
     write_examples(writer, loader, examples, bar.update)
 
 
-def prepare_cc3m(src, out, *, images=None, split: str = "train", workers: int = 0,
-                 max_size: int | None = None, overwrite: bool = False, quiet: bool = True,
-                 shard_bytes: int = 1 << 30) -> dict[str, Any]:
-  with DatasetWriter(out, "cc3m", overwrite=overwrite, shard_bytes=shard_bytes,
+def _prepare_single_split(source, examples, src, out, *, images=None, split: str = "train", workers: int = 0,
+                          max_size: int | None = None, overwrite: bool = False, quiet: bool = True,
+                          shard_bytes: int = 1 << 30) -> dict[str, Any]:
+  """A source with one image_text split: `examples(src, images)` yields its examples."""
+  with DatasetWriter(out, source, overwrite=overwrite, shard_bytes=shard_bytes,
                      args=dict(src=src, images=images, max_size=max_size)) as dw, \
        ImageLoader(workers, max_size) as loader:
-    _image_text(dw, split, cc3m.examples(src, images), loader, None, quiet)
+    _image_text(dw, split, examples(src, images), loader, None, quiet)
   return dw.summary()
+
+
+def prepare_cc3m(src, out, **kwargs) -> dict[str, Any]:
+  """CC3M (img2dataset output or the TSV); kwargs as _prepare_single_split."""
+  return _prepare_single_split("cc3m", cc3m.examples, src, out, **kwargs)
 
 
 def prepare_coco(src, out, *, images=None, split: str | None = None, restval_into_train: bool = True,
@@ -60,14 +66,9 @@ def prepare_coco(src, out, *, images=None, split: str | None = None, restval_int
   return dw.summary()
 
 
-def prepare_jsonl(src, out, *, images=None, split: str = "train", workers: int = 0,
-                  max_size: int | None = None, overwrite: bool = False, quiet: bool = True,
-                  shard_bytes: int = 1 << 30) -> dict[str, Any]:
-  with DatasetWriter(out, "jsonl", overwrite=overwrite, shard_bytes=shard_bytes,
-                     args=dict(src=src, images=images, max_size=max_size)) as dw, \
-       ImageLoader(workers, max_size) as loader:
-    _image_text(dw, split, jsonl.examples(src, images), loader, None, quiet)
-  return dw.summary()
+def prepare_jsonl(src, out, **kwargs) -> dict[str, Any]:
+  """Users' own JSONL/CSV/TSV captions; kwargs as _prepare_single_split."""
+  return _prepare_single_split("jsonl", jsonl.examples, src, out, **kwargs)
 
 
 def prepare_vqav2(src, out, *, images, annotations=None, split: str | None = None, workers: int = 0,
