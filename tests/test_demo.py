@@ -1,5 +1,6 @@
-"""The README's main command, end to end: train.py on configs/demo.py trains a bridge on the toy
-world, evaluates it on held-out images and writes the metric JSON and the report."""
+"""The README's main command, end to end and unshortened: train.py on configs/demo.py generates the
+toy world, trains a bridge, evaluates it on held-out images and writes the metric JSON and the
+report. The bounds are what the demo measured here (3.6 minutes on 2 cores), with a margin."""
 
 import json
 import os
@@ -8,33 +9,49 @@ import sys
 
 import pytest
 
+from bridgejax.toy import world
+
+
+def _colors(text: str) -> set[str]:
+  return {w for w in text.replace(",", " ").split() if w in world.COLORS}
+
+
+def color_agreement(captions: list[str], references: list[list[str]]) -> float:
+  """Of the generated captions that name colours, the share whose colours all appear in their
+  image's reference captions (true statements about the scene)."""
+  named = [(c, r) for c, r in zip(captions, references) if _colors(c)]
+  return sum(_colors(c) <= set().union(*map(_colors, r)) for c, r in named) / max(len(named), 1)
+
 
 @pytest.mark.slow
-def test_demo_trains_and_evaluates(tmp_path):
-  """The demo command, shortened (fewer steps and toy images) to keep the suite fast: it generates
-  the data, trains with validation, evaluates the final checkpoint and writes every output."""
-  workdir, data = tmp_path / "demo", tmp_path / "toy_data"
-  result = subprocess.run(
-      [sys.executable, "train.py", "--config", "configs/demo.py", "--workdir", str(workdir),
-       f"--config.data.dir={data}", "--config.total_steps=60", "--config.eval_every_steps=30", "--config.log_every_steps=10",
-       "--config.checkpoint_every_steps=30", "--config.data.toy.num_train=1000", "--config.data.toy.num_val=64",
-       "--config.data.toy.num_test=64", "--config.data.val_examples=64"], capture_output=True, text=True)
+def test_demo_learns_to_retrieve_and_to_caption_what_it_sees(tmp_path):
+  workdir = tmp_path / "demo"
+  result = subprocess.run([sys.executable, "train.py", "--config", "configs/demo.py", "--workdir", str(workdir),
+                           f"--config.data.dir={tmp_path / 'toy_data'}"], capture_output=True, text=True)
   assert result.returncode == 0, result.stderr[-3000:]
-  assert "trained to step" in result.stdout and "sample captions (generated | true):" in result.stdout
+  assert "trained to step 400" in result.stdout and "sample captions (generated | true):" in result.stdout
 
   records = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
-  train = [r for r in records if "train/caption_loss" in r]
-  assert [r["step"] for r in train][-1] == 60
-  # Measured at lr 1e-3: 1.95 at step 10 -> 1.80 at step 60; the full demo ends near 1.3.
-  # This checks language-level learning only: the image conditioning of captions is not yet
-  # learned in the demo's budget (see the training issue), so no retrieval or BLEU bound is
-  # claimed here.
-  mean = lambda rows: sum(r["train/caption_loss"] for r in rows) / len(rows)
-  assert mean(train[-2:]) < 0.97 * mean(train[:2]), [r["train/caption_loss"] for r in train]
+  caption_loss = [r["train/caption_loss"] for r in records if "train/caption_loss" in r]
+  # measured 1.51 at step 20 -> 1.18, 1.06 at steps 380, 400
+  assert sum(caption_loss[-2:]) / 2 < 0.85 * caption_loss[0], caption_loss
   assert any("val/i2t_R@1" in r for r in records)
+
   for task in ("caption", "retrieval"):
     report = json.load(open(workdir / "eval" / f"{task}.json"))
-    assert report["checkpoint_step"] == 60 and report["dataset"]["split"] == "test"
+    assert report["checkpoint_step"] == 400 and report["dataset"]["split"] == "test"
     assert all(v is None or 0.0 <= v <= 1.0 for v in report["metrics"].values()), report["metrics"]
-    assert len(json.load(open(workdir / "eval" / f"{task}_predictions.json"))) > 0
   assert os.path.getsize(workdir / "eval" / "report.html") > 10_000
+
+  # Retrieval over 500 held-out images (chance R@1 0.2%): measured i2t 7.2%, t2i 5.6%.
+  retrieval = json.load(open(workdir / "eval" / "retrieval.json"))["metrics"]
+  assert retrieval["i2t_R@1"] > 0.03 and retrieval["t2i_R@1"] > 0.025, retrieval
+
+  # Captions describe the image they were given: measured 80% colour agreement with the image's own
+  # references against 22% with another image's, 195 distinct captions for 500 images.
+  predictions = json.load(open(workdir / "eval" / "caption_predictions.json"))["predictions"]
+  captions, references = [p["caption"] for p in predictions], [p["references"] for p in predictions]
+  matched = color_agreement(captions, references)
+  shuffled = color_agreement(captions, references[1:] + references[:1])
+  assert matched > 0.6 and matched > shuffled + 0.3, (matched, shuffled)
+  assert len(set(captions)) > len(captions) // 5

@@ -76,3 +76,26 @@ def test_toy_lm_speaks_the_toy_language():
   words = tok.decode(out[0]).split()
   vocabulary = set(" ".join(captions + list(world.COLORS) + list(world.KINDS)).split())
   assert words and sum(w in vocabulary for w in words) >= len(words) // 2, words
+
+
+def test_toy_lm_reads_a_prefix_about_the_same_scene():
+  """What a bridge relies on in a real LLM: text after <bos> agrees with what came before it. A
+  caption is likelier after another caption of the same scene than after one of another scene
+  (measured on these 64 test scenes: NLL 1.04 against 2.06)."""
+  tok = weights.load_tokenizer(GEMMA)
+  lm = weights.load_language_model(GEMMA)
+  examples = list(world.examples("test", 64, image=False, num_questions=0, dialog_rounds=0))
+  targets = [ex["captions"][1] for ex in examples]
+  same = [ex["captions"][0] for ex in examples]
+
+  def nll(prefixes):
+    ids, mask = tok.batch_encode([p + "<eos><bos>" + t for p, t in zip(prefixes, targets)], 96)
+    prefix_lengths = tok.batch_encode([p + "<eos><bos>" for p in prefixes], 96)[1].sum(1)
+    logits = np.asarray(lm(input_ids=ids, attention_mask=mask).logits, np.float64)[:, :-1]
+    logp = logits - logits.max(-1, keepdims=True)
+    logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+    scored = mask[:, 1:].astype(bool) & (np.arange(ids.shape[1] - 1)[None] >= prefix_lengths[:, None] - 1)
+    return float(-np.take_along_axis(logp, ids[:, 1:, None], -1)[..., 0][scored].mean())
+
+  matched, other = nll(same), nll(same[1:] + same[:1])
+  assert matched < other - 0.5, (matched, other)
