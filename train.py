@@ -19,14 +19,9 @@ FLAGS = flags.FLAGS
 
 def main(argv):
   del argv
-  from bridgejax.cli import quiet_library_logs
+  from bridgejax.cli import quiet_library_logs, start_distributed
   quiet_library_logs()
-  manual = (FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-  if any(v is not None for v in manual) and (not FLAGS.multihost or None in manual):
-    raise app.UsageError("--coordinator_address, --num_processes and --process_id go together, with --multihost")
-  if FLAGS.multihost:
-    import jax
-    jax.distributed.initialize(*manual)  # all None: detected from the cluster (TPU, SLURM, ...)
+  start_distributed(FLAGS.multihost, FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   from bridgejax.train.loop import run
   run(FLAGS.config, FLAGS.workdir)
 

@@ -35,12 +35,7 @@ def main():
 
 
 def _joined_shards(cfg, setup, shards):
-  from bridgejax.data.pipeline import train_dataset
-  streams = [iter(train_dataset(cfg.data.dir, cfg.data.train_split, setup.tokenizer,
-                                batch_size=cfg.batch_size // shards, seed=cfg.seed,
-                                image_size=setup.model.vision.config.image_size,
-                                max_length=cfg.data.max_caption_tokens, shard_index=i, shard_count=shards))
-             for i in range(shards)]
+  streams = [loop.train_iterator(cfg, setup, shard_index=i, shard_count=shards) for i in range(shards)]
   while True:
     parts = [next(s) for s in streams]
     yield {k: np.concatenate([p[k] for p in parts]) for k in loop.MODEL_INPUTS}

@@ -255,7 +255,10 @@ def main(argv=None) -> int:
   tokenizer = train_tokenizer(scene_texts, args.vocab_size)  # deterministic: both parts share it
   print(f"toy language: {sum(map(len, scene_texts))} texts, BPE vocabulary {tokenizer.get_vocab_size()}")
   summary_path = os.path.join(args.out, "pretrain_summary.json")
-  summary = json.load(open(summary_path)) if os.path.exists(summary_path) else {}
+  summary = {}
+  if os.path.exists(summary_path):  # rebuilding one part keeps the other's record
+    with open(summary_path) as f:
+      summary = json.load(f)
   common = {"num_images": args.num_images, "vocab_size": args.vocab_size, "seed": args.seed}
 
   if "lm" in parts:

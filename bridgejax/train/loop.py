@@ -75,11 +75,16 @@ def check_batch_size(config, mesh) -> int:
   return config.batch_size // processes
 
 
-def train_iterator(config, setup: Setup):
-  """This process's stream of training batches (a grain iterator: its position is checkpointed)."""
+def train_iterator(config, setup: Setup, *, shard_index: int | None = None, shard_count: int | None = None):
+  """This process's stream of training batches (a grain iterator: its position is checkpointed).
+
+  shard_index/shard_count default to this process's; given, they read shard i of n (its share of
+  the global batch), as process i of an n-process job would.
+  """
   from bridgejax.data.pipeline import train_dataset
+  per_shard = check_batch_size(config, setup.mesh) if shard_count is None else config.batch_size // shard_count
   dataset = train_dataset(config.data.dir, config.data.train_split, setup.tokenizer,
-                          batch_size=check_batch_size(config, setup.mesh), seed=config.seed,
+                          batch_size=per_shard, seed=config.seed, shard_index=shard_index, shard_count=shard_count,
                           image_size=setup.model.vision.config.image_size,
                           max_length=config.data.max_caption_tokens, worker_count=config.data.num_workers)
   return iter(dataset)
