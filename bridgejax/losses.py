@@ -50,33 +50,45 @@ WEIGHTS = {
 }
 
 
-def token_nll(logits: Array, targets: Array) -> Array:
+def token_nll(logits, targets: Array) -> Array:
   """-log softmax(logits)[target] per position: (..., V), (...) int -> (...) float32.
 
+  logits may also be split as (vocab (..., V), extra (..., X)), the LM head's frozen and trainable
+  columns (Gemma.split_logits): the softmax runs over all V + X columns without joining them.
   logsumexp minus the gathered target logit: no (..., V) one-hot or log-softmax is materialised.
   Targets must be valid indices (mask ignored positions before calling).
   """
-  logits = logits.astype(jnp.float32)
-  target_logit = jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
-  return jax.nn.logsumexp(logits, axis=-1) - target_logit
+  targets = targets.astype(jnp.int32)
+  if not isinstance(logits, tuple):
+    logits = logits.astype(jnp.float32)
+    target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    return jax.nn.logsumexp(logits, axis=-1) - target_logit
+  vocab, extra = (x.astype(jnp.float32) for x in logits)
+  v = vocab.shape[-1]
+  in_vocab = jnp.take_along_axis(vocab, jnp.minimum(targets, v - 1)[..., None], axis=-1)[..., 0]
+  in_extra = jnp.take_along_axis(extra, jnp.clip(targets - v, 0, extra.shape[-1] - 1)[..., None], axis=-1)[..., 0]
+  target_logit = jnp.where(targets < v, in_vocab, in_extra)
+  return jnp.logaddexp(jax.nn.logsumexp(vocab, axis=-1), jax.nn.logsumexp(extra, axis=-1)) - target_logit
 
 
 def _shifted(logits, labels, mask, shift):
   if mask is None:
     mask = labels >= 0  # Hugging Face's ignore_index=-100 convention
   mask = mask.astype(bool)
-  if logits.shape[:-1] != labels.shape or labels.shape != mask.shape:
-    raise ValueError(f"logits {logits.shape} must be labels.shape + (V,) and mask like labels; got labels "
+  lead = (logits[0] if isinstance(logits, tuple) else logits).shape[:-1]
+  if lead != labels.shape or labels.shape != mask.shape:
+    raise ValueError(f"logits {lead} + (V,) must be labels.shape + (V,) and mask like labels; got labels "
                      f"{labels.shape}, mask {mask.shape}")
   if shift:  # position t predicts token t+1
-    logits, labels, mask = logits[:, :-1], labels[:, 1:], mask[:, 1:]
+    logits = tuple(x[:, :-1] for x in logits) if isinstance(logits, tuple) else logits[:, :-1]
+    labels, mask = labels[:, 1:], mask[:, 1:]
   return logits, jnp.where(mask, labels, 0), mask
 
 
 def caption_loss(logits: Array, labels: Array, mask: Array | None = None, *, shift: bool = True) -> Array:
   """Mean next-token cross-entropy over the unmasked target tokens of the whole batch.
 
-  logits (B, T, V), labels (B, T) int, mask (B, T) bool/0-1: True where labels[t] is a target (the
+  logits (B, T, V) (or split, see `token_nll`), labels (B, T) int, mask (B, T) bool/0-1: True where labels[t] is a target (the
   caption and its end; False on visual positions, padding, and whatever else the pass masks). With
   mask=None, labels < 0 (Hugging Face's -100) are the ignored ones. shift=True (default) takes the
   unshifted sequence, like HF's `labels=`: logits[:, t] is scored against labels[:, t+1], so mask[:, 0]
@@ -96,9 +108,16 @@ def token_accuracy(logits: Array, labels: Array, mask: Array | None = None, *, k
   {"acc_top1": ..., "acc_top5": ...}. The rank of the target is the number of strictly larger
   logits, so no top-k sort over the vocabulary is needed."""
   logits, labels, mask = _shifted(logits, labels, mask, shift)
-  logits = jax.lax.stop_gradient(logits)
-  target = jnp.take_along_axis(logits, labels[..., None].astype(jnp.int32), axis=-1)
-  rank = jnp.sum(logits > target, axis=-1)
+  if isinstance(logits, tuple):
+    vocab, extra = jax.lax.stop_gradient(logits)
+    v = vocab.shape[-1]
+    target = jnp.where(labels < v, jnp.take_along_axis(vocab, jnp.minimum(labels, v - 1)[..., None], axis=-1)[..., 0],
+                       jnp.take_along_axis(extra, jnp.clip(labels - v, 0, None)[..., None], axis=-1)[..., 0])[..., None]
+    rank = jnp.sum(vocab > target, axis=-1) + jnp.sum(extra > target, axis=-1)
+  else:
+    logits = jax.lax.stop_gradient(logits)
+    target = jnp.take_along_axis(logits, labels[..., None].astype(jnp.int32), axis=-1)
+    rank = jnp.sum(logits > target, axis=-1)
   count = jnp.maximum(jnp.sum(mask), 1)
   return {f"acc_top{k}": 100.0 * jnp.sum(mask & (rank < k)) / count for k in ks}
 
@@ -205,7 +224,7 @@ def total_loss(parts: Mapping[str, Array], weights: str | Mapping | None = "from
 def cmli_contrastive_loss(image_tokens: Array, text_tokens: Array, logit_scale: Array, *,
                           image_mask: Array | None = None, text_mask: Array | None = None,
                           max_scale: float | None = None) -> tuple[Array, dict[str, Array]]:
-  """Optional: FILIP's cross-modal late interaction (CMLI, seeds/002) as a symmetric InfoNCE.
+  """Optional: FILIP's cross-modal late interaction (CMLI; docs/reference.md) as a symmetric InfoNCE.
 
   image_tokens (I, N, D), text_tokens (T, M, D) in a shared space (e.g. W_i on patch tokens, W_t on
   the caption's hidden states), masks (I, N) / (T, M) True on the tokens that take part (FILIP drops
@@ -215,7 +234,7 @@ def cmli_contrastive_loss(image_tokens: Array, text_tokens: Array, logit_scale: 
   loss_i2t ranks the texts of each image by s_i2t, loss_t2i the images of each text by s_t2i, with
   exp(logit_scale) as in `contrastive_loss`; returns ((loss_i2t + loss_t2i) / 2, parts).
   Memory is I·T·N·M similarities: for a global batch of 180, 257 patches and 24 text tokens that is
-  2.0e8 floats (0.8 GB in float32) before gradients, which is why FILIP and seeds/002 shrink D to
+  2.0e8 floats (0.8 GB in float32) before gradients, which is why FILIP shrinks D to
   256 and why this is off by default.
   """
   v, w = l2_normalize(image_tokens), l2_normalize(text_tokens)

@@ -1,4 +1,4 @@
-"""The FROMAGe / thesis recipe (REFERENCE.md "Training"); every experiment config starts here.
+"""The FROMAGe / thesis recipe (docs/reference.md, "Training"); every experiment config starts here.
 
     python train.py --config configs/base.py --workdir DIR --config.vision.path=... --config.llm.path=...
 """
@@ -20,6 +20,12 @@ def get_config(arg=None):
   config.compute_dtype = "bfloat16"
   config.frozen_param_dtype = "bfloat16"  # trainable params and optimizer state stay float32
   config.frozen_sharding = "replicate"  # or "fsdp": frozen weights split over the whole mesh
+  # Memory against compute in the backward pass: "none", "llm" (recompute each frozen LLM layer),
+  # "all" ("llm" + the LM head with its cross-entropy + the bridge). README "Performance" has the trade-off.
+  config.remat = "none"
+  # "" = float32 compute runs its matmuls at full float32 precision on every backend; any
+  # jax.default_matmul_precision name (e.g. "tensorfloat32") overrides it.
+  config.matmul_precision = ""
 
   # The bridge h (bridgejax.bridges: python -c "import bridgejax.bridges as b; print(b.describe())").
   # FROMAGe: the post-LayerNorm CLS of layer L (pooler_output) -> Linear(d_v, d_llm * k).

@@ -1,7 +1,10 @@
 """Bridges: shapes, exact parameter formulas (tiny and thesis sizes), numpy/torch recomputation of every
 equation, error paths, and a tiny overfitting smoke test per bridge."""
 
+import ast
+import dataclasses
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -12,7 +15,7 @@ import pytest
 import torch
 
 from bridgejax import bridges
-from bridgejax.bridges import MultiHeadCrossAttention, post_layer_norm
+from bridgejax.bridges import MultiHeadCrossAttention, VisionFeatures
 
 # Tiny backbone geometry: width 16, 4 layers (5 hidden states), a 4x4 grid (17 tokens), LLM width 8.
 DIMS = dict(vision_width=16, vision_layers=4, grid_size=4, llm_width=8)
@@ -53,7 +56,20 @@ def _post_norm_params(width=DIMS["vision_width"], seed=1):
           "bias": jnp.asarray(0.1 * rng.standard_normal(width), jnp.float32)}
 
 
-POST_NORM = post_layer_norm(_post_norm_params())
+def _feats(hs, params=None, eps=1e-5):
+  """The tower's features: hidden states plus a (random) post-LayerNorm."""
+  p = _post_norm_params() if params is None else params
+  return VisionFeatures(hs, p["scale"], p["bias"], eps)
+
+
+def _bare(hs):
+  """Hidden states only, no post-LayerNorm: enough for every bridge with post_norm=False."""
+  return VisionFeatures(hs)
+
+
+def _abstract_feats(hs, width):
+  norm = jax.ShapeDtypeStruct((width,), jnp.float32)
+  return VisionFeatures(hs, norm, norm)
 
 
 def _np_post_norm(x, eps=1e-5):
@@ -77,7 +93,7 @@ def _init_cached(cfg, dims):
   cfg, dims = dict(cfg), dict(dims)
   bridge = bridges.build_bridge(cfg, **dims)
   hs = _hidden_states(dims)
-  params = bridge.init(jax.random.key(0), hs, POST_NORM)["params"]
+  params = bridge.init(jax.random.key(0), _feats(hs))["params"]
   return bridge, params, hs
 
 
@@ -87,7 +103,7 @@ def _init_cached(cfg, dims):
 def test_shapes_and_parameter_formula(case):
   cfg, k = CONFIGS[case]
   bridge, params, hs = _init(cfg)
-  out = bridge.apply({"params": params}, hs, POST_NORM)
+  out = bridge.apply({"params": params}, _feats(hs))
   assert out.tokens.shape == (BATCH, k, DIMS["llm_width"])
   assert out.image_feature.shape == (BATCH, DIMS["vision_width"])
   assert out.tokens.dtype == jnp.float32 and np.all(np.isfinite(out.tokens))
@@ -99,8 +115,9 @@ def _abstract_count(cfg, dims):
   bridge = bridges.build_bridge(cfg, **dims)
   n = 1 + dims["grid_size"] ** 2
   hs = tuple(jax.ShapeDtypeStruct((1, n, dims["vision_width"]), jnp.float32) for _ in range(dims["vision_layers"] + 1))
-  shapes = jax.eval_shape(lambda h: bridge.init(jax.random.key(0), h, lambda x: x)["params"], hs)
-  out = jax.eval_shape(lambda p, h: bridge.apply({"params": p}, h, lambda x: x), shapes, hs)
+  feats = _abstract_feats(hs, dims["vision_width"])
+  shapes = jax.eval_shape(lambda f: bridge.init(jax.random.key(0), f)["params"], feats)
+  out = jax.eval_shape(lambda p, f: bridge.apply({"params": p}, f), shapes, feats)
   return _count(shapes), out
 
 
@@ -151,7 +168,7 @@ def _np_hidden(hs):
 def test_cls_linear_equation():
   cfg = dict(name="cls_linear", k=4, layer=-1, post_norm=True)
   bridge, params, hs = _init(cfg)
-  out = bridge.apply({"params": params}, hs, POST_NORM)
+  out = bridge.apply({"params": params}, _feats(hs))
   p, h = _np(params), _np_hidden(hs)
   y = _np_post_norm(h[-1][:, 0])  # pooler_output
   z = (y @ p["proj"]["kernel"] + p["proj"]["bias"]).reshape(BATCH, 4, 8)
@@ -159,7 +176,7 @@ def test_cls_linear_equation():
   np.testing.assert_allclose(out.image_feature, y, rtol=1e-5, atol=1e-5)
   # the thesis fork: hidden_states[l][:, 0] without the post-LayerNorm
   bridge, params, hs = _init(dict(name="cls_linear", k=2, layer=-3, post_norm=False))
-  out = bridge.apply({"params": params}, hs, None)
+  out = bridge.apply({"params": params}, _bare(hs))
   p = _np(params)
   z = (h[-3][:, 0] @ p["proj"]["kernel"] + p["proj"]["bias"]).reshape(BATCH, 2, 8)
   np.testing.assert_allclose(out.tokens, z, rtol=1e-5, atol=1e-5)
@@ -170,7 +187,7 @@ def test_cls_linear_equation():
 @pytest.mark.parametrize("post_norm", [False, True])
 def test_multi_cls_equations(name, post_norm):
   bridge, params, hs = _init(dict(name=name, post_norm=post_norm))
-  out = bridge.apply({"params": params}, hs, POST_NORM)
+  out = bridge.apply({"params": params}, _feats(hs))
   p, h = _np(params), _np_hidden(hs)
   y = {l: (_np_post_norm(h[l][:, 0]) if post_norm else h[l][:, 0]) for l in (-1, -2, -3, -4)}
   inputs = {  # eq. 6.5-6.8, in the thesis's token order
@@ -217,7 +234,7 @@ def _torch_pool(p, tokens, heads):
 def test_crossatt_equals_torch_multihead_attention(cfg):
   full = {**bridges.REGISTRY["crossatt"].defaults, **cfg}
   bridge, params, hs = _init(cfg)
-  out = bridge.apply({"params": params}, hs, POST_NORM)
+  out = bridge.apply({"params": params}, _feats(hs))
   p, h = _np(params), _np_hidden(hs)
   y = h[full["layer"]]
   y = _np_post_norm(y) if full["post_norm"] else y
@@ -242,7 +259,7 @@ def _groups(h, k):
 @pytest.mark.parametrize("k", [4, 2])
 def test_grouped_equation(k):
   bridge, params, hs = _init(dict(name="grouped", k=k, layer=-2))
-  out = bridge.apply({"params": params}, hs, None)
+  out = bridge.apply({"params": params}, _bare(hs))
   p, h = _np(params), _np_hidden(hs)
   z = np.stack([g.reshape(BATCH, -1) @ p["proj"]["kernel"] + p["proj"]["bias"] for g in _groups(h[-2], k)], 1)
   np.testing.assert_allclose(out.tokens, z, rtol=1e-5, atol=1e-5)
@@ -252,7 +269,7 @@ def test_grouped_equation(k):
 def test_regions_equation_on_an_8x8_grid():
   dims = dict(DIMS, grid_size=8)
   bridge, params, hs = _init(dict(name="regions"), dims=dims)
-  out = bridge.apply({"params": params}, hs, None)
+  out = bridge.apply({"params": params}, _bare(hs))
   p, h = _np(params), _np_hidden(hs)
   # token index of patch (row, col) is 1 + 8·row + col; quadrants 4x4 and the centre rows/cols 2..5
   idx = lambda rows, cols: [1 + 8 * r + c for r in rows for c in cols]
@@ -268,7 +285,7 @@ def test_wavg_equation(use_bias):
   bridge, params, hs = _init(dict(name="wavg", use_bias=use_bias))
   params = jax.tree.map(lambda x: x, params)
   params["weights"] = params["weights"] + jnp.arange(4.0) / 10  # off the uniform init, to see W_a
-  out = bridge.apply({"params": params}, hs, None)
+  out = bridge.apply({"params": params}, _bare(hs))
   p, h = _np(params), _np_hidden(hs)
   assert ("bias" in p["proj"]) == use_bias
   z = np.stack([np.einsum("s,bsd->bd", p["weights"], g) @ p["proj"]["kernel"] + p["proj"].get("bias", 0)
@@ -294,16 +311,17 @@ def test_config_dict_and_list_layers():
   cfg = ml_collections.ConfigDict(dict(name="l2l", layers=[-2, -3]))
   bridge = bridges.build_bridge(cfg, **DIMS)
   assert bridge.layers == (-2, -3)
-  out = bridge.apply(bridge.init(jax.random.key(0), _hidden_states(), None), _hidden_states(), None)
+  feats = _bare(_hidden_states())
+  out = bridge.apply(bridge.init(jax.random.key(0), feats), feats)
   assert out.tokens.shape == (BATCH, 2, 8)
 
 
 def test_bf16_compute_keeps_float32_params():
   bridge = bridges.build_bridge(dict(name="crossatt", k=2), **DIMS, dtype=jnp.bfloat16)
-  hs = tuple(h.astype(jnp.bfloat16) for h in _hidden_states())
-  variables = bridge.init(jax.random.key(0), hs, None)
+  feats = _bare(tuple(h.astype(jnp.bfloat16) for h in _hidden_states()))
+  variables = bridge.init(jax.random.key(0), feats)
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(variables))
-  out = bridge.apply(variables, hs, None)
+  out = bridge.apply(variables, feats)
   assert out.tokens.dtype == jnp.bfloat16 and out.tokens.shape == (BATCH, 2, 8)
 
 
@@ -339,18 +357,58 @@ def test_config_errors(case):
 
 def test_call_time_errors():
   bridge = bridges.build_bridge(dict(name="cls_linear", post_norm=True), **DIMS)
-  with pytest.raises(ValueError, match="called without the tower's post-LayerNorm"):
-    bridge.init(jax.random.key(0), _hidden_states(), None)
+  with pytest.raises(ValueError, match="has post_norm=True but its VisionFeatures carry no post-LayerNorm"):
+    bridge.init(jax.random.key(0), _bare(_hidden_states()))
   bridge = bridges.build_bridge(dict(name="crossatt"), **DIMS)  # built for a 4x4 grid
   wrong = _hidden_states(dict(DIMS, grid_size=3))
   with pytest.raises(ValueError, match=r"built for 17 tokens \(CLS \+ 4x4 patches\) of width 16"):
-    bridge.init(jax.random.key(0), wrong, None)
+    bridge.init(jax.random.key(0), _bare(wrong))
 
 
 def test_describe_lists_every_bridge():
   text = bridges.describe()
   for name in ("cls_linear", "cls_multi", "l4l", "l2l", "l2lx2", "comp", "grouped", "regions", "wavg", "crossatt"):
     assert name in bridges.names() and name in text
+
+
+def _described():
+  """{name: {key: default}} parsed back from describe()'s key lines."""
+  out = {}
+  for line in bridges.describe().splitlines():
+    if line.startswith(" "):  # the doc line under each bridge
+      continue
+    name, _, keys = line.partition(" ")
+    pairs = re.split(r" (?=\w+=)", keys.strip())
+    out[name] = {k: ast.literal_eval(v) for k, v in (pair.split("=", 1) for pair in pairs)}
+  return out
+
+
+def test_describe_defaults_are_the_module_fields():
+  not_keys = {"vision_width", "llm_width", "grid_size", "dtype", "param_dtype", "parent", "name"}
+  described = _described()
+  assert sorted(described) == bridges.names()
+  for name, spec in bridges.REGISTRY.items():
+    fields = {f.name: f.default for f in dataclasses.fields(spec.module) if f.name not in not_keys}
+    assert described[name] == {k: v for k, v in fields.items() if k not in spec.fixed}, name
+    assert spec.fixed == {k: fields[k] for k in spec.fixed}, name
+    bridge = bridges.build_bridge(dict(name=name), **DIMS)  # defaults reach the module unchanged
+    assert {k: getattr(bridge, k) for k in fields} == fields, name
+  # the defaults the thesis configs rely on
+  assert described["cls_linear"]["post_norm"] is True and described["l2l"]["layers"] == (-1, -2)
+  assert bridges.REGISTRY["l2lx2"].fixed == dict(copies=2, compare=False)
+
+
+@pytest.mark.parametrize("name", bridges.names())
+def test_num_tokens_and_params_of_every_registered_bridge(name):
+  """num_tokens/num_params (known from the config alone) equal what the built module produces."""
+  cfg = dict(name=name)
+  bridge = bridges.build_bridge(cfg, **DIMS)
+  hs = tuple(jax.ShapeDtypeStruct((BATCH, 17, 16), jnp.float32) for _ in range(5))
+  feats = _abstract_feats(hs, 16)
+  params = jax.eval_shape(lambda f: bridge.init(jax.random.key(0), f)["params"], feats)
+  out = jax.eval_shape(lambda p, f: bridge.apply({"params": p}, f), params, feats)
+  assert out.tokens.shape == (BATCH, bridges.num_tokens(cfg, **DIMS), DIMS["llm_width"])
+  assert _count(params) == bridges.num_params(cfg, **DIMS)
 
 
 # --- each bridge learns: a tiny fixed batch overfits ---------------------------------------------
@@ -369,7 +427,7 @@ def test_overfits_a_tiny_batch(case):
   feature_target = jnp.asarray(rng.standard_normal((BATCH, 16)), jnp.float32)
 
   def loss_fn(p):
-    out = bridge.apply({"params": p}, hs, POST_NORM)
+    out = bridge.apply({"params": p}, _feats(hs))
     loss = jnp.mean(jnp.square(out.tokens - target))
     if has_pool:  # the W_i feature of all-token bridges is trainable too
       loss = loss + jnp.mean(jnp.square(out.image_feature - feature_target))
@@ -399,12 +457,12 @@ def test_on_the_clip_tower_post_layer_norm_is_pooler_output():
   pixels = jnp.asarray(np.random.default_rng(0).standard_normal((2, 3, 16, 16)), jnp.float32)
   tower_params = tower.init(jax.random.key(0), pixels)["params"]
   vision = tower.apply({"params": tower_params}, pixels)
-  norm = post_layer_norm(tower_params["post_norm"], config.layer_norm_eps)
-  np.testing.assert_allclose(norm(vision.hidden_states[-1][:, 0]), vision.pooler_output, rtol=1e-5, atol=1e-5)
+  feats = VisionFeatures.from_tower(vision.hidden_states, tower_params["post_norm"], config.layer_norm_eps)
+  np.testing.assert_allclose(feats.cls(-1, post_norm=True), vision.pooler_output, rtol=1e-5, atol=1e-5)
   # FROMAGe's input: cls_linear with post_norm=True feeds W_c and W_i the pooler_output
   bridge = bridges.build_bridge(dict(name="cls_linear", k=2), vision_width=16, vision_layers=config.num_layers,
                                 grid_size=config.grid_size, llm_width=8)
-  out = bridge.apply(bridge.init(jax.random.key(1), vision.hidden_states, norm), vision.hidden_states, norm)
+  out = bridge.apply(bridge.init(jax.random.key(1), feats), feats)
   np.testing.assert_allclose(out.image_feature, vision.pooler_output, rtol=1e-5, atol=1e-5)
   assert out.tokens.shape == (2, 2, 8)
 
@@ -417,7 +475,8 @@ def test_linear_init_matches_torch_scale(cfg, path, fan_in):
   dims = dict(vision_width=256, vision_layers=4, grid_size=8, llm_width=64)
   bridge = bridges.build_bridge(cfg, **dims)
   hs = tuple(jnp.zeros((1, 65, 256)) for _ in range(5))
-  params = jax.jit(lambda key, h: bridge.init(key, h, lambda x: x)["params"])(jax.random.key(0), hs)
+  feats = _feats(hs, {"scale": jnp.ones(256), "bias": jnp.zeros(256)})
+  params = jax.jit(lambda key, f: bridge.init(key, f)["params"])(jax.random.key(0), feats)
   kernel = np.asarray(functools.reduce(lambda tree, key: tree[key], path, params))
   bound = 1 / np.sqrt(fan_in)
   assert np.abs(kernel).max() <= bound and np.abs(kernel).max() > 0.98 * bound

@@ -169,7 +169,7 @@ def test_infonce_on_8_sharded_devices_equals_single_device():
 
 
 def _np_cmli(v, w, vm, tm, scale):
-  """FILIP's CMLI with explicit loops over pairs (seeds/002 eq. 1-4)."""
+  """FILIP's CMLI with explicit loops over pairs (FILIP eq. 1-4)."""
   v = v / np.linalg.norm(v, axis=-1, keepdims=True)
   w = w / np.linalg.norm(w, axis=-1, keepdims=True)
   n = len(v)

@@ -144,3 +144,19 @@ def test_odd_batch_with_concat_trick_is_a_clear_error(tiny):
 def test_pair_up_joins_rows_2i_and_2i_plus_1():
   x = np.arange(4 * 3).reshape(4, 3)
   np.testing.assert_array_equal(pair_up(x), [[0, 1, 2, 3, 4, 5], [6, 7, 8, 9, 10, 11]])
+
+
+@pytest.mark.parametrize("coin", [False, True])
+def test_concat_prob_half_gives_fromage_loss_on_both_sides_of_the_coin(tiny, coin):
+  """One program for both layouts: a segment mask keeps the pair apart when the coin says no."""
+  config, vision_config, llm_config, frozen, gemma = tiny
+  config.concat_prob = 0.5
+  model = BridgeModel.create(config, vision_config, llm_config)
+  trainable = model.init_trainable(jax.random.key(0), frozen)
+  rng = next(jax.random.key(i) for i in range(64) if bool(jax.random.bernoulli(jax.random.key(i), 0.5)) == coin)
+  batch = _batch()
+  _, metrics = jax.jit(model.loss)(trainable, frozen, batch, rng)
+  assert float(metrics["concat"]) == float(coin)
+  reference = _fromage_reference(model, {**frozen, **trainable}, gemma, batch, coin)
+  for key, value in reference.items():
+    assert float(metrics[key]) == pytest.approx(value, rel=1e-4, abs=1e-5), key

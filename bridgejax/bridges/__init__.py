@@ -1,31 +1,23 @@
 """Every bridge h of the thesis behind one registry, built from a config.
 
   bridge = build_bridge(cfg, vision_width=1024, vision_layers=24, grid_size=16, llm_width=2048)
-  params = bridge.init(rng, hidden_states, post_norm)["params"]
-  out = bridge.apply({"params": params}, hidden_states, post_norm)
-  out.tokens          # (B, k, llm_width): the visual prefix
+  features = VisionFeatures.from_tower(tower_out.hidden_states, vision_params["post_norm"], eps)
+  params = bridge.init(rng, features)["params"]
+  out = bridge.apply({"params": params}, features)
+  out.tokens          # (B, k, llm_width): the visual prefix; k = bridge.num_tokens
   out.image_feature   # (B, vision_width): the input of W_i (retrieval image head, model.py)
 
-`hidden_states` is the vision tower's tuple (num_layers + 1 arrays of (B, 1 + grid², D), CLS first,
-[-1] = layer L); `post_norm` is the frozen tower's post-LayerNorm as a function (see
-`post_layer_norm`), used only by bridges whose config says post_norm=True.
+`features.hidden_states` is the vision tower's tuple (num_layers + 1 arrays of (B, 1 + grid², D),
+CLS first, [-1] = layer L); its post-LayerNorm (γ, β, eps) is applied only by bridges whose config
+says post_norm=True.
 
-`cfg` is an ml_collections.ConfigDict (or a dict) with `name` and that bridge's keys; `describe()`
-lists them with their defaults:
+`cfg` is an ml_collections.ConfigDict (or a dict) with `name` and that bridge's keys. A bridge's
+keys and defaults are the fields of its module class; list them all with
 
-  cls_linear  k=1 layer=-1 post_norm=True                               (eq. 6.1-6.4)
-  cls_multi   layers=(-1,-2,-3,-4) copies=1 compare=False post_norm=False
-  l4l         layers=(-1,-2,-3,-4) post_norm=False                      (eq. 6.5)
-  l2l         layers=(-1,-2) post_norm=False                            (eq. 6.6)
-  l2lx2       layers=(-1,-2) post_norm=False                            (eq. 6.7)
-  comp        layers=(-1,-2) post_norm=False                            (eq. 6.8)
-  grouped     k=4 layer=-1 post_norm=False num_heads=4                  (eq. 7.1-7.7)
-  regions     layer=-1 post_norm=False num_heads=4                      (eq. 7.8-7.9)
-  wavg        k=4 layer=-1 post_norm=False num_heads=4 use_bias=False   (eq. 7.10-7.14)
-  crossatt    k=4 layer=-1 num_heads=4 post_norm=False mha_out_proj=True (eq. 7.15-7.17)
+  python -c "import bridgejax.bridges as b; print(b.describe())"
 
 Each family's module docstring gives the equations, the choices made where the thesis is ambiguous
-and the parameter-count formula (`num_params` returns it; tests hold it against the real tree).
+and the parameter-count formula (the module's `num_params`; tests hold it against the real tree).
 """
 
 from __future__ import annotations
@@ -38,10 +30,10 @@ import jax.numpy as jnp
 
 from bridgejax.bridges import alltokens, cls, crossatt  # noqa: F401  (they fill the registry)
 from bridgejax.bridges.base import (REGISTRY, AttentionPool, BridgeOutput, BridgeSpec, MultiHeadCrossAttention,
-                                    post_layer_norm)
+                                    VisionFeatures)
 
-__all__ = ["REGISTRY", "AttentionPool", "BridgeOutput", "BridgeSpec", "MultiHeadCrossAttention", "build_bridge",
-           "describe", "names", "num_params", "num_tokens", "post_layer_norm", "resolve"]
+__all__ = ["REGISTRY", "AttentionPool", "BridgeOutput", "BridgeSpec", "MultiHeadCrossAttention", "VisionFeatures",
+           "build_bridge", "describe", "names", "num_params", "num_tokens", "resolve"]
 
 
 def names() -> list[str]:
@@ -49,12 +41,14 @@ def names() -> list[str]:
 
 
 def describe() -> str:
-  """One line per bridge: name, keys with defaults, what it does."""
+  """One line per bridge (name, then each config key=default, read from its module's fields), then
+  what it does and any fields its preset fixes."""
   lines = []
   for name in names():
     spec = REGISTRY[name]
     keys = " ".join(f"{k}={v!r}" for k, v in spec.defaults.items())
-    lines.append(f"{name:11s} {keys}\n{'':11s} {spec.doc}")
+    fixed = " ".join(f"{k}={v!r}" for k, v in spec.fixed.items())
+    lines.append(f"{name:11s} {keys}\n{'':11s} {spec.doc}" + (f" [fixed: {fixed}]" if fixed else ""))
   return "\n".join(lines)
 
 
@@ -75,7 +69,7 @@ def resolve(cfg, *, vision_width: int, vision_layers: int, grid_size: int, llm_w
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
       raise ValueError(f"build_bridge: {key}={value!r} must be a positive integer")
   if spec.check is not None:
-    spec.check(name, dims, **keys)
+    spec.check(name, dims, **keys, **spec.fixed)
   return spec, keys
 
 
@@ -99,24 +93,17 @@ def build_bridge(cfg, *, vision_width: int, vision_layers: int, grid_size: int, 
                        llm_width=llm_width)
   fields = {f.name for f in dataclasses.fields(spec.module)}
   dims = dict(vision_width=vision_width, llm_width=llm_width, grid_size=grid_size)
-  return spec.module(**{k: v for k, v in dims.items() if k in fields}, **keys, **spec.fixed, dtype=dtype,
+  return spec.module(**{k: v for k, v in dims.items() if k in fields}, **keys, dtype=dtype,
                      param_dtype=param_dtype)
 
 
 def num_params(cfg, *, vision_width: int, vision_layers: int, grid_size: int, llm_width: int) -> int:
   """The closed-form trainable parameter count of the bridge (its docstring's formula)."""
-  dims = dict(vision_width=vision_width, vision_layers=vision_layers, grid_size=grid_size, llm_width=llm_width)
-  spec, keys = resolve(cfg, **dims)
-  return spec.num_params(dims, **keys)
+  return build_bridge(cfg, vision_width=vision_width, vision_layers=vision_layers, grid_size=grid_size,
+                      llm_width=llm_width).num_params
 
 
 def num_tokens(cfg, *, vision_width: int, vision_layers: int, grid_size: int, llm_width: int) -> int:
   """k: how many LLM input embeddings the bridge produces (known before any array exists)."""
-  spec, keys = resolve(cfg, vision_width=vision_width, vision_layers=vision_layers, grid_size=grid_size,
-                       llm_width=llm_width)
-  if spec.name == "regions":
-    return 5
-  if spec.module is cls.MultiCLS:
-    merged = {**keys, **spec.fixed}
-    return len(merged["layers"]) * merged["copies"] + (2 if merged["compare"] else 0)
-  return keys["k"]
+  return build_bridge(cfg, vision_width=vision_width, vision_layers=vision_layers, grid_size=grid_size,
+                      llm_width=llm_width).num_tokens

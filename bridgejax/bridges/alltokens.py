@@ -6,6 +6,7 @@ E LLM width, G groups/regions, S tokens per group, R region side.
 All three drop the CLS (y^0) and read the patches y^1..y^P in the tower's row-major grid order.
 `layer` (default -1: the thesis ran them on layer L) picks hidden_states[layer]; post_norm (default
 False, the thesis fork's raw hidden states) sends every token through the tower's post-LayerNorm.
+Config keys and defaults are the module fields below (`bridgejax.bridges.describe()` lists them).
 
 image_feature (for W_i): a separate 1-query multi-head cross-attention (`AttentionPool`, num_heads
 heads, default 4) over *all* N tokens of the same layer, CLS included. The thesis (7.3) says only
@@ -17,7 +18,7 @@ Its parameters: D + 4·(D² + D) = 4,199,424 for D=1024.
 `grouped` (eq. 7.1-7.7): the P patches in k groups of S = P/k *consecutive* tokens (for ViT-L/14:
   y^1..y^64, y^65..y^128, ...: four horizontal bands of 4 rows), each group concatenated to S·D and
   sent through ONE shared LL(Y) = Y W + b, W (S·D, E) (eq. 7.6 names a single LL).
-  Keys: k=4, layer=-1, post_norm=False, num_heads=4. Needs P % k == 0.
+  Needs P % k == 0.
   Parameters: S·D·E + E (+ pool). D=1024, E=2048, P=256, k=4: 134,219,776 (+ 4,199,424).
 
 `regions` (eq. 7.8-7.9): five square regions of the grid, [top-left, top-right, bottom-left,
@@ -25,8 +26,7 @@ Its parameters: D + 4·(D² + D) = 4,199,424 for D=1024.
   row/column g/4, which overlaps all four ("Each region contains 64 tokens, with some tokens
   overlapping between quadrants and the center": 8x8 on ViT-L/14's 16x16). Each region's tokens are
   concatenated row-major and sent through one shared LL, W ((g/2)²·D, E).
-  Keys: layer=-1, post_norm=False, num_heads=4. Needs grid_size % 4 == 0 (else the centre window
-  would start half a patch off).
+  Needs grid_size % 4 == 0 (else the centre window would start half a patch off).
   Parameters: (g/2)²·D·E + E (+ pool). ViT-L/14 and Gemma-2B: 134,219,776 (+ 4,199,424 + W_i, W_t,
   [RET] and scale 788,993 = 139.2M). The thesis (7.1) reports 151M for Regions, which our reading of
   its text cannot give; 72·1024·2048 = 151.0M suggests regions of 72 tokens (e.g. 8x9) in its code.
@@ -37,7 +37,7 @@ Its parameters: D + 4·(D² + D) = 4,199,424 for D=1024.
   then LL(Y) = Y W with W (D, E) and, as eq. 7.14's text defines LL, no bias (use_bias=True adds one).
   W_a starts at 1/S (the plain mean) and is not normalised (the equations apply W_a as a matrix
   product; "weighted average" is the initial state, not a constraint).
-  Keys: k=4, layer=-1, post_norm=False, num_heads=4, use_bias=False. Needs P % k == 0.
+  Needs P % k == 0.
   Parameters: S + D·E (+ E) (+ pool). ViT-L/14, Gemma-2B, k=4: 2,097,216 (+ 4,199,424).
 """
 
@@ -55,14 +55,17 @@ from bridgejax.bridges.base import AttentionPool, BridgeOutput
 class _AllTokens(nn.Module):
   """Shared plumbing: layer selection, post-norm, the grid check and the image-feature pool."""
 
-  def _tokens(self, hidden_states, post_norm):
-    base.check_tokens(self.registry_name, hidden_states, self.grid_size, self.vision_width)
-    x = base.maybe_post_norm(hidden_states[self.layer], post_norm if self.post_norm else False)
-    return x.astype(self.dtype)  # (B, N, D)
+  def _tokens(self, features: base.VisionFeatures):
+    base.check_tokens(self.registry_name, features, self.grid_size, self.vision_width)
+    return features.tokens(self.layer, self.post_norm).astype(self.dtype)  # (B, N, D)
 
   def _feature(self, tokens):
     return AttentionPool(self.num_heads, dtype=self.dtype, param_dtype=self.param_dtype,
                          name="feature_pool")(tokens)
+
+  @property
+  def _pool_params(self) -> int:
+    return AttentionPool.num_params(self.vision_width)
 
 
 class Grouped(_AllTokens):
@@ -77,14 +80,29 @@ class Grouped(_AllTokens):
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
+  @property
+  def num_tokens(self) -> int:
+    return self.k
+
+  @property
+  def num_params(self) -> int:
+    s = self.grid_size**2 // self.k
+    return s * self.vision_width * self.llm_width + self.llm_width + self._pool_params
+
   @nn.compact
-  def __call__(self, hidden_states, post_norm=None) -> BridgeOutput:
-    x = self._tokens(hidden_states, post_norm)
+  def __call__(self, features: base.VisionFeatures) -> BridgeOutput:
+    x = self._tokens(features)
     b, n, d = x.shape
     groups = x[:, 1:].reshape(b, self.k, (n - 1) // self.k * d)  # (B, G, S·D): y^i ⊕ ... ⊕ y^{i+S-1}
     z = base.dense(self.llm_width, groups.shape[-1], name="proj", dtype=self.dtype,
                    param_dtype=self.param_dtype)(groups)
     return BridgeOutput(z, self._feature(x))
+
+
+def _region_corners(g: int) -> list[tuple[int, int]]:
+  """Top-left (row, col) of each g/2 x g/2 region: TL, TR, BL, BR, centre."""
+  r = g // 2
+  return [(0, 0), (0, r), (r, 0), (r, r), (g // 4, g // 4)]
 
 
 class Regions(_AllTokens):
@@ -98,14 +116,22 @@ class Regions(_AllTokens):
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
+  @property
+  def num_tokens(self) -> int:
+    return len(_region_corners(self.grid_size))
+
+  @property
+  def num_params(self) -> int:
+    r = self.grid_size // 2
+    return r * r * self.vision_width * self.llm_width + self.llm_width + self._pool_params
+
   @nn.compact
-  def __call__(self, hidden_states, post_norm=None) -> BridgeOutput:
-    x = self._tokens(hidden_states, post_norm)
+  def __call__(self, features: base.VisionFeatures) -> BridgeOutput:
+    x = self._tokens(features)
     b, _, d = x.shape
     g, r = self.grid_size, self.grid_size // 2
     grid = x[:, 1:].reshape(b, g, g, d)
-    corners = [(0, 0), (0, r), (r, 0), (r, r), (g // 4, g // 4)]  # TL, TR, BL, BR, centre
-    regions = jnp.stack([grid[:, i:i + r, j:j + r].reshape(b, r * r * d) for i, j in corners], axis=1)
+    regions = jnp.stack([grid[:, i:i + r, j:j + r].reshape(b, r * r * d) for i, j in _region_corners(g)], axis=1)
     z = base.dense(self.llm_width, r * r * d, name="proj", dtype=self.dtype,
                    param_dtype=self.param_dtype)(regions)  # (B, 5, E)
     return BridgeOutput(z, self._feature(x))
@@ -120,13 +146,22 @@ class WeightedAverage(_AllTokens):
   layer: int = -1
   post_norm: bool = False
   num_heads: int = 4
-  use_bias: bool = False
+  use_bias: bool = False  # eq. 7.14's LL has no bias
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
+  @property
+  def num_tokens(self) -> int:
+    return self.k
+
+  @property
+  def num_params(self) -> int:
+    d, e = self.vision_width, self.llm_width
+    return self.grid_size**2 // self.k + d * e + (e if self.use_bias else 0) + self._pool_params
+
   @nn.compact
-  def __call__(self, hidden_states, post_norm=None) -> BridgeOutput:
-    x = self._tokens(hidden_states, post_norm)
+  def __call__(self, features: base.VisionFeatures) -> BridgeOutput:
+    x = self._tokens(features)
     b, n, d = x.shape
     s = (n - 1) // self.k
     weights = self.param("weights", nn.initializers.constant(1 / s), (s,), self.param_dtype)  # W_a
@@ -169,31 +204,9 @@ def _check_wavg(name, dims, *, use_bias, **kw):
   _check_groups(name, dims, **kw)
 
 
-def _pool(dims):
-  return AttentionPool.num_params(dims["vision_width"])
-
-
-def _grouped_params(dims, *, k, **_):
-  d, e, p = dims["vision_width"], dims["llm_width"], dims["grid_size"] ** 2
-  return (p // k) * d * e + e + _pool(dims)
-
-
-def _regions_params(dims, **_):
-  d, e, r = dims["vision_width"], dims["llm_width"], dims["grid_size"] // 2
-  return r * r * d * e + e + _pool(dims)
-
-
-def _wavg_params(dims, *, k, use_bias, **_):
-  d, e, p = dims["vision_width"], dims["llm_width"], dims["grid_size"] ** 2
-  return p // k + d * e + (e if use_bias else 0) + _pool(dims)
-
-
-_COMMON = dict(layer=-1, post_norm=False, num_heads=4)
-base.register("grouped", Grouped, defaults=dict(k=4, **_COMMON), num_params=_grouped_params,
-              check=_check_groups,
+base.register("grouped", Grouped, check=_check_groups,
               doc="k groups of consecutive patches, concatenated, one shared Linear (eq. 7.1-7.7)")
-base.register("regions", Regions, defaults=dict(_COMMON), num_params=_regions_params, check=_check_regions,
+base.register("regions", Regions, check=_check_regions,
               doc="4 quadrants + centre window, concatenated, one shared Linear (eq. 7.8-7.9)")
-base.register("wavg", WeightedAverage, defaults=dict(k=4, use_bias=False, **_COMMON), num_params=_wavg_params,
-              check=_check_wavg,
+base.register("wavg", WeightedAverage, check=_check_wavg,
               doc="k groups of consecutive patches, learned weighted sum, one Linear (eq. 7.10-7.14)")

@@ -1,7 +1,13 @@
-"""What every bridge shares: the output type, the registry, initialisers, and the attention blocks.
+"""What every bridge shares: its input and output types, the registry, initialisers, attention blocks.
 
-A bridge h maps the frozen vision tower's hidden states (every layer) to k LLM input embeddings
-plus the image feature that the retrieval head W_i consumes. It never sees the LLM.
+A bridge h maps the frozen vision tower's features (`VisionFeatures`: every layer's hidden states
+and the tower's post-LayerNorm) to k LLM input embeddings plus the image feature that the retrieval
+head W_i consumes. It never sees the LLM.
+
+  post_normed(x) = (x - mean(x)) / sqrt(var(x) + eps) · γ + β   (CLIP's post-LayerNorm, over D)
+
+Each bridge's config keys and their defaults are the fields of its module class (everything but
+the backbone sizes, the dtypes and the fields a preset fixes); `register` reads them from there.
 
 Axis legend (einsum letters):
   B batch, N vision tokens (1 + grid²), D vision width, E LLM width, K bridge tokens (k) or
@@ -20,7 +26,6 @@ import jax
 import jax.numpy as jnp
 
 Array = jax.Array
-PostNorm = Callable[[Array], Array]
 
 
 class BridgeOutput(NamedTuple):
@@ -28,22 +33,48 @@ class BridgeOutput(NamedTuple):
   image_feature: Array  # (B, D): what W_i (the retrieval image head, in model.py) consumes
 
 
-def post_layer_norm(params, eps: float = 1e-5) -> PostNorm:
-  """The frozen tower's post-LayerNorm as a plain function of (..., D).
+class VisionFeatures(NamedTuple):
+  """What the frozen vision tower hands every bridge (a pytree: jit, eval_shape and remat see arrays).
 
-  `params` is the tower's `params["post_norm"]` ({"scale", "bias"}); pass the result as the
-  bridge's `post_norm` argument. Statistics in float32, output in the input's dtype.
+  hidden_states: num_layers + 1 arrays (B, N, D), CLS first; [0] the embeddings (after the
+    pre-LayerNorm), [-1] layer L.
+  post_norm_scale, post_norm_bias: (D,) the tower's post-LayerNorm γ and β, applied only by bridges
+    whose config says post_norm=True; None when the caller has no post-LayerNorm to give.
+  eps: that LayerNorm's epsilon.
   """
-  scale, bias = params["scale"], params["bias"]
 
-  def apply(x):
+  hidden_states: tuple
+  post_norm_scale: Array | None = None
+  post_norm_bias: Array | None = None
+  eps: float = 1e-5
+
+  @classmethod
+  def from_tower(cls, hidden_states, post_norm_params, eps: float = 1e-5) -> "VisionFeatures":
+    """From the tower's output hidden states and its `params["post_norm"]` ({"scale", "bias"})."""
+    return cls(tuple(hidden_states), post_norm_params["scale"], post_norm_params["bias"], eps)
+
+  def post_normed(self, x: Array) -> Array:
+    """x (..., D) through the post-LayerNorm: statistics in float32, output in x's dtype."""
+    if self.post_norm_scale is None or self.post_norm_bias is None:
+      raise ValueError("this bridge has post_norm=True but its VisionFeatures carry no post-LayerNorm; pass "
+                       "VisionFeatures.from_tower(hidden_states, vision_params['post_norm'], eps) or set "
+                       "post_norm=False in its config")
     xf = x.astype(jnp.float32)
     mean = xf.mean(-1, keepdims=True)
     var = jnp.square(xf - mean).mean(-1, keepdims=True)
-    y = (xf - mean) * jax.lax.rsqrt(var + eps) * scale.astype(jnp.float32) + bias.astype(jnp.float32)
+    y = ((xf - mean) * jax.lax.rsqrt(var + self.eps) * self.post_norm_scale.astype(jnp.float32)
+         + self.post_norm_bias.astype(jnp.float32))
     return y.astype(x.dtype)
 
-  return apply
+  def tokens(self, layer: int, post_norm: bool) -> Array:
+    """(B, N, D): every token of hidden_states[layer], post-normed iff post_norm."""
+    x = self.hidden_states[layer]
+    return self.post_normed(x) if post_norm else x
+
+  def cls(self, layer: int, post_norm: bool) -> Array:
+    """(B, D): the CLS of hidden_states[layer], post-normed iff post_norm (layer L's = pooler_output)."""
+    x = self.hidden_states[layer][:, 0]
+    return self.post_normed(x) if post_norm else x
 
 
 # --- initialisers matching PyTorch's defaults (FROMAGe and the thesis are PyTorch code) ---------
@@ -136,32 +167,45 @@ class AttentionPool(nn.Module):
 
 # --- registry --------------------------------------------------------------------------------------
 
+DIMS = ("vision_width", "llm_width", "grid_size")  # module fields set from the backbones, not the config
+_NOT_KEYS = frozenset(DIMS + ("dtype", "param_dtype", "parent", "name"))
+
+
 @dataclasses.dataclass(frozen=True)
 class BridgeSpec:
-  """One registry entry: the module, its config keys with defaults, and its parameter formula.
+  """One registry entry: the module and its config keys, both read from the module's fields.
 
-  `fixed` are module fields a preset pins (e.g. l4l's layers), not config keys. `num_params(dims,
-  **keys)` is the closed-form trainable parameter count written in the module's docstring, where
-  dims = dict(vision_width, vision_layers, grid_size, llm_width).
+  `defaults` are the config keys with their field defaults; `fixed` are fields a preset pins (e.g.
+  l2lx2's copies=2), which are not config keys. The module class also answers, once built,
+  `num_tokens` (k) and `num_params` (the closed-form count of its docstring). `check(name, dims,
+  **fields)` raises ValueError for a bad value; dims = dict(vision_width, vision_layers, grid_size,
+  llm_width).
   """
 
   name: str
   module: type
   defaults: dict
   fixed: dict
-  num_params: Callable[..., int]
-  check: Callable[..., None] | None = None  # (name, dims, **keys) -> raises ValueError
+  check: Callable[..., None] | None = None
   doc: str = ""
 
 
 REGISTRY: dict[str, BridgeSpec] = {}
 
 
-def register(name: str, module: type, *, defaults: dict, num_params, fixed: dict | None = None,
-             check=None, doc: str = "") -> None:
+def register(name: str, module: type, *, fixed: tuple = (), check=None, doc: str = "") -> None:
+  """Adds `module` as bridge `name`: its fields minus DIMS, dtypes and `fixed` are the config keys."""
   if name in REGISTRY:
     raise ValueError(f"bridge {name!r} is registered twice")
-  REGISTRY[name] = BridgeSpec(name, module, dict(defaults), dict(fixed or {}), num_params, check, doc)
+  fields = {f.name: f for f in dataclasses.fields(module) if f.name not in _NOT_KEYS}
+  if set(fixed) - set(fields):
+    raise ValueError(f"bridge {name!r}: fixed {sorted(set(fixed) - set(fields))} are not fields of {module.__name__}")
+  missing = [key for key, f in fields.items() if f.default is dataclasses.MISSING]
+  if missing:
+    raise ValueError(f"bridge {name!r}: {module.__name__} fields {missing} need a default to be config keys")
+  defaults = {key: f.default for key, f in fields.items() if key not in fixed}
+  pinned = {key: fields[key].default for key in fixed}
+  REGISTRY[name] = BridgeSpec(name, module, defaults, pinned, check, doc)
 
 
 # --- validation helpers shared by the families ---------------------------------------------------
@@ -194,22 +238,11 @@ def check_heads(name: str, num_heads, vision_width: int) -> None:
                      f"{vision_width}; use one of {divisors}")
 
 
-def check_tokens(name: str, hidden_states, grid_size: int, vision_width: int) -> None:
+def check_tokens(name: str, features: VisionFeatures, grid_size: int, vision_width: int) -> None:
   """Call-time check that the hidden states have the geometry the bridge was built for."""
   expected = (1 + grid_size**2, vision_width)
-  got = tuple(hidden_states[-1].shape[1:])
-  if got != expected:
+  shape = tuple(features.hidden_states[-1].shape)
+  if shape[1:] != expected:
     raise ValueError(f"bridge {name!r} was built for {expected[0]} tokens (CLS + {grid_size}x{grid_size} "
-                     f"patches) of width {expected[1]}, got hidden states of shape "
-                     f"{tuple(hidden_states[-1].shape)}; build it with the tower's grid_size and width")
-
-
-def maybe_post_norm(x, norm_fn):
-  """x through the tower's post-LayerNorm; norm_fn False = the bridge's post_norm is off."""
-  if norm_fn is False:
-    return x
-  if norm_fn is None:
-    raise ValueError("this bridge has post_norm=True but was called without the tower's post-LayerNorm; "
-                     "call bridge(hidden_states, bridgejax.bridges.post_layer_norm(vision_params['post_norm'], "
-                     "eps)) or set post_norm=False in its config")
-  return norm_fn(x)
+                     f"patches) of width {expected[1]}, got hidden states of shape {shape}; build it with "
+                     f"the tower's grid_size and width")

@@ -2,11 +2,12 @@
 
 Axis legend (einsum letters): B batch, D vision width, E LLM width, K output tokens, T CLS inputs.
 
+Config keys and defaults are the module fields below (`bridgejax.bridges.describe()` lists them).
+
 `cls_linear` (eq. 6.1-6.4; FROMAGe's W_c with k tokens)
   Z = reshape(Y W + b) with Y the CLS of hidden_states[layer], W (D, k·E), b (k·E): one nn.Linear
   whose output is cut into k consecutive blocks of E (FROMAGe's `visual_embeddings` + reshape, so
   a converted FROMAGe checkpoint is this tree with the kernel transposed).
-  Config keys: k=1, layer=-1, post_norm=True.
   post_norm default True = FROMAGe's `pooler_output` (layer L's CLS after the post-LayerNorm). The
   thesis fork (`--cls-layer l`) takes `hidden_states[l][:, 0]` without it, for every layer including
   L, so the thesis rows of tables 6.1-6.18 set post_norm=False.
@@ -22,9 +23,9 @@ Axis legend (einsum letters): B batch, D vision width, E LLM width, K output tok
   l2l   = [LL0(Y^L), LL1(Y^L-1)]                                            layers=(-1, -2)
   l2lx2 = [LL0(Y^L), LL1(Y^L), LL2(Y^L-1), LL3(Y^L-1)]       layers=(-1, -2), copies=2
   comp  = [LL0(Y^L), LL1(Y^L-1), LL2(Y^L - Y^L-1), LL3(Y^L ⊙ Y^L-1)]  layers=(-1, -2), compare=True
-  Config keys of the presets: post_norm=False (and `layers` to move the window: l4l takes any four,
-  l2l/l2lx2/comp any two). `cls_multi` itself: layers=(-1, -2, -3, -4), copies=1, compare=False,
-  post_norm=False.
+  Each preset is a subclass of MultiCLS whose field defaults are its row above; copies and compare
+  are fixed, `layers` moves the window (l4l takes any four, l2l/l2lx2/comp any two). `cls_multi`
+  itself exposes every field.
   post_norm default False: these models exist only in the thesis fork, which reads
   hidden_states[l][:, 0]. With post_norm=True each CLS is normalised before any difference/product.
   image_feature: the mean of the *extracted* CLS tokens (4 for l4l, 2 for the others); for comp the
@@ -50,13 +51,21 @@ class CLSLinear(nn.Module):
   llm_width: int
   k: int = 1
   layer: int = -1
-  post_norm: bool = True
+  post_norm: bool = True  # FROMAGe's pooler_output; the thesis rows of tables 6.1-6.18 set False
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
+  @property
+  def num_tokens(self) -> int:
+    return self.k
+
+  @property
+  def num_params(self) -> int:
+    return self.k * self.llm_width * (self.vision_width + 1)
+
   @nn.compact
-  def __call__(self, hidden_states, post_norm=None) -> BridgeOutput:
-    cls = _cls(hidden_states, self.layer, post_norm if self.post_norm else False)  # (B, D)
+  def __call__(self, features: base.VisionFeatures) -> BridgeOutput:
+    cls = features.cls(self.layer, self.post_norm)  # (B, D)
     z = base.dense(self.k * self.llm_width, self.vision_width, name="proj", dtype=self.dtype,
                    param_dtype=self.param_dtype)(cls.astype(self.dtype))
     return BridgeOutput(z.reshape(z.shape[0], self.k, self.llm_width), cls)
@@ -68,7 +77,7 @@ class MultiCLS(nn.Module):
   layers: tuple = (-1, -2, -3, -4)
   copies: int = 1
   compare: bool = False
-  post_norm: bool = False
+  post_norm: bool = False  # these models exist only in the thesis fork, which reads raw hidden states
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -76,10 +85,14 @@ class MultiCLS(nn.Module):
   def num_tokens(self) -> int:
     return len(self.layers) * self.copies + (2 if self.compare else 0)
 
+  @property
+  def num_params(self) -> int:
+    return self.num_tokens * self.llm_width * (self.vision_width + 1)
+
   @nn.compact
-  def __call__(self, hidden_states, post_norm=None) -> BridgeOutput:
+  def __call__(self, features: base.VisionFeatures) -> BridgeOutput:
     # float32 until the projection: the product of two raw CLS (norms in the tens) would lose bits in bf16
-    ys = [_cls(hidden_states, l, post_norm if self.post_norm else False).astype(jnp.float32) for l in self.layers]
+    ys = [features.cls(l, self.post_norm).astype(jnp.float32) for l in self.layers]
     inputs = [y for y in ys for _ in range(self.copies)]  # l2lx2: Y^L, Y^L, Y^L-1, Y^L-1
     if self.compare:  # eq. 6.8: how the CLS moved from L-1 to L, and their interaction
       inputs += [ys[0] - ys[1], ys[0] * ys[1]]
@@ -92,16 +105,27 @@ class MultiCLS(nn.Module):
     return BridgeOutput(z, jnp.mean(jnp.stack(ys, axis=1), axis=1))
 
 
-def _cls(hidden_states, layer, norm_fn):
-  """The CLS of hidden_states[layer], through norm_fn unless it is False (post_norm off)."""
-  return base.maybe_post_norm(hidden_states[layer][:, 0], norm_fn)
+# The presets of eq. 6.5-6.8: MultiCLS with their own defaults (copies and compare fixed at registration).
+
+class L4L(MultiCLS):
+  layers: tuple = (-1, -2, -3, -4)
+
+
+class L2L(MultiCLS):
+  layers: tuple = (-1, -2)
+
+
+class L2Lx2(MultiCLS):
+  layers: tuple = (-1, -2)
+  copies: int = 2
+
+
+class Comp(MultiCLS):
+  layers: tuple = (-1, -2)
+  compare: bool = True
 
 
 # --- registry ----------------------------------------------------------------------------------------
-
-def _linear_params(d, e, tokens):
-  return tokens * e * (d + 1)
-
 
 def _check_cls_linear(name, dims, *, k, layer, post_norm):
   base.check_positive_int(name, "k", k)
@@ -125,31 +149,18 @@ def _check_multi(name, dims, *, layers, copies, compare, post_norm, n_layers=Non
                      f"got layers={tuple(layers)}")
 
 
-def _multi_params(dims, *, layers, copies=1, compare=False, **_):
-  tokens = len(layers) * copies + (2 if compare else 0)
-  return _linear_params(dims["vision_width"], dims["llm_width"], tokens)
+def _check_preset(name, dims, **fields):
+  """A preset's window moves but keeps its width: as many layers as its default."""
+  _check_multi(name, dims, n_layers=len(base.REGISTRY[name].defaults["layers"]), **fields)
 
 
-base.register(
-    "cls_linear", CLSLinear, defaults=dict(k=1, layer=-1, post_norm=True),
-    num_params=lambda dims, *, k, **_: _linear_params(dims["vision_width"], dims["llm_width"], k),
-    check=_check_cls_linear, doc="CLS of one layer -> Linear(D, k·E) -> k tokens (eq. 6.1-6.4)")
-
-base.register(
-    "cls_multi", MultiCLS, defaults=dict(layers=(-1, -2, -3, -4), copies=1, compare=False, post_norm=False),
-    num_params=_multi_params, check=_check_multi,
-    doc="CLS of several layers, copies Linear(D, E) each (+ difference and product with compare)")
-
-for _name, _layers, _copies, _compare, _doc in [
-    ("l4l", (-1, -2, -3, -4), 1, False, "CLS of the last 4 layers, one Linear(D, E) each (eq. 6.5)"),
-    ("l2l", (-1, -2), 1, False, "CLS of the last 2 layers, one Linear(D, E) each (eq. 6.6)"),
-    ("l2lx2", (-1, -2), 2, False, "CLS of the last 2 layers, two Linear(D, E) each (eq. 6.7)"),
-    ("comp", (-1, -2), 1, True, "CLS of L and L-1, their difference and product, one Linear each (eq. 6.8)"),
-]:
-  base.register(
-      _name, MultiCLS, defaults=dict(layers=_layers, post_norm=False),
-      fixed=dict(copies=_copies, compare=_compare),
-      num_params=lambda dims, _c=_copies, _m=_compare, **kw: _multi_params(dims, copies=_c, compare=_m, **kw),
-      check=lambda name, dims, _c=_copies, _m=_compare, _n=len(_layers), **kw: _check_multi(
-          name, dims, copies=_c, compare=_m, n_layers=_n, **kw),
-      doc=_doc)
+base.register("cls_linear", CLSLinear, check=_check_cls_linear,
+              doc="CLS of one layer -> Linear(D, k·E) -> k tokens (eq. 6.1-6.4)")
+base.register("cls_multi", MultiCLS, check=_check_multi,
+              doc="CLS of several layers, copies Linear(D, E) each (+ difference and product with compare)")
+_PRESET = dict(fixed=("copies", "compare"), check=_check_preset)
+base.register("l4l", L4L, doc="CLS of the last 4 layers, one Linear(D, E) each (eq. 6.5)", **_PRESET)
+base.register("l2l", L2L, doc="CLS of the last 2 layers, one Linear(D, E) each (eq. 6.6)", **_PRESET)
+base.register("l2lx2", L2Lx2, doc="CLS of the last 2 layers, two Linear(D, E) each (eq. 6.7)", **_PRESET)
+base.register("comp", Comp, doc="CLS of L and L-1, their difference and product, one Linear each (eq. 6.8)",
+              **_PRESET)

@@ -15,9 +15,9 @@ We read them as the thesis's PyTorch most likely ran them: a standard nn.Multihe
 exactly as eq. 7.15 writes it. The queries start at N(0, 0.02²) as BLIP-2's Q-Former queries (the
 thesis's inspiration; it does not give an init).
 
-Keys: k=4, layer=-1, num_heads=4, post_norm=False, mha_out_proj=True. The thesis's best model is
-k=12, layer=-2 (L-1) (configs/crossatt_k12.py). post_norm (default False: raw hidden states as in
-the fork) sends every token through the tower's post-LayerNorm first.
+Config keys and defaults are the module fields below (`bridgejax.bridges.describe()` lists them).
+The thesis's best model is k=12, layer=-2 (L-1) (configs/crossatt_k12.py). post_norm (default
+False: raw hidden states as in the fork) sends every token through the tower's post-LayerNorm first.
 
 image_feature (for W_i): a separate 1-query cross-attention (AttentionPool, same heads) over the same
 tokens, as for the other all-token bridges (thesis 7.3: "uses only one vector as the query").
@@ -48,16 +48,25 @@ class CrossAttention(nn.Module):
   layer: int = -1
   num_heads: int = 4
   post_norm: bool = False
-  mha_out_proj: bool = True
+  mha_out_proj: bool = True  # False: LL_O on the concatenated heads, as eq. 7.15 writes it
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
+  @property
+  def num_tokens(self) -> int:
+    return self.k
+
+  @property
+  def num_params(self) -> int:
+    d, e = self.vision_width, self.llm_width
+    return (self.k * d + MultiHeadCrossAttention.num_params(d, self.mha_out_proj) + d * e + e
+            + AttentionPool.num_params(d))
+
   @nn.compact
-  def __call__(self, hidden_states, post_norm=None) -> BridgeOutput:
-    base.check_tokens("crossatt", hidden_states, self.grid_size, self.vision_width)
+  def __call__(self, features: base.VisionFeatures) -> BridgeOutput:
+    base.check_tokens("crossatt", features, self.grid_size, self.vision_width)
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    x = base.maybe_post_norm(hidden_states[self.layer], post_norm if self.post_norm else False)
-    x = x.astype(self.dtype)  # (B, N, D)
+    x = features.tokens(self.layer, self.post_norm).astype(self.dtype)  # (B, N, D)
     queries = self.param("queries", nn.initializers.normal(0.02), (self.k, self.vision_width),
                          self.param_dtype)
     heads = MultiHeadCrossAttention(self.num_heads, out_proj=self.mha_out_proj, name="attn", **kw)(queries, x)
@@ -74,13 +83,5 @@ def _check(name, dims, *, k, layer, num_heads, post_norm, mha_out_proj):
   base.check_bool(name, "mha_out_proj", mha_out_proj)
 
 
-def _num_params(dims, *, k, mha_out_proj, **_):
-  d, e = dims["vision_width"], dims["llm_width"]
-  return (k * d + MultiHeadCrossAttention.num_params(d, mha_out_proj) + d * e + e
-          + AttentionPool.num_params(d))
-
-
-base.register("crossatt", CrossAttention,
-              defaults=dict(k=4, layer=-1, num_heads=4, post_norm=False, mha_out_proj=True),
-              num_params=_num_params, check=_check,
+base.register("crossatt", CrossAttention, check=_check,
               doc="k learned queries, multi-head cross-attention over all tokens, Linear(D, E) (eq. 7.15-7.17)")

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from bridgejax.models.activations import ACTIVATIONS
+from bridgejax.models.precision import matmul_precision
 
 Array = jax.Array
 
@@ -101,44 +102,30 @@ class CLIPVisionTransformer(nn.Module):
 
   @nn.compact
   def __call__(self, pixel_values) -> VisionOutput:
-    c = self.config
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    if pixel_values.ndim != 4 or pixel_values.shape[1:] != (c.num_channels, c.image_size, c.image_size):
-      raise ValueError(
-          f"pixel_values must be (B, {c.num_channels}, {c.image_size}, {c.image_size}) (NCHW), "
-          f"got {tuple(pixel_values.shape)}")
-    images = jnp.transpose(pixel_values, (0, 2, 3, 1)).astype(self.dtype)  # NCHW -> NHWC
-    patches = nn.Conv(c.hidden_size, (c.patch_size, c.patch_size), strides=c.patch_size,
-                      padding="VALID", use_bias=False, name="patch_embed", **kw)(images)
-    patches = patches.reshape(patches.shape[0], -1, c.hidden_size)  # (B, N-1, D), row-major grid
-    cls = self.param("cls_embed", nn.initializers.normal(0.02), (c.hidden_size,), self.param_dtype)
-    pos = self.param("pos_embed", nn.initializers.normal(0.02), (c.num_tokens, c.hidden_size),
-                     self.param_dtype)
-    cls = jnp.broadcast_to(cls.astype(self.dtype), (patches.shape[0], 1, c.hidden_size))
-    x = jnp.concatenate([cls, patches], axis=1) + pos.astype(self.dtype)  # (B, N, D)
+    with matmul_precision(self.dtype):  # float32 means float32 (models/precision.py)
+      c = self.config
+      kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+      if pixel_values.ndim != 4 or pixel_values.shape[1:] != (c.num_channels, c.image_size, c.image_size):
+        raise ValueError(
+            f"pixel_values must be (B, {c.num_channels}, {c.image_size}, {c.image_size}) (NCHW), "
+            f"got {tuple(pixel_values.shape)}")
+      images = jnp.transpose(pixel_values, (0, 2, 3, 1)).astype(self.dtype)  # NCHW -> NHWC
+      patches = nn.Conv(c.hidden_size, (c.patch_size, c.patch_size), strides=c.patch_size,
+                        padding="VALID", use_bias=False, name="patch_embed", **kw)(images)
+      patches = patches.reshape(patches.shape[0], -1, c.hidden_size)  # (B, N-1, D), row-major grid
+      cls = self.param("cls_embed", nn.initializers.normal(0.02), (c.hidden_size,), self.param_dtype)
+      pos = self.param("pos_embed", nn.initializers.normal(0.02), (c.num_tokens, c.hidden_size),
+                       self.param_dtype)
+      cls = jnp.broadcast_to(cls.astype(self.dtype), (patches.shape[0], 1, c.hidden_size))
+      x = jnp.concatenate([cls, patches], axis=1) + pos.astype(self.dtype)  # (B, N, D)
 
-    x = nn.LayerNorm(epsilon=c.layer_norm_eps, name="pre_norm", **kw)(x)
-    hidden_states = [x]
-    for i in range(c.num_layers):
-      x = EncoderLayer(c, name=f"layer_{i}", **kw)(x)
-      hidden_states.append(x)
-    pooled = nn.LayerNorm(epsilon=c.layer_norm_eps, name="post_norm", **kw)(x[:, 0])
-    image_embeds = None
-    if c.projection_dim is not None:
-      image_embeds = nn.Dense(c.projection_dim, use_bias=False, name="visual_projection", **kw)(pooled)
-    return VisionOutput(x, pooled, tuple(hidden_states), image_embeds)
-
-
-@dataclasses.dataclass
-class VisionTower:
-  """A CLIP vision tower bound to its (frozen) parameters: `tower(pixel_values) -> VisionOutput`."""
-
-  module: CLIPVisionTransformer
-  params: Any
-  config: CLIPVisionConfig
-
-  def __post_init__(self):
-    self._apply = jax.jit(lambda params, pixels: self.module.apply({"params": params}, pixels))
-
-  def __call__(self, pixel_values) -> VisionOutput:
-    return self._apply(self.params, jnp.asarray(pixel_values))
+      x = nn.LayerNorm(epsilon=c.layer_norm_eps, name="pre_norm", **kw)(x)
+      hidden_states = [x]
+      for i in range(c.num_layers):
+        x = EncoderLayer(c, name=f"layer_{i}", **kw)(x)
+        hidden_states.append(x)
+      pooled = nn.LayerNorm(epsilon=c.layer_norm_eps, name="post_norm", **kw)(x[:, 0])
+      image_embeds = None
+      if c.projection_dim is not None:
+        image_embeds = nn.Dense(c.projection_dim, use_bias=False, name="visual_projection", **kw)(pooled)
+      return VisionOutput(x, pooled, tuple(hidden_states), image_embeds)

@@ -14,7 +14,9 @@ Conventions the rest of bridgejax relies on:
   * Token ids >= vocab_size look up `extra_embeddings[id - vocab_size]`, and the tied LM head gets
     the same rows as extra logit columns: logits have V + X columns. The frozen table is never
     written; gradients reach `extra_embeddings` and `inputs_embeds` through ordinary arguments.
-  * Norm statistics, attention softmax and logits are float32 whatever the compute dtype.
+  * Norm statistics, attention softmax and logits are float32 whatever the compute dtype; the LM
+    head's GEMM itself runs in the compute dtype (see `split_logits`).
+  * float32 compute traces its matmuls at "highest" precision (models/precision.py).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from bridgejax.models.activations import ACTIVATIONS
+from bridgejax.models.precision import matmul_precision
 
 Array = jax.Array
 
@@ -104,10 +107,11 @@ def init_cache(config: GemmaConfig, batch: int, length: int, dtype=jnp.float32) 
 def attention_mask_for(q_pos, k_pos, k_valid, window: int | None) -> Array:
   """(B, T, S) bool: query t sees key s when s is valid, not in its future and inside the window.
 
-  q_pos (B, T) and k_pos (B, S) are absolute positions; k_valid (B, S) marks real (unpadded) keys.
+  q_pos (B, T) and k_pos (B, S) are absolute positions; k_valid (B, S) marks real (unpadded) keys,
+  or (B, T, S) per query (packed segments).
   """
   q, k = q_pos[:, :, None], k_pos[:, None, :]
-  visible = (k <= q) & k_valid[:, None, :]
+  visible = (k <= q) & (k_valid if k_valid.ndim == 3 else k_valid[:, None, :])
   if window is not None:
     visible &= q - k < window
   return visible
@@ -228,13 +232,17 @@ class Gemma(nn.Module):
   config: GemmaConfig
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  remat: bool = False  # recompute each layer in the backward pass, keeping only its input
 
   def setup(self):
     c = self.config
     self.embedding = self.param("embedding", nn.initializers.normal(0.02), (c.vocab_size, c.hidden_size),
                                 self.param_dtype)
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    self.layers = [DecoderLayer(c, c.layer_types[i], **kw) for i in range(c.num_layers)]
+    # Frozen layers still keep activations for the gradient that flows through them to the visual
+    # tokens; remat trades them for one more forward pass of the layers.
+    layer = nn.remat(DecoderLayer) if self.remat else DecoderLayer
+    self.layers = [layer(c, c.layer_types[i], **kw) for i in range(c.num_layers)]
     self.final_norm = RMSNorm(c.rms_norm_eps, self.param_dtype)
 
   def embed(self, input_ids, extra_embeddings=None):
@@ -248,34 +256,55 @@ class Gemma(nn.Module):
     # transformers multiplies by sqrt(D) cast to the embedding's dtype (55.4 -> 55.5 in bf16): same here.
     return rows * jnp.asarray(math.sqrt(c.hidden_size), self.dtype)
 
+  def split_logits(self, hidden, extra_embeddings=None):
+    """(..., D) final-norm hidden states -> ((..., V) logits of the frozen table, (..., X) logits of
+    the extra rows or None), both float32 (soft-capped where the config says so).
+
+    The vocabulary GEMM takes compute-dtype operands and returns the compute dtype (float32
+    accumulation inside the GEMM), upcast afterwards, as transformers does. Its backward is then a
+    compute-dtype GEMM too: a float32 output would make the cotangent float32 and upcast the
+    (V, D) table to meet it (measured on an H200: two such GEMMs took 9% of a bf16 training step).
+    The extra rows are their own small product, so no gradient of a joined table is ever formed.
+    """
+    with matmul_precision(self.dtype):
+      vocab = jnp.einsum("...D,VD->...V", hidden.astype(self.dtype), self.embedding.astype(self.dtype))
+      vocab = softcap(vocab.astype(jnp.float32), self.config.final_logit_softcapping)
+      if extra_embeddings is None:
+        return vocab, None
+      extra = jnp.einsum("...D,XD->...X", hidden.astype(self.dtype), extra_embeddings.astype(self.dtype),
+                         preferred_element_type=jnp.float32)
+      return vocab, softcap(extra, self.config.final_logit_softcapping)
+
   def logits(self, hidden, extra_embeddings=None):
     """(..., D) final-norm hidden states -> (..., V + X) float32 logits of the tied LM head."""
-    head = lambda table: jnp.einsum("...D,VD->...V", hidden, table.astype(self.dtype),
-                                    preferred_element_type=jnp.float32)
-    if extra_embeddings is None:
-      logits = head(self.embedding)
-    elif hidden.size // hidden.shape[-1] < self.config.vocab_size:
-      # few positions (decoding): join the logit columns rather than copy the whole table
-      logits = jnp.concatenate([head(self.embedding), head(extra_embeddings)], axis=-1)
-    else:  # many positions (training): joining the table is the smaller copy
-      logits = head(jnp.concatenate([self.embedding, extra_embeddings.astype(self.embedding.dtype)], axis=0))
-    return softcap(logits, self.config.final_logit_softcapping)
+    vocab, extra = self.split_logits(hidden, extra_embeddings)
+    return vocab if extra is None else jnp.concatenate([vocab, extra], axis=-1)
 
-  def decode(self, inputs_embeds, positions, attention_mask=None, cache=None):
+  def decode(self, inputs_embeds, positions, attention_mask=None, cache=None, segment_ids=None):
     """The layers and final norm: (B, T, D) embeddings at positions (B, T) -> (final-norm hidden
     (B, T, D), hidden_states tuple, cache).
 
-    Without a cache, keys are the inputs themselves and `attention_mask` (B, T) marks real tokens.
+    Without a cache, keys are the inputs themselves and `attention_mask` (B, T) marks real tokens;
+    `segment_ids` (B, T), if given, packs several sequences in one row: a query sees only keys of
+    its own segment (positions then restart per segment, as the caller lays them out).
     With a cache (from `init_cache`), the inputs are written at `positions` and attend over every
     cache slot up to their own position: slots past a row's prompt hold padding until generation
     overwrites them, and causality keeps them out of sight until then.
     """
+    with matmul_precision(self.dtype):
+      return self._decode(inputs_embeds, positions, attention_mask, cache, segment_ids)
+
+  def _decode(self, inputs_embeds, positions, attention_mask, cache, segment_ids):
     c = self.config
     x = inputs_embeds.astype(self.dtype)
     if cache is None:
       k_pos = positions
       k_valid = jnp.ones(x.shape[:2], bool) if attention_mask is None else attention_mask.astype(bool)
+      if segment_ids is not None:  # (B, T, S) pairs in one segment, folded into the keys' validity
+        k_valid = k_valid[:, None, :] & (segment_ids[:, :, None] == segment_ids[:, None, :])
     else:
+      if segment_ids is not None:
+        raise ValueError("segment_ids are for a forward pass without a KV cache")
       length = cache[0].k.shape[1]
       k_pos = jnp.broadcast_to(jnp.arange(length), (x.shape[0], length))
       k_valid = jnp.ones(k_pos.shape, bool)
@@ -301,40 +330,3 @@ class Gemma(nn.Module):
     positions = jnp.broadcast_to(jnp.arange(length), (batch, length))
     hidden, hidden_states, _ = self.decode(inputs_embeds, positions, attention_mask)
     return LMOutput(self.logits(hidden, extra_embeddings), hidden, hidden_states)
-
-
-@dataclasses.dataclass
-class LanguageModel:
-  """A Gemma decoder bound to its (frozen) parameters.
-
-      out = lm(input_ids=ids, attention_mask=mask)      # or inputs_embeds=...; -> LMOutput
-      new = lm.generate(ids, attention_mask=mask, max_new_tokens=32)   # (B, 32) new tokens
-  """
-
-  module: Gemma
-  params: Any
-  config: GemmaConfig
-
-  def __post_init__(self):
-    def apply(params, input_ids, attention_mask, inputs_embeds, extra_embeddings):
-      return self.module.apply({"params": params}, input_ids, attention_mask, inputs_embeds, extra_embeddings)
-
-    self._apply = jax.jit(apply)
-    self._embed = jax.jit(lambda params, ids, extra: self.module.apply(
-        {"params": params}, ids, extra, method=Gemma.embed))
-
-  def __call__(self, input_ids=None, attention_mask=None, inputs_embeds=None, extra_embeddings=None) -> LMOutput:
-    as_array = lambda a: None if a is None else jnp.asarray(a)
-    return self._apply(self.params, as_array(input_ids), as_array(attention_mask), as_array(inputs_embeds),
-                       as_array(extra_embeddings))
-
-  def embed(self, input_ids, extra_embeddings=None):
-    """(B, T) ids -> (B, T, D) scaled embeddings, the space `inputs_embeds` lives in."""
-    extra = None if extra_embeddings is None else jnp.asarray(extra_embeddings)
-    return self._embed(self.params, jnp.asarray(input_ids), extra)
-
-  def generate(self, input_ids=None, **kwargs):
-    """KV-cache decoding; see `bridgejax.generate.generate` for the arguments."""
-    from bridgejax import generate as generation  # generate.py imports this module
-
-    return generation.generate(self.module, self.params, input_ids, **kwargs)
