@@ -5,10 +5,11 @@
     tok = load_tokenizer(path)              # HF tokenizer dir or .gguf vocabulary, with [RET]
 """
 
+from bridgejax.weights.bound import LanguageModel, VisionTower
 from bridgejax.weights.clip import load_vision_tower
 from bridgejax.weights.errors import CheckpointError, MissingCheckpointError
 from bridgejax.weights.gemma import load_language_model
 from bridgejax.weights.tokenizer import Tokenizer, load_tokenizer
 
 __all__ = ["load_vision_tower", "load_language_model", "load_tokenizer", "Tokenizer", "CheckpointError",
-           "MissingCheckpointError"]
+           "MissingCheckpointError", "LanguageModel", "VisionTower"]

@@ -9,10 +9,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bridgejax.models.clip import CLIPVisionConfig, CLIPVisionTransformer, VisionTower
+from bridgejax.models.clip import CLIPVisionConfig, CLIPVisionTransformer
+from bridgejax.weights.bound import VisionTower
 from bridgejax.weights import converted, safetensors_io
 from bridgejax.weights.errors import CheckpointError
-from bridgejax.weights.tree import Source, abstract_init, assemble, check_tree, export
+from bridgejax.weights.tree import Source, abstract_init, assemble, check_tree, export, place
 
 KIND = "clip_vision"
 ARCHITECTURES = ("CLIPVisionModel", "CLIPModel", "CLIPVisionModelWithProjection")
@@ -98,13 +99,15 @@ def read_checkpoint(path: str, param_dtype=jnp.float32) -> tuple[CLIPVisionConfi
   return config, params
 
 
-def load_vision_tower(path: str, *, dtype=jnp.float32, param_dtype=jnp.float32) -> VisionTower:
-  """The frozen CLIP vision tower of a HF or converted directory.
+def load_vision_tower(path: str, *, dtype=jnp.float32, param_dtype=jnp.float32, sharding=None) -> VisionTower:
+  """The frozen CLIP vision tower of a HF or converted directory, its params on device.
 
   dtype is the compute dtype; param_dtype the dtype the parameters are stored in (bfloat16 halves
-  the memory of a frozen tower).
+  the memory of a frozen tower). sharding places the params (see `tree.place`): by default this
+  process's first device; pass the mesh's shardings to load straight onto a mesh.
   """
   config, params = read_checkpoint(path, param_dtype)
+  params = place(params, sharding)
   return VisionTower(CLIPVisionTransformer(config, dtype=dtype, param_dtype=param_dtype), params, config)
 
 

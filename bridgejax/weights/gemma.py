@@ -16,10 +16,11 @@ from collections.abc import Mapping
 import jax.numpy as jnp
 import numpy as np
 
-from bridgejax.models.gemma import FULL, SLIDING, Gemma, GemmaConfig, LanguageModel
+from bridgejax.models.gemma import FULL, SLIDING, Gemma, GemmaConfig
+from bridgejax.weights.bound import LanguageModel
 from bridgejax.weights import converted, safetensors_io
 from bridgejax.weights.errors import CheckpointError, MissingCheckpointError
-from bridgejax.weights.tree import Source, abstract_init, assemble, check_tree
+from bridgejax.weights.tree import Source, abstract_init, assemble, check_tree, place
 
 KIND = "gemma"
 ARCHITECTURES = ("GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM")
@@ -314,13 +315,16 @@ def read_checkpoint(path: str, param_dtype=jnp.float32) -> tuple[GemmaConfig, di
   return config, params
 
 
-def load_language_model(path: str, *, dtype=jnp.float32, param_dtype=jnp.float32) -> LanguageModel:
-  """The frozen Gemma decoder of a HF directory, a .gguf file or a converted directory.
+def load_language_model(path: str, *, dtype=jnp.float32, param_dtype=jnp.float32, sharding=None) -> LanguageModel:
+  """The frozen Gemma decoder of a HF directory, a .gguf file or a converted directory, its params on device.
 
   dtype is the compute dtype; param_dtype the dtype the parameters are stored in (bfloat16 halves
   the memory of a frozen LLM). Norm statistics, softmax and logits stay float32 either way.
+  sharding places the params (see `tree.place`): by default this process's first device; pass the
+  mesh's shardings to load straight onto a mesh.
   """
   config, params = read_checkpoint(path, param_dtype)
+  params = place(params, sharding)
   return LanguageModel(Gemma(config, dtype=dtype, param_dtype=param_dtype), params, config)
 
 

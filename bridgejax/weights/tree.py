@@ -98,6 +98,26 @@ def check_tree(params, abstract_params, *, checkpoint: str, param_dtype):
   return assemble(sources, named, abstract_params, checkpoint=checkpoint, param_dtype=param_dtype)
 
 
+def place(params, sharding=None):
+  """Puts a parameter tree on device once, so that no later call sends it again.
+
+  sharding: None (this process's first device), a jax Sharding, a pytree of Shardings matching
+  `params` (or a prefix of it), or a function from the host tree to either (e.g. the training
+  mesh's frozen_shardings, which need the shapes). Leaves come back as committed jax.Arrays.
+  """
+  if callable(sharding) and not isinstance(sharding, jax.sharding.Sharding):
+    sharding = sharding(params)
+  if sharding is None:
+    sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  return jax.device_put(params, sharding)
+
+
+def on_device(params):
+  """`params` with every host leaf (numpy) put on this process's first device; device leaves kept."""
+  here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  return jax.tree.map(lambda x: x if isinstance(x, jax.Array) else jax.device_put(x, here), params)
+
+
 def export(sources: Mapping[tuple[str, ...], Source], params) -> dict[str, np.ndarray]:
   """The inverse of `assemble`: checkpoint-named tensors in the checkpoint's layout."""
   flat = traverse_util.flatten_dict(params)
