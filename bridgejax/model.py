@@ -3,7 +3,7 @@
 Parameters live in one dict: `vision` and `llm` (frozen), `bridge` and `ret` (trainable). Training
 differentiates `loss(trainable, frozen, batch, rng)` with respect to `trainable` only.
 
-The two passes of FROMAGe (REFERENCE.md, Training):
+The two passes of FROMAGe (docs/reference.md, "Training"):
   captioning: [k visual tokens] + BOS + caption + [RET]; the visual positions are not targets.
   text:       BOS + caption + [RET], no image; CE over the whole text, and the final-norm hidden
               state at [RET] is the text embedding for retrieval.
@@ -41,6 +41,15 @@ from bridgejax.models.precision import matmul_precision
 
 TRAINABLE = ("bridge", "ret")
 REMAT = ("none", "llm", "all")
+# How visual tokens enter the LLM relative to text embeddings (which Gemma scales by sqrt(D)).
+#   "sqrt_d": multiplied by the LLM's embedding normaliser too, as in the thesis's stack: its fork
+#     passed [visual tokens, text embeddings] as `inputs_embeds` to transformers 4.x, whose
+#     GemmaModel.forward multiplied *all* inputs_embeds by sqrt(hidden_size) (sqrt(2048) = 45.25 in
+#     bf16). transformers 5.x moved the scale into the embedding layer.
+#   "none": added after the text scaling, as transformers 5.x and FROMAGe (OPT has no such scale) do;
+#     visual tokens then start 45x smaller relative to text for Gemma-2B, and under Adam each
+#     bridge must grow 45x to get where the thesis's started.
+VISUAL_TOKEN_SCALES = ("sqrt_d", "none")
 
 
 def _with_precision(method):
@@ -90,6 +99,7 @@ class BridgeModel:
   concat_prob: float
   remat: str = "none"  # REMAT
   matmul_precision: str = ""  # "" = automatic (models/precision.py), else a jax precision name
+  visual_token_scale: str = "sqrt_d"  # VISUAL_TOKEN_SCALES
 
   @classmethod
   def create(cls, config, vision_config: CLIPVisionConfig, llm_config: GemmaConfig, *,
@@ -98,6 +108,9 @@ class BridgeModel:
     remat = config.get("remat", "none")
     if remat not in REMAT:
       raise ValueError(f"config.remat={remat!r}: use one of {', '.join(REMAT)} (--config.remat=llm)")
+    scale = config.get("visual_token_scale", "sqrt_d")
+    if scale not in VISUAL_TOKEN_SCALES:
+      raise ValueError(f"config.visual_token_scale={scale!r}: use one of {', '.join(VISUAL_TOKEN_SCALES)}")
     bridge = build_bridge(config.bridge, vision_width=vision_config.hidden_size,
                           vision_layers=vision_config.num_layers, grid_size=vision_config.grid_size,
                           llm_width=llm_config.hidden_size)
@@ -105,7 +118,7 @@ class BridgeModel:
     weights = losses.resolve_weights(config.loss)
     return cls(CLIPVisionTransformer(vision_config, **kw), Gemma(llm_config, remat=remat != "none", **kw), bridge,
                heads, ret_id=llm_config.vocab_size, loss_weights=weights, concat_prob=config.concat_prob,
-               remat=remat, matmul_precision=config.get("matmul_precision", ""))
+               remat=remat, matmul_precision=config.get("matmul_precision", ""), visual_token_scale=scale)
 
   # ------------------------------------------------------------------ parameters
 
@@ -132,14 +145,18 @@ class BridgeModel:
 
   @_with_precision
   def encode_images(self, params, images) -> BridgeOutput:
-    """(B, C, H, W) pixels -> the bridge's visual tokens (B, K, D) and retrieval feature."""
+    """(B, C, H, W) pixels -> the bridge's visual tokens (B, K, D), in the LLM's input space (scaled
+    per `visual_token_scale`), and retrieval feature."""
     out = self.vision.apply({"params": params["vision"]}, images)
     features = VisionFeatures.from_tower(out.hidden_states, params["vision"]["post_norm"],
                                          self.vision.config.layer_norm_eps)
     bridge = lambda p, features: self.bridge.apply({"params": p}, features)
     if self.remat == "all":
       bridge = jax.checkpoint(bridge)
-    return bridge(params["bridge"], features)
+    out = bridge(params["bridge"], features)
+    if self.visual_token_scale == "sqrt_d":  # see VISUAL_TOKEN_SCALES; the normaliser in the LLM's dtype, as Gemma.embed
+      out = out._replace(tokens=out.tokens * jnp.asarray(math.sqrt(self.llm.config.hidden_size), self.llm.dtype))
+    return out
 
   @_with_precision
   def image_embedding(self, params, bridge_out: BridgeOutput):  # (B, E), not normalised

@@ -26,6 +26,9 @@ def get_config(arg=None):
   # "" = float32 compute runs its matmuls at full float32 precision on every backend; any
   # jax.default_matmul_precision name (e.g. "tensorfloat32") overrides it.
   config.matmul_precision = ""
+  # "sqrt_d": visual tokens are multiplied by sqrt(d_llm) like text embeddings, as the thesis's
+  # transformers-4.x stack did (bridgejax.model.VISUAL_TOKEN_SCALES); "none": added unscaled.
+  config.visual_token_scale = "sqrt_d"
 
   # The bridge h (bridgejax.bridges: python -c "import bridgejax.bridges as b; print(b.describe())").
   # FROMAGe: the post-LayerNorm CLS of layer L (pooler_output) -> Linear(d_v, d_llm * k).

@@ -160,3 +160,27 @@ def test_concat_prob_half_gives_fromage_loss_on_both_sides_of_the_coin(tiny, coi
   reference = _fromage_reference(model, {**frozen, **trainable}, gemma, batch, coin)
   for key, value in reference.items():
     assert float(metrics[key]) == pytest.approx(value, rel=1e-4, abs=1e-5), key
+
+
+@pytest.mark.parametrize("scale", ["sqrt_d", "none"])
+def test_visual_tokens_enter_the_llm_at_the_configured_scale(tiny, scale):
+  """The LLM's input at the visual positions, recomputed from the bridge alone: transformers 4.x's
+  GemmaModel.forward (the thesis's stack) multiplied all inputs_embeds by sqrt(hidden_size)."""
+  from bridgejax.bridges import VisionFeatures
+  config, vision_config, llm_config, frozen, gemma = tiny
+  config.concat_prob, config.visual_token_scale = 0.0, scale
+  model = BridgeModel.create(config, vision_config, llm_config)
+  params = {**frozen, **model.init_trainable(jax.random.key(0), frozen)}
+  batch = _batch()
+  tokens = model.encode_images(params, jnp.asarray(batch["image"])).tokens
+  embeds, *_ = model.caption_inputs(params, tokens, jnp.asarray(batch["text_ids"]), jnp.asarray(batch["text_mask"]))
+  hidden_states = model.vision.apply({"params": params["vision"]}, jnp.asarray(batch["image"])).hidden_states
+  features = VisionFeatures.from_tower(hidden_states, params["vision"]["post_norm"], vision_config.layer_norm_eps)
+  raw = np.asarray(model.bridge.apply({"params": params["bridge"]}, features).tokens)
+  factor = np.sqrt(gemma.config.hidden_size) if scale == "sqrt_d" else 1.0
+  np.testing.assert_allclose(np.asarray(embeds[:, :K]), raw * factor, rtol=1e-6)
+  # text positions: transformers 5.x's scaled embedding layer, whatever the visual scale
+  with torch.no_grad():
+    text = gemma.get_input_embeddings()(torch.from_numpy(np.minimum(batch["text_ids"], VOCAB - 1)).long()).numpy()
+  real = (batch["text_ids"] < VOCAB) & (batch["text_mask"] > 0)
+  np.testing.assert_allclose(np.asarray(embeds[:, K:])[real], text[real], rtol=1e-5, atol=1e-6)
