@@ -1,10 +1,14 @@
 """Train a bridge: python train.py --config configs/X.py --workdir DIR [--config.key=value ...]
 
 Resumes from the latest checkpoint in DIR if there is one. See README.md for the configs.
+Every path and split in the config is checked before anything loads; a bad one, or an unknown
+config key, is reported on one line (`error: ...`, exit status 2); --debug adds the traceback.
 """
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
+
+from bridgejax import cli
 
 config_flags.DEFINE_config_file("config", None, "experiment config file (configs/*.py[:args])", lock_config=True)
 flags.DEFINE_string("workdir", None, "directory for checkpoints, metrics.jsonl and eval outputs")
@@ -19,12 +23,15 @@ FLAGS = flags.FLAGS
 
 def main(argv):
   del argv
-  from bridgejax.cli import quiet_library_logs, start_distributed
-  quiet_library_logs()
-  start_distributed(FLAGS.multihost, FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-  from bridgejax.train.loop import run
+  cli.quiet_library_logs()
+  cli.start_distributed(FLAGS.multihost, FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+  from bridgejax.checks import check_config_paths
+  from bridgejax.main import run
+  from bridgejax.toy.prepare import ensure_toy_data
+  ensure_toy_data(FLAGS.config)  # the demo's data is generated on first use, so check after it
+  check_config_paths(FLAGS.config, for_training=True)
   run(FLAGS.config, FLAGS.workdir)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run_absl(main)

@@ -124,6 +124,7 @@ def main() -> None:
   p.add_argument("--json", default=None, help="also write the results here")
   a = p.parse_args()
   from bridgejax.data import prepare
+  from bridgejax.toy.prepare import prepare_toy
 
   results = {"cpu_count": os.cpu_count(), "machine": platform.processor() or platform.machine(),
              "load_average_at_start": os.getloadavg(), "batch_size": a.batch_size, "runs": []}
@@ -135,7 +136,7 @@ def main() -> None:
     prepare.prepare_cc3m(src, root / "cc3m", workers=0)
     results["prepare_cc3m_images_per_s_1_process"] = a.images / (time.perf_counter() - t)
     t = time.perf_counter()
-    prepare.prepare_toy(root / "toy", num_train=a.images, num_val=0, num_test=0)
+    prepare_toy(root / "toy", num_train=a.images, num_val=0, num_test=0)
     results["prepare_toy_images_per_s_1_process"] = a.images / (time.perf_counter() - t)
     for name, data_dir, size in (("cc3m-like 256px JPEG -> 224", root / "cc3m", 224),
                                  ("toy 112px PNG -> 112", root / "toy", 112)):

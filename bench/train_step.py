@@ -406,7 +406,7 @@ def peer_worker(spec: dict) -> dict:
     lm = build(transformers.GemmaForCausalLM, transformers.GemmaConfig(**spec["gemma"]))
   for p in list(clip.parameters()) + list(lm.parameters()):
     p.requires_grad_(False)
-  B, T, K = spec["batch_size"], spec["text_len"], spec["k"]
+  B, K = spec["batch_size"], spec["k"]
   W, D, E = spec["clip"]["hidden_size"], spec["gemma"]["hidden_size"], spec["embed_dim"]
   V = spec["gemma"]["vocab_size"]
   with torch.device(device):  # trainable, float32 as in bridgejax

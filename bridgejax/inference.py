@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -43,6 +42,9 @@ from bridgejax.evaluation.engine import Engine, l2_normalize, pad_rows, round_up
 from bridgejax.model import RetrievalHeads
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
+# A bound on characters per token (Gemma's longest pieces are runs of 31 spaces), so that only
+# this many characters per context position are tokenised to know a prompt is too long.
+_MAX_CHARS_PER_TOKEN = 32
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,11 +80,11 @@ def load_config(config=None, workdir: str | None = None):
   if isinstance(config, ml_collections.ConfigDict):
     return config
   if config is None:
-    path = os.path.join(workdir or "", "config.json")
-    if not os.path.exists(path):
+    from bridgejax import paths  # pylint: disable=g-import-not-at-top  (the workdir may be gs://...)
+    path = paths.path(workdir or ".") / "config.json"
+    if not path.exists():
       raise FileNotFoundError(f"{workdir} has no config.json (train.py writes it); pass the config file too")
-    with open(path) as f:
-      return ml_collections.ConfigDict(json.load(f))
+    return ml_collections.ConfigDict(paths.read_json(path))
   path, _, arg = str(config).partition(":")
   spec = importlib.util.spec_from_file_location("bridgejax_user_config", path)
   if spec is None or not os.path.exists(path):
@@ -106,9 +108,11 @@ class Pipeline:
 
   def __init__(self, setup, params, *, name: str = "", max_new_tokens: int = 32, batch_size: int = 16):
     self.setup, self.model, self.tokenizer = setup, setup.model, setup.tokenizer
-    self.params, self.name, self.batch_size = params, name, batch_size
-    self.engine = Engine(self.model, params, self.tokenizer, max_new_tokens=max_new_tokens)
+    self.name, self.batch_size = name, batch_size
+    self.engine = Engine(self.model, params, self.tokenizer, mesh=setup.mesh, max_new_tokens=max_new_tokens)
+    self.params = self.engine.params  # on the mesh, placed once: no call sends the weights again
     self.image_size = self.model.vision.config.image_size
+    self.image_resize = setup.config.data.get("image_resize", "clip")  # as the model was trained
     self._forward = jax.jit(self._forward_fn)
 
   @classmethod
@@ -116,7 +120,7 @@ class Pipeline:
     """The checkpoint `step` (default: latest) of a training run; config: a ConfigDict, a config
     file, or None for the run's own config.json."""
     from bridgejax.evaluation.run import load_params  # pylint: disable=g-import-not-at-top
-    from bridgejax.train.loop import build  # pylint: disable=g-import-not-at-top
+    from bridgejax.experiment import build  # pylint: disable=g-import-not-at-top
     config = load_config(config, workdir)
     setup = build(config)
     step, params = load_params(setup, workdir, step)
@@ -135,7 +139,7 @@ class Pipeline:
           image = decode_image(f.read(), str(image))
       elif isinstance(image, bytes):
         image = decode_image(image)
-      out.append(clip_preprocess(image, self.image_size))
+      out.append(clip_preprocess(image, self.image_size, self.image_resize))
     return np.stack(out)
 
   def _encode(self, images):
@@ -145,9 +149,38 @@ class Pipeline:
     tokens, emb = self.engine.encode(np.pad(pixels, [(0, size - n)] + [(0, 0)] * 3))
     return tokens[:n], emb[:n]
 
-  def _ids(self, texts: Sequence[str], *, append_ret: bool = False):
-    rows = [self.tokenizer.encode(t, add_bos=True) + ([self.model.ret_id] if append_ret else []) for t in texts]
+  @property
+  def context(self) -> int:
+    """Positions the LM was trained on (max_position_embeddings): the whole sequence must fit."""
+    return int(self.model.llm.config.max_position_embeddings)
+
+  def prompt_ids(self, text: str, *, reserve: int = 0, append_ret: bool = False) -> list[int]:
+    """BOS + text (+ [RET]) ids, or UserError when they do not fit in the LM's context next to
+    `reserve` positions (visual tokens, new tokens). Too long a prompt is refused, not cut: cutting
+    either end of a question or a query changes what is asked. Only a prefix of a huge text is
+    tokenised to find out, so a 1 MB prompt fails at once."""
+    from bridgejax.errors import UserError  # pylint: disable=g-import-not-at-top
+    limit = self.context - reserve
+    tail = [self.model.ret_id] if append_ret else []
+    head = text[:max(limit, 1) * _MAX_CHARS_PER_TOKEN]
+    ids = self.tokenizer.encode(head, add_bos=True) + tail
+    if len(head) < len(text) and len(ids) <= limit:  # tokens longer than the bound: tokenise it all
+      head, ids = text, self.tokenizer.encode(text, add_bos=True) + tail
+    if len(ids) > limit:
+      size = f"{len(ids)}" + ("+" if len(head) < len(text) else "")
+      raise UserError(
+          f"the prompt is {size} tokens ({len(text):,d} characters), but the LM's context holds "
+          f"{self.context} positions (max_position_embeddings), {reserve} of them for the image's visual "
+          f"tokens and the new tokens: shorten the prompt to at most {max(limit - len(tail), 0)} tokens"
+          + (" (or ask for fewer new tokens)" if reserve else ""))
+    return ids
+
+  def _ids(self, texts: Sequence[str], *, reserve: int = 0, append_ret: bool = False):
+    rows = [self.prompt_ids(t, reserve=reserve, append_ret=append_ret) for t in texts]
     return pad_rows(rows, round_up(max(map(len, rows)), 16), self.tokenizer.pad_id)
+
+  def _new_tokens(self, max_new_tokens: int | None) -> int:
+    return int(max_new_tokens or self.engine.max_new_tokens)
 
   # ------------------------------------------------------------------ text out
 
@@ -157,7 +190,7 @@ class Pipeline:
 
   def captions(self, images, prompt: str = "", max_new_tokens: int | None = None) -> list[str]:
     tokens, _ = self._encode(images)
-    ids, mask = self._ids([prompt] * tokens.shape[0])
+    ids, mask = self._ids([prompt] * tokens.shape[0], reserve=tokens.shape[1] + self._new_tokens(max_new_tokens))
     new = self.engine.generate(tokens, ids, mask, max_new_tokens=max_new_tokens)
     return [cut_caption(self.engine.decode_new(row)) for row in new]
 
@@ -165,7 +198,7 @@ class Pipeline:
     """The answer after "Q: {question}\\nA:", up to the first newline or period."""
     from bridgejax.evaluation.tasks import vqa_prompt  # pylint: disable=g-import-not-at-top
     tokens, _ = self._encode([image])
-    ids, mask = self._ids([vqa_prompt(question)])
+    ids, mask = self._ids([vqa_prompt(question)], reserve=tokens.shape[1] + max_new_tokens)
     new = self.engine.generate(tokens, ids, mask, max_new_tokens=max_new_tokens)
     return cut_caption(self.engine.decode_new(new[0]), "first")
 
@@ -191,7 +224,7 @@ class Pipeline:
   def composed_query(self, image, text: str) -> np.ndarray:
     """The normalised W_t embedding of [visual tokens] + BOS + text + [RET] (see the module doc)."""
     tokens, _ = self._encode([image])
-    ids, mask = self._ids([text], append_ret=True)
+    ids, mask = self._ids([text], reserve=tokens.shape[1], append_ret=True)
     return l2_normalize(self._ret_embeddings(tokens, ids, mask, np.asarray([[int(mask.sum()) - 1]]))[0])[0]
 
   def search(self, query: np.ndarray, index: ImageIndex, k: int = 5, exclude: Sequence[str] = ()) -> list[Hit]:
@@ -233,7 +266,7 @@ class Pipeline:
     """FROMAGe's interleaved output: a list of text segments (str) and retrieved images (Hit) in
     order; without an index, [RET] positions are returned as the string "[RET]"."""
     tokens = None if image is None else self._encode([image])[0]
-    ids, mask = self._ids([prompt])
+    ids, mask = self._ids([prompt], reserve=(0 if tokens is None else tokens.shape[1]) + max_new_tokens)
     new = self.engine.generate(tokens, ids, mask, max_new_tokens=max_new_tokens, stop_at_ret=False)[0]
     stops = set(self.engine.stop_ids) - {self.model.ret_id}
     generated = []

@@ -8,7 +8,9 @@
     python -m bridgejax.predict --workdir RUN generate --index FOLDER|index.npz [--image IMAGE] "PROMPT"
 
 --config FILE overrides the run's config.json (e.g. to point at moved backbones); --step picks a
-checkpoint (default: the latest); --json prints machine-readable output.
+checkpoint (default: the latest); --json prints machine-readable output. A bad path or a prompt
+too long for the LM's context is reported on one line (`error: ...`, exit status 2) before any
+weight loads; --debug adds the traceback.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--config", default=None, help="config file (default: WORKDIR/config.json)")
   p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
   p.add_argument("--json", action="store_true", help="print JSON")
+  p.add_argument("--debug", action="store_true", help="show the traceback of an error (anywhere on the line)")
   sub = p.add_subparsers(dest="command", required=True)
   s = sub.add_parser("caption", help="caption image files")
   s.add_argument("images", nargs="+")
@@ -63,8 +66,12 @@ def _hits(hits) -> list[dict]:
 
 
 def run(a) -> object:
-  from bridgejax.inference import Hit, Pipeline  # pylint: disable=g-import-not-at-top
-  pipe = Pipeline.from_workdir(a.workdir, a.config, a.step)
+  from bridgejax.checks import check_backbones, check_checkpoint  # pylint: disable=g-import-not-at-top
+  from bridgejax.inference import Hit, Pipeline, load_config  # pylint: disable=g-import-not-at-top
+  check_checkpoint(a.workdir, a.step)
+  config = load_config(a.config, a.workdir)
+  check_backbones(config)
+  pipe = Pipeline.from_workdir(a.workdir, config, a.step)
   if a.command == "caption":
     return dict(zip(a.images, pipe.captions(a.images, a.prompt, a.max_new_tokens)))
   if a.command == "answer":
@@ -91,17 +98,18 @@ def _print(result) -> None:
 
 
 def main(argv=None) -> int:
+  from bridgejax import cli  # pylint: disable=g-import-not-at-top
+  argv, debug = cli.pop_debug(sys.argv[1:] if argv is None else argv)
   a = _parser().parse_args(argv)
-  try:
+
+  def go() -> int:
     result = run(a)
-  except (FileNotFoundError, ValueError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  if a.json:
-    print(json.dumps(result, indent=1))
-  else:
-    _print(result)
-  return 0
+    if a.json:
+      print(json.dumps(result, indent=1))
+    else:
+      _print(result)
+    return 0
+  return cli.call(go, debug=debug)
 
 
 if __name__ == "__main__":

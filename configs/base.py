@@ -58,6 +58,9 @@ def get_config(arg=None):
       "max_caption_tokens": 24,  # BOS + caption + [RET]; a longer caption is cut and still ends in [RET]
       "num_workers": 8,  # processes decoding and preprocessing images (0 = in the training process)
       "val_examples": 1000,  # the quick validation during training
+      # "clip": shortest side to the tower's size + centre crop (FROMAGe's transform); "squash": the
+      # whole image resized to a square, as the thesis's fork fed COCO val2017 at evaluation.
+      "image_resize": "clip",
   })
 
   config.eval = ml_collections.ConfigDict({
@@ -83,6 +86,7 @@ def get_config(arg=None):
       "visdial_rounds_per_step": 2,  # IT2T rounds scored per step (x 100 candidates each)
       "max_dialog_tokens": 512,  # T2I dialog text cap (longer dialogs lose their last rounds; counted)
       "num_workers": 0,  # processes decoding eval images
+      "image_resize": "",  # "" = data.image_resize; "squash" is the thesis fork's COCO eval geometry
       "progress": True,  # a progress bar per task
   })
 

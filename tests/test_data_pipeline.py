@@ -167,3 +167,33 @@ def test_eval_pass_is_ordered_padded_and_equal_across_processes(data):
     assert b["id"][0] == f"r{p}" and b["caption_valid"][0].tolist() == [True, True, False]
   assert len(set(counts)) == 1  # 26 records over 3 processes: 9, 9, 8 -> 3 batches each
   assert sorted(seen) == list(range(NUM))
+
+
+def test_image_resize_reaches_training_and_eval_batches(data, tmp_path):
+  """data.image_resize / eval.image_resize: the squashed image, not the cropped one."""
+  from bridgejax.data.image import clip_preprocess, decode_image
+  from bridgejax.evaluation.run import resolved_eval_config
+  from configs import base
+  _, tok = data
+  lines = []
+  for i in range(4):  # wide gradients: squashing and cropping see different pixels
+    pixels = np.tile(np.linspace(0, 255, 40 + 8 * i, dtype=np.uint8)[None, :, None], (16, 1, 3))
+    Image.fromarray(pixels).save(tmp_path / f"{i}.png")
+    lines.append(json.dumps({"image": f"{i}.png", "caption": "a gradient", "id": f"g{i}"}))
+  (tmp_path / "g.jsonl").write_text("\n".join(lines))
+  prepare.prepare_jsonl(tmp_path / "g.jsonl", tmp_path / "ds")
+  split = records.open_split(tmp_path / "ds", "train")
+  squashed = lambda i: clip_preprocess(decode_image(split[i]["image"]), 16, "squash")
+  batch = pipeline.train_dataset(tmp_path / "ds", "train", tok, batch_size=4, image_size=16, shard_index=0,
+                                 shard_count=1, image_resize="squash")[0]
+  for row, index in enumerate(batch["index"]):
+    np.testing.assert_array_equal(batch["image"][row], squashed(int(index)))
+  evals = pipeline.eval_dataset(tmp_path / "ds", "train", batch_size=4, image_size=16, shard_index=0, shard_count=1,
+                                image_resize="squash")[0]
+  np.testing.assert_array_equal(evals["image"][1], squashed(1))
+  assert np.abs(evals["image"][1] - clip_preprocess(decode_image(split[1]["image"]), 16)).max() > 0.1
+  config = base.get_config()
+  config.data.image_resize = "squash"
+  assert resolved_eval_config(config).image_resize == "squash" and config.eval.image_resize == ""
+  config.eval.image_resize = "clip"
+  assert resolved_eval_config(config).image_resize == "clip"

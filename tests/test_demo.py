@@ -33,25 +33,29 @@ def test_demo_learns_to_retrieve_and_to_caption_what_it_sees(tmp_path):
 
   records = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
   caption_loss = [r["train/caption_loss"] for r in records if "train/caption_loss" in r]
-  # measured 1.51 at step 20 -> 1.18, 1.06 at steps 380, 400
+  # measured (visual_token_scale sqrt_d) 1.40 at step 20 -> 1.17, 1.05 at steps 380, 400
   assert sum(caption_loss[-2:]) / 2 < 0.85 * caption_loss[0], caption_loss
   assert any("val/i2t_R@1" in r for r in records)
 
   for task in ("caption", "retrieval"):
     report = json.load(open(workdir / "eval" / f"{task}.json"))
     assert report["checkpoint_step"] == 400 and report["dataset"]["split"] == "test"
-    assert all(v is None or 0.0 <= v <= 1.0 for v in report["metrics"].values()), report["metrics"]
+    # rates 0-1, R@k in percent
+    assert all(v is None or 0.0 <= v <= (100.0 if "R@" in k else 1.0) for k, v in report["metrics"].items()), \
+        report["metrics"]
   assert os.path.getsize(workdir / "eval" / "report.html") > 10_000
 
-  # Retrieval over 500 held-out images (chance R@1 0.2%): measured i2t 7.2%, t2i 5.6%.
+  # Retrieval over 500 held-out images (chance R@1 0.2%): measured i2t 7.6%, t2i 5.6% (7.2 / 5.6 with
+  # visual_token_scale none).
   retrieval = json.load(open(workdir / "eval" / "retrieval.json"))["metrics"]
-  assert retrieval["i2t_R@1"] > 0.03 and retrieval["t2i_R@1"] > 0.025, retrieval
+  assert retrieval["i2t_R@1"] > 3.0 and retrieval["t2i_R@1"] > 2.5, retrieval
 
-  # Captions describe the image they were given: measured 80% colour agreement with the image's own
-  # references against 22% with another image's, 195 distinct captions for 500 images.
+  # Captions describe the image they were given: measured 92% colour agreement with the image's own
+  # references against 22% with another image's, 219 distinct captions for 500 images (80%, 22%
+  # and 195 with visual_token_scale none).
   predictions = json.load(open(workdir / "eval" / "caption_predictions.json"))["predictions"]
   captions, references = [p["caption"] for p in predictions], [p["references"] for p in predictions]
   matched = color_agreement(captions, references)
   shuffled = color_agreement(captions, references[1:] + references[:1])
-  assert matched > 0.6 and matched > shuffled + 0.3, (matched, shuffled)
+  assert matched > 0.7 and matched > shuffled + 0.4, (matched, shuffled)
   assert len(set(captions)) > len(captions) // 5

@@ -111,7 +111,7 @@ def test_retrieval_uses_model_embeddings(env):
   ids, mask = setup.tokenizer.batch_encode(captions, 24, append_ret=True)
   _, texts = setup.model.text_embedding(params, jnp.asarray(ids), jnp.asarray(mask))
   want = retrieval.recall_at_k(l2_normalize(images), l2_normalize(texts), np.repeat(np.arange(3), 5))
-  assert result.metrics == pytest.approx(want)
+  assert result.metrics == pytest.approx({k: 100 * v for k, v in want.items()})  # R@k in percent
   ranks = retrieval.ranks(l2_normalize(images), l2_normalize(texts), np.repeat(np.arange(3), 5))
   assert [p["i2t_rank"] for p in result.predictions] == ranks["i2t"].tolist()
   assert [q["t2i_rank"] for p in result.predictions for q in p["queries"]] == ranks["t2i"].tolist()
@@ -170,12 +170,13 @@ def test_quick_validation_matches_the_training_loss(env):
 
 
 def test_errors_name_the_problem_and_the_fix(env):
+  from bridgejax.data import splits
   from bridgejax.evaluation import run
   with pytest.raises(ValueError, match="choose from .*caption.*retrieval"):
-    run.parse_tasks("caption,captioning")
+    splits.parse_tasks("caption,captioning")
   with pytest.raises(RecordError, match="no vqa split named 'test'.*it has: .*vqa_val \\(vqa\\).*eval.vqa_split"):
-    run.task_data(tw.config(vqa_split="test"), "vqa")
-  assert run.task_data(tw.config(), "visdial")[1] == "visdial_val"
+    splits.task_data(tw.config(vqa_split="test"), "vqa")
+  assert splits.task_data(tw.config(), "visdial")[1] == "visdial_val"
   setup, _ = tw.setup_and_params()
   with pytest.raises(FileNotFoundError, match="available steps: \\[3\\]"):
     run.load_params(setup, tw.workdir_with_checkpoint(), 7)

@@ -113,3 +113,13 @@ def test_predict_cli(pipe_and_images, capsys):
   assert len(hits) == 2 and all(os.path.dirname(h["path"]) == folder for h in hits)
   assert predict.main(["--workdir", workdir, "--step", "9", "caption", os.path.join(folder, "img0.png")]) == 2
   assert "available steps: [3]" in capsys.readouterr().err
+
+
+def test_predict_refuses_a_prompt_longer_than_the_context_in_one_line(pipe_and_images, capsys):
+  _, folder = pipe_and_images
+  workdir = tw.workdir_with_checkpoint()
+  capsys.readouterr()
+  question = "is it red? " * 1000  # 10k characters; it hung for minutes and printed nothing
+  assert predict.main(["--workdir", workdir, "answer", os.path.join(folder, "img0.png"), question]) == 2
+  err = capsys.readouterr().err
+  assert len(err.splitlines()) == 1 and err.startswith("error: the prompt is ") and "max_position_embeddings" in err

@@ -4,7 +4,6 @@ they learned their world (the LM its language)."""
 import os
 
 import numpy as np
-import pytest
 import torch
 import transformers
 from PIL import Image

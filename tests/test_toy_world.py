@@ -8,8 +8,9 @@ import time
 import numpy as np
 from PIL import Image
 
-from bridgejax.data import prepare, records
+from bridgejax.data import records
 from bridgejax.toy import world
+from bridgejax.toy.prepare import prepare_toy
 
 
 def test_same_seed_same_bytes_other_seed_other_world():
@@ -102,7 +103,7 @@ def test_language_is_varied_and_generation_fast():
 
 
 def test_prepare_toy_writes_every_task_over_shared_images(tmp_path):
-  summary = prepare.prepare_toy(tmp_path / "toy", num_train=12, num_val=6, num_test=4)
+  summary = prepare_toy(tmp_path / "toy", num_train=12, num_val=6, num_test=4)
   splits = summary["splits"]
   assert splits["train"]["num_examples"] == 12 and splits["val"]["num_examples"] == 6
   assert splits["visdial_test"]["num_examples"] == 4 and splits["vqa_val"]["num_examples"] == 30
@@ -112,6 +113,6 @@ def test_prepare_toy_writes_every_task_over_shared_images(tmp_path):
   assert dial[2]["image"] == val[2]["image"] and dial[2]["rounds"] == world.example("val", 2)["dialog"]["rounds"]
   assert records.open_split(tmp_path / "toy", "train")[3]["captions"] == world.example("train", 3)["captions"]
   # the same seed prepares the same bytes
-  prepare.prepare_toy(tmp_path / "again", num_train=12, num_val=6, num_test=4)
+  prepare_toy(tmp_path / "again", num_train=12, num_val=6, num_test=4)
   for f in ("train-00000-of-00001.array_record", "vqa_val-00000-of-00001.array_record"):
     assert (tmp_path / "toy" / f).read_bytes() == (tmp_path / "again" / f).read_bytes()

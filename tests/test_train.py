@@ -13,6 +13,7 @@ import optax
 import pytest
 
 import tiny_world
+from bridgejax import experiment
 from bridgejax.train import loop
 
 
@@ -46,7 +47,7 @@ class _SigtermAfter:
 
 def test_sigterm_then_resume_equals_uninterrupted_run(paths, tmp_path):
   config = tiny_world.config(paths, checkpoint_every_steps=100)
-  setup = loop.build(config)
+  setup = experiment.build(config)
   straight = loop.train(config, str(tmp_path / "straight"), loop.train_iterator(config, setup), setup=setup)
 
   workdir = str(tmp_path / "interrupted")
@@ -62,7 +63,7 @@ def test_sigterm_then_resume_equals_uninterrupted_run(paths, tmp_path):
 
 def test_frozen_untouched_and_optimizer_holds_only_trainable(paths, tmp_path):
   config = tiny_world.config(paths, total_steps=2)
-  setup = loop.build(config)
+  setup = experiment.build(config)
   before = jax.tree.map(np.array, setup.frozen)
   summary = loop.train(config, str(tmp_path), loop.train_iterator(config, setup), setup=setup)
   after = jax.tree.map(np.asarray, setup.frozen)
@@ -83,7 +84,7 @@ def test_frozen_untouched_and_optimizer_holds_only_trainable(paths, tmp_path):
 def test_nonfinite_losses_are_skipped_then_stop(paths, tmp_path):
   config = tiny_world.config(paths, total_steps=5, max_nonfinite_steps=3)
   config.optim.lr = float("nan")  # every update is NaN: skipped, counted, then a clear stop
-  setup = loop.build(config)
+  setup = experiment.build(config)
   with pytest.raises(loop.NonFiniteLossError, match="3 consecutive steps had a non-finite"):
     loop.train(config, str(tmp_path), loop.train_iterator(config, setup), setup=setup)
 

@@ -3,12 +3,11 @@
 import grain
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
 from configs import base
-from bridgejax.train import mesh as mesh_lib
+from bridgejax import mesh as mesh_lib
 from bridgejax.train.checkpoint import Checkpointer, abstract_like
 from bridgejax.train.optimizer import learning_rate_schedule, make_optimizer
 

@@ -19,7 +19,7 @@ VOCAB = 320
 @functools.cache
 def world() -> dict:
   root = tempfile.mkdtemp(prefix="bridgejax_eval_test_")
-  from bridgejax.data.prepare import prepare_toy
+  from bridgejax.toy.prepare import prepare_toy
   prepare_toy(os.path.join(root, "data"), num_train=4, num_val=6, num_test=1, seed=0)
   _save_backbones(root)
   return {"root": root, "data": os.path.join(root, "data"), "clip": os.path.join(root, "clip"),
@@ -79,7 +79,7 @@ def config(**eval_overrides):
 def setup_and_params():
   """(setup, trainable params) of an untrained bridge on the tiny backbones; [RET] made likelier so
   that random generations sometimes contain it."""
-  from bridgejax.train.loop import build
+  from bridgejax.experiment import build
   setup = build(config())
   trainable = setup.model.init_trainable(jax.random.key(1), setup.frozen)
   return setup, trainable

@@ -15,6 +15,8 @@ import numpy as np
 sys.path.insert(0, ".")
 sys.path.insert(0, "tests")
 import tiny_world  # noqa: E402
+from bridgejax import experiment  # noqa: E402
+from bridgejax.main import run  # noqa: E402
 from bridgejax.train import loop  # noqa: E402
 
 
@@ -24,9 +26,9 @@ def main():
   cfg = tiny_world.config(json.loads(paths_json), total_steps=3, **{
       "mesh.data": int(data), "mesh.model": int(model), "frozen_sharding": frozen})
   if shards == 1:
-    summary = loop.run(cfg, workdir)
+    summary = run(cfg, workdir)
   else:
-    setup = loop.build(cfg)
+    setup = experiment.build(cfg)
     summary = loop.train(cfg, workdir, _joined_shards(cfg, setup, shards), setup=setup)
   losses = [json.loads(line)["train/loss"] for line in open(f"{workdir}/metrics.jsonl")]
   flat = {"/".join(str(k.key) for k in path): np.asarray(leaf)

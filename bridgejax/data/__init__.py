@@ -8,7 +8,8 @@
     records = data.open_split(DIR, "vqa_val")       # random access to the records' text and ids
 
 Modules: image (CLIP transform, safe decoding), records (on-disk format and schemas), sources/
-(one per input format), prepare (the CLI), pipeline (grain loaders).
+(one per input format), prepare/ (the writers and their CLI; `toy` is bridgejax.toy's), splits
+(which split each eval task reads), pipeline (grain loaders).
 """
 
 from bridgejax.data.image import ImageError, clip_preprocess, decode_image

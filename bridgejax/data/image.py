@@ -2,6 +2,11 @@
 
 Shortest side resized to `size` (PIL bicubic), centre crop `size` x `size`, rescale to [0, 1],
 normalise with the CLIP mean/std; returns float32 CHW, the layout the vision tower takes.
+
+`resize` chooses the geometry (`config.data.image_resize`):
+  "clip"   shortest side to `size`, centre crop (CLIPImageProcessor; FROMAGe's training transform);
+  "squash" the whole image to `size` x `size`, aspect ratio not kept, nothing cropped: how the
+           thesis's fork fed COCO val2017 images at evaluation.
 """
 
 from __future__ import annotations
@@ -41,11 +46,19 @@ def to_rgb(image: Image.Image) -> Image.Image:
   return Image.alpha_composite(white, image.convert("RGBA")).convert("RGB")
 
 
-def clip_preprocess(image: Image.Image | np.ndarray, size: int = 224) -> np.ndarray:
+RESIZES = ("clip", "squash")
+
+
+def clip_preprocess(image: Image.Image | np.ndarray, size: int = 224, resize: str = "clip") -> np.ndarray:
   """One image (PIL, or uint8 HWC array) -> (3, size, size) float32, CLIP-normalised."""
   if isinstance(image, np.ndarray):
     image = Image.fromarray(image)
-  image = center_crop(resize_shortest_side(to_rgb(image), size), size)
+  if resize == "clip":
+    image = center_crop(resize_shortest_side(to_rgb(image), size), size)
+  elif resize == "squash":
+    image = to_rgb(image).resize((size, size), resample=Image.Resampling.BICUBIC)
+  else:
+    raise ValueError(f"image resize {resize!r}: use one of {', '.join(RESIZES)} (config.data.image_resize)")
   pixels = np.asarray(image, dtype=np.float32) / 255.0
   return ((pixels - CLIP_MEAN) / CLIP_STD).transpose(2, 0, 1)
 

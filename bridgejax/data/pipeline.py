@@ -54,24 +54,24 @@ def _shard(shard_index: int | None, shard_count: int | None) -> tuple[int, int]:
   return shard_index, shard_count
 
 
-def _image(record: dict[str, Any], image_size: int) -> np.ndarray:
-  return clip_preprocess(decode_image(record["image"], f"record {record['id']!r}"), image_size)
+def _image(record: dict[str, Any], image_size: int, resize: str = "clip") -> np.ndarray:
+  return clip_preprocess(decode_image(record["image"], f"record {record['id']!r}"), image_size, resize)
 
 
 class _TrainExample:
   """record -> one training example; picks one of the record's captions with the element's rng
   (a different one each epoch for COCO's five). A class, not a closure: it goes to the workers."""
 
-  def __init__(self, split: Split, tokenizer: Tokenizer, image_size: int, max_length: int):
+  def __init__(self, split: Split, tokenizer: Tokenizer, image_size: int, max_length: int, resize: str = "clip"):
     self.split, self.tokenizer = split, tokenizer
-    self.image_size, self.max_length = image_size, max_length
+    self.image_size, self.max_length, self.resize = image_size, max_length, resize
 
   def __call__(self, index: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
     record = self.split[index]
     captions = record["captions"]
     caption = captions[int(rng.integers(len(captions)))] if len(captions) > 1 else captions[0]
     ids, mask = self.tokenizer.batch_encode([caption], self.max_length, add_bos=True, append_ret=True)
-    return {"image": _image(record, self.image_size),
+    return {"image": _image(record, self.image_size, self.resize),
             "text_ids": np.asarray(ids[0], np.int32), "text_mask": np.asarray(mask[0], np.int32),
             "index": np.int32(index)}
 
@@ -174,13 +174,14 @@ def train_dataset(data_dir: str | os.PathLike, split: str, tokenizer: Tokenizer,
                   batch_size: int, seed: int = 0, image_size: int = 224, max_length: int = 24,
                   shard_index: int | None = None, shard_count: int | None = None,
                   num_epochs: int | None = None, worker_count: int = 0,
-                  worker_buffer_size: int = 2):
+                  worker_buffer_size: int = 2, image_resize: str = "clip"):
   """Batches of image_text examples for training; returns a Loader (iterable of batches).
 
   batch_size is per process. (The concat trick's coin is the model's: a pure function of
   (seed, step), so every process draws the same one; see BridgeModel.loss.)
   shard_index/shard_count default to jax.process_index()/process_count(). num_epochs=None
   repeats forever. worker_count processes decode and preprocess (0: in this process).
+  image_resize: "clip" (resize + centre crop) or "squash" (bridgejax.data.image).
   """
   if batch_size <= 0:
     raise ValueError(f"batch_size {batch_size} must be positive")
@@ -194,7 +195,7 @@ def train_dataset(data_dir: str | os.PathLike, split: str, tokenizer: Tokenizer,
     raise RecordError(f"split {split!r} gives this process {len(ds)} examples per epoch, fewer "
                       f"than one batch of {batch_size}")
   ds = ds.repeat(num_epochs)
-  ds = ds.random_map(_TrainExample(records, tokenizer, image_size, max_length), seed=seed)
+  ds = ds.random_map(_TrainExample(records, tokenizer, image_size, max_length, image_resize), seed=seed)
   ds = ds.batch(batch_size, drop_remainder=True)
   return Loader(ds, worker_count=worker_count, buffer_size=worker_buffer_size, fingerprint=dict(
       split=split, num_records=len(records), seed=seed, batch_size=batch_size, shard_count=shard_count))
@@ -202,8 +203,9 @@ def train_dataset(data_dir: str | os.PathLike, split: str, tokenizer: Tokenizer,
 
 class _EvalExample:
   def __init__(self, split: Split, num_records: int, shard_index: int, shard_count: int,
-               image_size: int, tokenizer: Tokenizer | None, captions_per_image: int, max_length: int):
-    self.split, self.num_records = split, num_records
+               image_size: int, tokenizer: Tokenizer | None, captions_per_image: int, max_length: int,
+               resize: str = "clip"):
+    self.split, self.num_records, self.resize = split, num_records, resize
     self.shard_index, self.shard_count = shard_index, shard_count
     self.image_size, self.tokenizer = image_size, tokenizer
     self.captions_per_image, self.max_length = captions_per_image, max_length
@@ -212,7 +214,7 @@ class _EvalExample:
     index = self.shard_index + position * self.shard_count
     valid = index < self.num_records
     record = self.split[index if valid else 0]  # padding repeats record 0, marked invalid
-    out = {"image": _image(record, self.image_size), "index": np.int32(index if valid else -1),
+    out = {"image": _image(record, self.image_size, self.resize), "index": np.int32(index if valid else -1),
            "valid": np.bool_(valid), "id": np.str_(record["id"] if valid else "")}
     if self.tokenizer is not None:
       caps = list(record["captions"][: self.captions_per_image])
@@ -228,7 +230,7 @@ class _EvalExample:
 def eval_dataset(data_dir: str | os.PathLike, split: str, *, batch_size: int, image_size: int = 224,
                  shard_index: int | None = None, shard_count: int | None = None,
                  tokenizer: Tokenizer | None = None, captions_per_image: int = 5,
-                 max_length: int = 24, worker_count: int = 0):
+                 max_length: int = 24, worker_count: int = 0, image_resize: str = "clip"):
   """One ordered pass over any split, in fixed-shape batches; returns a Loader.
 
   Every batch: image (B,3,S,S), index (B,) i32 (the record, -1 for padding), valid (B,) bool,
@@ -246,7 +248,7 @@ def eval_dataset(data_dir: str | os.PathLike, split: str, *, batch_size: int, im
   per_shard = -(-n // shard_count)
   padded = -(-per_shard // batch_size) * batch_size  # the same on every process
   ds = grain.MapDataset.range(padded).map(_EvalExample(
-      records, n, shard_index, shard_count, image_size, tokenizer, captions_per_image, max_length))
+      records, n, shard_index, shard_count, image_size, tokenizer, captions_per_image, max_length, image_resize))
   ds = ds.batch(batch_size, drop_remainder=True)
   return Loader(ds, worker_count=worker_count, fingerprint=dict(
       split=split, num_records=n, batch_size=batch_size, shard_count=shard_count))

@@ -7,7 +7,8 @@
   visdial     VisDial R@k, MRR, mean rank and NDCG (visdial-challenge-starter-pytorch's metrics).
 
 Scale: every rate (BLEU, METEOR, ROUGE-L, CIDEr, VQA accuracy, R@k, MRR, NDCG) is a fraction on the
-0-1 scale, unrounded; ranks are 1-based. A report writer multiplies by 100 for display.
+0-1 scale, unrounded; ranks are 1-based. A report writer multiplies by 100 for display. The task
+runners (tasks.py) store R@k x100 in the eval JSONs and logs, so recalls read in percent everywhere.
 
 Submodules are imported on first use (`bridgejax.evaluation.vqa` does not pull in jax or Java).
 """

@@ -1,11 +1,18 @@
 """The model-side pieces every eval task and the inference API share, each jitted once per Engine.
 
-    engine = Engine(model, params, tokenizer)        # params: the full {vision, llm, bridge, ret}
+    engine = Engine(model, params, tokenizer, mesh=setup.mesh)   # params: the full {vision, llm, bridge, ret}
     tokens, image_emb = engine.encode(images)        # visual tokens (B, K, D), W_i embedding (B, E)
     emb = engine.text_embedding(ids, mask)           # text pass ending in [RET] -> W_t (B, E)
     new = engine.generate(tokens, ids, mask)         # KV-cache decoding after [visual] + text
     text = engine.decode_new(new[0])                 # up to the first EOS / [RET]
     nll = engine.candidate_nll(tokens, ctx, ctx_mask, cand, cand_mask)   # (R, N) summed token CE
+
+Placement: the params are put on the mesh once (frozen trees stay as the training mesh laid them
+out, anything else is replicated). Every batch is split over the mesh's 'data' axis, on all devices
+of all processes; rows are padded (repeating the last row) to a multiple of the 'data' size, so pass
+`round_batch(n)` rows to waste nothing. Inputs are host arrays, the same on every process; outputs
+come back as numpy, replicated to every process. Without a mesh, the params' own mesh is used (one
+device when they sit on one device).
 
 Embeddings are returned as the model makes them (not normalised); `l2_normalize` is for ranking.
 Shapes are the caller's business: pass fixed shapes (pad the last batch) and nothing recompiles.
@@ -22,9 +29,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bridgejax import losses
-from bridgejax.generate import generate
-from bridgejax.models.gemma import Gemma, init_cache
+from bridgejax import losses, mesh as mesh_lib
+from bridgejax.generate import generate, prefill
+from bridgejax.models.gemma import Gemma
 
 
 def l2_normalize(x) -> np.ndarray:
@@ -32,21 +39,82 @@ def l2_normalize(x) -> np.ndarray:
   return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
-class Engine:
-  """Jitted functions of one BridgeModel over one parameter dict."""
+def mesh_of(params) -> jax.sharding.Mesh:
+  """The largest mesh any leaf of `params` is laid out on, else a one-device mesh on the device of
+  the first device-resident leaf (or this process's first device)."""
+  leaves = jax.tree.leaves(params)
+  meshes = [x.sharding.mesh for x in leaves
+            if isinstance(x, jax.Array) and isinstance(x.sharding, jax.sharding.NamedSharding)]
+  if meshes:
+    return max(meshes, key=lambda m: m.devices.size)
+  devices = [next(iter(x.sharding.device_set)) for x in leaves if isinstance(x, jax.Array)]
+  return mesh_lib.make_mesh(1, 1, devices=[devices[0] if devices else jax.local_devices()[0]])
 
-  def __init__(self, model, params, tokenizer, *, max_new_tokens: int = 32, method: str = "greedy",
+
+def place_on_mesh(params, mesh):
+  """Leaves already laid out on this mesh stay (frozen trees keep their training layout); every
+  other leaf is replicated over the mesh. Called once: later calls send nothing."""
+  devices, replicated = set(mesh.devices.flat), mesh_lib.replicated(mesh)
+
+  def put(x):
+    if isinstance(x, jax.Array) and x.sharding.device_set == devices and (
+        len(devices) == 1 or getattr(x.sharding, "mesh", None) == mesh):  # same devices in the same order
+      return x
+    if isinstance(x, jax.Array) and (jax.process_count() > 1 or not x.is_fully_addressable):
+      x = np.asarray(x)  # across processes, a global array is built from the same host value everywhere
+    return jax.device_put(x, replicated)
+
+  return jax.tree.map(put, params)
+
+
+def shard_rows(x, mesh) -> jax.Array:
+  """A host batch (the same on every process) -> a global array split over 'data'. The row count
+  must be a multiple of the 'data' size (see Engine.round_batch)."""
+  return jax.device_put(np.asarray(x), mesh_lib.batch_sharding(mesh))  # each device gets its rows only
+
+
+class Engine:
+  """Jitted functions of one BridgeModel over one parameter dict, on one mesh."""
+
+  def __init__(self, model, params, tokenizer, *, mesh=None, max_new_tokens: int = 32, method: str = "greedy",
                num_beams: int = 1):
-    self.model, self.params, self.tokenizer = model, params, tokenizer
+    self.mesh = mesh_of(params) if mesh is None else mesh
+    self.model, self.params, self.tokenizer = model, place_on_mesh(params, self.mesh), tokenizer
+    self.data_size = int(self.mesh.shape["data"])
     self.max_new_tokens, self.method, self.num_beams = max_new_tokens, method, num_beams
     llm = model.llm.config
     # Generation stops at EOS and at [RET]: what follows a [RET] is a new segment (an image), not
     # more of this caption or answer.
     self.stop_ids = tuple(sorted(set(llm.eos_token_ids) | {tokenizer.eos_id, model.ret_id}))
-    self._encode = jax.jit(self._encode_fn)
-    self._text_embedding = jax.jit(lambda p, ids, mask: model.text_embedding(p, ids, mask)[1])
-    self._prefix = jax.jit(self._prefix_fn)
-    self._candidate_nll = jax.jit(self._candidate_nll_fn)
+    rows, replicated = mesh_lib.batch_sharding(self.mesh), mesh_lib.replicated(self.mesh)
+    # Host-bound outputs are replicated (each process reads them whole); what stays on device
+    # for the next jitted piece (generation's prefix) stays split over 'data'.
+    self._encode = jax.jit(self._encode_fn, out_shardings=replicated)
+    self._text_embedding = jax.jit(lambda p, ids, mask: model.text_embedding(p, ids, mask)[1],
+                                   out_shardings=replicated)
+    self._prefix = jax.jit(self._prefix_fn, out_shardings=(rows, replicated))
+    self._text_prefix = jax.jit(lambda p, ids, mask: (model.embed_text(p, ids), mask),
+                                out_shardings=(rows, replicated))
+    self._candidate_nll = jax.jit(self._candidate_nll_fn, out_shardings=replicated)
+    self._replicate = jax.jit(lambda x: x, out_shardings=replicated)
+
+  # ------------------------------------------------------------------ batches on the mesh
+
+  def round_batch(self, n: int) -> int:
+    """n rounded up to a multiple of the mesh's 'data' size: a batch size every device gets rows of."""
+    return round_up(n, self.data_size)
+
+  def _shard(self, *arrays):
+    """Host batches of B rows -> global arrays of round_batch(B) rows split over 'data' (extra rows
+    repeat the last one, a valid input whose outputs are dropped)."""
+    out = []
+    for x in arrays:
+      x = np.asarray(x)
+      pad = self.round_batch(x.shape[0]) - x.shape[0]
+      if pad:
+        x = np.concatenate([x, np.repeat(x[-1:], pad, axis=0)])
+      out.append(shard_rows(x, self.mesh))
+    return out
 
   # ------------------------------------------------------------------ images and texts
 
@@ -56,19 +124,23 @@ class Engine:
 
   def encode(self, images):
     """(B, 3, S, S) CLIP-normalised pixels -> visual tokens (B, K, D), image embedding (B, E)."""
-    return self._encode(self.params, jnp.asarray(images))
+    n = len(images)
+    tokens, emb = self._encode(self.params, *self._shard(images))
+    return np.asarray(tokens)[:n], np.asarray(emb)[:n]
 
   def text_embedding(self, ids, mask):
     """(B, T) ids ending in [RET] (right padded) -> W_t embedding (B, E) of the [RET] hidden state."""
-    return self._text_embedding(self.params, jnp.asarray(ids), jnp.asarray(mask))
+    n = len(ids)
+    return np.asarray(self._text_embedding(self.params, *self._shard(ids, mask)))[:n]
 
   def _prefix_fn(self, params, visual_tokens, ids, mask):
     embeds, full_mask, _, _ = self.model.caption_inputs(params, visual_tokens, ids, mask)
     return embeds, full_mask
 
   def prefix(self, visual_tokens, ids, mask):
-    """[visual tokens] + embedded text: inputs_embeds (B, K + T, D) and mask (B, K + T)."""
-    return self._prefix(self.params, visual_tokens, jnp.asarray(ids), jnp.asarray(mask))
+    """[visual tokens] + embedded text: inputs_embeds (B', K + T, D) split over 'data' and mask
+    (B', K + T), with B' = round_batch(B) (the extra rows repeat the last one)."""
+    return self._prefix(self.params, *self._shard(visual_tokens, ids, mask))
 
   # ------------------------------------------------------------------ generation
 
@@ -79,8 +151,9 @@ class Engine:
     visual_tokens may be None (a text-only prompt). Greedy, or beam search when num_beams > 1.
     Rows stop at EOS and, unless stop_at_ret=False (interleaved output), at [RET].
     """
+    n = len(ids)
     if visual_tokens is None:
-      embeds, full_mask = self.model.embed_text(self.params, jnp.asarray(ids)), jnp.asarray(mask)
+      embeds, full_mask = self._text_prefix(self.params, *self._shard(ids, mask))
     else:
       embeds, full_mask = self.prefix(visual_tokens, ids, mask)
     method = "beam" if self.num_beams > 1 else self.method
@@ -89,7 +162,7 @@ class Engine:
                    max_new_tokens=max_new_tokens or self.max_new_tokens, method=method,
                    num_beams=max(self.num_beams, 1),
                    eos_token_ids=self.stop_ids if stop_at_ret else tuple(set(self.stop_ids) - {self.model.ret_id}))
-    return np.asarray(new)
+    return np.asarray(self._replicate(new))[:n]
 
   def until_stop(self, new_ids) -> list[int]:
     """A row of generated ids up to (not including) its first EOS or [RET]."""
@@ -122,11 +195,8 @@ class Engine:
     rows, slots = mask.shape
     n, c = cand_ids.shape[1:]
     lengths = jnp.sum(mask, axis=1)
-    cache = init_cache(llm.config, rows, slots + c, llm.dtype)
-    positions = jnp.broadcast_to(jnp.arange(slots), (rows, slots))
-    hidden, _, cache = apply(embeds, positions, None, cache, method=Gemma.decode)
-    last = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)[:, 0]  # (R, D)
-    first_logits = apply(last, extra, method=Gemma.logits)  # (R, V): predicts candidate token 0
+    # the prefix into a cache with room for the candidates; first_logits (R, V) predicts token 0
+    first_logits, cache = prefill(llm, llm_params, None, embeds, lengths, extra, slots + c)
 
     cache = jax.tree.map(lambda a: jnp.repeat(a, n, axis=0), cache)  # row r -> rows r*N .. r*N+N-1
     flat_ids = cand_ids.reshape(rows * n, c)
@@ -142,8 +212,9 @@ class Engine:
   def candidate_nll(self, visual_tokens, ctx_ids, ctx_mask, cand_ids, cand_mask) -> np.ndarray:
     """visual_tokens (R, K, D), context ids/mask (R, T) (BOS + text, right padded), candidates
     (R, N, C) ids/mask (no BOS, right padded) -> (R, N) summed CE of each candidate's tokens."""
-    return np.asarray(self._candidate_nll(self.params, visual_tokens, *map(jnp.asarray, (
-        ctx_ids, ctx_mask, cand_ids, cand_mask))))
+    n = len(ctx_ids)
+    out = self._candidate_nll(self.params, *self._shard(visual_tokens, ctx_ids, ctx_mask, cand_ids, cand_mask))
+    return np.asarray(out)[:n]
 
 
 def cached_encoder(tokenizer, *, add_bos: bool):

@@ -14,11 +14,10 @@ import argparse
 import base64
 import html
 import io
-import json
-import os
 import sys
 from collections import Counter
 
+from bridgejax import paths
 from bridgejax.evaluation import table as table_lib
 
 THUMB = 112
@@ -149,29 +148,25 @@ def render(workdir: str, examples: int = 16) -> str:
   results = table_lib.load_workdir(workdir)
   images = _Images()
   first = next(iter(results.values()))
-  parts = [f"<h1>{html.escape(first.get('config') or os.path.basename(os.path.normpath(workdir)))} "
+  work = paths.path(workdir)
+  parts = [f"<h1>{html.escape(first.get('config') or work.name)} "
            f"@ step {first.get('checkpoint_step')}</h1>",
-           f'<div class="meta">{html.escape(os.path.abspath(workdir))} — generated {html.escape(first.get("created", ""))}'
+           f'<div class="meta">{html.escape(str(work))} — generated {html.escape(first.get("created", ""))}'
            " — rates ×100</div>", "<h2>Metrics</h2>", _metrics_table(results)]
   for task in [t for t in table_lib.TASK_ORDER if t in results]:
-    path = os.path.join(workdir, "eval", f"{task}_predictions.json")
-    if not os.path.exists(path):
+    path = work / "eval" / f"{task}_predictions.json"
+    if not path.exists():
       continue
-    with open(path) as f:
-      preds = json.load(f)
+    preds = paths.read_json(path)
     parts.append(SECTIONS[task](preds, images, examples))
   return ("<!DOCTYPE html><html><head><meta charset='utf-8'><title>bridgejax eval report</title>"
           f"<style>{_CSS}</style></head><body>" + "\n".join(parts) + "</body></html>")
 
 
 def write_report(workdir: str, examples: int = 16) -> str:
-  path = os.path.join(workdir, "eval", "report.html")
-  page = render(workdir, examples)
-  tmp = path + ".tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
-    f.write(page)
-  os.replace(tmp, path)
-  return path
+  path = paths.path(workdir) / "eval" / "report.html"
+  paths.write_text(path, render(workdir, examples))
+  return str(path)
 
 
 def main(argv=None) -> int:

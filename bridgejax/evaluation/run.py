@@ -6,59 +6,36 @@ Writes WORKDIR/eval/<task>.json (metrics, config name, checkpoint step, dataset 
 counts, settings, wall time), WORKDIR/eval/<task>_predictions.json (per-example outputs) and
 WORKDIR/eval/report.html, and prints a summary table.
 
-Which data each task reads (config.eval):
-  caption, retrieval   eval.data ("" = data.dir), split eval.split
-  vqa                  eval.vqa_data ("" = eval.data), split eval.vqa_split ("" = eval.split, or
-                       vqa_<eval.split> when the directory has it, as the toy world does)
-  visdial              eval.visdial_data / eval.visdial_split, likewise
+Which data each task reads (config.eval) is bridgejax.data.splits.task_data's to say.
 
-Evaluation is replicated: every process computes everything and process 0 writes.
+Evaluation runs on the training mesh (setup.mesh): every batch is split over its 'data' axis on all
+devices of all processes, every process gets the whole outputs and computes the metrics, and process
+0 writes.
 """
 
 from __future__ import annotations
 
 import datetime
-import json
 import os
 import time
 
 import jax
-import jax.numpy as jnp
+import ml_collections
+import numpy as np
 
+from bridgejax import mesh as mesh_lib, paths
+from bridgejax.data.splits import parse_tasks, task_data
 from bridgejax.evaluation import tasks as tasks_lib
 from bridgejax.evaluation.engine import Engine
-
-
-def parse_tasks(tasks) -> list[str]:
-  names = [t.strip() for t in (tasks.split(",") if isinstance(tasks, str) else tasks) if t.strip()]
-  unknown = [t for t in names if t not in tasks_lib.TASKS]
-  if unknown or not names:
-    raise ValueError(f"unknown eval task(s) {unknown or names!r}; choose from {sorted(tasks_lib.TASKS)} "
-                     f"(e.g. --config.eval.tasks=caption,retrieval)")
-  return list(dict.fromkeys(names))
-
-
-def task_data(config, task: str) -> tuple[str, str]:
-  """(dataset dir, split) a task reads; see the module docstring."""
-  cfg = config.eval
-  base = cfg.get("data") or config.data.dir
-  kind, prefix = tasks_lib.KINDS[task]
-  data_dir = (cfg.get(f"{prefix}_data") if prefix else "") or base
-  if not data_dir:
-    raise ValueError(f"no dataset for task {task!r}: set --config.eval.data (or --config.data.dir) to a prepared "
-                     "directory (python -m bridgejax.data.prepare ...)")
-  explicit = cfg.get(f"{prefix}_split") if prefix else ""
-  key = f"eval.{prefix}_split" if prefix else "eval.split"
-  if explicit:
-    return data_dir, tasks_lib.resolve_split(data_dir, explicit, kind, key=key)
-  return data_dir, tasks_lib.resolve_split(data_dir, cfg.split, kind, prefix=prefix, key=key)
+from bridgejax.experiment import build
 
 
 def load_params(setup, workdir: str, step: int | None = None) -> tuple[int, dict]:
-  """(step, full parameter dict): the checkpoint's trainable subtree joined to the frozen backbones."""
+  """(step, full parameter dict): the checkpoint's trainable subtree, replicated on setup.mesh,
+  joined to the frozen backbones (already on the mesh).
+  Without `step`, the newest intact checkpoint (a damaged newer one is skipped with a warning)."""
   from bridgejax.train.checkpoint import Checkpointer
-  directory = os.path.join(workdir, "checkpoints")
-  if not os.path.isdir(directory):
+  if not (paths.path(workdir) / "checkpoints").is_dir():
     raise FileNotFoundError(f"{workdir} has no checkpoints/ directory; train first "
                             f"(python train.py --config ... --workdir {workdir}) or pass the run's --workdir")
   checkpointer = Checkpointer(workdir)
@@ -66,14 +43,25 @@ def load_params(setup, workdir: str, step: int | None = None) -> tuple[int, dict
     step, trainable = checkpointer.load_params(step)
   finally:
     checkpointer.close()
-  trainable = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), trainable)
+  # restored on the first device; one host hop puts it on the mesh, on every process alike
+  trainable = jax.device_put(jax.tree.map(lambda x: np.asarray(x, np.float32), trainable),
+                             mesh_lib.replicated(setup.mesh))
   return int(step), {**setup.frozen, **trainable}
 
 
 def make_engine(setup, params, config) -> Engine:
   cfg = config.eval
-  return Engine(setup.model, params, setup.tokenizer, max_new_tokens=int(cfg.max_new_tokens),
+  return Engine(setup.model, params, setup.tokenizer, mesh=setup.mesh, max_new_tokens=int(cfg.max_new_tokens),
                 num_beams=int(cfg.get("num_beams", 1)))
+
+
+def resolved_eval_config(config):
+  """config.eval with its fallbacks filled in from the training config: a copy, the caller's is kept.
+  image_resize "" = data.image_resize (how the model was trained to see images)."""
+  cfg = ml_collections.ConfigDict(config.eval.to_dict())
+  if not cfg.get("image_resize"):
+    cfg.image_resize = config.data.get("image_resize", "clip")
+  return cfg
 
 
 def evaluate(config, workdir: str, step: int | None = None, *, tasks=None, setup=None,
@@ -83,26 +71,26 @@ def evaluate(config, workdir: str, step: int | None = None, *, tasks=None, setup
   for name in names:  # fail on a missing dataset before loading any weights
     task_data(config, name)
   if setup is None:
-    from bridgejax.train.loop import build
     setup = build(config)
   step, params = load_params(setup, workdir, step)
   engine = make_engine(setup, params, config)
-  out_dir = os.path.join(workdir, "eval")
+  eval_cfg = resolved_eval_config(config)
+  out_dir = paths.path(workdir) / "eval"
   writer = jax.process_index() == 0
   if writer:
-    os.makedirs(out_dir, exist_ok=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
   results = {}
   for name in names:
     data_dir, split = task_data(config, name)
     start = time.time()
     if name == "retrieval":
-      result = tasks_lib.retrieval_task(engine, data_dir, split, config.eval,
+      result = tasks_lib.retrieval_task(engine, data_dir, split, eval_cfg,
                                         max_caption_tokens=int(config.data.max_caption_tokens))
     else:
-      result = tasks_lib.TASKS[name](engine, data_dir, split, config.eval)
+      result = tasks_lib.TASKS[name](engine, data_dir, split, eval_cfg)
     summary = {
         "task": name, "metrics": result.metrics, "config": config.get("name", ""), "checkpoint_step": step,
-        "workdir": os.path.abspath(workdir), "dataset": {"dir": os.path.abspath(data_dir), "split": split},
+        "workdir": str(paths.path(workdir)), "dataset": {"dir": os.path.abspath(data_dir), "split": split},
         "counts": result.counts, "settings": result.settings, "notes": result.notes,
         "wall_time_s": round(time.time() - start, 2),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -110,8 +98,8 @@ def evaluate(config, workdir: str, step: int | None = None, *, tasks=None, setup
         "bridge": config.bridge.to_dict(),
     }
     if writer:
-      _write_json(os.path.join(out_dir, f"{name}.json"), summary)
-      _write_json(os.path.join(out_dir, f"{name}_predictions.json"),
+      _write_json(out_dir / f"{name}.json", summary)
+      _write_json(out_dir / f"{name}_predictions.json",
                   {"task": name, "checkpoint_step": step, "dataset": summary["dataset"],
                    "predictions": result.predictions})
     results[name] = summary
@@ -126,8 +114,5 @@ def evaluate(config, workdir: str, step: int | None = None, *, tasks=None, setup
   return results
 
 
-def _write_json(path: str, obj) -> None:
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=1, ensure_ascii=False, allow_nan=False)
-  os.replace(tmp, path)
+def _write_json(path, obj) -> None:
+  paths.write_json(path, obj, indent=1, ensure_ascii=False, allow_nan=False)

@@ -4,13 +4,12 @@
                                          [--tasks caption,retrieval] [--metrics BLEU-4,CIDEr,t2i_R@1]
 
 Rates are shown x100 with two decimals, as the thesis and FROMAGe report them (CIDEr too, as is
-usual); mean ranks as they are; a metric a run lacks is "-"; SPICE (unavailable offline) "n/a".
+usual); R@k (stored in percent) and mean ranks as they are; a metric a run lacks is "-"; SPICE (unavailable offline) "n/a".
 """
 
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import os
 import sys
@@ -33,21 +32,23 @@ UNSCALED = {"mean_rank"}
 
 def load_workdir(workdir: str) -> dict[str, dict]:
   """{task: eval/<task>.json} of one run; raises if it has none."""
-  paths = sorted(p for p in glob.glob(os.path.join(workdir, "eval", "*.json")) if not p.endswith("_predictions.json"))
+  from bridgejax import paths as paths_lib  # the workdir may be remote (gs://...)
+  eval_dir = paths_lib.path(workdir) / "eval"
+  paths = sorted(p for p in (eval_dir.glob("*.json") if eval_dir.is_dir() else [])
+                 if not p.name.endswith("_predictions.json"))
   if not paths:
     raise FileNotFoundError(f"{workdir} has no eval/<task>.json; run python eval.py --config ... --workdir {workdir}")
   out = {}
   for p in paths:
-    with open(p) as f:
-      data = json.load(f)
-    out[data.get("task", os.path.basename(p)[:-5])] = data
+    data = paths_lib.read_json(p)
+    out[data.get("task", p.name[:-5])] = data
   return out
 
 
 def fmt(metric: str, value) -> str:
   if value is None:
     return "n/a"
-  if metric in UNSCALED:
+  if metric in UNSCALED or "R@" in metric:  # R@k is stored in percent already
     return f"{value:.2f}"
   return f"{100 * value:.2f}"
 

@@ -1,4 +1,4 @@
-"""Eval task runners: the REFERENCE.md protocols over prepared splits, returning metrics and
+"""Eval task runners: the protocols of docs/reference.md over prepared splits, returning metrics and
 per-example predictions. `bridgejax.evaluation.run.evaluate` (eval.py) calls them and writes JSON.
 
     result = caption(engine, data_dir, split, cfg)    # -> TaskResult(metrics, predictions, counts, settings)
@@ -17,7 +17,10 @@ per-example predictions. `bridgejax.evaluation.run.evaluate` (eval.py) calls the
 
 `quick_validation(setup, params, step)` is the training loop's periodic check.
 
-`cfg` is config.eval (see configs/base.py); every rate is on the 0-1 scale.
+`cfg` is config.eval (see configs/base.py); every rate is on the 0-1 scale, except R@k (retrieval,
+VisDial, quick validation), which is in percent, as training logs its in-batch top-1. Every process reads
+every record; the model work of each batch is split over the mesh's 'data' axis (see engine.py), so
+eval.batch_size is rounded up to a multiple of the 'data' size.
 """
 
 from __future__ import annotations
@@ -32,10 +35,12 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
+from bridgejax import mesh as mesh_lib
 from bridgejax.data.pipeline import eval_dataset
-from bridgejax.data.records import RecordError, load_info, open_split
+from bridgejax.data.records import RecordError, open_split
 from bridgejax.evaluation import captioning, retrieval, visdial as visdial_metrics, vqa as vqa_metrics
-from bridgejax.evaluation.engine import Engine, cached_encoder, l2_normalize, pad_rows, round_up
+from bridgejax.evaluation.engine import (Engine, cached_encoder, l2_normalize, pad_rows, place_on_mesh,
+                                         round_up, shard_rows)
 
 
 @dataclasses.dataclass
@@ -50,32 +55,25 @@ class TaskResult:
 # --------------------------------------------------------------------------- data
 
 
-def resolve_split(data_dir: str, split: str, kind: str, *, prefix: str = "", key: str = "eval.split") -> str:
-  """The split to read: `split` if it holds `kind` records, else `{prefix}_{split}` (the toy
-  world's vqa_val / visdial_val next to val). Errors list the splits the directory has."""
-  info = load_info(data_dir)["splits"]
-  for name in ([f"{prefix}_{split}"] if prefix else []) + [split]:
-    if name in info and info[name]["kind"] == kind:
-      return name
-  have = ", ".join(f"{n} ({s['kind']})" for n, s in sorted(info.items()))
-  raise RecordError(f"{data_dir} has no {kind} split named {split!r}" + (f" or {prefix}_{split!r}" if prefix else "")
-                    + f"; it has: {have}. Set --config.{key}=NAME (or prepare the split with "
-                    "python -m bridgejax.data.prepare)")
-
-
 def num_examples(records, max_examples: int) -> int:
   n = len(records)
   return min(n, max_examples) if max_examples and max_examples > 0 else n
 
 
+def image_resize(cfg) -> str:
+  """The eval image geometry: config.eval.image_resize, which evaluate() resolves ("" = data's)."""
+  return cfg.get("image_resize") or "clip"
+
+
 def eval_batches(data_dir, split, n: int, batch_size: int, image_size: int, *, tokenizer=None,
                  captions_per_image: int = 5, max_length: int = 24, workers: int = 0,
-                 desc: str | None = None) -> Iterator[dict[str, np.ndarray]]:
+                 desc: str | None = None, image_resize: str = "clip") -> Iterator[dict[str, np.ndarray]]:
   """The first n records of a split in fixed-shape batches (the last one padded, `valid` False).
-  Every process reads every record: evaluation is replicated, not data parallel."""
+  Every process reads every record (cheap next to the model); the engine splits each batch over
+  the mesh's devices and hands every process the whole result."""
   loader = eval_dataset(data_dir, split, batch_size=batch_size, image_size=image_size, shard_index=0,
                         shard_count=1, tokenizer=tokenizer, captions_per_image=captions_per_image,
-                        max_length=max_length, worker_count=workers)
+                        max_length=max_length, worker_count=workers, image_resize=image_resize)
   count = -(-n // batch_size)
   it = iter(loader)
   try:
@@ -105,11 +103,12 @@ def caption(engine: Engine, data_dir: str, split: str, cfg) -> TaskResult:
   tok = engine.tokenizer
   prompt = cfg.get("caption_prompt", "")
   prompt_ids = tok.encode(prompt, add_bos=True)
-  ids, mask = pad_rows([prompt_ids] * cfg.batch_size, round_up(len(prompt_ids), 8), tok.pad_id)
+  batch_size = engine.round_batch(cfg.batch_size)
+  ids, mask = pad_rows([prompt_ids] * batch_size, round_up(len(prompt_ids), 8), tok.pad_id)
   rule = cfg.get("cut_rule", "fromage")
   predictions, hyps, refs = [], {}, {}
-  for batch in eval_batches(data_dir, split, n, cfg.batch_size, engine.model.vision.config.image_size,
-                            workers=_workers(cfg), desc="caption" if _bar(cfg) else None):
+  for batch in eval_batches(data_dir, split, n, batch_size, engine.model.vision.config.image_size,
+                            workers=_workers(cfg), image_resize=image_resize(cfg), desc="caption" if _bar(cfg) else None):
     tokens, _ = engine.encode(batch["image"])
     new = engine.generate(tokens, ids, mask)
     for row in np.flatnonzero(batch["valid"]):
@@ -147,8 +146,14 @@ def top_k(queries: np.ndarray, gallery: np.ndarray, k: int, chunk: int = 1024) -
   return np.concatenate(out)
 
 
+def percent_recalls(metrics: dict[str, Any]) -> dict[str, Any]:
+  """R@k x100: recalls are percentages in every log and JSON, like training's in-batch top-1."""
+  return {k: 100.0 * v if "R@" in k and v is not None else v for k, v in metrics.items()}
+
+
 def _recall(ranks: dict[str, np.ndarray], ks=(1, 5, 10)) -> dict[str, float]:
-  return {f"{d}_R@{k}": v for d in ("i2t", "t2i") for k, v in retrieval.recall_from_ranks(ranks[d], ks).items()}
+  return percent_recalls({f"{d}_R@{k}": v for d in ("i2t", "t2i")
+                          for k, v in retrieval.recall_from_ranks(ranks[d], ks).items()})
 
 
 def retrieval_task(engine: Engine, data_dir: str, split: str, cfg, *, max_caption_tokens: int = 24) -> TaskResult:
@@ -156,9 +161,10 @@ def retrieval_task(engine: Engine, data_dir: str, split: str, cfg, *, max_captio
   n = num_examples(records, cfg.max_examples)
   per_image = int(cfg.get("captions_per_image", 5))
   image_embs, text_embs, text_to_image, indices, texts = [], [], [], [], []
-  for batch in eval_batches(data_dir, split, n, cfg.batch_size, engine.model.vision.config.image_size,
+  for batch in eval_batches(data_dir, split, n, engine.round_batch(cfg.batch_size),
+                            engine.model.vision.config.image_size,
                             tokenizer=engine.tokenizer, captions_per_image=per_image,
-                            max_length=max_caption_tokens, workers=_workers(cfg),
+                            max_length=max_caption_tokens, workers=_workers(cfg), image_resize=image_resize(cfg),
                             desc="retrieval" if _bar(cfg) else None):
     _, image_emb = engine.encode(batch["image"])
     b, c, t = batch["caption_ids"].shape
@@ -212,8 +218,9 @@ def vqa(engine: Engine, data_dir: str, split: str, cfg) -> TaskResult:
   max_new = int(cfg.get("vqa_max_new_tokens", 10))
   processing = cfg.get("vqa_processing", "official")
   predictions, answers, questions = [], {}, {}
-  for batch in eval_batches(data_dir, split, n, cfg.batch_size, engine.model.vision.config.image_size,
-                            workers=_workers(cfg), desc="vqa" if _bar(cfg) else None):
+  for batch in eval_batches(data_dir, split, n, engine.round_batch(cfg.batch_size),
+                            engine.model.vision.config.image_size,
+                            workers=_workers(cfg), image_resize=image_resize(cfg), desc="vqa" if _bar(cfg) else None):
     rows = [records[int(i)] if v else None for i, v in zip(batch["index"], batch["valid"])]
     prompts = [tok.encode(vqa_prompt(r["question"]), add_bos=True) if r else [tok.bos_id] for r in rows]
     ids, mask = pad_rows(prompts, round_up(max(map(len, prompts)), 16), tok.pad_id)  # few shapes
@@ -271,7 +278,8 @@ def visdial(engine: Engine, data_dir: str, split: str, cfg) -> TaskResult:
   n = num_examples(records, cfg.max_examples)
   tok = engine.tokenizer
   with_caption = bool(cfg.get("visdial_caption", False))
-  per_step = int(cfg.get("visdial_rounds_per_step", 2))
+  per_step = engine.round_batch(int(cfg.get("visdial_rounds_per_step", 2)))  # rows every device gets
+  batch_size = engine.round_batch(cfg.batch_size)
   encode_ctx, encode_cand = cached_encoder(tok, add_bos=True), cached_encoder(tok, add_bos=False)
 
   # A pass over the text first: one compiled shape for the whole split.
@@ -306,13 +314,12 @@ def visdial(engine: Engine, data_dir: str, split: str, cfg) -> TaskResult:
       for (d, r, _), row in zip(chunk, nll):
         scores[d][r] = -row
 
-  for batch in eval_batches(data_dir, split, n, cfg.batch_size, engine.model.vision.config.image_size,
-                            workers=_workers(cfg), desc="visdial" if _bar(cfg) else None):
+  for batch in eval_batches(data_dir, split, n, batch_size, engine.model.vision.config.image_size,
+                            workers=_workers(cfg), image_resize=image_resize(cfg), desc="visdial" if _bar(cfg) else None):
     tokens, image_emb = engine.encode(batch["image"])
-    tokens, image_emb = np.asarray(tokens), np.asarray(image_emb)
     valid = np.flatnonzero(batch["valid"])
     texts = [t2i_text(dialogs[int(batch["index"][row])], with_caption=with_caption) for row in valid]
-    texts += [""] * (cfg.batch_size - len(texts))
+    texts += [""] * (batch_size - len(texts))
     ids, mask = tok.batch_encode(texts, dialog_len, add_bos=True, append_ret=True)
     dialog_emb = np.asarray(engine.text_embedding(ids, mask))
     for j, row in enumerate(valid):
@@ -328,7 +335,7 @@ def visdial(engine: Engine, data_dir: str, split: str, cfg) -> TaskResult:
   metrics, predictions, truncated = _visdial_metrics(dialogs, scores), [], 0
   t2i = visdial_metrics.t2i_recall(l2_normalize(np.stack(image_embs)), l2_normalize(np.stack(dialog_embs)),
                                    chunk_size=int(cfg.get("chunk_size", 1024)))
-  metrics.update(t2i)
+  metrics = percent_recalls({**metrics, **t2i})
   t2i_ranks = retrieval.ranks(l2_normalize(np.stack(image_embs)), l2_normalize(np.stack(dialog_embs)),
                               np.arange(n))["t2i"]
   top_images = top_k(l2_normalize(np.stack(dialog_embs)), l2_normalize(np.stack(image_embs)), 5)
@@ -379,18 +386,19 @@ def _visdial_metrics(dialogs: list[dict], scores: list[list]) -> dict[str, float
   return out
 
 
+# the names of bridgejax.data.splits.TASK_DATA, which says what data each reads
 TASKS = {"caption": caption, "retrieval": retrieval_task, "vqa": vqa, "visdial": visdial}
-KINDS = {"caption": ("image_text", ""), "retrieval": ("image_text", ""), "vqa": ("vqa", "vqa"),
-         "visdial": ("visdial", "visdial")}
+
 
 
 # --------------------------------------------------------------------------- quick validation
 
-_VALIDATORS: dict[int, tuple[Any, Any]] = {}
+_VALIDATORS: dict[tuple[int, Any], tuple[Any, Any]] = {}
 
 
-def _validation_fn(model):
-  """One jitted function per model: caption/text CE sums and counts, and the embeddings."""
+def _validation_fn(model, mesh):
+  """One jitted function per model and mesh: caption/text CE sums and counts, and the embeddings,
+  replicated so that every process reads them whole."""
   from bridgejax import losses  # pylint: disable=g-import-not-at-top
 
   def fn(params, image, ids, mask, row_valid, caption_ids, caption_mask):
@@ -405,7 +413,7 @@ def _validation_fn(model):
     _, text_emb = model.text_embedding(params, caption_ids.reshape(b * c, t), caption_mask.reshape(b * c, t))
     return cap, text, image_emb, text_emb.reshape(b, c, -1)
 
-  return jax.jit(fn)
+  return jax.jit(fn, out_shardings=mesh_lib.replicated(mesh))
 
 
 def _ce_sum(logits, labels, mask, losses):
@@ -422,28 +430,33 @@ def quick_validation(setup, params, step: int | None = None, *, max_examples: in
   caption_loss / text_loss: token-mean CE of the first caption (the training passes, no concat
   trick); contrastive_loss: InfoNCE in consecutive groups of the training batch size (as training
   sees it; the last group smaller); i2t_R@1 / t2i_R@1 / .._R@5: recall over all N images with up
-  to 5 captions each (the COCO rule). One compiled shape; the last batch is padded.
+  to 5 captions each (the COCO rule). One compiled shape; the last batch is padded. Batches are
+  split over the mesh's 'data' axis (the batch size rounded up to a multiple of it).
   """
   del step
   from bridgejax import losses  # pylint: disable=g-import-not-at-top
   config, model = setup.config, setup.model
   data_dir, split = config.data.dir, config.data.val_split
-  batch_size = batch_size or int(config.eval.get("batch_size", 64))
-  if id(model) not in _VALIDATORS:
-    _VALIDATORS[id(model)] = (model, _validation_fn(model))
-  fn = _VALIDATORS[id(model)][1]
+  mesh = setup.mesh
+  batch_size = round_up(batch_size or int(config.eval.get("batch_size", 64)), mesh.shape["data"])
+  key = (id(model), mesh)
+  if key not in _VALIDATORS:
+    _VALIDATORS[key] = (model, _validation_fn(model, mesh))
+  fn = _VALIDATORS[key][1]
   records = open_split(data_dir, split)
   n = min(len(records), max_examples or int(config.data.val_examples) or len(records))
-  full = {**setup.frozen, **params}
+  full = place_on_mesh({**setup.frozen, **params}, mesh)  # a no-op for the training state
   cap, text = np.zeros(2), np.zeros(2)
   image_embs, caption_embs, caption_image = [], [], []
   per_image = int(config.eval.get("captions_per_image", 5))
   for batch in eval_batches(data_dir, split, n, batch_size, model.vision.config.image_size,
                             tokenizer=setup.tokenizer, captions_per_image=per_image,
-                            max_length=config.data.max_caption_tokens, workers=0):
+                            max_length=config.data.max_caption_tokens, workers=0,
+                            image_resize=config.data.get("image_resize", "clip")):
     valid = batch["valid"]
-    out = fn(full, batch["image"], batch["caption_ids"][:, 0], batch["caption_mask"][:, 0],
-             valid.astype(np.int32), batch["caption_ids"], batch["caption_mask"])
+    inputs = (batch["image"], batch["caption_ids"][:, 0], batch["caption_mask"][:, 0], valid.astype(np.int32),
+              batch["caption_ids"], batch["caption_mask"])
+    out = fn(full, *(shard_rows(x, mesh) for x in inputs))
     c, t, image_emb, text_emb = jax.device_get(out)
     cap, text = cap + c, text + t
     for row in np.flatnonzero(valid):

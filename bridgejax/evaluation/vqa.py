@@ -1,4 +1,4 @@
-"""VQA accuracy, equal to the official VQA evaluation script (GT-Vision-Lab/VQA,
+r"""VQA accuracy, equal to the official VQA evaluation script (GT-Vision-Lab/VQA,
 PythonEvaluationTools/vqaEvaluation/vqaEval.py; tables copied verbatim and checked equal).
 
 The official procedure for one question (master, commit a013f00 "Fixed processing answers bug", 2021),

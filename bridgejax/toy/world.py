@@ -195,10 +195,14 @@ def noun_phrase(rng: np.random.Generator, s: Shape, *, p_size: float = 0.6, p_co
 def relation(a: Shape, b: Shape) -> list[str]:
   """The relations that hold of a with respect to b."""
   out = []
-  if a.row < b.row: out.append("above")
-  if a.row > b.row: out.append("below")
-  if a.col < b.col: out.append("left")
-  if a.col > b.col: out.append("right")
+  if a.row < b.row:
+    out.append("above")
+  if a.row > b.row:
+    out.append("below")
+  if a.col < b.col:
+    out.append("left")
+  if a.col > b.col:
+    out.append("right")
   return out
 
 

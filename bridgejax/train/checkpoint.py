@@ -6,26 +6,93 @@ its position as JSON, so a resumed run continues at the exact next example. The 
 a pure function of the step, the same on every process, so process 0's copy serves all. Orbax writes into a temporary directory and renames it when complete, so a
 crash mid-save never leaves a checkpoint that looks valid. The per-step RNG is derived from
 (seed, step), so it needs no saving.
+
+A checkpoint can still be damaged later (a file deleted or lost). Restoring without a step then
+falls back to the newest intact one, with a warning naming each damaged step; `set_aside` moves
+a damaged step to `checkpoints/damaged_step_N` so that training can save step N again. A restore
+target whose parameter shapes differ from the checkpoint's (a config that does not fit the run)
+raises CheckpointMismatchError before anything is read.
 """
 
 from __future__ import annotations
 
-import os
+import sys
 
 import jax
 import orbax.checkpoint as ocp
+from absl import logging
+
+from bridgejax import paths
+from bridgejax.errors import UserError
+
+
+class CheckpointError(UserError):
+  """No readable checkpoint where one was asked for."""
+
+
+class CheckpointMismatchError(UserError):
+  """The checkpoint's parameters do not fit the model being restored (shapes or names differ)."""
+
+  def __init__(self, message: str, differences: list[str]):
+    super().__init__(message)
+    self.differences = differences
+
+
+def _reason(error: BaseException) -> str:
+  """A damaged checkpoint's error, as one short line."""
+  lines = [l.strip() for l in str(error).splitlines() if l.strip()]
+  text = lines[0] if lines else type(error).__name__
+  return text if len(text) <= 160 else text[:157] + "..."
+
+
+def _drop_closed_loop_noise() -> None:
+  """After a failed read, TensorStore's pending callbacks reach Orbax's already closed event loop
+  and Python prints 'Event loop is closed' tracebacks for them; harmless, so drop just those."""
+  previous = sys.unraisablehook
+  if getattr(previous, "bridgejax", False):
+    return
+
+  def hook(unraisable):
+    if not (isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed"):
+      previous(unraisable)
+
+  hook.bridgejax = True
+  sys.unraisablehook = hook
+
+
+def _shapes(tree) -> dict[str, tuple]:
+  return {jax.tree_util.keystr(k, simple=True, separator="/"): tuple(v.shape)
+          for k, v in jax.tree_util.tree_leaves_with_path(tree) if hasattr(v, "shape")}
+
+
+def param_differences(saved, target) -> list[str]:
+  """'name: (saved shape) (saved) -> (shape) (now)' for each parameter that differs; [] if they fit."""
+  saved, target = _shapes(saved), _shapes(target)
+  out = []
+  for name in sorted(saved.keys() | target.keys()):
+    a, b = saved.get(name, "absent"), target.get(name, "absent")
+    if a != b:
+      out.append(f"{name}: {a} (saved) -> {b} (now)")
+  return out
 
 
 class Checkpointer:
 
   def __init__(self, workdir: str, *, keep: int = 3, every_steps: int = 1000):
-    self.directory = os.path.join(os.path.abspath(workdir) if "://" not in workdir else workdir, "checkpoints")
+    self.directory = paths.path(workdir) / "checkpoints"
+    if paths.is_remote(self.directory) and not str(self.directory).startswith("gs://"):
+      raise UserError(f"cannot keep checkpoints in {self.directory}: Orbax writes local paths and gs:// only; "
+                      "mount the bucket and pass its local path as --workdir")
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=every_steps, create=True)
     handlers = {"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler()}
     self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
+    self.damaged: list[tuple[int, str]] = []  # (step, why) skipped by the last fallback
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return sorted(self.manager.all_steps())
 
   def save(self, step: int, state, data_iterator=None, *, force: bool = False) -> bool:
     """Saves when `step` is on the interval (or `force`); returns whether it saved."""
@@ -34,39 +101,109 @@ class Checkpointer:
       items["data"] = ocp.args.JsonSave(data_iterator.get_state())
     return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
 
-  def restore(self, abstract_state, data_iterator=None, step: int | None = None):
-    """The state at `step` (default: latest), laid out like `abstract_state` (shapes, dtypes and
-    shardings); restores `data_iterator`'s position in place."""
-    step = self.manager.latest_step() if step is None else step
-    if step is None:
-      raise FileNotFoundError(f"no checkpoint in {self.directory}")
-    if step not in self.manager.all_steps():
-      raise FileNotFoundError(f"no checkpoint for step {step} in {self.directory}; "
-                              f"available steps: {sorted(self.manager.all_steps())}")
+  def _check_fits(self, step: int, abstract_state) -> None:
+    target = abstract_state.get("params") if isinstance(abstract_state, dict) else getattr(abstract_state, "params",
+                                                                                             None)
+    try:
+      saved = self.manager.item_metadata(step)["state"]
+    except Exception:  # pylint: disable=broad-except
+      return  # unreadable metadata: the restore itself tells whether the step is intact
+    try:
+      saved = saved["params"]  # Orbax's tree metadata: indexable like the saved dict
+    except (KeyError, TypeError):
+      return
+    if target is None:
+      return
+    differences = param_differences(saved, target)
+    if differences:
+      raise CheckpointMismatchError(
+          f"checkpoint {step} in {self.directory} does not fit this model: " + "; ".join(differences[:6])
+          + (f" (and {len(differences) - 6} more)" if len(differences) > 6 else ""), differences)
+
+  def _restore_step(self, step: int, abstract_state, data_iterator):
+    self._check_fits(step, abstract_state)
     items = {"state": ocp.args.StandardRestore(abstract_state)}
     if data_iterator is not None:
       if "data" not in self.manager.item_metadata(step).keys():
-        raise ValueError(f"checkpoint {step} in {self.directory} has no data position, so the data "
-                         "iterator cannot resume exactly; it was saved without a resumable iterator")
+        raise ValueError("it has no data position, so the data iterator cannot resume exactly (saved without a "
+                         "resumable iterator, or its data/ folder is missing)")
       items["data"] = ocp.args.JsonRestore()
     restored = self.manager.restore(step, args=ocp.args.Composite(**items))
     if data_iterator is not None:
       data_iterator.set_state(restored["data"])
     return restored["state"]
 
+  def _newest_intact(self, read, step: int | None):
+    """read(step) for `step`, or for the newest step that reads, newest first; (step, result)."""
+    steps = self.all_steps()
+    if step is not None:
+      if step not in steps:
+        raise FileNotFoundError(f"no checkpoint for step {step} in {self.directory}; available steps: {steps}")
+      try:
+        return step, read(step)
+      except CheckpointMismatchError:
+        raise
+      except Exception as e:  # pylint: disable=broad-except
+        _drop_closed_loop_noise()
+        raise CheckpointError(f"checkpoint {step} in {self.directory} cannot be read ({_reason(e)}); pick another "
+                              f"step of {steps}, or leave the step out for the newest intact one") from None
+    if not steps:
+      raise FileNotFoundError(f"no checkpoint in {self.directory}")
+    self.damaged = []
+    for s in reversed(steps):
+      try:
+        result = read(s)
+      except CheckpointMismatchError:
+        raise
+      except Exception as e:  # pylint: disable=broad-except
+        _drop_closed_loop_noise()
+        self.damaged.append((s, _reason(e)))
+        logging.warning("checkpoint %d in %s cannot be read (%s); trying the one before it", s, self.directory,
+                        _reason(e))
+        continue
+      if self.damaged:
+        logging.warning("restored step %d of %s: the newer step(s) %s are damaged", s, self.directory,
+                        ", ".join(str(d) for d, _ in self.damaged))
+      return s, result
+    raise CheckpointError(f"no intact checkpoint in {self.directory}: "
+                          + "; ".join(f"step {s}: {why}" for s, why in self.damaged)
+                          + ". Delete the damaged step folders to start again, or use another --workdir")
+
+  def restore(self, abstract_state, data_iterator=None, step: int | None = None):
+    """The state at `step` (default: the newest intact step), laid out like `abstract_state`
+    (shapes, dtypes and shardings); restores `data_iterator`'s position in place."""
+    self.restored_step, state = self._newest_intact(
+        lambda s: self._restore_step(s, abstract_state, data_iterator), step)
+    return state
+
   def load_params(self, step: int | None = None) -> tuple[int, dict]:
-    """(step, trainable params {bridge, ret}) of a checkpoint, for evaluation and inference: no
-    optimizer or data state needed. Placed on this process's first device, whatever topology
-    trained it (a TPU pod's checkpoint loads on a workstation)."""
-    step = self.manager.latest_step() if step is None else step
-    if step is None or step not in self.manager.all_steps():
-      raise FileNotFoundError(f"no checkpoint for step {step} in {self.directory}; "
-                              f"available steps: {sorted(self.manager.all_steps())}")
+    """(step, trainable params {bridge, ret}) of a checkpoint (default: the newest intact one), for
+    evaluation and inference: no optimizer or data state needed. Placed on this process's first
+    device, whatever topology trained it (a TPU pod's checkpoint loads on a workstation)."""
     here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=here),
-                          self.manager.item_metadata(step)["state"])
-    restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
-    return step, restored["state"]["params"]
+
+    def read(s):
+      metadata = self.manager.item_metadata(s)["state"]
+      if metadata is None:
+        raise ValueError("its state metadata is missing")
+      target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=here), metadata)
+      return self.manager.restore(s, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
+
+    step, state = self._newest_intact(read, step)
+    return step, state["params"]
+
+  def set_aside(self, steps) -> None:
+    """Moves damaged steps to checkpoints/damaged_step_N (kept for inspection, ignored by Orbax),
+    so that training can save those steps again. Call on process 0, then `reload()` everywhere."""
+    for s in steps:
+      target = self.directory / f"damaged_step_{s}"
+      if target.exists():
+        target = self.directory / f"damaged_step_{s}_{len(list(self.directory.iterdir()))}"
+      paths.move(self.directory / str(s), target)
+      logging.warning("moved the damaged checkpoint %d to %s", s, target)
+
+  def reload(self) -> None:
+    self.manager.reload()
 
   def wait(self):
     self.manager.wait_until_finished()

@@ -1,23 +1,26 @@
-"""The training loop: build everything from a config, run the jitted step, log, checkpoint, resume."""
+"""The training loop: run the jitted step, log, validate through a callback, checkpoint, resume.
+
+It knows nothing of evaluation: validation comes in as `train(..., evaluate=fn)`, and training then
+evaluating the final checkpoint is bridgejax.main.run's job.
+"""
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import os
 import signal
 import time
 from collections.abc import Callable, Iterator
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from tqdm import tqdm
 
-from bridgejax.model import BridgeModel, frozen_row_norm
-from bridgejax.train import mesh as mesh_lib
-from bridgejax.train.checkpoint import Checkpointer, abstract_like
+from bridgejax import mesh as mesh_lib, paths
+from bridgejax.errors import UserError
+from bridgejax.experiment import Setup, build
+from bridgejax.model import frozen_row_norm
+from bridgejax.train.checkpoint import CheckpointMismatchError, Checkpointer, abstract_like
 from bridgejax.train.metric_writer import MetricWriter
 from bridgejax.train.optimizer import make_optimizer
 from bridgejax.train.step import TrainState, make_train_step
@@ -27,32 +30,8 @@ class NonFiniteLossError(RuntimeError):
   pass
 
 
-@dataclasses.dataclass
-class Setup:
-  """Everything a run needs, built once from the config."""
-
-  config: object
-  mesh: jax.sharding.Mesh
-  model: BridgeModel
-  frozen: dict  # {vision, llm}, placed on the mesh
-  tokenizer: object
-
-
-def build(config) -> Setup:
-  """Loads the frozen backbones and assembles the model; places frozen weights on the mesh once."""
-  from bridgejax import weights
-
-  mesh = mesh_lib.make_mesh(config.mesh.data, config.mesh.model)
-  param_dtype = jnp.dtype(config.frozen_param_dtype)
-  compute_dtype = jnp.dtype(config.compute_dtype)
-  vision = weights.load_vision_tower(config.vision.path, param_dtype=param_dtype)
-  lm = weights.load_language_model(config.llm.path, param_dtype=param_dtype)
-  tokenizer = weights.load_tokenizer(config.llm.get("tokenizer") or config.llm.path)
-  model = BridgeModel.create(config, vision.config, lm.config, compute_dtype=compute_dtype,
-                             frozen_param_dtype=param_dtype)
-  frozen = {"vision": vision.params, "llm": lm.params}
-  frozen = jax.device_put(frozen, mesh_lib.frozen_shardings(frozen, mesh, config.frozen_sharding))
-  return Setup(config, mesh, model, frozen, tokenizer)
+class ConfigMismatchError(UserError):
+  """A restart whose config does not fit the run's checkpoints."""
 
 
 MODEL_INPUTS = ("image", "text_ids", "text_mask")
@@ -86,56 +65,15 @@ def train_iterator(config, setup: Setup, *, shard_index: int | None = None, shar
   dataset = train_dataset(config.data.dir, config.data.train_split, setup.tokenizer,
                           batch_size=per_shard, seed=config.seed, shard_index=shard_index, shard_count=shard_count,
                           image_size=setup.model.vision.config.image_size,
-                          max_length=config.data.max_caption_tokens, worker_count=config.data.num_workers)
+                          max_length=config.data.max_caption_tokens, worker_count=config.data.num_workers,
+                          image_resize=config.data.get("image_resize", "clip"))
   return iter(dataset)
 
 
-def ensure_toy_data(config) -> None:
-  """configs/demo.py sets data.toy: the toy world is generated into data.dir when not there yet."""
-  toy = config.data.get("toy")
-  if not toy or os.path.exists(os.path.join(config.data.dir, "dataset_info.json")):
-    return
-  from bridgejax.data.prepare import prepare_toy
-  if jax.process_index() == 0:
-    print(f"preparing the toy world in {config.data.dir} ...")
-    prepare_toy(config.data.dir, num_train=toy.num_train, num_val=toy.num_val, num_test=toy.num_test,
-                seed=toy.seed, quiet=False)
-
-
-def run(config, workdir: str) -> dict:
-  """train.py: build, stream the data, train (with periodic validation), print a summary; then,
-  with config.eval_after_training, evaluate the final checkpoint (eval/*.json, eval/report.html)."""
-  ensure_toy_data(config)
-  setup = build(config)
-  evaluate = None
-  if config.data.val_split:
-    from bridgejax.evaluation.tasks import quick_validation
-    evaluate = lambda setup, params, step: quick_validation(setup, params, step)
-  summary = train(config, workdir, train_iterator(config, setup), setup=setup, evaluate=evaluate)
-  if jax.process_index() == 0:
-    print(format_summary(summary, workdir))
-  if config.get("eval_after_training") and not summary["preempted"]:
-    from bridgejax.evaluation.run import evaluate as evaluate_checkpoint
-    summary["eval"] = evaluate_checkpoint(config, workdir, setup=setup)
-    if jax.process_index() == 0:
-      print(sample_captions(workdir))
-  return summary
-
-
-def sample_captions(workdir: str, n: int = 5) -> str:
-  """A few generated captions next to a true one, from eval/caption_predictions.json."""
-  path = os.path.join(workdir, "eval", "caption_predictions.json")
-  if not os.path.exists(path):
-    return ""
-  with open(path) as f:
-    predictions = json.load(f)["predictions"]
-  lines = ["sample captions (generated | true):"]
-  for p in predictions[:n]:
-    lines.append(f"  {p['caption']!r:50s} | {p['references'][0]!r}")
-  return "\n".join(lines)
-
-
 def format_summary(summary: dict, workdir: str) -> str:
+  if summary.get("already_trained"):
+    return (f"already trained to step {summary['step']} in {workdir} (total_steps={summary['total_steps']}): "
+            "nothing to do; raise --config.total_steps to train on")
   lines = [f"trained to step {summary['step']} in {workdir}"
            + (" (stopped by SIGTERM; run again to resume)" if summary["preempted"] else "")]
   train_metrics = summary.get("train", {})
@@ -163,19 +101,109 @@ class _Preemption:
     signal.signal(signal.SIGTERM, self._previous)
 
 
+def any_process(flag: bool) -> bool:
+  """Whether `flag` is set on any process: one small all-gather, so call it at log steps only.
+  Hosts receive SIGTERM at different moments; they stop (and save, a collective) at the step
+  they agree on here, so no host waits alone in a save."""
+  if jax.process_count() == 1:
+    return bool(flag)
+  from jax.experimental import multihost_utils
+  return bool(np.any(multihost_utils.process_allgather(np.asarray([flag], np.int32))))
+
+
+def lock_workdir(workdir: str) -> paths.WorkdirLock | None:
+  """Process 0 takes WORKDIR/lock (one training per workdir); every process raises if it failed."""
+  lock, error = None, ""
+  if jax.process_index() == 0:
+    try:
+      lock = paths.WorkdirLock(workdir).acquire()
+    except paths.WorkdirLockedError as e:
+      error = str(e)
+  if any_process(bool(error)):
+    raise paths.WorkdirLockedError(error or f"{workdir} is in use by another training (see process 0's error)")
+  return lock
+
+
+# Keys that change only how a run is driven, not what its checkpoint holds: left out of the
+# config mismatch error, which lists what to put back.
+HARMLESS_KEYS = ("total_steps", "log_every_steps", "checkpoint_every_steps", "eval_every_steps", "keep_checkpoints",
+                 "tensorboard", "eval_after_training", "eval.", "data.num_workers", "data.val_", "data.dir",
+                 "vision.path", "llm.path", "llm.tokenizer", "mesh.", "frozen_sharding", "max_nonfinite_steps",
+                 "name")
+
+
+def _flat(tree, prefix: str = "") -> dict:
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      out.update(_flat(value, f"{prefix}{key}."))
+    else:
+      out[prefix + key] = value
+  return out
+
+
+def config_differences(saved: dict, config) -> list[str]:
+  """'key: saved (saved) -> now (now)' for each config key that differs from the saved config.json."""
+  saved, now = _flat(saved), _flat(json.loads(config.to_json_best_effort()))
+  show = lambda d, k: repr(d[k]) if k in d else "absent"
+  return [f"{k}: {show(saved, k)} (saved) -> {show(now, k)} (now)"
+          for k in sorted(saved.keys() | now.keys()) if k not in saved or k not in now or saved[k] != now[k]]
+
+
+def mismatch_error(error: CheckpointMismatchError, config, workdir: str) -> ConfigMismatchError:
+  """The one-line error for a config that does not fit the run's checkpoint: the config keys that
+  differ from the saved config.json (else the parameters that differ)."""
+  saved_path = paths.path(workdir) / "config.json"
+  saved = paths.read_json(saved_path) if saved_path.exists() else None
+  keys = [d for d in config_differences(saved, config) if not d.startswith(HARMLESS_KEYS)] if saved else []
+  what = "; ".join(keys) if keys else "; ".join(error.differences[:6])
+  return ConfigMismatchError(
+      f"the config does not fit the checkpoints in {workdir}: {what}. Resume with the run's own config (its "
+      "config.json) or use another --workdir; nothing in the workdir was changed")
+
+
 def train(config, workdir: str, train_data: Iterator[dict], *, setup: Setup | None = None,
-          evaluate: Callable[[Setup, dict, int], dict] | None = None) -> dict:
+          evaluate: Callable[[Setup, dict, int], dict] | None = None, locked: bool = False) -> dict:
   """Runs (or resumes) training to config.total_steps; returns the final summary.
 
   `train_data` yields this process's share of each batch as numpy arrays (a grain iterator, whose
   position is checkpointed too). `evaluate(setup, params, step)` returns validation metrics.
+
+  The run's record is kept whole: one training per workdir (WORKDIR/lock); a damaged newest
+  checkpoint falls back to the newest intact one; config.json and train_summary.json are written
+  only once the restore has succeeded, so a config that does not fit changes nothing. `locked`:
+  the caller holds the workdir's lock already (main.run takes it before loading the backbones).
   """
-  setup = setup or build(config)
+  lock = None if locked else lock_workdir(workdir)
+  try:
+    return _train(config, workdir, train_data, setup or build(config), evaluate)
+  finally:
+    if lock is not None:
+      lock.release()
+
+
+def _restore(checkpointer: Checkpointer, state, train_data, config, workdir: str):
+  """The newest intact checkpoint's state (or `state` if there is none); damaged newer steps are
+  moved aside so that training can save those steps again."""
+  if not checkpointer.all_steps():
+    return state
+  try:
+    state = checkpointer.restore(abstract_like(state), train_data)
+  except CheckpointMismatchError as e:
+    raise mismatch_error(e, config, workdir) from None
+  if checkpointer.damaged:
+    if jax.process_index() == 0:
+      checkpointer.set_aside(step for step, _ in checkpointer.damaged)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices("bridgejax: damaged checkpoints set aside")
+    checkpointer.reload()
+  return state
+
+
+def _train(config, workdir: str, train_data, setup: Setup, evaluate) -> dict:
   model, mesh = setup.model, setup.mesh
-  os.makedirs(workdir, exist_ok=True)
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
+  work = paths.path(workdir)
 
   optimizer = make_optimizer(config.optim)
   replicated = mesh_lib.replicated(mesh)
@@ -186,27 +214,47 @@ def train(config, workdir: str, train_data: Iterator[dict], *, setup: Setup | No
     ret_norm = jax.jit(frozen_row_norm, out_shardings=replicated)(setup.frozen)
 
   checkpointer = Checkpointer(workdir, keep=config.keep_checkpoints, every_steps=config.checkpoint_every_steps)
-  if checkpointer.latest_step() is not None:
-    state = checkpointer.restore(abstract_like(state), train_data)
-    if jax.process_index() == 0:
-      print(f"resumed from step {int(state.step)} in {workdir}")
+  try:
+    state = _restore(checkpointer, state, train_data, config, workdir)
+  except BaseException:
+    checkpointer.close()
+    raise
   start = int(state.step)
+  if start and start >= config.total_steps:  # keep the finished run's summary and config.json
+    checkpointer.close()
+    summary_path = work / "train_summary.json"
+    summary = paths.read_json(summary_path) if summary_path.exists() else {}
+    summary.update(step=start, preempted=False, already_trained=True, total_steps=config.total_steps,
+                   skipped_steps=summary.get("skipped_steps", int(state.nonfinite_total)))
+    summary["state"] = state
+    return summary
+  if jax.process_index() == 0:
+    if start:
+      print(f"resumed from step {start} in {workdir}")
+    paths.write_text(work / "config.json", config.to_json_best_effort(indent=2))
 
   step_fn = jax.jit(make_train_step(model, optimizer, seed=config.seed, rescale_ret=config.ret.rescale_row),
                     donate_argnums=(0,), out_shardings=(replicated, replicated))
   writer = MetricWriter(workdir, tensorboard=config.get("tensorboard", True))
   preemption = _Preemption()
+  # One process decides alone when to stop at any step; several agree at log steps (any_process).
+  multihost = jax.process_count() > 1
   samples_per_step = config.batch_size
   progress = tqdm(total=config.total_steps, initial=start, desc="train", unit="step",
                   disable=jax.process_index() != 0, dynamic_ncols=True)
-  last_time, last_step, summary, metrics = time.time(), start, {}, {}
+  last_time, last_step, summary, metrics, stop = time.time(), start, {}, {}, False
   try:
     for step in range(start + 1, config.total_steps + 1):
       batch = global_batch(next(train_data), mesh)
       with jax.set_mesh(mesh):
         state, metrics = step_fn(state, setup.frozen, batch, ret_norm)
       is_last = step == config.total_steps
-      if step % config.log_every_steps == 0 or is_last or preemption.requested:
+      log_step = step % config.log_every_steps == 0 or is_last
+      if multihost:
+        stop = any_process(preemption.requested) if log_step else False
+      else:
+        stop = preemption.requested
+      if log_step or stop:
         metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}  # the only sync point
         now = time.time()
         rate = (step - last_step) / max(now - last_time, 1e-9)
@@ -227,8 +275,8 @@ def train(config, workdir: str, train_data: Iterator[dict], *, setup: Setup | No
         val = evaluate(setup, state.params, step)
         writer.write(step, val, prefix="val/")
         summary["val"] = val
-      checkpointer.save(step, state, train_data, force=is_last or preemption.requested)
-      if preemption.requested:
+      checkpointer.save(step, state, train_data, force=is_last or stop)
+      if stop:
         logging.warning("SIGTERM: saved step %d and stopped", step)
         break
   finally:
@@ -237,9 +285,9 @@ def train(config, workdir: str, train_data: Iterator[dict], *, setup: Setup | No
     checkpointer.close()
     writer.close()
     preemption.restore()
-  summary.update(step=int(state.step), preempted=preemption.requested, skipped_steps=int(state.nonfinite_total),
+  summary.update(step=int(state.step), preempted=stop, skipped_steps=int(state.nonfinite_total),
                  train={k: float(v) for k, v in jax.device_get(metrics).items()})
-  with open(os.path.join(workdir, "train_summary.json"), "w") as f:
-    json.dump(summary, f, indent=2)
+  if jax.process_index() == 0:
+    paths.write_json(work / "train_summary.json", summary)
   summary["state"] = state
   return summary

@@ -21,17 +21,19 @@ import tarfile
 from pathlib import Path
 from typing import Any, Iterator
 
-from bridgejax.data.sources.common import IMAGE_EXTENSIONS, ImageSource, index_images
+from bridgejax.data.sources.common import IMAGE_EXTENSIONS, ImageSource, image_path, index_images, json_kind
 
 _IMAGE_KEYS = tuple(e.lstrip(".") for e in IMAGE_EXTENSIONS)
 _PATH_COLUMNS = ("image", "filepath", "file", "filename", "path", "image_path")
 
 
-def examples(src: str | os.PathLike, images: str | os.PathLike | None = None) -> Iterator[dict[str, Any]]:
-  """Examples from any of the layouts above; `src` is a folder of shards, one shard, or a TSV."""
+def examples(src: str | os.PathLike, images: str | os.PathLike | None = None, *,
+             allow_outside_base: bool = False) -> Iterator[dict[str, Any]]:
+  """Examples from any of the layouts above; `src` is a folder of shards, one shard, or a TSV.
+  A TSV's image paths must stay inside `images` unless allow_outside_base."""
   src = Path(src)
   if src.is_file() and src.suffix in (".tsv", ".csv", ".txt"):
-    yield from tsv_examples(src, images)
+    yield from tsv_examples(src, images, allow_outside_base=allow_outside_base)
   elif src.is_file() and src.suffix == ".tar":
     yield from webdataset_examples([src])
   elif src.is_file() and src.suffix == ".parquet":
@@ -50,6 +52,9 @@ def examples(src: str | os.PathLike, images: str | os.PathLike | None = None) ->
 
 
 def _example(key: str, image: ImageSource, caption: str | None, meta: dict) -> dict[str, Any]:
+  if caption is not None and not isinstance(caption, str):  # e.g. a number in a parquet column
+    image = ImageSource(image.name, error=("bad_row", f"the caption is {json_kind(caption)}, not a string"))
+    return {"id": key, "image": image, "captions": [""], "meta": meta}
   caption = (caption or "").strip()
   if not caption:
     image = ImageSource(image.name, error=("no_caption", "empty or absent caption"))
@@ -158,7 +163,8 @@ def parquet_examples(parquets: list[Path]) -> Iterator[dict[str, Any]]:
 
 # --- TSV -----------------------------------------------------------------------------------------
 
-def tsv_examples(tsv: Path, images: str | os.PathLike | None) -> Iterator[dict[str, Any]]:
+def tsv_examples(tsv: Path, images: str | os.PathLike | None, *,
+                 allow_outside_base: bool = False) -> Iterator[dict[str, Any]]:
   if images is None:
     raise ValueError(f"{tsv}: a CC3M TSV needs the folder of downloaded images (--images DIR)")
   images = Path(images)
@@ -171,11 +177,11 @@ def tsv_examples(tsv: Path, images: str | os.PathLike | None) -> Iterator[dict[s
     path_col = next((header.index(c) for c in _PATH_COLUMNS if c in header), None)
     if "caption" in header and path_col is not None:  # FROMAGe's format: caption <TAB> image
       cap_col = header.index("caption")
-      for row in rows:
+      for line, row in enumerate(rows, start=2):
         if len(row) <= max(cap_col, path_col):
           continue
-        path = images / row[path_col]
-        yield _example(row[path_col], ImageSource(str(path), path=str(path)), row[cap_col], {})
+        image = image_path(images, row[path_col], f"{tsv.name}:{line}", allow_outside_base=allow_outside_base)
+        yield _example(row[path_col], image, row[cap_col], {})
       return
     # The original Google TSV: caption <TAB> url, no header; images named by row number.
     index = index_images(images)

@@ -17,7 +17,7 @@ import os
 from pathlib import Path
 from typing import Any, Iterator
 
-from bridgejax.data.sources.common import ImageSource, split_name
+from bridgejax.data.sources.common import ImageSource, image_path, split_name
 
 
 def load(src: str | os.PathLike) -> dict[str, Any]:
@@ -32,8 +32,8 @@ def is_karpathy(data: dict[str, Any]) -> bool:
   return bool(data["images"]) and "sentences" in data["images"][0]
 
 
-def karpathy_examples(data: dict[str, Any], images: str | os.PathLike, *,
-                      restval_into_train: bool = True) -> dict[str, Iterator[dict[str, Any]]]:
+def karpathy_examples(data: dict[str, Any], images: str | os.PathLike, *, restval_into_train: bool = True,
+                      allow_outside_base: bool = False) -> dict[str, Iterator[dict[str, Any]]]:
   """{split: examples} for the Karpathy splits present (train, val, test; restval if kept apart)."""
   images = Path(images)
   by_split: dict[str, list[dict]] = {}
@@ -45,40 +45,43 @@ def karpathy_examples(data: dict[str, Any], images: str | os.PathLike, *,
 
   def gen(entries):
     for img in entries:
-      path = images / img.get("filepath", "") / img["filename"]
       image_id = img.get("cocoid", img.get("imgid"))
+      path = os.path.join(img.get("filepath", ""), img["filename"])
       meta = {"image_id": image_id, "filename": img["filename"], "karpathy_split": img.get("split")}
       yield {"id": str(image_id if image_id is not None else img["filename"]),
-             "image": ImageSource(str(path), path=str(path)),
+             "image": image_path(images, path, path, allow_outside_base=allow_outside_base),
              "captions": [s["raw"].strip() for s in img["sentences"]], "meta": meta}
   return {split: gen(entries) for split, entries in by_split.items()}
 
 
-def captions_examples(data: dict[str, Any], images: str | os.PathLike) -> Iterator[dict[str, Any]]:
+def captions_examples(data: dict[str, Any], images: str | os.PathLike, *,
+                      allow_outside_base: bool = False) -> Iterator[dict[str, Any]]:
   """Examples from the official captions_*.json, in the file's image order."""
   images = Path(images)
   captions: dict[int, list[str]] = {}
   for ann in data.get("annotations", []):
     captions.setdefault(ann["image_id"], []).append(ann["caption"].strip())
   for img in data["images"]:
-    path = images / img["file_name"]
     caps = captions.get(img["id"], [])
-    src = (ImageSource(str(path), path=str(path)) if caps else
-           ImageSource(str(path), error=("no_caption", "image without caption annotations")))
+    src = (image_path(images, img["file_name"], img["file_name"], allow_outside_base=allow_outside_base) if caps else
+           ImageSource(str(images / img["file_name"]), error=("no_caption", "image without caption annotations")))
     yield {"id": str(img["id"]), "image": src, "captions": caps or [""],
            "meta": {"image_id": img["id"], "filename": img["file_name"]}}
 
 
 def examples(src: str | os.PathLike, images: str | os.PathLike | None = None, *,
-             split: str | None = None, restval_into_train: bool = True) -> dict[str, Iterator[dict[str, Any]]]:
-  """{split: examples} from either format. `images` defaults to the JSON file's folder."""
+             split: str | None = None, restval_into_train: bool = True,
+             allow_outside_base: bool = False) -> dict[str, Iterator[dict[str, Any]]]:
+  """{split: examples} from either format. `images` defaults to the JSON file's folder; image
+  paths must stay inside it unless allow_outside_base."""
   data = load(src)
   images = images if images is not None else Path(src).parent
   if is_karpathy(data):
-    splits = karpathy_examples(data, images, restval_into_train=restval_into_train)
+    splits = karpathy_examples(data, images, restval_into_train=restval_into_train,
+                               allow_outside_base=allow_outside_base)
     if split and split not in splits:
       raise ValueError(f"{src} has no Karpathy split {split!r}; it has {sorted(splits)}")
     return {split: splits[split]} if split else splits
   # captions_val2017.json -> "val"; the name can be overridden with --split.
   name = split or split_name(Path(src).stem.removeprefix("captions_"))
-  return {name: captions_examples(data, images)}
+  return {name: captions_examples(data, images, allow_outside_base=allow_outside_base)}

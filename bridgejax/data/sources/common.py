@@ -138,6 +138,41 @@ def image_source(index: dict[int, str], image_id: int, what: str) -> ImageSource
   return ImageSource(path, path=path)
 
 
+def json_kind(value: Any) -> str:
+  """How a JSON value reads in a message: 'null', 'a number', 'a JSON object', ..."""
+  if value is None:
+    return "null"
+  if isinstance(value, bool):
+    return "true/false"
+  if isinstance(value, (int, float)):
+    return "a number"
+  if isinstance(value, dict):
+    return "a JSON object"
+  if isinstance(value, list):
+    return "a list"
+  return f"a {type(value).__name__}"
+
+
+def image_path(root: str | os.PathLike, value: Any, name: str, *, allow_outside_base: bool = False) -> ImageSource:
+  """The image at `value`, a path from a data file relative to `root` (the base folder).
+
+  A path that leaves the base folder (../../etc/x.jpg, or an absolute path elsewhere) is refused
+  (an `outside_base` skip) unless allow_outside_base: a data file from elsewhere must not make
+  preparation read, and copy into the dataset, any file the user can read. The check is on the
+  path as written (symlinked folders inside the base are fine).
+  """
+  if not isinstance(value, str) or not value.strip():
+    return ImageSource(name, error=("bad_row", f"the image path is {json_kind(value) if value != '' else 'empty'}, "
+                                               "not a path string"))
+  path = os.path.normpath(os.path.join(root, value))
+  if not allow_outside_base:
+    base = os.path.abspath(root)
+    if os.path.commonpath([base, os.path.abspath(path)]) != base:
+      return ImageSource(name, error=("outside_base", f"{value!r} is outside the base folder {root} "
+                                                      "(pass --allow-outside-base to read it)"))
+  return ImageSource(path, path=path)
+
+
 def split_name(name: str) -> str:
   """'val2014' -> 'val', 'test-dev2015' -> 'test-dev', 'val2018' -> 'val'."""
   return re.sub(r"\d+$", "", name) or name

@@ -4,7 +4,13 @@
     {"image": "photos/dog.png", "captions": ["a dog", "a brown dog running"], "id": "dog-1"}
 
 CSV/TSV need a header naming the columns: image (or file, path, filepath) and caption (or text).
-Relative image paths are taken from --images, else from the data file's folder.
+Relative image paths are taken from --images, else from the data file's folder (the base folder);
+a path outside it is refused unless allow_outside_base (--allow-outside-base).
+
+A bad row is skipped, counted and listed in skipped.jsonl with the reason, never stopping the
+run: not JSON or not an object (`bad_row`), an image or caption of the wrong type (a number, a
+JSON object, a list where a string belongs, null, a null or non-string inside a caption list:
+`bad_row`), no caption (`no_caption`), an image path outside the base folder (`outside_base`).
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ import os
 from pathlib import Path
 from typing import Any, Iterator
 
-from bridgejax.data.sources.common import ImageSource
+from bridgejax.data.sources.common import ImageSource, image_path, json_kind
 
 _IMAGE_FIELDS = ("image", "file", "path", "filepath", "file_name", "filename", "image_path")
 _CAPTION_FIELDS = ("caption", "text", "captions")
@@ -33,8 +39,8 @@ def _rows(src: Path) -> Iterator[tuple[int, dict[str, Any] | str]]:
       if missing:
         raise ValueError(f"{src}: the header {reader.fieldnames} names no {' and no '.join(missing)} "
                          f"column; name them e.g. 'image' and 'caption'")
-      for i, row in enumerate(reader, start=2):
-        yield i, {k.strip().lower(): v for k, v in row.items() if k is not None}
+      for i, row in enumerate(reader, start=2):  # a short row's missing cells are None: empty
+        yield i, {k.strip().lower(): v if v is not None else "" for k, v in row.items() if k is not None}
       return
     for i, line in enumerate(f, start=1):
       if not line.strip():
@@ -46,28 +52,56 @@ def _rows(src: Path) -> Iterator[tuple[int, dict[str, Any] | str]]:
         yield i, f"not JSON ({e})"
 
 
-def examples(src: str | os.PathLike, images: str | os.PathLike | None = None) -> Iterator[dict[str, Any]]:
+def _first(row: dict[str, Any], names: tuple[str, ...]) -> tuple[str | None, Any]:
+  """(field, value) of the first of `names` in the row with a value other than ""."""
+  return next(((k, row[k]) for k in names if k in row and row[k] != ""), (None, None))
+
+
+def _captions(field: str, value: Any) -> list[str] | str:
+  """The row's captions, stripped and non-empty, or why they are unusable."""
+  if isinstance(value, str):
+    return [value.strip()] if value.strip() else []
+  if not isinstance(value, list):
+    return f"{field} is {json_kind(value)}, not a string or a list of strings"
+  for i, c in enumerate(value):
+    if not isinstance(c, str):
+      return f"{field}[{i}] is {json_kind(c)}, not a string"
+  return [c.strip() for c in value if c.strip()]
+
+
+def examples(src: str | os.PathLike, images: str | os.PathLike | None = None, *,
+             allow_outside_base: bool = False) -> Iterator[dict[str, Any]]:
   src = Path(src)
   if not src.exists():
     raise FileNotFoundError(f"{src} does not exist")
   root = Path(images) if images is not None else src.parent
+
+  def bad(line: int, name: str, reason: str, detail: str) -> dict[str, Any]:
+    return {"id": str(line), "image": ImageSource(name, error=(reason, detail)), "captions": [""], "meta": {}}
+
   for line, row in _rows(src):
     name = f"{src.name}:{line}"
     if isinstance(row, str):
-      yield {"id": str(line), "image": ImageSource(name, error=("bad_row", row)), "captions": [""], "meta": {}}
+      yield bad(line, name, "bad_row", row)
       continue
-    image = next((row[k] for k in _IMAGE_FIELDS if row.get(k)), None)
-    captions = next((row[k] for k in _CAPTION_FIELDS if row.get(k)), None)
-    captions = [captions] if isinstance(captions, str) else [str(c) for c in captions or []]
-    captions = [c.strip() for c in captions if str(c).strip()]
-    if image is None:
-      src_img = ImageSource(name, error=("bad_row", "no image field"))
-    elif not captions:
-      src_img = ImageSource(name, error=("no_caption", "empty or absent caption"))
-    else:
-      path = root / image
-      src_img = ImageSource(str(path), path=str(path))
+    image_field, image = _first(row, _IMAGE_FIELDS)
+    caption_field, value = _first(row, _CAPTION_FIELDS)
+    ident = row.get("id", line)
+    if image_field is None:
+      yield bad(line, name, "bad_row", f"no image field (one of {', '.join(_IMAGE_FIELDS)})")
+      continue
+    if ident is not None and (isinstance(ident, bool) or not isinstance(ident, (str, int))):
+      yield bad(line, name, "bad_row", f"id is {json_kind(ident)}, not a string or an integer")
+      continue
+    captions = _captions(caption_field, value) if caption_field else []
+    if isinstance(captions, str):
+      yield bad(line, name, "bad_row", captions)
+      continue
+    if not captions:
+      yield bad(line, name, "no_caption", "empty or absent caption")
+      continue
+    src_img = image_path(root, image, name, allow_outside_base=allow_outside_base)
     meta = {k: v for k, v in row.items() if k not in _IMAGE_FIELDS + _CAPTION_FIELDS + ("id",)
             and isinstance(v, (str, int, float, bool))}
-    yield {"id": str(row.get("id", line)), "image": src_img, "captions": captions or [""],
-           "meta": {"image": image, **meta}}
+    yield {"id": str(line if ident is None else ident), "image": src_img, "captions": captions,
+           "meta": {"image": image if isinstance(image, str) else "", **meta}}

@@ -1,0 +1,97 @@
+"""The toy world written as a prepared dataset, on the command line or on a config's first use.
+
+    prepare_toy(out, num_train=10000, num_val=1000, num_test=1000, seed=0)
+    python -m bridgejax.data.prepare toy --out DIR [--num-train 10000 --num-val 1000 --num-test 1000 --seed 0]
+    ensure_toy_data(config)    # configs/demo.py (data.toy): generated into data.dir when not there yet
+
+Built on bridgejax.data's writers; COMMAND is the `toy` subcommand that the prepare CLI's
+entry point adds to the data sources' table.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from typing import Any
+
+from bridgejax.data.prepare import Command, dataset_writer, progress_bar
+from bridgejax.data.records import INFO_FILE
+from bridgejax.toy import world
+
+
+def _toy(args: tuple[str, int, int, bool]) -> dict[str, Any]:
+  split, index, seed, tasks = args
+  return world.example(split, index, seed=seed, num_questions=5 if tasks else 0,
+                       dialog_rounds=10 if tasks else 0)
+
+
+def _generate(split: str, num: int, seed: int, tasks: bool, pool) -> Iterable[dict[str, Any]]:
+  items = ((split, i, seed, tasks) for i in range(num))
+  return pool.imap(_toy, items, chunksize=32) if pool is not None else map(_toy, items)
+
+
+def prepare_toy(out, *, num_train: int = 10000, num_val: int = 1000, num_test: int = 1000,
+                seed: int = 0, workers: int = 0, overwrite: bool = False, quiet: bool = True,
+                shard_bytes: int = 1 << 30) -> dict[str, Any]:
+  """The toy world: train (captions), and for val and test the same images as captions
+  (`val`), VQA (`vqa_val`) and VisDial (`visdial_val`) splits over one image table."""
+  import multiprocessing  # pylint: disable=g-import-not-at-top
+  pool = multiprocessing.get_context("spawn").Pool(workers) if workers > 0 else None
+  try:
+    with dataset_writer(out, "toy", overwrite=overwrite, shard_bytes=shard_bytes, require_examples=False,
+                  args=dict(num_train=num_train, num_val=num_val, num_test=num_test, seed=seed)) as dw:
+      dw.notes["toy"] = {"seed": seed, "image_size": 112}
+      train = dw.split("train", "image_text")
+      with progress_bar("toy train", num_train, quiet) as bar:
+        for ex in _generate("train", num_train, seed, False, pool):
+          train.write({"id": ex["id"], "image": ex["image"], "captions": ex["captions"],
+                       "meta": {"scene": ex["scene"]}})
+          bar.update()
+      for split, num in (("val", num_val), ("test", num_test)):
+        table = dw.split(f"{split}-images", "images")
+        caps = dw.split(split, "image_text", image_table=table.name)
+        vqa = dw.split(f"vqa_{split}", "vqa", image_table=table.name)
+        dial = dw.split(f"visdial_{split}", "visdial", image_table=table.name)
+        with progress_bar(f"toy {split}", num, quiet) as bar:
+          for ex in _generate(split, num, seed, True, pool):
+            i = table.write({"id": ex["id"], "image": ex["image"]})
+            caps.write({"id": ex["id"], "image_index": i, "captions": ex["captions"],
+                        "meta": {"scene": ex["scene"]}})
+            for j, q in enumerate(ex["questions"]):
+              qid = ex["index"] * 100 + j
+              vqa.write({"id": str(qid), "question_id": qid, "image_id": ex["id"], "image_index": i,
+                         "answer_confidences": ["yes"] * len(q["answers"]), **q})
+            d = ex["dialog"]
+            dial.write({"id": ex["id"], "image_id": ex["index"], "image_index": i, **d})
+            bar.update()
+  finally:
+    if pool is not None:
+      pool.close()
+      pool.join()
+  return dw.summary()
+
+
+def ensure_toy_data(config) -> None:
+  """configs/demo.py sets data.toy: the toy world is generated into data.dir when not there yet."""
+  import jax  # pylint: disable=g-import-not-at-top
+  toy = config.data.get("toy")
+  if not toy or os.path.exists(os.path.join(config.data.dir, INFO_FILE)):
+    return
+  if jax.process_index() == 0:
+    print(f"preparing the toy world in {config.data.dir} ...")
+    prepare_toy(config.data.dir, num_train=toy.num_train, num_val=toy.num_val, num_test=toy.num_test,
+                seed=toy.seed, quiet=False)
+
+
+def _flags(p) -> None:
+  p.add_argument("--num-train", type=int, default=10000)
+  p.add_argument("--num-val", type=int, default=1000)
+  p.add_argument("--num-test", type=int, default=1000)
+  p.add_argument("--seed", type=int, default=0)
+
+
+COMMAND = Command(
+    "the toy world (generated; no input)",
+    lambda a, common: prepare_toy(a.out, num_train=a.num_train, num_val=a.num_val, num_test=a.num_test,
+                                  seed=a.seed, **common),
+    _flags, src=False, max_size=False)

@@ -1,0 +1,194 @@
+"""Bad input fails early and in one line: the shared error reporting of the CLIs, unknown config
+keys, the path and split checks of bridgejax.checks, and prompts too long for the LM's context."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+import types
+
+import pytest
+
+from bridgejax import checks, cli
+from bridgejax.errors import UserError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOY_GEMMA = os.path.join(ROOT, "bridgejax", "toy", "assets", "gemma")
+
+
+def _run(*args):
+  return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+
+# --- reporting ----------------------------------------------------------------------------------
+
+def _raise(e):
+  def fn():
+    raise e
+  return fn
+
+
+def test_user_errors_are_one_line_and_bugs_keep_their_traceback(capsys):
+  assert cli.call(_raise(UserError("--config.x='y' does not exist;\n  set it to z"))) == 2
+  assert capsys.readouterr().err == "error: --config.x='y' does not exist; set it to z\n"
+  assert cli.call(_raise(FileNotFoundError("no such file"))) == 2
+  assert capsys.readouterr().err == "error: no such file\n"
+  assert cli.call(_raise(UserError("bad")), debug=True) == 2
+  err = capsys.readouterr().err
+  assert "Traceback" in err and err.endswith("error: bad\n")
+  assert cli.call(_raise(KeyError("oops"))) == 1  # a bug: the traceback and a request to report it
+  err = capsys.readouterr().err
+  assert "Traceback" in err and "KeyError" in err and "report it" in err.splitlines()[-1]
+  assert cli.call(_raise(KeyboardInterrupt())) == 130
+  assert cli.call(lambda: None) == 0
+
+
+def test_unknown_config_keys_name_the_near_matches():
+  argv = ["train.py", "--config", "configs/demo.py", "--workdir", "w"]
+  e = cli.config_override_error(argv + ["--config.bridge.kk=3"])
+  assert str(e) == "unknown config key --config.bridge.kk; did you mean --config.bridge.k?"
+  e = cli.config_override_error(argv + ["--config.batch_size=8", "--config.batchsize=8"])
+  assert str(e) == "unknown config key --config.batchsize; did you mean --config.batch_size?"
+  e = cli.config_override_error(argv + ["--config.data.tasks=caption"])  # under another parent
+  assert str(e) == "unknown config key --config.data.tasks; did you mean --config.eval.tasks?"
+  e = cli.config_override_error(argv + ["--config.bridge.zzz=1"])
+  assert str(e) == "unknown config key --config.bridge.zzz; the keys under bridge are: k, layer, name, num_heads"
+  assert cli.config_override_error(argv + ["--config.bridge.k=3"]) is None
+  e = cli.config_override_error(["train.py", "--config=configs/nope.py", "--config.x=1"])
+  assert "config file 'configs/nope.py' does not exist" in str(e)
+
+
+def test_train_py_unknown_key_is_one_line_with_debug_for_the_traceback(tmp_path):
+  result = _run("train.py", "--config", "configs/demo.py", "--workdir", str(tmp_path), "--config.bridge.kk=3")
+  assert result.returncode == 2
+  assert result.stderr == "error: unknown config key --config.bridge.kk; did you mean --config.bridge.k?\n"
+  result = _run("train.py", "--config", "configs/demo.py", "--workdir", str(tmp_path), "--config.batchsize=8",
+                "--debug")
+  assert result.returncode == 2 and "Traceback" in result.stderr
+  assert result.stderr.splitlines()[-1] == ("error: unknown config key --config.batchsize; "
+                                             "did you mean --config.batch_size?")
+
+
+def test_eval_py_checks_the_workdir_before_loading(tmp_path):
+  start = time.time()
+  result = _run("eval.py", "--config", "configs/demo.py", "--workdir", str(tmp_path))
+  assert result.returncode == 2 and len(result.stderr.splitlines()) == 1, result.stderr
+  assert result.stderr.startswith(f"error: --workdir '{tmp_path}' has no checkpoint")
+  assert time.time() - start < 60, time.time() - start
+
+
+# --- path and split checks ----------------------------------------------------------------------
+
+def _dataset(path, splits):
+  path.mkdir(parents=True)
+  (path / "dataset_info.json").write_text(json.dumps({
+      "format": "bridgejax-records", "version": 1, "source": "test", "skipped": {}, "notes": {},
+      "splits": {name: {"kind": kind, "files": [], "num_examples": 3, "image_table": None}
+                 for name, kind in splits.items()}}))
+  return str(path)
+
+
+@pytest.fixture
+def config(tmp_path):
+  from configs import base
+  c = base.get_config()
+  for name in ("clip", "gemma"):
+    (tmp_path / name).mkdir()
+  c.vision.path, c.llm.path = str(tmp_path / "clip"), str(tmp_path / "gemma")
+  c.data.dir = _dataset(tmp_path / "data", {"train": "image_text", "val": "image_text", "vqa_val": "vqa"})
+  return c
+
+
+def test_config_paths_and_splits_are_checked_with_key_value_and_what_exists(config, tmp_path):
+  checks.check_config_paths(config, for_training=True)
+  checks.check_config_paths(config, for_training=False)
+
+  config.vision.path = str(tmp_path / "clpi")
+  with pytest.raises(UserError, match=r"--config.vision.path='.*clpi' does not exist \(.* holds clip"):
+    checks.check_config_paths(config, for_training=True)
+  config.vision.path = str(tmp_path / "clip")
+
+  config.llm.tokenizer = "/nowhere/gemma-2b-it"
+  with pytest.raises(UserError, match="--config.llm.tokenizer='/nowhere/gemma-2b-it' does not exist"):
+    checks.check_config_paths(config, for_training=False)
+  config.llm.tokenizer = ""
+
+  config.data.train_split = "trian"
+  with pytest.raises(UserError) as e:
+    checks.check_config_paths(config, for_training=True)
+  assert str(e.value) == (f"--config.data.train_split='trian': {config.data.dir} has no image_text split of that "
+                          "name (did you mean 'train'?); its image_text splits are: train (3 examples), "
+                          "val (3 examples)")
+  config.data.train_split = "train"
+
+  config.data.val_split = "vqa_val"
+  with pytest.raises(UserError, match=r"--config.data.val_split='vqa_val'.*no image_text split"):
+    checks.check_config_paths(config, for_training=True)
+  config.data.val_split = ""  # no validation: nothing to check
+  checks.check_config_paths(config, for_training=True)
+
+  config.eval.split = "test"
+  checks.check_config_paths(config, for_training=True)  # eval data is not read by training ...
+  config.eval_after_training = True  # ... unless it evaluates at the end
+  with pytest.raises(ValueError, match=r"no image_text split named 'test'.*eval.split"):
+    checks.check_config_paths(config, for_training=True)
+  config.eval.split = "val"
+
+  config.eval.tasks = "caption,vqa"
+  config.eval.vqa_data = str(tmp_path / "vqa")
+  with pytest.raises(UserError, match=r"--config.eval.vqa_data='.*vqa' does not exist"):
+    checks.check_config_paths(config, for_training=False)
+
+
+def test_data_dir_hints(config, tmp_path):
+  config.data.dir = str(tmp_path)  # the folder above the dataset
+  with pytest.raises(UserError, match="no dataset_info.json.*it holds the datasets data: point at one of them"):
+    checks.check_config_paths(config, for_training=True)
+  config.data.dir = ""
+  with pytest.raises(UserError, match="--config.data.dir is empty"):
+    checks.check_config_paths(config, for_training=True)
+  config.data.dir = str(tmp_path / "toy")  # the demo's toy world: generated on first use, so not checked
+  config.data.toy = {"num_train": 1}
+  checks.check_config_paths(config, for_training=True)
+
+
+def test_checkpoint_check(tmp_path):
+  with pytest.raises(UserError, match="has no checkpoint in checkpoints/"):
+    checks.check_checkpoint(str(tmp_path))
+  (tmp_path / "checkpoints" / "200").mkdir(parents=True)
+  (tmp_path / "checkpoints" / "400.orbax-checkpoint-tmp-1").mkdir()
+  checks.check_checkpoint(str(tmp_path))
+  checks.check_checkpoint(str(tmp_path), 200)
+  with pytest.raises(UserError, match=r"no checkpoint for step 400; available steps: \[200\]"):
+    checks.check_checkpoint(str(tmp_path), 400)
+
+
+# --- prompts and the LM's context ---------------------------------------------------------------
+
+def _pipeline(context=512):
+  from bridgejax import weights
+  from bridgejax.inference import Pipeline
+  pipe = object.__new__(Pipeline)  # only what prompt_ids reads
+  pipe.tokenizer = weights.load_tokenizer(TOY_GEMMA)
+  llm_config = types.SimpleNamespace(max_position_embeddings=context)
+  pipe.model = types.SimpleNamespace(ret_id=pipe.tokenizer.ret_id, llm=types.SimpleNamespace(config=llm_config))
+  return pipe
+
+
+def test_prompts_longer_than_the_context_are_refused_fast():
+  pipe = _pipeline()
+  ids = pipe.prompt_ids("what colour is the square?", reserve=4 + 10)
+  assert ids[0] == pipe.tokenizer.bos_id and len(ids) < 20
+  assert pipe.prompt_ids("a red circle", append_ret=True)[-1] == pipe.model.ret_id
+  start = time.time()
+  with pytest.raises(UserError) as e:
+    pipe.prompt_ids("what colour is the square? " * 40_000, reserve=4 + 10)  # 1 MB
+  assert time.time() - start < 2
+  assert "LM's context holds 512 positions (max_position_embeddings)" in str(e.value)
+  assert "shorten the prompt to at most 498 tokens" in str(e.value)
+  n = len(pipe.tokenizer.encode("x " * 300))
+  pipe.prompt_ids("x " * 300, reserve=512 - n)  # exactly full
+  with pytest.raises(UserError, match=r"at most 0 tokens \(or ask for fewer new tokens\)"):
+    pipe.prompt_ids("x", reserve=512)
+
