@@ -32,15 +32,28 @@ CONFIGS = {  # id: (config, number of output tokens)
     "l2lx2": (dict(name="l2lx2"), 4),
     "comp": (dict(name="comp"), 4),
     "grouped": (dict(name="grouped"), 4),
-    "grouped_k2_l2": (dict(name="grouped", k=2, layer=-2, num_heads=2), 2),
+    "grouped_k2_l2_pool": (dict(name="grouped", k=2, layer=-2, num_heads=2, retrieval_feature="attention_pool"), 2),
     "regions": (dict(name="regions"), 5),
     "regions_postnorm": (dict(name="regions", post_norm=True), 5),
+    "regions_pool": (dict(name="regions", retrieval_feature="attention_pool"), 5),
     "wavg": (dict(name="wavg"), 4),
     "wavg_k8_bias": (dict(name="wavg", k=8, use_bias=True), 8),
+    "wavg_pool": (dict(name="wavg", retrieval_feature="attention_pool"), 4),
     "crossatt": (dict(name="crossatt"), 4),
     "crossatt_k12_l2": (dict(name="crossatt", k=12, layer=-2), 12),
-    "crossatt_literal": (dict(name="crossatt", k=3, mha_out_proj=False, post_norm=True, num_heads=8), 3),
+    "crossatt_no_out": (dict(name="crossatt", k=3, attention="mha_no_out", post_norm=True, num_heads=8), 3),
+    "crossatt_equation": (dict(name="crossatt", k=3, attention="equation", num_heads=2), 3),
+    "crossatt_equation_k12_l2": (dict(name="crossatt", k=12, layer=-2, attention="equation"), 12),
 }
+
+
+def _feature_width(cfg, dims=DIMS):
+  """W_i's input width: S·D for grouped/regions reading the mean of their concatenated groups, else D."""
+  full = {**bridges.REGISTRY[cfg["name"]].defaults, **cfg}
+  if cfg["name"] in ("grouped", "regions") and full["retrieval_feature"] == "mean":
+    s = dims["grid_size"] ** 2 // full["k"] if cfg["name"] == "grouped" else (dims["grid_size"] // 2) ** 2
+    return s * dims["vision_width"]
+  return dims["vision_width"]
 
 
 def _hidden_states(dims=DIMS, batch=BATCH, seed=0):
@@ -105,7 +118,7 @@ def test_shapes_and_parameter_formula(case):
   bridge, params, hs = _init(cfg)
   out = bridge.apply({"params": params}, _feats(hs))
   assert out.tokens.shape == (BATCH, k, DIMS["llm_width"])
-  assert out.image_feature.shape == (BATCH, DIMS["vision_width"])
+  assert out.image_feature.shape == (BATCH, _feature_width(cfg))
   assert out.tokens.dtype == jnp.float32 and np.all(np.isfinite(out.tokens))
   assert bridges.num_tokens(cfg, **DIMS) == k
   assert _count(params) == bridges.num_params(cfg, **DIMS)
@@ -121,15 +134,22 @@ def _abstract_count(cfg, dims):
   return _count(shapes), out
 
 
-POOL = 1024 + 4 * (1024 * 1024 + 1024)  # the all-token bridges' 1-query attention for W_i
+POOL = 1024 + 4 * (1024 * 1024 + 1024)  # AttentionPool: the 1-query attention for W_i
+_POOLED = dict(retrieval_feature="attention_pool")
 THESIS_COUNTS = {  # the numbers written in the module docstrings, at ViT-L/14 + Gemma-2B sizes
     **{f"cls_linear_k{k}": (dict(name="cls_linear", k=k), k * 2048 * 1025) for k in (1, 4, 8, 12, 16, 20)},
     "l4l": (dict(name="l4l"), 8_396_800), "l2l": (dict(name="l2l"), 4_198_400),
     "l2lx2": (dict(name="l2lx2"), 8_396_800), "comp": (dict(name="comp"), 8_396_800),
-    "grouped": (dict(name="grouped"), 134_219_776 + POOL), "regions": (dict(name="regions"), 134_219_776 + POOL),
-    "wavg": (dict(name="wavg"), 2_097_216 + POOL),
+    "grouped": (dict(name="grouped"), 134_219_776), "regions": (dict(name="regions"), 134_219_776),
+    "wavg": (dict(name="wavg"), 2_097_216),
+    "grouped_pool": (dict(name="grouped", **_POOLED), 134_219_776 + POOL),
+    "regions_pool": (dict(name="regions", **_POOLED), 134_219_776 + POOL),
+    "wavg_pool": (dict(name="wavg", **_POOLED), 2_097_216 + POOL),
     "crossatt_k4": (dict(name="crossatt"), 6_301_696 + POOL),
     "crossatt_k12_l2": (dict(name="crossatt", k=12, layer=-2), 6_309_888 + POOL),
+    "crossatt_k12_l2_no_out": (dict(name="crossatt", k=12, layer=-2, attention="mha_no_out"), 5_260_288 + POOL),
+    "crossatt_k4_equation": (dict(name="crossatt", attention="equation"), 4_200_448 + POOL),
+    "crossatt_k12_l2_equation": (dict(name="crossatt", k=12, layer=-2, attention="equation"), 4_208_640 + POOL),
 }
 
 
@@ -139,20 +159,32 @@ def test_parameter_counts_at_thesis_sizes(case):
   count, out = _abstract_count(cfg, THESIS)
   assert count == expected == bridges.num_params(cfg, **THESIS)
   assert out.tokens.shape[1:] == (bridges.num_tokens(cfg, **THESIS), 2048)
-  assert out.image_feature.shape == (1, 1024)
+  assert out.image_feature.shape == (1, _feature_width(cfg, THESIS))
+
+
+def _heads(feature_width):
+  """W_i (feature_width -> 256), W_t (2048 -> 256), the [RET] row and the logit scale (model.py)."""
+  return feature_width * 256 + 256 + 2048 * 256 + 256 + 2048 + 1
+
+
+def _total(cfg):
+  return bridges.num_params(cfg, **THESIS) + _heads(_feature_width(cfg, THESIS))
 
 
 def test_thesis_reported_totals():
-  # W_i (1024->256), W_t (2048->256), the [RET] row and the logit scale live in model.py.
-  heads = 1024 * 256 + 256 + 2048 * 256 + 256 + 2048 + 1
-  assert heads == 788_993
-  cls20 = bridges.num_params(dict(name="cls_linear", k=20), **THESIS) + heads
-  assert cls20 == 42_772_993  # 7.1: "the CLS-based models with k = 20 train 42M parameters"
-  crossatt12 = bridges.num_params(dict(name="crossatt", k=12, layer=-2), **THESIS) + heads
-  cls4 = bridges.num_params(dict(name="cls_linear", k=4), **THESIS) + heads
-  assert (crossatt12, cls4) == (11_298_305, 9_185_793)  # 7.4: "just slightly more parameters than ... 4 tokens"
-  regions = bridges.num_params(dict(name="regions"), **THESIS) + heads
-  assert regions == 139_208_193  # the thesis says 151M; see the alltokens docstring
+  assert _heads(1024) == 788_993 and _heads(64 * 1024) == 17_304_065
+  # 7.1: "the CLS-based models with k = 20 train 42M parameters while the Regions model trains 151M"
+  assert _total(dict(name="cls_linear", k=20)) == 42_772_993
+  assert _total(dict(name="regions")) == 151_523_841  # W_i on the mean of the five 65,536-d regions
+  assert _total(dict(name="regions", **_POOLED)) == 139_208_193  # the attention pool reading: not 151M
+  assert _total(dict(name="grouped")) == 151_523_841 and _total(dict(name="grouped", **_POOLED)) == 139_208_193
+  assert _total(dict(name="wavg")) == 2_886_209 and _total(dict(name="wavg", **_POOLED)) == 7_085_633
+  # 7.4: k=12 at L-1 has "just slightly more parameters than the CLS model with 4 tokens"
+  cls4 = _total(dict(name="cls_linear", k=4))
+  crossatt12 = {a: _total(dict(name="crossatt", k=12, layer=-2, attention=a)) for a in ("equation", "mha_no_out", "mha")}
+  assert cls4 == 9_185_793
+  assert crossatt12 == {"equation": 9_197_057, "mha_no_out": 10_248_705, "mha": 11_298_305}
+  assert crossatt12["equation"] - cls4 == 11_264
 
 
 # --- each equation against an independent recomputation ---------------------------------------------
@@ -229,8 +261,8 @@ def _torch_pool(p, tokens, heads):
 
 
 @pytest.mark.parametrize("cfg", [dict(name="crossatt", k=5, layer=-2), dict(name="crossatt", k=3, num_heads=8),
-                                 dict(name="crossatt", k=2, mha_out_proj=False, post_norm=True)],
-                         ids=["k5_l2", "k3_h8", "literal_postnorm"])
+                                 dict(name="crossatt", k=2, attention="mha_no_out", post_norm=True)],
+                         ids=["k5_l2", "k3_h8", "no_out_postnorm"])
 def test_crossatt_equals_torch_multihead_attention(cfg):
   full = {**bridges.REGISTRY["crossatt"].defaults, **cfg}
   bridge, params, hs = _init(cfg)
@@ -238,7 +270,7 @@ def test_crossatt_equals_torch_multihead_attention(cfg):
   p, h = _np(params), _np_hidden(hs)
   y = h[full["layer"]]
   y = _np_post_norm(y) if full["post_norm"] else y
-  mha = _torch_mha(p["attn"], 16, full["num_heads"], out_proj=full["mha_out_proj"])
+  mha = _torch_mha(p["attn"], 16, full["num_heads"], out_proj=full["attention"] == "mha")
   q = torch.from_numpy(np.broadcast_to(p["queries"], (BATCH, full["k"], 16)).copy())
   t = torch.from_numpy(y)
   with torch.no_grad():
@@ -247,6 +279,34 @@ def test_crossatt_equals_torch_multihead_attention(cfg):
   np.testing.assert_allclose(out.tokens, z, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(out.image_feature, _torch_pool(p["feature_pool"], y, full["num_heads"]),
                              rtol=1e-5, atol=1e-5)
+
+
+def _np_softmax(x):
+  e = np.exp(x - x.max(-1, keepdims=True))
+  return e / e.sum(-1, keepdims=True)
+
+
+@pytest.mark.parametrize("heads,layer,post_norm", [(4, -1, False), (2, -2, True)])
+def test_crossatt_equation_is_eq_7_15_to_7_17(heads, layer, post_norm):
+  """attention="equation": numpy, head by head, as the thesis writes it."""
+  cfg = dict(name="crossatt", k=3, num_heads=heads, layer=layer, post_norm=post_norm, attention="equation")
+  bridge, params, hs = _init(cfg)
+  assert set(params["attn"]) == {"k_proj", "v_proj"} and set(params["attn"]["k_proj"]) == {"kernel"}
+  out = bridge.apply({"params": params}, _feats(hs))
+  p, h = _np(params), _np_hidden(hs)
+  y = _np_post_norm(h[layer]) if post_norm else h[layer]  # Y_v (B, N, D)
+  f = 16 // heads
+  w_k = p["attn"]["k_proj"]["kernel"].reshape(16, 16)  # [W_0^K ... W_{H-1}^K], each (D, F)
+  w_v = p["attn"]["v_proj"]["kernel"].reshape(16, 16)
+  head = []
+  for i in range(heads):
+    cols = slice(i * f, (i + 1) * f)
+    k_i, v_i = y @ w_k[:, cols], y @ w_v[:, cols]  # (7.17)
+    q_i = p["queries"][:, cols]
+    head.append(_np_softmax(q_i @ k_i.transpose(0, 2, 1) / np.sqrt(f)) @ v_i)  # (7.16)
+  z = np.concatenate(head, axis=-1) @ p["proj"]["kernel"] + p["proj"]["bias"]  # (7.15)
+  np.testing.assert_allclose(out.tokens, z, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(out.image_feature, _torch_pool(p["feature_pool"], y, heads), rtol=1e-5, atol=1e-5)
 
 
 def _groups(h, k):
@@ -261,8 +321,15 @@ def test_grouped_equation(k):
   bridge, params, hs = _init(dict(name="grouped", k=k, layer=-2))
   out = bridge.apply({"params": params}, _bare(hs))
   p, h = _np(params), _np_hidden(hs)
-  z = np.stack([g.reshape(BATCH, -1) @ p["proj"]["kernel"] + p["proj"]["bias"] for g in _groups(h[-2], k)], 1)
+  groups = [g.reshape(BATCH, -1) for g in _groups(h[-2], k)]  # Y_v^0 .. Y_v^{k-1} (eq. 7.2-7.5)
+  z = np.stack([g @ p["proj"]["kernel"] + p["proj"]["bias"] for g in groups], 1)
   np.testing.assert_allclose(out.tokens, z, rtol=1e-5, atol=1e-5)
+  assert "feature_pool" not in p  # retrieval_feature="mean": W_i reads the mean of the concatenated groups
+  np.testing.assert_allclose(out.image_feature, sum(groups) / k, rtol=1e-6, atol=1e-6)
+  bridge, params, hs = _init(dict(name="grouped", k=k, layer=-2, retrieval_feature="attention_pool"))
+  out, p = bridge.apply({"params": params}, _bare(hs)), _np(params)
+  np.testing.assert_allclose(out.tokens, np.stack([g @ p["proj"]["kernel"] + p["proj"]["bias"] for g in groups], 1),
+                             rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(out.image_feature, _torch_pool(p["feature_pool"], h[-2], 4), rtol=1e-5, atol=1e-5)
 
 
@@ -278,6 +345,17 @@ def test_regions_equation_on_an_8x8_grid():
   assert all(len(r) == 16 for r in regions)
   z = np.stack([h[-1][:, r].reshape(BATCH, -1) @ p["proj"]["kernel"] + p["proj"]["bias"] for r in regions], 1)
   np.testing.assert_allclose(out.tokens, z, rtol=1e-5, atol=1e-5)
+  # W_i's input: the mean of the five concatenated regions (thesis 6.3's rule), 16·D wide
+  mean = np.mean([h[-1][:, r].reshape(BATCH, -1) for r in regions], axis=0)
+  assert out.image_feature.shape == (BATCH, 16 * 16)
+  np.testing.assert_allclose(out.image_feature, mean, rtol=1e-6, atol=1e-6)
+
+
+def test_regions_attention_pool_feature():
+  bridge, params, hs = _init(dict(name="regions", layer=-2, retrieval_feature="attention_pool"))
+  out = bridge.apply({"params": params}, _bare(hs))
+  p, h = _np(params), _np_hidden(hs)
+  np.testing.assert_allclose(out.image_feature, _torch_pool(p["feature_pool"], h[-2], 4), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("use_bias", [False, True])
@@ -288,9 +366,17 @@ def test_wavg_equation(use_bias):
   out = bridge.apply({"params": params}, _bare(hs))
   p, h = _np(params), _np_hidden(hs)
   assert ("bias" in p["proj"]) == use_bias
-  z = np.stack([np.einsum("s,bsd->bd", p["weights"], g) @ p["proj"]["kernel"] + p["proj"].get("bias", 0)
-                for g in _groups(h[-1], 4)], 1)
+  pooled = [np.einsum("s,bsd->bd", p["weights"], g) for g in _groups(h[-1], 4)]  # W_a [y^n .. y^n+S-1]
+  z = np.stack([x @ p["proj"]["kernel"] + p["proj"].get("bias", 0) for x in pooled], 1)
   np.testing.assert_allclose(out.tokens, z, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(out.image_feature, sum(pooled) / 4, rtol=1e-6, atol=1e-6)  # the mean of the 4
+
+
+def test_wavg_attention_pool_feature():
+  bridge, params, hs = _init(dict(name="wavg", retrieval_feature="attention_pool"))
+  out = bridge.apply({"params": params}, _bare(hs))
+  p, h = _np(params), _np_hidden(hs)
+  np.testing.assert_allclose(out.image_feature, _torch_pool(p["feature_pool"], h[-1], 4), rtol=1e-5, atol=1e-5)
 
 
 def test_wavg_starts_as_the_group_mean():
@@ -303,6 +389,9 @@ def test_mha_param_layout_and_count():
   assert set(params) == {"queries", "attn", "proj", "feature_pool"}
   assert set(params["attn"]) == {"q_proj", "k_proj", "v_proj", "out_proj"}
   assert _count(params["attn"]) == MultiHeadCrossAttention.num_params(16)
+  _, params, _ = _init(dict(name="crossatt", k=2, attention="equation"))
+  assert jax.tree.map(np.shape, params["attn"]) == {"k_proj": {"kernel": (16, 4, 4)}, "v_proj": {"kernel": (16, 4, 4)}}
+  assert _count(params["attn"]) == MultiHeadCrossAttention.num_params(16, False, False, False) == 2 * 16 * 16
 
 
 # --- config handling and errors -------------------------------------------------------------------
@@ -343,6 +432,11 @@ ERRORS = {  # id: (config, dims override, message fragment)
                       "16 patches, which cannot be split into k=3 equal groups; use k in [1, 2, 4, 8, 16]"),
     "wavg_split": (dict(name="wavg", k=5), {"grid_size": 6}, "36 patches, which cannot be split into k=5"),
     "regions_grid": (dict(name="regions"), {"grid_size": 6}, "divisible by 4"),
+    "retrieval_feature": (dict(name="grouped", retrieval_feature="cls"), {},
+                          "retrieval_feature='cls' is not one of 'mean', 'attention_pool'"),
+    "pool_heads": (dict(name="wavg", retrieval_feature="attention_pool", num_heads=3), {}, "num_heads=3 does not divide"),
+    "attention": (dict(name="crossatt", attention="torch"), {},
+                  "attention='torch' is not one of 'equation', 'mha', 'mha_no_out'"),
     "bad_dims": (dict(name="cls_linear"), {"llm_width": 0}, "llm_width=0 must be a positive integer"),
 }
 
@@ -414,7 +508,7 @@ def test_num_tokens_and_params_of_every_registered_bridge(name):
 # --- each bridge learns: a tiny fixed batch overfits ---------------------------------------------
 
 OVERFIT = ["cls_linear_k4_l2_raw", "l4l", "l2l_postnorm", "l2lx2", "comp", "grouped", "regions", "wavg",
-           "crossatt_k12_l2"]
+           "wavg_pool", "crossatt_k12_l2", "crossatt_equation"]
 
 
 @pytest.mark.parametrize("case", OVERFIT)

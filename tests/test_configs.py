@@ -17,7 +17,6 @@ from bridgejax.inspect import count
 from bridgejax.model import BridgeModel
 from bridgejax.models.clip import CLIPVisionConfig, CLIPVisionTransformer
 from bridgejax.models.gemma import Gemma, GemmaConfig
-from configs import base
 
 CONFIGS = sorted(os.path.basename(p)[:-3] for p in glob.glob("configs/*.py") if not p.endswith("__init__.py"))
 TINY_VISION = CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_layers=4, num_heads=2, image_size=28,
@@ -65,6 +64,13 @@ def test_cls_sweep_arguments(arg, bridge):
 def test_crossatt_k12_is_the_thesis_best():
   config = load("crossatt_k12")
   assert (config.bridge.name, config.bridge.k, config.bridge.layer) == ("crossatt", 12, -2)
+  assert config.bridge.attention == "equation"  # eq. 7.15-7.17 as written: the count that fits 7.4
+
+
+@pytest.mark.parametrize("name", ["grouped", "regions", "wavg"])
+def test_all_token_configs_take_the_retrieval_feature(name):
+  assert load(name).bridge.retrieval_feature == "mean"
+  assert load(name, "retrieval_feature=attention_pool").bridge.retrieval_feature == "attention_pool"
 
 
 def test_bad_config_argument_is_a_clear_error():
@@ -72,18 +78,36 @@ def test_bad_config_argument_is_a_clear_error():
     load("cls", "depth=3")
 
 
-def _ret_heads(vision_width, llm_width, embed=256):
-  return vision_width * embed + embed + llm_width * embed + embed + llm_width + 1  # W_i, W_t, [RET], scale
+def _ret_heads(feature_width, llm_width, embed=256):
+  return feature_width * embed + embed + llm_width * embed + embed + llm_width + 1  # W_i, W_t, [RET], scale
 
 
-@pytest.mark.parametrize("name,arg", [("cls", "k=20"), ("cls", "layer=-2,k=4"), ("fromage", None), ("l4l", None),
-                                      ("l2l", None), ("l2lx2", None), ("comp", None), ("grouped", None),
-                                      ("regions", None)])
-def test_inspect_counts_equal_the_formulas_at_real_sizes(name, arg):
+# config, argument, W_i's input width, the total `inspect` prints (what the README table and the
+# bridge docstrings quote; the thesis's own figures in the comments)
+COUNTS = [
+    ("cls", "k=20", 1024, 42_772_993),  # thesis 7.1: "42M"
+    ("cls", "layer=-2,k=4", 1024, 9_185_793),
+    ("fromage", None, 1024, 2_888_193),
+    ("l4l", None, 1024, 9_185_793), ("l2l", None, 1024, 4_987_393), ("l2lx2", None, 1024, 9_185_793),
+    ("comp", None, 1024, 9_185_793),
+    ("regions", None, 65_536, 151_523_841),  # thesis 7.1: "the Regions model trains 151M"
+    ("regions", "retrieval_feature=attention_pool", 1024, 139_208_193),
+    ("grouped", None, 65_536, 151_523_841), ("grouped", "retrieval_feature=attention_pool", 1024, 139_208_193),
+    ("wavg", None, 1024, 2_886_209), ("wavg", "retrieval_feature=attention_pool", 1024, 7_085_633),
+    ("crossatt", None, 1024, 9_188_865),
+    ("crossatt_k12", None, 1024, 9_197_057),  # thesis 7.4: "just slightly more" than cls k=4's 9,185,793
+    ("crossatt", "layer=-2,k=12,attention=mha", 1024, 11_298_305),
+]
+
+
+@pytest.mark.parametrize("name,arg,feature_width,total", COUNTS)
+def test_inspect_counts_equal_the_formulas_at_real_sizes(name, arg, feature_width, total):
   config = load(name, arg)
   result = count(config)  # CLIP ViT-L/14 + Gemma-2B from config.*.arch: no weights needed
   dims = dict(vision_width=1024, vision_layers=24, grid_size=16, llm_width=2048)
-  assert result["trainable_params"] == bridges.num_params(config.bridge, **dims) + _ret_heads(1024, 2048)
+  assert result["trainable_params"] == bridges.num_params(config.bridge, **dims) + _ret_heads(feature_width, 2048)
+  assert result["trainable_params"] == total
+  assert result["by_module"]["ret/image_proj"] == feature_width * 256 + 256
   assert sum(result["by_module"].values()) == result["trainable_params"]
 
 
@@ -93,3 +117,6 @@ def test_inspect_cli_json():
   result = json.loads(out)
   assert result["trainable_params"] == 20 * 2048 * 1025 + _ret_heads(1024, 2048) == 42_772_993  # thesis: "42M"
   assert result["by_module"]["bridge/proj"] == 20 * 2048 * 1025
+  out = subprocess.run([sys.executable, "-m", "bridgejax.inspect", "--config", "configs/regions.py", "--json"],
+                       capture_output=True, text=True, check=True).stdout
+  assert json.loads(out)["trainable_params"] == 151_523_841  # thesis 7.1: "the Regions model trains 151M"

@@ -1,19 +1,41 @@
 """All-token reduction bridges (thesis 7.1): the patch tokens of one layer -> a few LLM embeddings.
 
 Axis legend (einsum letters): B batch, N tokens (1 + P), P patches (grid²), D vision width,
-E LLM width, G groups/regions, S tokens per group, R region side.
+E LLM width, G groups/regions, S tokens per group (or region), R region side.
 
 All three drop the CLS (y^0) and read the patches y^1..y^P in the tower's row-major grid order.
 `layer` (default -1: the thesis ran them on layer L) picks hidden_states[layer]; post_norm (default
 False, the thesis fork's raw hidden states) sends every token through the tower's post-LayerNorm.
 Config keys and defaults are the module fields below (`bridgejax.bridges.describe()` lists them).
 
-image_feature (for W_i): a separate 1-query multi-head cross-attention (`AttentionPool`, num_heads
-heads, default 4) over *all* N tokens of the same layer, CLS included. The thesis (7.3) says only
-that the all-token models use "a cross-attention module to transform embeddings to compare with the
-embedding of the [RET] token, [which] uses only one vector as the query"; we give it the same form
-as the crossatt bridge's attention and the CLS so it can fall back on CLIP's pooled token.
-Its parameters: D + 4·(D² + D) = 4,199,424 for D=1024.
+image_feature (for W_i), `retrieval_feature`:
+  "mean" (default): the mean of the G vectors that LL consumes, f = (1/G) Σ_g Y^g: the concatenated
+    groups or regions (S·D = 65,536 dims on ViT-L/14, so W_i is (65,536, 256)), or W avg's pooled
+    groups (D dims). This is thesis 6.3's rule for models that extract several tokens ("we use the
+    average of these token embeddings as the retrieval token embedding"), and FROMAGe's W_i reads
+    the same visual input as its W_c.
+  "attention_pool": this project's earlier choice, not the thesis's: a separate 1-query multi-head
+    attention (`AttentionPool`, num_heads heads) over all N tokens of the same layer, CLS included,
+    the head that 7.3 describes for the cross-attention models. D + 4·(D² + D) = 4,199,424 for D=1024.
+  num_heads is used by "attention_pool" only.
+
+Why "mean". ViT-L/14 + Gemma-2B, embed 256; W_t (2048 -> 256), the [RET] row and the logit scale
+are 524,544 + 2,048 + 1 = 526,593, W_i is 65,536·256 + 256 = 16,777,472 on the 65,536-d mean and
+1024·256 + 256 = 262,400 on a D-vector. All trainable parameters, as `python -m bridgejax.inspect`
+counts them:
+  regions, "mean":            134,219,776 + 16,777,472 + 526,593             = 151,523,841
+  regions, "attention_pool":  134,219,776 + 4,199,424 + 262,400 + 526,593    = 139,208,193
+  The thesis (7.1): "the CLS-based models with k = 20 train 42M parameters while the Regions model
+  trains 151M". The same count gives cls k=20 41,984,000 + 262,400 + 526,593 = 42,772,993 ("42M"),
+  so "mean" reproduces both figures (each cut to the million) and "attention_pool" misses 151M by
+  12M. Regions of 72 tokens (72·1024·2048 + 2048 = 150,999,040 for the Linear alone) give 151M only
+  if nothing but the Linear is counted, and the text says 64 tokens per region and 65,536 dims.
+  grouped, "mean": 151,523,841 (its Linear has the same shape); "attention_pool": 139,208,193.
+  wavg, "mean": 2,097,216 + 262,400 + 526,593 = 2,886,209; "attention_pool": 7,085,633.
+  The thesis reports no count for Grouped or W avg. They are the same family, in the same section,
+  defined from one another (Regions applies "the same linear transformation LL as in the previous
+  method"; W avg averages "instead of concatenating"), so they take the retrieval input that the
+  Regions count pins down.
 
 `grouped` (eq. 7.1-7.7): the P patches in k groups of S = P/k *consecutive* tokens (for ViT-L/14:
   y^1..y^64, y^65..y^128, ...: four horizontal bands of 4 rows), each group concatenated to S·D and
@@ -27,16 +49,14 @@ Its parameters: D + 4·(D² + D) = 4,199,424 for D=1024.
   overlapping between quadrants and the center": 8x8 on ViT-L/14's 16x16). Each region's tokens are
   concatenated row-major and sent through one shared LL, W ((g/2)²·D, E).
   Needs grid_size % 4 == 0 (else the centre window would start half a patch off).
-  Parameters: (g/2)²·D·E + E (+ pool). ViT-L/14 and Gemma-2B: 134,219,776 (+ 4,199,424 + W_i, W_t,
-  [RET] and scale 788,993 = 139.2M). The thesis (7.1) reports 151M for Regions, which our reading of
-  its text cannot give; 72·1024·2048 = 151.0M suggests regions of 72 tokens (e.g. 8x9) in its code.
-  We follow the text (64 tokens per region).
+  Parameters: (g/2)²·D·E + E (+ pool). ViT-L/14 and Gemma-2B: 134,219,776 (+ 4,199,424); totals above.
 
 `wavg` (eq. 7.10-7.14): the same k consecutive groups as `grouped`, each reduced by a learned
   weighting W_a (S weights, ONE vector shared by the groups as the equations write a single W_a),
   then LL(Y) = Y W with W (D, E) and, as eq. 7.14's text defines LL, no bias (use_bias=True adds one).
   W_a starts at 1/S (the plain mean) and is not normalised (the equations apply W_a as a matrix
-  product; "weighted average" is the initial state, not a constraint).
+  product; "weighted average" is the initial state, not a constraint). With "mean", W_i reads the
+  mean of the W_a-pooled groups, so W_a also learns from the retrieval loss.
   Needs P % k == 0.
   Parameters: S + D·E (+ E) (+ pool). ViT-L/14, Gemma-2B, k=4: 2,097,216 (+ 4,199,424).
 """
@@ -51,21 +71,26 @@ import jax.numpy as jnp
 from bridgejax.bridges import base
 from bridgejax.bridges.base import AttentionPool, BridgeOutput
 
+RETRIEVAL_FEATURES = ("mean", "attention_pool")  # what W_i reads (module docstring)
+
 
 class _AllTokens(nn.Module):
-  """Shared plumbing: layer selection, post-norm, the grid check and the image-feature pool."""
+  """Shared plumbing: layer selection, post-norm, the grid check and the retrieval feature."""
 
   def _tokens(self, features: base.VisionFeatures):
     base.check_tokens(self.registry_name, features, self.grid_size, self.vision_width)
     return features.tokens(self.layer, self.post_norm).astype(self.dtype)  # (B, N, D)
 
-  def _feature(self, tokens):
+  def _feature(self, tokens, vectors):
+    """tokens (B, N, D), vectors (B, G, S·D or D) the LL inputs -> W_i's input: their mean, or the pool's (B, D)."""
+    if self.retrieval_feature == "mean":  # summed in float32: S·D is 65,536 wide on ViT-L/14
+      return jnp.mean(vectors.astype(jnp.float32), axis=1).astype(self.dtype)
     return AttentionPool(self.num_heads, dtype=self.dtype, param_dtype=self.param_dtype,
                          name="feature_pool")(tokens)
 
   @property
   def _pool_params(self) -> int:
-    return AttentionPool.num_params(self.vision_width)
+    return AttentionPool.num_params(self.vision_width) if self.retrieval_feature == "attention_pool" else 0
 
 
 class Grouped(_AllTokens):
@@ -76,7 +101,8 @@ class Grouped(_AllTokens):
   k: int = 4
   layer: int = -1
   post_norm: bool = False
-  num_heads: int = 4
+  num_heads: int = 4  # the attention pool's heads
+  retrieval_feature: str = "mean"  # RETRIEVAL_FEATURES
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -96,7 +122,7 @@ class Grouped(_AllTokens):
     groups = x[:, 1:].reshape(b, self.k, (n - 1) // self.k * d)  # (B, G, S·D): y^i ⊕ ... ⊕ y^{i+S-1}
     z = base.dense(self.llm_width, groups.shape[-1], name="proj", dtype=self.dtype,
                    param_dtype=self.param_dtype)(groups)
-    return BridgeOutput(z, self._feature(x))
+    return BridgeOutput(z, self._feature(x, groups))
 
 
 def _region_corners(g: int) -> list[tuple[int, int]]:
@@ -112,7 +138,8 @@ class Regions(_AllTokens):
   grid_size: int
   layer: int = -1
   post_norm: bool = False
-  num_heads: int = 4
+  num_heads: int = 4  # the attention pool's heads
+  retrieval_feature: str = "mean"  # RETRIEVAL_FEATURES
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -134,7 +161,7 @@ class Regions(_AllTokens):
     regions = jnp.stack([grid[:, i:i + r, j:j + r].reshape(b, r * r * d) for i, j in _region_corners(g)], axis=1)
     z = base.dense(self.llm_width, r * r * d, name="proj", dtype=self.dtype,
                    param_dtype=self.param_dtype)(regions)  # (B, 5, E)
-    return BridgeOutput(z, self._feature(x))
+    return BridgeOutput(z, self._feature(x, regions))
 
 
 class WeightedAverage(_AllTokens):
@@ -145,7 +172,8 @@ class WeightedAverage(_AllTokens):
   k: int = 4
   layer: int = -1
   post_norm: bool = False
-  num_heads: int = 4
+  num_heads: int = 4  # the attention pool's heads
+  retrieval_feature: str = "mean"  # RETRIEVAL_FEATURES
   use_bias: bool = False  # eq. 7.14's LL has no bias
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
@@ -169,15 +197,17 @@ class WeightedAverage(_AllTokens):
     pooled = jnp.einsum("BGSD,S->BGD", groups, weights.astype(self.dtype))
     z = base.dense(self.llm_width, d, use_bias=self.use_bias, name="proj", dtype=self.dtype,
                    param_dtype=self.param_dtype)(pooled)
-    return BridgeOutput(z, self._feature(x))
+    return BridgeOutput(z, self._feature(x, pooled))
 
 
 # --- registry ----------------------------------------------------------------------------------------
 
-def _check_common(name, dims, *, layer, post_norm, num_heads):
+def _check_common(name, dims, *, layer, post_norm, num_heads, retrieval_feature):
   base.check_layer(name, "layer", layer, dims["vision_layers"])
   base.check_bool(name, "post_norm", post_norm)
-  base.check_heads(name, num_heads, dims["vision_width"])
+  base.check_choice(name, "retrieval_feature", retrieval_feature, RETRIEVAL_FEATURES)
+  if retrieval_feature == "attention_pool":  # the only user of num_heads
+    base.check_heads(name, num_heads, dims["vision_width"])
 
 
 def _check_groups(name, dims, *, k, **kw):

@@ -30,7 +30,9 @@ Array = jax.Array
 
 class BridgeOutput(NamedTuple):
   tokens: Array  # (B, K, E): the visual prefix, in the LLM's input-embedding space
-  image_feature: Array  # (B, D): what W_i (the retrieval image head, in model.py) consumes
+  # (B, D): what W_i (the retrieval image head, in model.py) consumes; (B, S·D) for grouped and
+  # regions with retrieval_feature="mean" (W_i is built for its width)
+  image_feature: Array
 
 
 class VisionFeatures(NamedTuple):
@@ -105,14 +107,23 @@ torch_mha_in_kernel = nn.initializers.variance_scaling(0.5, "fan_avg", "uniform"
 # --- layers --------------------------------------------------------------------------------------
 
 class MultiHeadCrossAttention(nn.Module):
-  """Standard multi-head attention of learned queries over tokens, torch.nn.MultiheadAttention's math.
+  """Multi-head attention of learned queries over tokens: torch.nn.MultiheadAttention's math by default.
 
-  queries (K, D) (parameters, shared over the batch) x tokens (B, N, D) -> (B, K, D) (or (B, K, H*F)
-  without the out-projection). Projections q/k/v/out are (D, D) with biases, as in PyTorch.
+  queries (K, D) (parameters, shared over the batch) x tokens (B, N, D) -> (B, K, D), the heads
+  concatenated (head_0 ⊕ ... ⊕ head_{H-1}) and, with out_proj, sent through a (D, D) out-projection.
+
+    q = queries W^Q + b^Q   (query_proj; else q = queries: Q's i-th block of F columns is Q_i)
+    K = tokens W^K (+ b^K), V = tokens W^V (+ b^V)   (biases iff kv_bias)
+    head_i = softmax(q_i K_i^T / sqrt(F)) V_i
+
+  All projections are (D, D), split into H heads of F = D/H. The defaults (every projection, with
+  biases) are torch's nn.MultiheadAttention; query_proj=out_proj=kv_bias=False is eq. 7.16-7.17.
   """
 
   num_heads: int
   out_proj: bool = True
+  query_proj: bool = True
+  kv_bias: bool = True
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -123,11 +134,15 @@ class MultiHeadCrossAttention(nn.Module):
       raise ValueError(f"num_heads={self.num_heads} does not divide the vision width {width}")
     head_dim = width // self.num_heads
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    proj = lambda name: nn.DenseGeneral((self.num_heads, head_dim), kernel_init=torch_mha_in_kernel,
-                                        bias_init=nn.initializers.zeros, name=name, **kw)
-    q = proj("q_proj")(queries.astype(self.dtype)) * head_dim**-0.5  # (K, H, F)
-    k = proj("k_proj")(tokens)  # (B, N, H, F)
-    v = proj("v_proj")(tokens)
+    proj = lambda name, bias: nn.DenseGeneral((self.num_heads, head_dim), use_bias=bias,
+                                              kernel_init=torch_mha_in_kernel, bias_init=nn.initializers.zeros,
+                                              name=name, **kw)
+    queries = queries.astype(self.dtype)
+    q = (proj("q_proj", True)(queries) if self.query_proj
+         else queries.reshape(*queries.shape[:-1], self.num_heads, head_dim))  # (K, H, F)
+    q = q * head_dim**-0.5
+    k = proj("k_proj", self.kv_bias)(tokens)  # (B, N, H, F)
+    v = proj("v_proj", self.kv_bias)(tokens)
     logits = jnp.einsum("KHF,BNHF->BHKN", q, k).astype(jnp.float32)
     probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
     out = jnp.einsum("BHKN,BNHF->BKHF", probs, v)
@@ -138,12 +153,13 @@ class MultiHeadCrossAttention(nn.Module):
     return out
 
   @staticmethod
-  def num_params(width: int, out_proj: bool = True) -> int:
-    return (4 if out_proj else 3) * (width * width + width)
+  def num_params(width: int, out_proj: bool = True, query_proj: bool = True, kv_bias: bool = True) -> int:
+    kv = 2 * (width * width + (width if kv_bias else 0))
+    return kv + (query_proj + out_proj) * (width * width + width)
 
 
 class AttentionPool(nn.Module):
-  """The image feature of all-token bridges: one learned query cross-attending to every token.
+  """A retrieval feature for all-token bridges: one learned query cross-attending to every token.
 
   tokens (B, N, D) -> (B, D). Its own parameters: the query (D) and a MultiHeadCrossAttention.
   """
@@ -228,6 +244,11 @@ def check_positive_int(name: str, key: str, value) -> None:
 def check_bool(name: str, key: str, value) -> None:
   if not isinstance(value, bool):
     raise ValueError(f"bridge {name!r}: {key}={value!r} must be True or False")
+
+
+def check_choice(name: str, key: str, value, choices) -> None:
+  if value not in choices:
+    raise ValueError(f"bridge {name!r}: {key}={value!r} is not one of {', '.join(map(repr, choices))}")
 
 
 def check_heads(name: str, num_heads, vision_width: int) -> None:
