@@ -1,4 +1,4 @@
-"""KV-cache decoding for the Gemma decoder: greedy, temperature/top-p sampling and beam search.
+"""KV-cache decoding for the decoders (Gemma, LLaMA family): greedy, temperature/top-p sampling and beam search.
 
     new = generate(module, params, ids, attention_mask=mask, max_new_tokens=32)   # (B, 32) int32
     new = generate(module, params, inputs_embeds=prefix, attention_mask=mask)     # e.g. a visual prefix
@@ -30,7 +30,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bridgejax.models.gemma import Gemma, init_cache
+# Any decoder with the Gemma module's methods (models/gemma.py, models/llama.py): they are called
+# by name, and the cache layout is shared.
+from bridgejax.models.gemma import init_cache
 
 Array = jax.Array
 METHODS = ("greedy", "sample", "beam")
@@ -69,7 +71,7 @@ def top_p_filter(logits, top_p: float):
 
 
 def generate(
-    module: Gemma,
+    module,
     params,
     input_ids=None,
     *,
@@ -120,7 +122,7 @@ def generate(
   extra = None if extra_embeddings is None else jnp.asarray(extra_embeddings)
   lengths = jnp.asarray(lengths, jnp.int32)
 
-  logits, cache = _prefill(module, params, ids, embeds, lengths, extra, cache_length)
+  logits, cache = prefill(module, params, ids, embeds, lengths, extra, cache_length)
   stops = tuple(sorted(set(c.eos_token_ids if eos_token_ids is None else eos_token_ids) | set(stop_tokens)))
   pad_id = c.pad_token_id if pad_id is None else pad_id
   if method == "beam":
@@ -157,23 +159,25 @@ def _apply(module, params, *args, method):
 
 
 @functools.partial(jax.jit, static_argnames=("module", "cache_length"))
-def _prefill(module, params, input_ids, inputs_embeds, lengths, extra, cache_length):
-  """-> logits (B, V) of each row's next token, and the cache holding the prompt."""
+def prefill(module, params, input_ids, inputs_embeds, lengths, extra, cache_length):
+  """Right-padded prompts, input_ids (B, P) or (when those are None) inputs_embeds (B, P, D), of
+  `lengths` (B,) real tokens -> logits (B, V) of each row's next token, and a cache of cache_length
+  slots holding the prompt at positions 0..P-1. Callable inside another jit (the eval engine's)."""
   if inputs_embeds is None:
-    inputs_embeds = _apply(module, params, input_ids, extra, method=Gemma.embed)
+    inputs_embeds = _apply(module, params, input_ids, extra, method="embed")
   batch, slots = inputs_embeds.shape[:2]
   cache = init_cache(module.config, batch, cache_length, module.dtype)
   positions = jnp.broadcast_to(jnp.arange(slots), (batch, slots))
-  hidden, _, cache = _apply(module, params, inputs_embeds, positions, None, cache, method=Gemma.decode)
+  hidden, _, cache = _apply(module, params, inputs_embeds, positions, None, cache, method="decode")
   last = hidden[jnp.arange(batch), lengths - 1]  # (B, D): each row's last real token
-  return _apply(module, params, last, extra, method=Gemma.logits), cache
+  return _apply(module, params, last, extra, method="logits"), cache
 
 
 def _step(module, params, tokens, positions, cache, extra):
   """One cached decoding step: tokens (B,) at positions (B,) -> logits (B, V), cache."""
-  x = _apply(module, params, tokens[:, None], extra, method=Gemma.embed)
-  hidden, _, cache = _apply(module, params, x, positions[:, None], None, cache, method=Gemma.decode)
-  return _apply(module, params, hidden[:, 0], extra, method=Gemma.logits), cache
+  x = _apply(module, params, tokens[:, None], extra, method="embed")
+  hidden, _, cache = _apply(module, params, x, positions[:, None], None, cache, method="decode")
+  return _apply(module, params, hidden[:, 0], extra, method="logits"), cache
 
 
 @functools.partial(jax.jit, static_argnames=("module", "max_new_tokens", "sampler", "stops", "pad_id"))

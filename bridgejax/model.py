@@ -37,12 +37,14 @@ from bridgejax import losses
 from bridgejax.bridges import BridgeOutput, VisionFeatures, build_bridge
 from bridgejax.models.clip import CLIPVisionConfig, CLIPVisionTransformer
 from bridgejax.models.gemma import Gemma, GemmaConfig
+from bridgejax.models.llama import Llama, LlamaConfig
 from bridgejax.models.precision import matmul_precision
 
 TRAINABLE = ("bridge", "ret")
 REMAT = ("none", "llm", "all")
 # How visual tokens enter the LLM relative to text embeddings (which Gemma scales by sqrt(D)).
-#   "sqrt_d": multiplied by the LLM's embedding normaliser too, as in the thesis's stack: its fork
+#   "sqrt_d": multiplied by the LLM's embedding normaliser (`embed_scale`: sqrt(D) for Gemma, 1 for
+#     the LLaMA family, which has none) too, as in the thesis's stack: its fork
 #     passed [visual tokens, text embeddings] as `inputs_embeds` to transformers 4.x, whose
 #     GemmaModel.forward multiplied *all* inputs_embeds by sqrt(hidden_size) (sqrt(2048) = 45.25 in
 #     bf16). transformers 5.x moved the scale into the embedding layer.
@@ -116,7 +118,8 @@ class BridgeModel:
                           llm_width=llm_config.hidden_size)
     heads = RetrievalHeads(llm_config.hidden_size, config.ret.embed_dim, config.ret.logit_scale_init)
     weights = losses.resolve_weights(config.loss)
-    return cls(CLIPVisionTransformer(vision_config, **kw), Gemma(llm_config, remat=remat != "none", **kw), bridge,
+    llm_class = Llama if isinstance(llm_config, LlamaConfig) else Gemma
+    return cls(CLIPVisionTransformer(vision_config, **kw), llm_class(llm_config, remat=remat != "none", **kw), bridge,
                heads, ret_id=llm_config.vocab_size, loss_weights=weights, concat_prob=config.concat_prob,
                remat=remat, matmul_precision=config.get("matmul_precision", ""), visual_token_scale=scale)
 
@@ -154,8 +157,8 @@ class BridgeModel:
     if self.remat == "all":
       bridge = jax.checkpoint(bridge)
     out = bridge(params["bridge"], features)
-    if self.visual_token_scale == "sqrt_d":  # see VISUAL_TOKEN_SCALES; the normaliser in the LLM's dtype, as Gemma.embed
-      out = out._replace(tokens=out.tokens * jnp.asarray(math.sqrt(self.llm.config.hidden_size), self.llm.dtype))
+    if self.visual_token_scale == "sqrt_d":  # see VISUAL_TOKEN_SCALES; the LLM's own normaliser in its dtype, as its embed
+      out = out._replace(tokens=out.tokens * jnp.asarray(self.llm.embed_scale, self.llm.dtype))
     return out
 
   @_with_precision
@@ -164,7 +167,7 @@ class BridgeModel:
 
   def embed_text(self, params, ids):  # (B, T) -> (B, T, D), [RET] from the trainable row
     ret_row = params["ret"]["ret_embedding"]
-    return self.llm.apply({"params": params["llm"]}, ids, ret_row, method=Gemma.embed)
+    return self.llm.apply({"params": params["llm"]}, ids, ret_row, method="embed")
 
   @_with_precision
   def llm_hidden(self, params, inputs_embeds, mask, positions=None, segment_ids=None):
@@ -177,14 +180,14 @@ class BridgeModel:
     if positions is None:
       positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
     hidden, _, _ = self.llm.apply({"params": params["llm"]}, inputs_embeds, positions, mask, None, segment_ids,
-                                  method=Gemma.decode)
+                                  method="decode")
     return hidden
 
   @_with_precision
   def run_llm(self, params, inputs_embeds, mask, positions=None, segment_ids=None):
     """(B, S, D) embeddings, (B, S) mask -> logits (B, S, V + 1) float32, final-norm hidden (B, S, D)."""
     hidden = self.llm_hidden(params, inputs_embeds, mask, positions, segment_ids)
-    logits = self.llm.apply({"params": params["llm"]}, hidden, params["ret"]["ret_embedding"], method=Gemma.logits)
+    logits = self.llm.apply({"params": params["llm"]}, hidden, params["ret"]["ret_embedding"], method="logits")
     return logits, hidden
 
   @_with_precision
@@ -192,7 +195,7 @@ class BridgeModel:
     """Token-mean next-token CE of the LM head: hidden (B, S, D) at position t predicts labels[t + 1]
     where target_mask[t + 1]; the [RET] column is its own product (Gemma.split_logits)."""
     def ce(llm, ret_row, hidden):
-      logits = self.llm.apply({"params": llm}, hidden[:, :-1], ret_row, method=Gemma.split_logits)
+      logits = self.llm.apply({"params": llm}, hidden[:, :-1], ret_row, method="split_logits")
       return losses.caption_loss(logits, labels[:, 1:], target_mask[:, 1:], shift=False)
 
     if self.remat == "all":  # recompute the (B, S, V) logits in the backward pass instead of keeping them
@@ -211,7 +214,7 @@ class BridgeModel:
   def text_embedding(self, params, ids, mask):
     """Text pass: (B, T) ids ending in [RET] -> (logits (B, T, V + 1), text embedding (B, E))."""
     hidden, emb = self._text_pass(params, ids, mask)
-    logits = self.llm.apply({"params": params["llm"]}, hidden, params["ret"]["ret_embedding"], method=Gemma.logits)
+    logits = self.llm.apply({"params": params["llm"]}, hidden, params["ret"]["ret_embedding"], method="logits")
     return logits, emb
 
   def caption_inputs(self, params, visual_tokens, ids, mask):

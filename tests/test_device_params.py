@@ -12,9 +12,8 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import bridgejax.toy
-from bridgejax import generate as generation, weights
+from bridgejax import generate as generation, mesh as mesh_lib, weights
 from bridgejax.weights import LanguageModel
-from bridgejax.train import mesh as mesh_lib
 
 sys.path.insert(0, os.path.dirname(__file__))
 ASSETS = os.path.join(os.path.dirname(bridgejax.toy.__file__), "assets")
@@ -55,7 +54,7 @@ def test_loaders_put_params_on_the_first_device_once(backbones):
 def test_generate_sends_no_weights(backbones, monkeypatch):
   """The prefill and the decoding loop run under the guard: their params are the device ones."""
   _, lm = backbones
-  for name in ("_prefill", "_sample_loop"):
+  for name in ("prefill", "_sample_loop"):
     jitted = getattr(generation, name)
 
     def guarded(*args, _jitted=jitted, **kwargs):

@@ -265,9 +265,9 @@ def test_missing_directory_and_files(tmp_path, tiny_gemmas):
 
 
 def test_unknown_or_unsupported_architecture(tmp_path, tiny_gemmas):
-  path = _copy_with(tiny_gemmas["gemma_mqa"], tmp_path / "llama",
-                    config={"architectures": ["LlamaForCausalLM"], "model_type": "llama"})
-  with pytest.raises(CheckpointError, match="unknown language model architecture 'LlamaForCausalLM'"):
+  path = _copy_with(tiny_gemmas["gemma_mqa"], tmp_path / "phi",
+                    config={"architectures": ["PhiForCausalLM"], "model_type": "phi"})
+  with pytest.raises(CheckpointError, match="unknown language model architecture 'PhiForCausalLM'"):
     load_language_model(path)
   assert convert_main(["--hf", path, "--out", str(tmp_path / "out")]) == 1
   path = _copy_with(tiny_gemmas["gemma_mqa"], tmp_path / "untied", config={"tie_word_embeddings": False})

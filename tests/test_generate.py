@@ -55,7 +55,7 @@ def test_cached_logits_equal_a_full_recompute(tiny_gemmas):
     lengths = jnp.asarray(mask.sum(1))
     new = np.asarray(lm.generate(ids, attention_mask=mask, max_new_tokens=6, eos_token_ids=()))
     padded = np.pad(ids, [(0, 0), (0, 16 - ids.shape[1])])
-    logits, cache = generation._prefill(lm.module, lm.params, padded, None, lengths, None, 128)
+    logits, cache = generation.prefill(lm.module, lm.params, padded, None, lengths, None, 128)
     cached = [logits]
     step_fn = jax.jit(generation._step, static_argnums=0)
     for step in range(5):
@@ -118,12 +118,12 @@ def test_new_prompt_lengths_do_not_recompile_the_loop(tiny_gemmas):
   rng = np.random.default_rng(0)
   run = lambda length: lm.generate(rng.integers(3, 96, (2, length)), max_new_tokens=8, cache_length=64)
   run(5)
-  loops, prefills = generation._sample_loop._cache_size(), generation._prefill._cache_size()
+  loops, prefills = generation._sample_loop._cache_size(), generation.prefill._cache_size()
   run(9)  # same bucket (16): nothing compiles
-  assert (generation._sample_loop._cache_size(), generation._prefill._cache_size()) == (loops, prefills)
+  assert (generation._sample_loop._cache_size(), generation.prefill._cache_size()) == (loops, prefills)
   run(20)  # a new bucket (32) compiles the prefill only
   assert generation._sample_loop._cache_size() == loops
-  assert generation._prefill._cache_size() == prefills + 1
+  assert generation.prefill._cache_size() == prefills + 1
 
 
 def test_sampling(tiny_gemmas):

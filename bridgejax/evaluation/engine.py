@@ -31,7 +31,6 @@ import numpy as np
 
 from bridgejax import losses, mesh as mesh_lib
 from bridgejax.generate import generate, prefill
-from bridgejax.models.gemma import Gemma
 
 
 def l2_normalize(x) -> np.ndarray:
@@ -202,8 +201,8 @@ class Engine:
     flat_ids = cand_ids.reshape(rows * n, c)
     x = self.model.embed_text(params, flat_ids)
     cand_positions = jnp.repeat(lengths, n)[:, None] + jnp.arange(c)[None, :]
-    h, _, _ = apply(x, cand_positions, None, cache, method=Gemma.decode)
-    logits = apply(h[:, :-1], extra, method=Gemma.logits)  # (RN, C-1, V): predicts tokens 1..C-1
+    h, _, _ = apply(x, cand_positions, None, cache, method="decode")
+    logits = apply(h[:, :-1], extra, method="logits")  # (RN, C-1, V): predicts tokens 1..C-1
     first = jnp.repeat(first_logits, n, axis=0)[:, None]
     nll = losses.token_nll(jnp.concatenate([first, logits], axis=1), flat_ids)  # (RN, C)
     nll = jnp.sum(jnp.where(cand_mask.reshape(rows * n, c) > 0, nll, 0.0), axis=1)

@@ -7,4 +7,5 @@ ACTIVATIONS = {
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),
     "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
     "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),  # Gemma
+    "silu": jax.nn.silu,  # LLaMA, Mistral, Qwen2
 }

@@ -234,6 +234,11 @@ class Gemma(nn.Module):
   param_dtype: Any = jnp.float32
   remat: bool = False  # recompute each layer in the backward pass, keeping only its input
 
+  @property
+  def embed_scale(self) -> float:
+    """The embedding normaliser `embed` applies: sqrt(D) (LLaMA-family decoders have 1)."""
+    return math.sqrt(self.config.hidden_size)
+
   def setup(self):
     c = self.config
     self.embedding = self.param("embedding", nn.initializers.normal(0.02), (c.vocab_size, c.hidden_size),
@@ -254,7 +259,7 @@ class Gemma(nn.Module):
       extra = jnp.take(extra_embeddings, extra_index, axis=0).astype(self.dtype)
       rows = jnp.where((input_ids >= c.vocab_size)[..., None], extra, rows)
     # transformers multiplies by sqrt(D) cast to the embedding's dtype (55.4 -> 55.5 in bf16): same here.
-    return rows * jnp.asarray(math.sqrt(c.hidden_size), self.dtype)
+    return rows * jnp.asarray(self.embed_scale, self.dtype)
 
   def split_logits(self, hidden, extra_embeddings=None):
     """(..., D) final-norm hidden states -> ((..., V) logits of the frozen table, (..., X) logits of

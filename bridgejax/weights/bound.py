@@ -42,7 +42,7 @@ class VisionTower:
 
 @dataclasses.dataclass
 class LanguageModel:
-  """A Gemma decoder bound to its (frozen) parameters.
+  """A Gemma or LLaMA-family decoder (models/gemma.py, models/llama.py) bound to its (frozen) parameters.
 
       out = lm(input_ids=ids, attention_mask=mask)      # or inputs_embeds=...; -> LMOutput
       new = lm.generate(ids, attention_mask=mask, max_new_tokens=32)   # (B, 32) new tokens
@@ -63,7 +63,7 @@ class LanguageModel:
 
     self._apply = jax.jit(apply)
     self._embed = jax.jit(lambda params, ids, extra: self.module.apply(
-        {"params": params}, ids, extra, method=Gemma.embed))
+        {"params": params}, ids, extra, method="embed"))  # by name: Gemma or Llama
 
   def __call__(self, input_ids=None, attention_mask=None, inputs_embeds=None, extra_embeddings=None) -> LMOutput:
     as_array = lambda a: None if a is None else jnp.asarray(a)
@@ -71,7 +71,7 @@ class LanguageModel:
                        as_array(extra_embeddings))
 
   def embed(self, input_ids, extra_embeddings=None):
-    """(B, T) ids -> (B, T, D) scaled embeddings, the space `inputs_embeds` lives in."""
+    """(B, T) ids -> (B, T, D) embeddings (times the module's `embed_scale`), the space `inputs_embeds` lives in."""
     extra = None if extra_embeddings is None else jnp.asarray(extra_embeddings)
     return self._embed(self.params, jnp.asarray(input_ids), extra)
 

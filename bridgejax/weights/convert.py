@@ -17,12 +17,12 @@ import time
 
 import jax.numpy as jnp
 
-from bridgejax.weights import clip, converted, gemma, safetensors_io
+from bridgejax.weights import clip, converted, gemma, llama, safetensors_io
 from bridgejax.weights.errors import CheckpointError
 
 # Each family module provides KIND, accepts(hf_config) and read_checkpoint(path, param_dtype);
 # those that read GGUF files also GGUF_ARCHITECTURES (values of the file's general.architecture).
-FAMILIES = [clip, gemma]
+FAMILIES = [clip, gemma, llama]
 
 
 def family_of(path: str):

@@ -151,7 +151,8 @@ def load_tokenizer(path: str) -> Tokenizer:
         return i
     return model_config.get(f"{name}_token_id") if isinstance(model_config.get(f"{name}_token_id"), int) else None
 
-  bos = special("bos", ("<bos>", "<s>"))
+  # "bos_token": null (Qwen2) says the tokenizer adds none, whatever config.json's bos_token_id is.
+  bos = None if "bos_token" in settings and settings["bos_token"] is None else special("bos", ("<bos>", "<s>"))
   eos = special("eos", ("<eos>", "</s>", "<|endoftext|>"))
   if eos is None:
     raise CheckpointError(f"{path!r}: cannot tell the tokenizer's EOS token (no eos_token in tokenizer_config.json)")

@@ -1,0 +1,299 @@
+"""The LLaMA decoder family (LLaMA 2/3, Mistral, Qwen2) in Flax Linen, numerically equal to
+transformers' LlamaForCausalLM, MistralForCausalLM and Qwen2ForCausalLM. One module; the families
+differ only in config switches (GQA, RoPE theta and scaling, q/k/v biases, sliding window, tied head).
+
+Axis legend (einsum letters):
+  B batch, T query positions, S key positions (the sequence itself, or the KV cache), D width,
+  H query heads, K key/value heads, G query heads per key/value head (H = K * G), F head dim,
+  M MLP width, V vocabulary rows (frozen table), X extra rows ([RET], trainable, outside the params).
+
+The interface is the Gemma module's (models/gemma.py), so generation and the multimodal model take
+either: `embed`, `decode(inputs_embeds, positions, attention_mask, cache, segment_ids)`,
+`split_logits`, `logits`, `__call__`, `embed_scale`, the same `LayerCache`/`init_cache` layout.
+Differences from Gemma that callers may notice:
+  * No embedding normaliser: `embed(ids) = table[ids]` and `embed_scale` is 1.
+  * The LM head may be untied (`lm_head`, (V, D)); the extra logit columns still come from
+    `extra_embeddings`, as FROMAGe ties the [RET] row whatever the head.
+  * RMSNorm is transformers' LLaMA one: x / rms(x) in float32, cast back, times w (not 1 + w).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bridgejax.models.activations import ACTIVATIONS
+from bridgejax.models.gemma import _MASKED, FULL, SLIDING, LayerCache, LMOutput, attention_mask_for
+from bridgejax.models.gemma import init_cache as _init_cache
+from bridgejax.models.precision import matmul_precision
+
+Array = jax.Array
+ROPE_TYPES = ("default", "linear", "llama3")
+__all__ = ["Llama", "LlamaConfig", "LayerCache", "LMOutput", "init_cache"]
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+  """One LLaMA-family decoder. Defaults are LLaMA-2-7B; `weights.llama` reads the rest from files."""
+
+  family: str = "llama"  # "llama" | "mistral" | "qwen2": informative, the switches below decide
+  vocab_size: int = 32000
+  hidden_size: int = 4096
+  intermediate_size: int = 11008
+  num_layers: int = 32
+  num_heads: int = 32
+  num_kv_heads: int = 32
+  head_dim: int = 128
+  rms_norm_eps: float = 1e-5
+  hidden_act: str = "silu"
+  rope_theta: float = 10_000.0
+  rope_type: str = "default"  # ROPE_TYPES
+  rope_factor: float = 1.0  # "linear" and "llama3"
+  rope_low_freq_factor: float = 1.0  # "llama3"
+  rope_high_freq_factor: float = 4.0  # "llama3"
+  rope_original_max_positions: int = 8192  # "llama3": the pre-training context
+  layer_types: tuple[str, ...] = ()  # FULL or SLIDING per layer; () means all FULL
+  sliding_window: int | None = None  # a sliding layer's query sees keys with q - k < window
+  qkv_bias: bool = False  # biases on q/k/v (Qwen2; LLaMA's attention_bias)
+  o_bias: bool = False  # bias on o_proj (LLaMA's attention_bias)
+  mlp_bias: bool = False
+  tie_word_embeddings: bool = False  # False: a separate (V, D) `lm_head`
+  max_position_embeddings: int = 4096
+  bos_token_id: int = 1
+  eos_token_ids: tuple[int, ...] = (2,)
+  pad_token_id: int = 0
+
+  def __post_init__(self):
+    # JSON (the converted format) turns tuples into lists; keep the config hashable.
+    object.__setattr__(self, "layer_types", tuple(self.layer_types) or (FULL,) * self.num_layers)
+    object.__setattr__(self, "eos_token_ids", tuple(self.eos_token_ids))
+    if len(self.layer_types) != self.num_layers:
+      raise ValueError(f"layer_types has {len(self.layer_types)} entries for {self.num_layers} layers")
+    if set(self.layer_types) - {FULL, SLIDING}:
+      raise ValueError(f"unknown layer types {set(self.layer_types) - {FULL, SLIDING}}")
+    if SLIDING in self.layer_types and not self.sliding_window:
+      raise ValueError("sliding layers need a sliding_window")
+    if self.num_heads % self.num_kv_heads:
+      raise ValueError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
+    if self.hidden_act not in ACTIVATIONS:
+      raise ValueError(f"hidden_act={self.hidden_act!r} is not supported; use one of {sorted(ACTIVATIONS)}")
+    if self.rope_type not in ROPE_TYPES:
+      raise ValueError(f"rope_type={self.rope_type!r} is not supported; use one of {ROPE_TYPES}")
+
+
+def init_cache(config: LlamaConfig, batch: int, length: int, dtype=jnp.float32) -> tuple[LayerCache, ...]:
+  """An empty KV cache of `length` positions for every layer (the Gemma module's layout)."""
+  return _init_cache(config, batch, length, dtype)
+
+
+def inv_frequencies(c: LlamaConfig) -> np.ndarray:
+  """(F/2,) float32 RoPE inverse frequencies, computed as transformers does (float32, then scaled)."""
+  exponent = np.arange(0, c.head_dim, 2, dtype=np.int64).astype(np.float32) / np.float32(c.head_dim)
+  inv_freq = (1.0 / (np.float32(c.rope_theta) ** exponent)).astype(np.float32)
+  if c.rope_type == "linear":
+    return (inv_freq / np.float32(c.rope_factor)).astype(np.float32)
+  if c.rope_type == "llama3":  # LLaMA 3.1: long wavelengths divided by factor, a smooth ramp between
+    low_wavelen = c.rope_original_max_positions / c.rope_low_freq_factor
+    high_wavelen = c.rope_original_max_positions / c.rope_high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = np.where(wavelen > low_wavelen, inv_freq / c.rope_factor, inv_freq).astype(np.float32)
+    smooth = (c.rope_original_max_positions / wavelen - c.rope_low_freq_factor) / (
+        c.rope_high_freq_factor - c.rope_low_freq_factor)
+    smoothed = (1 - smooth) * scaled / c.rope_factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return np.where(medium, smoothed, scaled).astype(np.float32)
+  return inv_freq
+
+
+def rope(x, positions, inv_freq: np.ndarray):
+  """Rotary embedding, half-split layout (transformers' rotate_half). x (B, T, N, F), positions (B, T)."""
+  angles = positions[..., None].astype(jnp.float32) * jnp.asarray(inv_freq)  # (B, T, F/2)
+  cos, sin = jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :]
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+class RMSNorm(nn.Module):
+  """LLaMA's RMSNorm: w * (x / rms(x)), statistics in float32, the product in x's dtype (as transformers)."""
+
+  eps: float
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
+    x32 = x.astype(jnp.float32)
+    normed = (x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)).astype(x.dtype)
+    return scale.astype(x.dtype) * normed
+
+
+def _dense(features, bias, name, dtype, param_dtype):
+  return nn.Dense(features, use_bias=bias, dtype=dtype, param_dtype=param_dtype, name=name)
+
+
+class Attention(nn.Module):
+  config: LlamaConfig
+  layer_type: str
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, positions, mask, cache: LayerCache | None = None):
+    """x (B, T, D), positions (B, T), mask (B, T, S) -> ((B, T, D), updated cache or None); the
+    cache semantics are the Gemma module's."""
+    c = self.config
+    dense = lambda n, bias, name: _dense(n, bias, name, self.dtype, self.param_dtype)
+    heads = lambda t, n: t.reshape(*t.shape[:-1], n, c.head_dim)
+    q = heads(dense(c.num_heads * c.head_dim, c.qkv_bias, "q_proj")(x), c.num_heads)  # (B, T, H, F)
+    k = heads(dense(c.num_kv_heads * c.head_dim, c.qkv_bias, "k_proj")(x), c.num_kv_heads)  # (B, T, K, F)
+    v = heads(dense(c.num_kv_heads * c.head_dim, c.qkv_bias, "v_proj")(x), c.num_kv_heads)
+    inv_freq = inv_frequencies(c)
+    q, k = rope(q, positions, inv_freq), rope(k, positions, inv_freq)
+
+    if cache is not None:  # write this step's keys/values at their positions, attend over the cache
+      rows = jnp.broadcast_to(jnp.arange(x.shape[0])[:, None], positions.shape)
+      cache = LayerCache(cache.k.at[rows, positions].set(k.astype(cache.k.dtype)),
+                         cache.v.at[rows, positions].set(v.astype(cache.v.dtype)))
+      k, v = cache.k.astype(self.dtype), cache.v.astype(self.dtype)
+
+    groups = c.num_heads // c.num_kv_heads
+    q = q.reshape(*q.shape[:2], c.num_kv_heads, groups, c.head_dim)  # (B, T, K, G, F)
+    scores = jnp.einsum("BTKGF,BSKF->BKGTS", q, k).astype(jnp.float32) * c.head_dim**-0.5
+    scores = jnp.where(mask[:, None, None], scores, _MASKED)
+    probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
+    out = jnp.einsum("BKGTS,BSKF->BTKGF", probs, v).reshape(*x.shape[:2], c.num_heads * c.head_dim)
+    return dense(c.hidden_size, c.o_bias, "o_proj")(out), cache
+
+
+class MLP(nn.Module):
+  config: LlamaConfig
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):  # (B, T, D) -> (B, T, D), SwiGLU
+    c = self.config
+    dense = lambda n, name: _dense(n, c.mlp_bias, name, self.dtype, self.param_dtype)
+    gate = ACTIVATIONS[c.hidden_act](dense(c.intermediate_size, "gate_proj")(x))  # (B, T, M)
+    return dense(c.hidden_size, "down_proj")(gate * dense(c.intermediate_size, "up_proj")(x))
+
+
+class DecoderLayer(nn.Module):
+  config: LlamaConfig
+  layer_type: str
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, positions, mask, cache: LayerCache | None = None):
+    c = self.config
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    norm = lambda name: RMSNorm(c.rms_norm_eps, self.param_dtype, name=name)
+    h, cache = Attention(c, self.layer_type, name="attn", **kw)(norm("pre_attn_norm")(x), positions, mask, cache)
+    x = x + h
+    return x + MLP(c, name="mlp", **kw)(norm("pre_ffw_norm")(x)), cache
+
+
+class Llama(nn.Module):
+  """The decoder. `__call__` is the full forward pass; `embed`, `decode` and `logits` are its parts,
+  used separately by generation (prefill and cached steps) and by the multimodal model."""
+
+  config: LlamaConfig
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+  remat: bool = False  # recompute each layer in the backward pass, keeping only its input
+
+  @property
+  def embed_scale(self) -> float:
+    """The embedding normaliser `embed` applies (Gemma's sqrt(D)); LLaMA has none."""
+    return 1.0
+
+  def setup(self):
+    c = self.config
+    self.embedding = self.param("embedding", nn.initializers.normal(0.02), (c.vocab_size, c.hidden_size),
+                                self.param_dtype)
+    if not c.tie_word_embeddings:  # (V, D) as the table, so both heads are the same product
+      self.lm_head = self.param("lm_head", nn.initializers.normal(0.02), (c.vocab_size, c.hidden_size),
+                                self.param_dtype)
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    # Frozen layers still keep activations for the gradient that flows through them to the visual
+    # tokens; remat trades them for one more forward pass of the layers.
+    layer = nn.remat(DecoderLayer) if self.remat else DecoderLayer
+    self.layers = [layer(c, c.layer_types[i], **kw) for i in range(c.num_layers)]
+    self.final_norm = RMSNorm(c.rms_norm_eps, self.param_dtype)
+
+  def embed(self, input_ids, extra_embeddings=None):
+    """(B, T) ids -> (B, T, D) embeddings; ids >= vocab_size read extra_embeddings (X, D)."""
+    c = self.config
+    rows = jnp.take(self.embedding, jnp.minimum(input_ids, c.vocab_size - 1), axis=0).astype(self.dtype)
+    if extra_embeddings is not None:
+      extra_index = jnp.clip(input_ids - c.vocab_size, 0, extra_embeddings.shape[0] - 1)
+      extra = jnp.take(extra_embeddings, extra_index, axis=0).astype(self.dtype)
+      rows = jnp.where((input_ids >= c.vocab_size)[..., None], extra, rows)
+    return rows
+
+  def split_logits(self, hidden, extra_embeddings=None):
+    """(..., D) final-norm hidden states -> ((..., V) logits of the LM head, (..., X) logits of the
+    extra rows or None), both float32; the GEMMs as in Gemma.split_logits (compute-dtype operands)."""
+    head = self.embedding if self.config.tie_word_embeddings else self.lm_head
+    with matmul_precision(self.dtype):
+      vocab = jnp.einsum("...D,VD->...V", hidden.astype(self.dtype), head.astype(self.dtype)).astype(jnp.float32)
+      if extra_embeddings is None:
+        return vocab, None
+      extra = jnp.einsum("...D,XD->...X", hidden.astype(self.dtype), extra_embeddings.astype(self.dtype),
+                         preferred_element_type=jnp.float32)
+      return vocab, extra
+
+  def logits(self, hidden, extra_embeddings=None):
+    """(..., D) final-norm hidden states -> (..., V + X) float32 logits."""
+    vocab, extra = self.split_logits(hidden, extra_embeddings)
+    return vocab if extra is None else jnp.concatenate([vocab, extra], axis=-1)
+
+  def decode(self, inputs_embeds, positions, attention_mask=None, cache=None, segment_ids=None):
+    """The layers and final norm: (B, T, D) embeddings at positions (B, T) -> (final-norm hidden
+    (B, T, D), hidden_states tuple, cache). Arguments and cache semantics: Gemma.decode's."""
+    with matmul_precision(self.dtype):
+      return self._decode(inputs_embeds, positions, attention_mask, cache, segment_ids)
+
+  def _decode(self, inputs_embeds, positions, attention_mask, cache, segment_ids):
+    c = self.config
+    x = inputs_embeds.astype(self.dtype)
+    if cache is None:
+      k_pos = positions
+      k_valid = jnp.ones(x.shape[:2], bool) if attention_mask is None else attention_mask.astype(bool)
+      if segment_ids is not None:  # (B, T, S) pairs in one segment, folded into the keys' validity
+        k_valid = k_valid[:, None, :] & (segment_ids[:, :, None] == segment_ids[:, None, :])
+    else:
+      if segment_ids is not None:
+        raise ValueError("segment_ids are for a forward pass without a KV cache")
+      length = cache[0].k.shape[1]
+      k_pos = jnp.broadcast_to(jnp.arange(length), (x.shape[0], length))
+      k_valid = jnp.ones(k_pos.shape, bool)
+    masks = {FULL: attention_mask_for(positions, k_pos, k_valid, None)}
+    if SLIDING in c.layer_types:
+      masks[SLIDING] = attention_mask_for(positions, k_pos, k_valid, c.sliding_window)
+    hidden_states, new_cache = [x], []
+    for i, layer in enumerate(self.layers):
+      x, layer_cache = layer(x, positions, masks[c.layer_types[i]], None if cache is None else cache[i])
+      hidden_states.append(x)
+      new_cache.append(layer_cache)
+    x = self.final_norm(x)
+    hidden_states[-1] = x  # transformers' convention: the last entry is after the final norm
+    return x, tuple(hidden_states), (None if cache is None else tuple(new_cache))
+
+  def __call__(self, input_ids=None, attention_mask=None, inputs_embeds=None, extra_embeddings=None):
+    """Full forward pass over right-padded (B, T) ids or (B, T, D) embeddings -> LMOutput."""
+    if (input_ids is None) == (inputs_embeds is None):
+      raise ValueError("pass exactly one of input_ids and inputs_embeds")
+    if inputs_embeds is None:
+      inputs_embeds = self.embed(input_ids, extra_embeddings)
+    batch, length = inputs_embeds.shape[:2]
+    positions = jnp.broadcast_to(jnp.arange(length), (batch, length))
+    hidden, hidden_states, _ = self.decode(inputs_embeds, positions, attention_mask)
+    return LMOutput(self.logits(hidden, extra_embeddings), hidden, hidden_states)
