@@ -225,7 +225,69 @@ class DecoderLayer(nn.Module):
     return x + h, cache
 
 
-class Gemma(nn.Module):
+class CausalDecoder(nn.Module):
+  """What every decoder family shares: the layer stack with its masks and KV cache, and the full
+  forward pass. A family defines `setup` (`layers`, `final_norm`), `embed`, `embed_scale` and
+  `split_logits`; its config has `layer_types` and `sliding_window`."""
+
+  def logits(self, hidden, extra_embeddings=None):
+    """(..., D) final-norm hidden states -> (..., V + X) float32 logits of the LM head."""
+    vocab, extra = self.split_logits(hidden, extra_embeddings)
+    return vocab if extra is None else jnp.concatenate([vocab, extra], axis=-1)
+
+  def decode(self, inputs_embeds, positions, attention_mask=None, cache=None, segment_ids=None):
+    """The layers and final norm: (B, T, D) embeddings at positions (B, T) -> (final-norm hidden
+    (B, T, D), hidden_states tuple, cache).
+
+    Without a cache, keys are the inputs themselves and `attention_mask` (B, T) marks real tokens;
+    `segment_ids` (B, T), if given, packs several sequences in one row: a query sees only keys of
+    its own segment (positions then restart per segment, as the caller lays them out).
+    With a cache (from `init_cache`), the inputs are written at `positions` and attend over every
+    cache slot up to their own position: slots past a row's prompt hold padding until generation
+    overwrites them, and causality keeps them out of sight until then.
+    """
+    with matmul_precision(self.dtype):
+      return self._decode(inputs_embeds, positions, attention_mask, cache, segment_ids)
+
+  def _decode(self, inputs_embeds, positions, attention_mask, cache, segment_ids):
+    c = self.config
+    x = inputs_embeds.astype(self.dtype)
+    if cache is None:
+      k_pos = positions
+      k_valid = jnp.ones(x.shape[:2], bool) if attention_mask is None else attention_mask.astype(bool)
+      if segment_ids is not None:  # (B, T, S) pairs in one segment, folded into the keys' validity
+        k_valid = k_valid[:, None, :] & (segment_ids[:, :, None] == segment_ids[:, None, :])
+    else:
+      if segment_ids is not None:
+        raise ValueError("segment_ids are for a forward pass without a KV cache")
+      length = cache[0].k.shape[1]
+      k_pos = jnp.broadcast_to(jnp.arange(length), (x.shape[0], length))
+      k_valid = jnp.ones(k_pos.shape, bool)
+    masks = {FULL: attention_mask_for(positions, k_pos, k_valid, None)}
+    if SLIDING in c.layer_types:
+      masks[SLIDING] = attention_mask_for(positions, k_pos, k_valid, c.sliding_window)
+    hidden_states, new_cache = [x], []
+    for i, layer in enumerate(self.layers):
+      x, layer_cache = layer(x, positions, masks[c.layer_types[i]], None if cache is None else cache[i])
+      hidden_states.append(x)
+      new_cache.append(layer_cache)
+    x = self.final_norm(x)
+    hidden_states[-1] = x  # transformers' convention: the last entry is after the final norm
+    return x, tuple(hidden_states), (None if cache is None else tuple(new_cache))
+
+  def __call__(self, input_ids=None, attention_mask=None, inputs_embeds=None, extra_embeddings=None):
+    """Full forward pass over right-padded (B, T) ids or (B, T, D) embeddings (the space `embed` returns) -> LMOutput."""
+    if (input_ids is None) == (inputs_embeds is None):
+      raise ValueError("pass exactly one of input_ids and inputs_embeds")
+    if inputs_embeds is None:
+      inputs_embeds = self.embed(input_ids, extra_embeddings)
+    batch, length = inputs_embeds.shape[:2]
+    positions = jnp.broadcast_to(jnp.arange(length), (batch, length))
+    hidden, hidden_states, _ = self.decode(inputs_embeds, positions, attention_mask)
+    return LMOutput(self.logits(hidden, extra_embeddings), hidden, hidden_states)
+
+
+class Gemma(CausalDecoder):
   """The decoder. `__call__` is the full forward pass; `embed`, `decode` and `logits` are its parts,
   used separately by generation (prefill and cached steps) and by the multimodal model."""
 
@@ -279,59 +341,3 @@ class Gemma(nn.Module):
       extra = jnp.einsum("...D,XD->...X", hidden.astype(self.dtype), extra_embeddings.astype(self.dtype),
                          preferred_element_type=jnp.float32)
       return vocab, softcap(extra, self.config.final_logit_softcapping)
-
-  def logits(self, hidden, extra_embeddings=None):
-    """(..., D) final-norm hidden states -> (..., V + X) float32 logits of the tied LM head."""
-    vocab, extra = self.split_logits(hidden, extra_embeddings)
-    return vocab if extra is None else jnp.concatenate([vocab, extra], axis=-1)
-
-  def decode(self, inputs_embeds, positions, attention_mask=None, cache=None, segment_ids=None):
-    """The layers and final norm: (B, T, D) embeddings at positions (B, T) -> (final-norm hidden
-    (B, T, D), hidden_states tuple, cache).
-
-    Without a cache, keys are the inputs themselves and `attention_mask` (B, T) marks real tokens;
-    `segment_ids` (B, T), if given, packs several sequences in one row: a query sees only keys of
-    its own segment (positions then restart per segment, as the caller lays them out).
-    With a cache (from `init_cache`), the inputs are written at `positions` and attend over every
-    cache slot up to their own position: slots past a row's prompt hold padding until generation
-    overwrites them, and causality keeps them out of sight until then.
-    """
-    with matmul_precision(self.dtype):
-      return self._decode(inputs_embeds, positions, attention_mask, cache, segment_ids)
-
-  def _decode(self, inputs_embeds, positions, attention_mask, cache, segment_ids):
-    c = self.config
-    x = inputs_embeds.astype(self.dtype)
-    if cache is None:
-      k_pos = positions
-      k_valid = jnp.ones(x.shape[:2], bool) if attention_mask is None else attention_mask.astype(bool)
-      if segment_ids is not None:  # (B, T, S) pairs in one segment, folded into the keys' validity
-        k_valid = k_valid[:, None, :] & (segment_ids[:, :, None] == segment_ids[:, None, :])
-    else:
-      if segment_ids is not None:
-        raise ValueError("segment_ids are for a forward pass without a KV cache")
-      length = cache[0].k.shape[1]
-      k_pos = jnp.broadcast_to(jnp.arange(length), (x.shape[0], length))
-      k_valid = jnp.ones(k_pos.shape, bool)
-    masks = {FULL: attention_mask_for(positions, k_pos, k_valid, None)}
-    if SLIDING in c.layer_types:
-      masks[SLIDING] = attention_mask_for(positions, k_pos, k_valid, c.sliding_window)
-    hidden_states, new_cache = [x], []
-    for i, layer in enumerate(self.layers):
-      x, layer_cache = layer(x, positions, masks[c.layer_types[i]], None if cache is None else cache[i])
-      hidden_states.append(x)
-      new_cache.append(layer_cache)
-    x = self.final_norm(x)
-    hidden_states[-1] = x  # transformers' convention: the last entry is after the final norm
-    return x, tuple(hidden_states), (None if cache is None else tuple(new_cache))
-
-  def __call__(self, input_ids=None, attention_mask=None, inputs_embeds=None, extra_embeddings=None):
-    """Full forward pass over right-padded (B, T) ids or (B, T, D) scaled embeddings -> LMOutput."""
-    if (input_ids is None) == (inputs_embeds is None):
-      raise ValueError("pass exactly one of input_ids and inputs_embeds")
-    if inputs_embeds is None:
-      inputs_embeds = self.embed(input_ids, extra_embeddings)
-    batch, length = inputs_embeds.shape[:2]
-    positions = jnp.broadcast_to(jnp.arange(length), (batch, length))
-    hidden, hidden_states, _ = self.decode(inputs_embeds, positions, attention_mask)
-    return LMOutput(self.logits(hidden, extra_embeddings), hidden, hidden_states)

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bridgejax.models.activations import ACTIVATIONS
-from bridgejax.models.gemma import _MASKED, FULL, SLIDING, LayerCache, LMOutput, attention_mask_for
+from bridgejax.models.gemma import _MASKED, FULL, SLIDING, CausalDecoder, LayerCache, LMOutput
 from bridgejax.models.gemma import init_cache as _init_cache
 from bridgejax.models.precision import matmul_precision
 
@@ -200,7 +200,7 @@ class DecoderLayer(nn.Module):
     return x + MLP(c, name="mlp", **kw)(norm("pre_ffw_norm")(x)), cache
 
 
-class Llama(nn.Module):
+class Llama(CausalDecoder):
   """The decoder. `__call__` is the full forward pass; `embed`, `decode` and `logits` are its parts,
   used separately by generation (prefill and cached steps) and by the multimodal model."""
 
@@ -249,51 +249,3 @@ class Llama(nn.Module):
       extra = jnp.einsum("...D,XD->...X", hidden.astype(self.dtype), extra_embeddings.astype(self.dtype),
                          preferred_element_type=jnp.float32)
       return vocab, extra
-
-  def logits(self, hidden, extra_embeddings=None):
-    """(..., D) final-norm hidden states -> (..., V + X) float32 logits."""
-    vocab, extra = self.split_logits(hidden, extra_embeddings)
-    return vocab if extra is None else jnp.concatenate([vocab, extra], axis=-1)
-
-  def decode(self, inputs_embeds, positions, attention_mask=None, cache=None, segment_ids=None):
-    """The layers and final norm: (B, T, D) embeddings at positions (B, T) -> (final-norm hidden
-    (B, T, D), hidden_states tuple, cache). Arguments and cache semantics: Gemma.decode's."""
-    with matmul_precision(self.dtype):
-      return self._decode(inputs_embeds, positions, attention_mask, cache, segment_ids)
-
-  def _decode(self, inputs_embeds, positions, attention_mask, cache, segment_ids):
-    c = self.config
-    x = inputs_embeds.astype(self.dtype)
-    if cache is None:
-      k_pos = positions
-      k_valid = jnp.ones(x.shape[:2], bool) if attention_mask is None else attention_mask.astype(bool)
-      if segment_ids is not None:  # (B, T, S) pairs in one segment, folded into the keys' validity
-        k_valid = k_valid[:, None, :] & (segment_ids[:, :, None] == segment_ids[:, None, :])
-    else:
-      if segment_ids is not None:
-        raise ValueError("segment_ids are for a forward pass without a KV cache")
-      length = cache[0].k.shape[1]
-      k_pos = jnp.broadcast_to(jnp.arange(length), (x.shape[0], length))
-      k_valid = jnp.ones(k_pos.shape, bool)
-    masks = {FULL: attention_mask_for(positions, k_pos, k_valid, None)}
-    if SLIDING in c.layer_types:
-      masks[SLIDING] = attention_mask_for(positions, k_pos, k_valid, c.sliding_window)
-    hidden_states, new_cache = [x], []
-    for i, layer in enumerate(self.layers):
-      x, layer_cache = layer(x, positions, masks[c.layer_types[i]], None if cache is None else cache[i])
-      hidden_states.append(x)
-      new_cache.append(layer_cache)
-    x = self.final_norm(x)
-    hidden_states[-1] = x  # transformers' convention: the last entry is after the final norm
-    return x, tuple(hidden_states), (None if cache is None else tuple(new_cache))
-
-  def __call__(self, input_ids=None, attention_mask=None, inputs_embeds=None, extra_embeddings=None):
-    """Full forward pass over right-padded (B, T) ids or (B, T, D) embeddings -> LMOutput."""
-    if (input_ids is None) == (inputs_embeds is None):
-      raise ValueError("pass exactly one of input_ids and inputs_embeds")
-    if inputs_embeds is None:
-      inputs_embeds = self.embed(input_ids, extra_embeddings)
-    batch, length = inputs_embeds.shape[:2]
-    positions = jnp.broadcast_to(jnp.arange(length), (batch, length))
-    hidden, hidden_states, _ = self.decode(inputs_embeds, positions, attention_mask)
-    return LMOutput(self.logits(hidden, extra_embeddings), hidden, hidden_states)
