@@ -110,7 +110,7 @@ def generate(
     input_ids = np.asarray(input_ids, np.int32)
   batch, length = (input_ids if inputs_embeds is None else inputs_embeds).shape[:2]
   lengths = _prompt_lengths(attention_mask, batch, length)
-  cache_length = cache_length or _round_up(_bucket(length) + max_new_tokens, _CACHE_MULTIPLE)
+  cache_length = cache_length or round_up(_bucket(length) + max_new_tokens, _CACHE_MULTIPLE)
   if int(lengths.max()) + max_new_tokens > cache_length or length > cache_length:
     raise ValueError(f"a prompt of {length} slots (longest row {lengths.max()}) plus {max_new_tokens} new "
                      f"tokens does not fit cache_length={cache_length}")
@@ -150,8 +150,9 @@ def _bucket(length: int) -> int:
   return max(_MIN_BUCKET, 1 << (length - 1).bit_length())
 
 
-def _round_up(n: int, multiple: int) -> int:
-  return -(-n // multiple) * multiple
+def round_up(n: int, multiple: int) -> int:
+  """The smallest positive multiple of `multiple` that is >= n (fixed shapes: few compilations)."""
+  return max(multiple, -(-n // multiple) * multiple)
 
 
 def _apply(module, params, *args, method):

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bridgejax import losses, mesh as mesh_lib
-from bridgejax.generate import generate, prefill
+from bridgejax.generate import generate, prefill, round_up  # round_up: tasks and inference import it here
 
 
 def l2_normalize(x) -> np.ndarray:
@@ -231,7 +231,3 @@ def pad_rows(rows: list, length: int, pad_id: int) -> tuple[np.ndarray, np.ndarr
     ids[i, :len(row)] = row
     mask[i, :len(row)] = 1
   return ids, mask
-
-
-def round_up(n: int, multiple: int) -> int:
-  return max(multiple, -(-n // multiple) * multiple)

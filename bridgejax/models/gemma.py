@@ -227,8 +227,20 @@ class DecoderLayer(nn.Module):
 
 class CausalDecoder(nn.Module):
   """What every decoder family shares: the layer stack with its masks and KV cache, and the full
-  forward pass. A family defines `setup` (`layers`, `final_norm`), `embed`, `embed_scale` and
-  `split_logits`; its config has `layer_types` and `sliding_window`."""
+  forward pass. A family sets `layer_class` and `norm_class` and defines `embed`, `embed_scale` and
+  `split_logits`; its config has vocab_size, hidden_size, num_layers, rms_norm_eps, `layer_types` and `sliding_window`,
+  and the module the fields dtype, param_dtype and remat."""
+
+  def setup(self):
+    c = self.config
+    self.embedding = self.param("embedding", nn.initializers.normal(0.02), (c.vocab_size, c.hidden_size),
+                                self.param_dtype)
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    # Frozen layers still keep activations for the gradient that flows through them to the visual
+    # tokens; remat trades them for one more forward pass of the layers.
+    layer = nn.remat(self.layer_class) if self.remat else self.layer_class
+    self.layers = [layer(c, c.layer_types[i], **kw) for i in range(c.num_layers)]
+    self.final_norm = self.norm_class(c.rms_norm_eps, self.param_dtype)
 
   def logits(self, hidden, extra_embeddings=None):
     """(..., D) final-norm hidden states -> (..., V + X) float32 logits of the LM head."""
@@ -301,16 +313,7 @@ class Gemma(CausalDecoder):
     """The embedding normaliser `embed` applies: sqrt(D) (LLaMA-family decoders have 1)."""
     return math.sqrt(self.config.hidden_size)
 
-  def setup(self):
-    c = self.config
-    self.embedding = self.param("embedding", nn.initializers.normal(0.02), (c.vocab_size, c.hidden_size),
-                                self.param_dtype)
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    # Frozen layers still keep activations for the gradient that flows through them to the visual
-    # tokens; remat trades them for one more forward pass of the layers.
-    layer = nn.remat(DecoderLayer) if self.remat else DecoderLayer
-    self.layers = [layer(c, c.layer_types[i], **kw) for i in range(c.num_layers)]
-    self.final_norm = RMSNorm(c.rms_norm_eps, self.param_dtype)
+  layer_class, norm_class = DecoderLayer, RMSNorm
 
   def embed(self, input_ids, extra_embeddings=None):
     """(B, T) ids -> (B, T, D) in the scaled embedding space; ids >= vocab_size read extra_embeddings (X, D)."""

@@ -214,19 +214,14 @@ class Llama(CausalDecoder):
     """The embedding normaliser `embed` applies (Gemma's sqrt(D)); LLaMA has none."""
     return 1.0
 
+  layer_class, norm_class = DecoderLayer, RMSNorm
+
   def setup(self):
+    super().setup()
     c = self.config
-    self.embedding = self.param("embedding", nn.initializers.normal(0.02), (c.vocab_size, c.hidden_size),
-                                self.param_dtype)
     if not c.tie_word_embeddings:  # (V, D) as the table, so both heads are the same product
       self.lm_head = self.param("lm_head", nn.initializers.normal(0.02), (c.vocab_size, c.hidden_size),
                                 self.param_dtype)
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    # Frozen layers still keep activations for the gradient that flows through them to the visual
-    # tokens; remat trades them for one more forward pass of the layers.
-    layer = nn.remat(DecoderLayer) if self.remat else DecoderLayer
-    self.layers = [layer(c, c.layer_types[i], **kw) for i in range(c.num_layers)]
-    self.final_norm = RMSNorm(c.rms_norm_eps, self.param_dtype)
 
   def embed(self, input_ids, extra_embeddings=None):
     """(B, T) ids -> (B, T, D) embeddings; ids >= vocab_size read extra_embeddings (X, D)."""
