@@ -12,6 +12,8 @@ fixed shape, also placed once (the data pipeline is not timed). It reports:
   * samples_per_s = batch_size / step_s;
   * temp/argument/output bytes from XLA's memory analysis of the compiled step, and peak_bytes,
     the device's peak_bytes_in_use over the whole process (null where the backend has no stats);
+  * residual_bytes: what the backward keeps from the forward, read from the traced program
+    (before fusion: an upper bound, but it shows config.remat's saving on any backend);
   * flops_per_step (analytic, below), the achieved FLOP/s, and utilisation against a bf16 GEMM
     rate measured on the same device in the same run.
 --memory-only compiles from abstract inputs (jax.ShapeDtypeStruct) and reports the memory
@@ -223,6 +225,24 @@ def memory_fields(compiled) -> dict:
           "output_bytes": get("output_size_in_bytes"), "alias_bytes": get("alias_size_in_bytes")}
 
 
+def residual_bytes(model, params, frozen, batch) -> int:
+  """Bytes the backward pass keeps from the forward: the residuals of jax.vjp of model.loss with
+  respect to the trainable params, frozen weights and the batch excluded (they are held anyway).
+  Read from the traced program before XLA fuses anything, so it is backend-independent and
+  overstates what a compiler keeps, but it shows what config.remat saves on any machine (XLA's
+  CPU compiler drops remat's recomputation, so the CPU's temp buffer does not)."""
+  import jax
+
+  rng = jax.random.key(0)
+  traced, shapes = jax.make_jaxpr(lambda p, f, b: jax.vjp(lambda q: model.loss(q, f, b, rng)[0], p),
+                                  return_shape=True)(params, frozen, batch)
+  jaxpr = traced.jaxpr
+  count = len(jax.tree.leaves(shapes[1]))
+  held = set(jaxpr.invars) | set(jaxpr.constvars)
+  saved = {v for v in jaxpr.outvars[len(jaxpr.outvars) - count:] if not hasattr(v, "val") and v not in held}
+  return sum(v.aval.size * v.aval.dtype.itemsize for v in saved)  # hasattr "val": a literal
+
+
 def peak_bytes():
   import jax
 
@@ -311,11 +331,11 @@ def benchmark(config, vision, llm, *, batch_size: int, text_len: int, warmup: in
                     donate_argnums=(0,))
   make_state = lambda key, f: TrainState.create(model.init_trainable(key, f), optimizer)
   batch = random_batch(seed, batch_size, text_len, vision, llm)
-  result = {}
+  abstract = lambda tree: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
+  frozen_abs = jax.eval_shape(frozen_init(model), jax.random.key(0))
+  state = jax.eval_shape(make_state, jax.random.key(0), frozen_abs)
+  result = {"residual_bytes": residual_bytes(model, state.params, frozen_abs, abstract(batch))}
   if memory_only:
-    abstract = lambda tree: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
-    frozen_abs = jax.eval_shape(frozen_init(model), jax.random.key(0))
-    state = jax.eval_shape(make_state, jax.random.key(0), frozen_abs)
     start = time.perf_counter()
     compiled = step_fn.lower(state, frozen_abs, abstract(batch), jax.ShapeDtypeStruct((), jnp.float32)).compile()
     result.update(compile_s=time.perf_counter() - start, step_s=None, samples_per_s=None, **memory_fields(compiled))
@@ -620,6 +640,7 @@ def format_table(r: dict) -> str:
   row("XLA temp / argument / output", f"{_bytes(r['temp_bytes'])} / {_bytes(r['argument_bytes'])} / "
       f"{_bytes(r['output_bytes'])}")
   row("device peak", _bytes(r.get("peak_bytes")))
+  row("backward residuals (traced)", _bytes(r.get("residual_bytes")))
   row("FLOPs per step (analytic)", _flops(r["flops_per_step"]))
   if "utilisation" in r:
     row("achieved", _flops(r["flops_per_s"], "/s"))
