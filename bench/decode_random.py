@@ -33,9 +33,9 @@ def gemma_config(size: str):
   if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
   from bridgejax.models.gemma import GemmaConfig
-  from bridgejax.weights import gemma, safetensors_io
+  from bridgejax.weights import language, safetensors_io
 
-  return GemmaConfig() if size == "real" else gemma.config_from_hf(safetensors_io.read_hf_config(TOY_GEMMA))
+  return GemmaConfig() if size == "real" else language.config_from_hf(safetensors_io.read_hf_config(TOY_GEMMA))
 
 
 def prompts(config, batch: int, length: int):
@@ -61,12 +61,12 @@ def bench_jax(size: str, batches, prompt_len: int, new_tokens: int, repeats: int
   import jax.numpy as jnp
   import numpy as np
 
-  from bridgejax.models.gemma import Gemma
+  from bridgejax.models.families import decoder_class
   from bridgejax.weights import LanguageModel
 
   config = gemma_config(size)
   dt = jnp.dtype(dtype)
-  module = Gemma(config, dtype=dt, param_dtype=dt)
+  module = decoder_class(config)(config, dtype=dt, param_dtype=dt)
   abstract = jax.eval_shape(lambda: module.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"])
   sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
   from train_step import random_tree

@@ -88,9 +88,10 @@ def load_config(spec: str):
 
 
 def backbone_sizes(config, size: str):
-  """(CLIPVisionConfig, GemmaConfig) of the config at 'real' or 'reduced' size."""
+  """(vision config, LLM config) of the config at 'real' or 'reduced' size, of any family
+  (`bridgejax.inspect`'s names; config.json's architecture)."""
   from bridgejax.inspect import LLM_ARCHS, VISION_ARCHS
-  from bridgejax.weights import clip, gemma, safetensors_io
+  from bridgejax.weights import language, safetensors_io, vision
 
   if size == "real":
     for part, archs in (("vision", VISION_ARCHS), ("llm", LLM_ARCHS)):
@@ -98,9 +99,8 @@ def backbone_sizes(config, size: str):
         raise SystemExit(f"--size real: config.{part}.arch={config[part].arch!r} is not one of {sorted(archs)}")
     return VISION_ARCHS[config.vision.arch], LLM_ARCHS[config.llm.arch]
   own = lambda path, toy: path if os.path.isfile(os.path.join(path, "config.json")) else os.path.join(TOY_ASSETS, toy)
-  vision, _ = clip.config_from_hf(safetensors_io.read_hf_config(own(config.vision.path, "clip")))
-  llm = gemma.config_from_hf(safetensors_io.read_hf_config(own(config.llm.path, "gemma")))
-  return vision, llm
+  return (vision.config_from_hf(safetensors_io.read_hf_config(own(config.vision.path, "clip"))),
+          language.config_from_hf(safetensors_io.read_hf_config(own(config.llm.path, "gemma"))))
 
 
 # ----------------------------------------------------------------------------------------- FLOPs

@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 import torch
 
+import backbone_helper
+from backbone_helper import batch, max_error, reference
 from bridgejax.models.gemma import FULL, SLIDING
 from bridgejax.weights import CheckpointError, MissingCheckpointError, load_language_model
 from bridgejax.weights.convert import main as convert_main
@@ -21,35 +23,15 @@ NAMES = sorted(TINY_GEMMAS)
 ATOL = 1e-4
 
 
-def _batch(vocab=96, seed=0):
-  """Three right-padded rows of 12, 7 and 3 real tokens (longer than the sliding windows of 4)."""
-  ids = np.random.default_rng(seed).integers(3, vocab, (3, 12)).astype(np.int32)
-  ids[:, 0] = 2  # BOS
-  mask = (np.arange(12)[None] < np.array([[12], [7], [3]])).astype(np.int32)
-  return np.where(mask == 1, ids, 0), mask
-
-
-def _reference(model, ids=None, mask=None, embeds=None):
-  with torch.no_grad():
-    return model(input_ids=None if ids is None else torch.from_numpy(ids).long(),
-                 inputs_embeds=None if embeds is None else torch.from_numpy(np.asarray(embeds)),
-                 attention_mask=None if mask is None else torch.from_numpy(mask).long(), output_hidden_states=True)
-
-
-def _max_error(ours, ref, mask):
-  """Largest difference over the real (unpadded) positions."""
-  return float(np.abs(np.asarray(ours, np.float32) - ref.float().numpy())[mask.astype(bool)].max())
-
-
 def _assert_parity(out, ref, mask, atol=ATOL):
   """Within atol, relative to the tensor's scale where that exceeds 1 (float32 rounding grows with
   it: Gemma 1's residual stream reaches ~60 in these random models, logits stay ~1)."""
   assert len(out.hidden_states) == len(ref.hidden_states)
   for i, (a, b) in enumerate(zip(out.hidden_states, ref.hidden_states)):
     scale = max(1.0, float(b.abs().max()))
-    assert _max_error(a, b, mask) <= atol * scale, f"hidden_states[{i}]"
+    assert max_error(a, b, mask) <= atol * scale, f"hidden_states[{i}]"
   np.testing.assert_array_equal(out.last_hidden_state, out.hidden_states[-1])
-  assert _max_error(out.logits, ref.logits, mask) <= atol * max(1.0, float(ref.logits.abs().max()))
+  assert max_error(out.logits, ref.logits, mask) <= atol * max(1.0, float(ref.logits.abs().max()))
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -59,10 +41,10 @@ def test_parity_on_a_padded_batch(name, tiny_gemmas):
   c = tiny.model.config
   assert (lm.config.num_heads, lm.config.num_kv_heads) == (c.num_attention_heads, c.num_key_value_heads)
   assert lm.config.layer_types == tuple(getattr(c, "layer_types", None) or [FULL] * c.num_hidden_layers)
-  ids, mask = _batch()
+  ids, mask = batch()
   out = lm(input_ids=ids, attention_mask=mask)
   assert out.logits.shape == (3, 12, 96) and out.logits.dtype == jnp.float32
-  _assert_parity(out, _reference(tiny.model, ids, mask), mask)
+  _assert_parity(out, reference(tiny.model, ids, mask), mask)
   # padding is invisible: a row alone, unpadded, gives the same values on its real positions
   alone = lm(input_ids=ids[1:2, :7])
   np.testing.assert_allclose(alone.logits[0], out.logits[1, :7], atol=1e-5)
@@ -72,14 +54,14 @@ def test_parity_on_a_padded_batch(name, tiny_gemmas):
 def test_parity_through_inputs_embeds(name, tiny_gemmas):
   tiny = tiny_gemmas[name]
   lm = load_language_model(tiny.path)
-  ids, mask = _batch(seed=1)
+  ids, mask = batch(seed=1)
   embeds = np.array(lm.embed(ids))  # scaled space, as transformers' embed_tokens
   with torch.no_grad():
     ref_embeds = tiny.model.get_input_embeddings()(torch.from_numpy(ids).long()).numpy()
   np.testing.assert_allclose(embeds, ref_embeds, atol=1e-6)
   # arbitrary embeddings (a bridge's visual tokens) enter after the scaling, as in transformers
   embeds[:, :4] = np.random.default_rng(2).standard_normal((3, 4, 32)).astype(np.float32)
-  _assert_parity(lm(inputs_embeds=embeds, attention_mask=mask), _reference(tiny.model, None, mask, embeds), mask)
+  _assert_parity(lm(inputs_embeds=embeds, attention_mask=mask), reference(tiny.model, None, mask, embeds), mask)
 
 
 @pytest.mark.parametrize("name", ["gemma_gqa", "gemma2", "gemma3"])
@@ -93,11 +75,11 @@ def test_extra_embeddings_act_as_rows_past_the_vocabulary(name, tiny_gemmas, tmp
   with torch.no_grad():
     grown.model.resize_token_embeddings(98)
     grown.model.get_input_embeddings().weight[96:] = torch.from_numpy(extra)
-  ids, mask = _batch(seed=4)
+  ids, mask = batch(seed=4)
   ids[0, 5], ids[1, 6], ids[2, 2] = 96, 97, 96
   out = lm(input_ids=ids, attention_mask=mask, extra_embeddings=extra)
   assert out.logits.shape == (3, 12, 98)
-  _assert_parity(out, _reference(grown.model, ids, mask), mask)
+  _assert_parity(out, reference(grown.model, ids, mask), mask)
   # more positions than vocabulary rows: the head joins the table instead of the logit columns
   many = lm(input_ids=np.tile(ids, (3, 1)), attention_mask=np.tile(mask, (3, 1)), extra_embeddings=extra)
   np.testing.assert_allclose(many.logits[:3], out.logits, atol=1e-5)
@@ -105,7 +87,7 @@ def test_extra_embeddings_act_as_rows_past_the_vocabulary(name, tiny_gemmas, tmp
 
 def test_gradients_reach_extra_embeddings_and_inputs_embeds_only(tiny_gemmas):
   lm = load_language_model(tiny_gemmas["gemma3"].path)
-  ids, mask = _batch(seed=5)
+  ids, mask = batch(seed=5)
   ids[:, 2] = 96  # [RET] as input, and as a logit column through the tied head
   extra = jnp.full((1, 32), 0.1)
 
@@ -127,8 +109,8 @@ def test_bfloat16_params_and_compute_stay_close(tiny_gemmas):
   tiny = tiny_gemmas["gemma2"]
   lm = load_language_model(tiny.path, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
   assert lm.params["layers_0"]["attn"]["q_proj"]["kernel"].dtype == jnp.bfloat16
-  ids, mask = _batch()
-  out, ref = lm(input_ids=ids, attention_mask=mask), _reference(tiny.model, ids, mask)
+  ids, mask = batch()
+  out, ref = lm(input_ids=ids, attention_mask=mask), reference(tiny.model, ids, mask)
   assert out.logits.dtype == jnp.float32  # logits, softmax and norm statistics are float32
   real = mask.astype(bool)
   error = np.linalg.norm((np.asarray(out.logits) - ref.logits.numpy())[real]) / np.linalg.norm(ref.logits.numpy()[real])
@@ -155,42 +137,17 @@ def test_transformers_4_config_layout_reads_the_same(tiny_gemmas, tmp_path):
 
 def write_gguf(tiny, path, arch="gemma2", tokens=None):
   """A float32 GGUF of a tiny HF Gemma, as llama.cpp writes one (norm weights stored as 1 + w)."""
-  c = tiny.model.config
-  names = gguf.get_tensor_name_map({"gemma": gguf.MODEL_ARCH.GEMMA, "gemma2": gguf.MODEL_ARCH.GEMMA2,
-                                    "gemma3": gguf.MODEL_ARCH.GEMMA3}.get(arch, gguf.MODEL_ARCH.LLAMA),
-                                   c.num_hidden_layers)
-  writer = gguf.GGUFWriter(str(path), arch)
-  writer.add_block_count(c.num_hidden_layers)
-  writer.add_embedding_length(c.hidden_size)
-  writer.add_feed_forward_length(c.intermediate_size)
-  writer.add_head_count(c.num_attention_heads)
-  writer.add_head_count_kv(c.num_key_value_heads)
-  writer.add_key_length(c.head_dim)
-  writer.add_value_length(c.head_dim)
-  writer.add_layer_norm_rms_eps(c.rms_norm_eps)
-  writer.add_context_length(c.max_position_embeddings)
-  if arch == "gemma2":
-    writer.add_sliding_window(c.sliding_window)
-    writer.add_attn_logit_softcapping(c.attn_logit_softcapping)
-    writer.add_final_logit_softcapping(c.final_logit_softcapping)
-  tokens = tokens or [f"<t{i}>" for i in range(c.vocab_size)]
-  writer.add_tokenizer_model("llama")
-  writer.add_token_list(tokens)
-  writer.add_token_scores([0.0] * len(tokens))
-  writer.add_token_types([1] * len(tokens))
-  writer.add_bos_token_id(2)
-  writer.add_eos_token_id(1)
-  writer.add_pad_token_id(0)
-  for name, tensor in tiny.model.state_dict().items():
-    if name == "lm_head.weight":
-      continue
-    value = tensor.numpy().astype(np.float32)
-    writer.add_tensor(names.get_name(name, try_suffixes=(".weight",)), value + 1 if "norm" in name else value)
-  writer.write_header_to_file()
-  writer.write_kv_data_to_file()
-  writer.write_tensors_to_file()
-  writer.close()
-  return str(path)
+  def metadata(writer, c):
+    if arch == "gemma2":
+      writer.add_sliding_window(c.sliding_window)
+      writer.add_attn_logit_softcapping(c.attn_logit_softcapping)
+      writer.add_final_logit_softcapping(c.final_logit_softcapping)
+
+  tensor_names = {"gemma": gguf.MODEL_ARCH.GEMMA, "gemma2": gguf.MODEL_ARCH.GEMMA2,
+                  "gemma3": gguf.MODEL_ARCH.GEMMA3}.get(arch, gguf.MODEL_ARCH.LLAMA)
+  return backbone_helper.write_gguf(tiny.model, path, arch, tensor_names, skip=("lm_head.weight",),
+                                    value=lambda name, array: array + 1 if "norm" in name else array,
+                                    metadata=metadata, tokens=tokens)
 
 
 @pytest.mark.parametrize("name,arch,overrides", [
@@ -202,8 +159,8 @@ def test_gguf_parity(name, arch, overrides, tmp_path):
   tiny = make_tiny_gemma(name, tmp_path / "hf", **overrides)
   lm = load_language_model(write_gguf(tiny, tmp_path / "model.gguf", arch))
   assert lm.config.family == arch
-  ids, mask = _batch(seed=6)
-  _assert_parity(lm(input_ids=ids, attention_mask=mask), _reference(tiny.model, ids, mask), mask)
+  ids, mask = batch(seed=6)
+  _assert_parity(lm(input_ids=ids, attention_mask=mask), reference(tiny.model, ids, mask), mask)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -211,7 +168,7 @@ def test_gguf_parity(name, arch, overrides, tmp_path):
 
 def test_convert_cli_round_trip_from_hf_and_gguf(tmp_path, tiny_gemmas, capsys):
   tiny = tiny_gemmas["gemma3"]
-  ids, mask = _batch()
+  ids, mask = batch()
   want = load_language_model(tiny.path)(input_ids=ids, attention_mask=mask).logits
   assert convert_main(["--hf", tiny.path, "--out", str(tmp_path / "conv"), "--dtype", "bfloat16"]) == 0
   assert "gemma" in capsys.readouterr().out
@@ -293,8 +250,9 @@ def test_missing_unexpected_and_misshapen_tensors(tmp_path, tiny_gemmas):
 
 
 def test_gguf_that_is_not_gemma_or_not_gguf(tmp_path, tiny_gemmas):
-  path = write_gguf(tiny_gemmas["gemma_mqa"], tmp_path / "llama.gguf", "llama")
-  with pytest.raises(CheckpointError, match="holds a 'llama' model, not Gemma"):
+  path = write_gguf(tiny_gemmas["gemma_mqa"], tmp_path / "phi2.gguf", "phi2")
+  with pytest.raises(CheckpointError, match="holds a 'phi2' model; load_language_model reads GGUF architectures "
+                                            "gemma, gemma2, gemma3, llama"):
     load_language_model(path)
   assert convert_main(["--hf", path, "--out", str(tmp_path / "out")]) == 1
   (tmp_path / "junk.gguf").write_bytes(b"not a gguf file at all")

@@ -2,8 +2,6 @@
 checkpoints written here (hidden states, logits, greedy decoding, bf16), [RET] rows with tied and
 untied heads, sharded and converted checkpoints, and the error paths Gemma's loader has."""
 
-import copy
-import dataclasses
 import json
 import os
 
@@ -12,10 +10,12 @@ import numpy as np
 import pytest
 import torch
 
+from backbone_helper import (assert_decoder_parity, assert_greedy_equals_transformers, batch, bf16_relative_errors,
+                             Tiny, copy_with, perturb_norms_and_biases, reference, with_rows_appended, write_gguf)
 from bridgejax.models.llama import Llama, LlamaConfig, inv_frequencies
 from bridgejax.weights import CheckpointError, load_language_model
 from bridgejax.weights.convert import main as convert_main
-from bridgejax.weights.llama import config_from_hf
+from bridgejax.weights.llama import config_from_hf, read_checkpoint
 
 VOCAB, WIDTH = 96, 32
 _COMMON = dict(vocab_size=VOCAB, hidden_size=WIDTH, intermediate_size=48, num_attention_heads=4, head_dim=8,
@@ -42,25 +42,14 @@ NAMES = sorted(TINY)
 ATOL = 1e-5  # float32, max abs
 
 
-@dataclasses.dataclass
-class Tiny:
-  name: str
-  path: str
-  model: object
-
-
-def make_tiny(name, path, seed=0, max_shard_size=None):
+def make_tiny(name, path, seed=0, max_shard_size=None, **overrides):
   import transformers
 
   model_class, config_class, kwargs = TINY[name]
   torch.manual_seed(seed)
-  model = getattr(transformers, model_class)(getattr(transformers, config_class)(**{**_COMMON, **kwargs})).eval()
-  with torch.no_grad():  # transformers initialises norms at 1 and biases at 0: make both matter
-    for param_name, param in model.named_parameters():
-      if "norm" in param_name:
-        param.normal_(1.0, 0.5)
-      elif param_name.endswith("bias"):
-        param.normal_(0.0, 0.5)
+  hf_config = getattr(transformers, config_class)(**{**_COMMON, **kwargs, **overrides})
+  model = getattr(transformers, model_class)(hf_config).eval()
+  perturb_norms_and_biases(model, lambda name: "norm" in name)
   kw = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
   model.save_pretrained(str(path), **kw)
   return Tiny(name, str(path), model)
@@ -73,40 +62,11 @@ def tiny(tmp_path_factory):
 
 
 def _batch(seed=0):
-  """Three right-padded rows of 12, 7 and 3 real tokens (longer than Mistral's window of 4)."""
-  ids = np.random.default_rng(seed).integers(3, VOCAB, (3, 12)).astype(np.int32)
-  ids[:, 0] = 2  # BOS
-  mask = (np.arange(12)[None] < np.array([[12], [7], [3]])).astype(np.int32)
-  return np.where(mask == 1, ids, 0), mask
-
-
-def _reference(model, ids=None, mask=None, embeds=None):
-  with torch.no_grad():
-    return model(input_ids=None if ids is None else torch.from_numpy(ids).long(),
-                 inputs_embeds=None if embeds is None else torch.from_numpy(np.asarray(embeds)),
-                 attention_mask=None if mask is None else torch.from_numpy(mask).long(), output_hidden_states=True)
-
-
-def _max_error(ours, ref, mask):
-  """Max abs difference over the real (unpadded) positions."""
-  return float(np.abs(np.asarray(ours, np.float32) - ref.float().numpy())[mask.astype(bool)].max())
+  return batch(VOCAB, seed)
 
 
 def _assert_parity(out, ref, mask, atol=ATOL):
-  assert len(out.hidden_states) == len(ref.hidden_states)
-  errors = [_max_error(a, b, mask) for a, b in zip(out.hidden_states, ref.hidden_states)]
-  errors.append(_max_error(out.logits, ref.logits, mask))
-  print(f"max errors (hidden states..., logits): {['%.1e' % e for e in errors]}")
-  assert max(errors) <= atol, errors
-  np.testing.assert_array_equal(out.last_hidden_state, out.hidden_states[-1])
-
-
-def _right_padded(prompts, pad=0):
-  ids = np.full((len(prompts), max(map(len, prompts))), pad, np.int32)
-  mask = np.zeros_like(ids)
-  for i, p in enumerate(prompts):
-    ids[i, :len(p)], mask[i, :len(p)] = p, 1
-  return ids, mask
+  assert_decoder_parity(out, ref, mask, atol)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -126,43 +86,30 @@ def test_parity_and_greedy_decoding(name, tiny):
   ids, mask = _batch()
   out = lm(input_ids=ids, attention_mask=mask)
   assert out.logits.shape == (3, 12, VOCAB) and out.logits.dtype == jnp.float32
-  _assert_parity(out, _reference(t.model, ids, mask), mask)
+  _assert_parity(out, reference(t.model, ids, mask), mask)
 
   embeds = np.array(lm.embed(ids))
   with torch.no_grad():
     np.testing.assert_array_equal(embeds, t.model.get_input_embeddings()(torch.from_numpy(ids).long()).numpy())
   embeds[:, :4] = np.random.default_rng(2).standard_normal((3, 4, WIDTH)).astype(np.float32)
-  _assert_parity(lm(inputs_embeds=embeds, attention_mask=mask), _reference(t.model, None, mask, embeds), mask)
+  _assert_parity(lm(inputs_embeds=embeds, attention_mask=mask), reference(t.model, None, mask, embeds), mask)
 
-  prompts = [[2, 17, 33, 5, 60, 71, 9], [2, 44, 12], [2, 80, 3, 91, 27]]
-  ids, mask = _right_padded(prompts)
-  ours = np.asarray(lm.generate(ids, attention_mask=mask, max_new_tokens=16, pad_id=0))
-  with torch.no_grad():
-    want = []
-    for p in prompts:
-      new = t.model.generate(torch.tensor([p]), max_new_tokens=16, do_sample=False, pad_token_id=0)[0, len(p):]
-      want.append(new.tolist() + [0] * (16 - len(new)))
-  np.testing.assert_array_equal(ours, want)
-  assert len({int(x) for x in ours.ravel()}) > 3  # the tiny models say more than one word
+  assert_greedy_equals_transformers(lm, t.model, [[2, 17, 33, 5, 60, 71, 9], [2, 44, 12], [2, 80, 3, 91, 27]])
 
 
 @pytest.mark.parametrize("name", ["llama_gqa_tied", "llama3_untied"])
-def test_extra_embeddings_act_as_rows_past_the_vocabulary(name, tiny, tmp_path):
+def test_extra_embeddings_act_as_rows_past_the_vocabulary(name, tiny):
   """[RET]: ids >= vocab_size read extra_embeddings, which are also the extra logit columns, with a
   tied or an untied head (FROMAGe ties the [RET] row): transformers with the rows appended to both."""
   t = tiny[name]
   lm = load_language_model(t.path)
   extra = np.random.default_rng(3).standard_normal((2, WIDTH)).astype(np.float32) * 0.2
-  grown = make_tiny(name, tmp_path / "grown")
-  with torch.no_grad():
-    grown.model.resize_token_embeddings(VOCAB + 2)
-    grown.model.get_input_embeddings().weight[VOCAB:] = torch.from_numpy(extra)
-    grown.model.get_output_embeddings().weight[VOCAB:] = torch.from_numpy(extra)
+  grown = with_rows_appended(tiny[name].model, extra)
   ids, mask = _batch(seed=4)
   ids[0, 5], ids[1, 6], ids[2, 2] = VOCAB, VOCAB + 1, VOCAB
   out = lm(input_ids=ids, attention_mask=mask, extra_embeddings=extra)
   assert out.logits.shape == (3, 12, VOCAB + 2)
-  _assert_parity(out, _reference(grown.model, ids, mask), mask)
+  _assert_parity(out, reference(grown, ids, mask), mask)
 
 
 def test_bfloat16_params_and_compute_stay_close(tiny):
@@ -172,17 +119,10 @@ def test_bfloat16_params_and_compute_stay_close(tiny):
   t = tiny["qwen2"]
   lm = load_language_model(t.path, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
   assert lm.params["layers_0"]["attn"]["q_proj"]["bias"].dtype == jnp.bfloat16
-  ids, mask = _batch()
-  out, ref = lm(input_ids=ids, attention_mask=mask), _reference(t.model, ids, mask).logits.numpy()
-  assert out.logits.dtype == jnp.float32
-  with torch.no_grad():
-    torch_bf16 = copy.deepcopy(t.model).to(torch.bfloat16)(
-        input_ids=torch.from_numpy(ids).long(), attention_mask=torch.from_numpy(mask).long()).logits.float().numpy()
-  real = mask.astype(bool)
-  relative = lambda a: np.linalg.norm((np.asarray(a) - ref)[real]) / np.linalg.norm(ref[real])
-  print(f"bf16 logits: relative L2 error {relative(out.logits):.2e} (transformers bf16: {relative(torch_bf16):.2e})")
-  assert relative(out.logits) < 0.03
-  assert relative(out.logits) <= relative(torch_bf16) * 1.5
+  ours, theirs = bf16_relative_errors(lm, t.model, *_batch())
+  print(f"bf16 logits: relative L2 error {ours:.2e} (transformers bf16: {theirs:.2e})")
+  assert ours < 0.03
+  assert ours <= theirs * 1.5
 
 
 def test_llama3_rope_frequencies_equal_transformers():
@@ -231,23 +171,97 @@ def test_sharded_and_converted_checkpoints_load_the_same(tiny, tmp_path, capsys)
 
 
 # ------------------------------------------------------------------------------------------------
+# GGUF, written here as llama.cpp's convert_hf_to_gguf.py writes LLaMA and Mistral (architecture
+# "llama", q/k rows permuted) and Qwen2 (architecture "qwen2", rows as HF's, q/k/v biases), against
+# transformers loading the same file
+
+def _llama_cpp_permute(weights, heads):
+  """convert_hf_to_gguf.py's LlamaModel.permute: HF's half-split RoPE rows -> llama.cpp's interleaved order."""
+  return weights.reshape(heads, 2, weights.shape[0] // heads // 2, *weights.shape[1:]).swapaxes(1, 2).reshape(
+      weights.shape)
+
+
+def write_llama_gguf(tiny, path, arch="llama", name=None):
+  """`tiny` as a GGUF of llama.cpp's `arch` ("llama": q/k rows permuted) and general.name `name`."""
+  import gguf
+
+  c = tiny.model.config
+
+  def value(tensor, array):
+    if arch == "llama" and tensor.endswith(("q_proj.weight", "k_proj.weight")):
+      return _llama_cpp_permute(array, c.num_attention_heads if "q_proj" in tensor else c.num_key_value_heads)
+    return array
+
+  def metadata(writer, c):
+    writer.add_rope_dimension_count(c.head_dim)
+    writer.add_rope_freq_base(c.rope_parameters["rope_theta"])
+    if name is not None:
+      writer.add_name(name)
+
+  tensor_names = gguf.MODEL_ARCH.QWEN2 if arch == "qwen2" else gguf.MODEL_ARCH.LLAMA
+  return write_gguf(tiny.model, path, arch, tensor_names, value=value, metadata=metadata,
+                    skip=("lm_head.weight",) if c.tie_word_embeddings else ())
+
+
+def _transformers_from_gguf(path):
+  """transformers' own GGUF loading of the file: the reference."""
+  import transformers
+
+  return transformers.AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
+                                                            dtype=torch.float32).eval()
+
+
+GGUF_CASES = {  # id: (TINY name, make_tiny overrides, GGUF architecture, general.name, transformers class)
+    "llama_tied": ("llama_gqa_tied", {}, "llama", None, "LlamaForCausalLM"),
+    "llama_untied": ("llama_gqa_tied", {"tie_word_embeddings": False}, "llama", None, "LlamaForCausalLM"),
+    # Mistral v0.2+ (no window; llama.cpp and transformers run a GGUF Mistral as LLaMA)
+    "mistral": ("mistral", {"sliding_window": None}, "llama", "Mistral-7B-Instruct-v0.2", "LlamaForCausalLM"),
+    "qwen2": ("qwen2", {}, "qwen2", None, "Qwen2ForCausalLM"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(GGUF_CASES))
+def test_gguf_parity(case, tmp_path, capsys):
+  """LLaMA (GQA, tied or untied head in `output.weight`), Mistral and Qwen2 GGUF files load to the
+  hidden states and logits of transformers loading the same file, which equal the source model's
+  (so the file is written right); an untied one converts."""
+  tiny_name, overrides, arch, name, hf_class = GGUF_CASES[case]
+  t = make_tiny(tiny_name, tmp_path / "hf", **overrides)
+  path = write_llama_gguf(t, tmp_path / "model.gguf", arch, name)
+  theirs = _transformers_from_gguf(path)
+  assert type(theirs).__name__ == hf_class
+  lm = load_language_model(path)
+  assert isinstance(lm.module, Llama) and lm.config.family == arch and lm.config.qkv_bias == (arch == "qwen2")
+  c = theirs.config
+  assert (lm.config.tie_word_embeddings, lm.config.num_kv_heads) == (c.tie_word_embeddings, c.num_key_value_heads)
+  ids, mask = _batch(seed=6)
+  ref = reference(theirs, ids, mask)
+  _assert_parity(lm(input_ids=ids, attention_mask=mask), ref, mask)
+  np.testing.assert_allclose(ref.logits.numpy(), reference(t.model, ids, mask).logits.numpy(), atol=ATOL)
+  if case == "llama_untied":
+    assert convert_main(["--hf", path, "--out", str(tmp_path / "conv")]) == 0
+    assert "llama" in capsys.readouterr().out
+    np.testing.assert_array_equal(load_language_model(str(tmp_path / "conv")).params["lm_head"], lm.params["lm_head"])
+
+
+def test_gguf_of_another_architecture_fails_in_one_line(tiny, tmp_path):
+  """A Qwen3 GGUF (q/k norms bridgejax lacks) names the architectures that load."""
+  import gguf
+
+  path = write_gguf(tiny["qwen2"].model, tmp_path / "qwen3.gguf", "qwen3", gguf.MODEL_ARCH.QWEN2)
+  with pytest.raises(CheckpointError, match="holds a 'qwen3' model; load_language_model reads GGUF architectures "
+                                            "gemma, gemma2, gemma3, llama, qwen2$"):
+    load_language_model(path)
+  with pytest.raises(CheckpointError, match="holds a 'qwen3' model, not a LLaMA-family model \\(GGUF "
+                                            "architectures llama, qwen2\\)$"):
+    read_checkpoint(path)
+
+
+# ------------------------------------------------------------------------------------------------
 # Errors
 
-def _copy_with(t, path, *, config=None, drop=(), reshape=None):
-  from safetensors.numpy import save_file
-
-  from bridgejax.weights.safetensors_io import read_hf_tensors
-
-  os.makedirs(path)
-  with open(os.path.join(t.path, "config.json")) as f:
-    hf = {**json.load(f), **(config or {})}
-  with open(os.path.join(path, "config.json"), "w") as f:
-    json.dump(hf, f)
-  tensors = {k: np.array(v) for k, v in read_hf_tensors(t.path).items() if k not in drop}
-  for name, shape in (reshape or {}).items():
-    tensors[name] = np.zeros(shape, np.float32)
-  save_file(tensors, os.path.join(path, "model.safetensors"))
-  return str(path)
+def _copy_with(t, path, **changes):
+  return copy_with(t.path, path, **changes)
 
 
 def test_bad_checkpoints_fail_clearly(tmp_path, tiny):

@@ -38,8 +38,8 @@ class BridgeOutput(NamedTuple):
 class VisionFeatures(NamedTuple):
   """What the frozen vision tower hands every bridge (a pytree: jit, eval_shape and remat see arrays).
 
-  hidden_states: num_layers + 1 arrays (B, N, D), CLS first; [0] the embeddings (after the
-    pre-LayerNorm), [-1] layer L.
+  hidden_states: num_layers + 1 arrays (B, N, D), CLS first (or its stand-in for a tower without
+    one: CLS_EQUIVALENTS); [0] the embeddings (after the pre-LayerNorm), [-1] layer L.
   post_norm_scale, post_norm_bias: (D,) the tower's post-LayerNorm γ and β, applied only by bridges
     whose config says post_norm=True; None when the caller has no post-LayerNorm to give.
   eps: that LayerNorm's epsilon.
@@ -51,9 +51,18 @@ class VisionFeatures(NamedTuple):
   eps: float = 1e-5
 
   @classmethod
-  def from_tower(cls, hidden_states, post_norm_params, eps: float = 1e-5) -> "VisionFeatures":
-    """From the tower's output hidden states and its `params["post_norm"]` ({"scale", "bias"})."""
-    return cls(tuple(hidden_states), post_norm_params["scale"], post_norm_params["bias"], eps)
+  def from_tower(cls, hidden_states, post_norm_params, eps: float = 1e-5, *, cls_equivalent: str | None = None,
+                 pooled: Array | None = None) -> "VisionFeatures":
+    """From the tower's output hidden states and its `params["post_norm"]` ({"scale", "bias"}).
+
+    A tower without a CLS token (SigLIP: only patches) names a `cls_equivalent` (CLS_EQUIVALENTS),
+    which is put first in every layer's tokens, so every bridge reads it as CLIP's CLS; `pooled` is
+    the tower's pooler_output (B, D), needed for "pooled".
+    """
+    hidden_states = tuple(hidden_states)
+    if cls_equivalent is not None:
+      hidden_states = with_cls_equivalent(hidden_states, cls_equivalent, pooled)
+    return cls(hidden_states, post_norm_params["scale"], post_norm_params["bias"], eps)
 
   def post_normed(self, x: Array) -> Array:
     """x (..., D) through the post-LayerNorm: statistics in float32, output in x's dtype."""
@@ -77,6 +86,26 @@ class VisionFeatures(NamedTuple):
     """(B, D): the CLS of hidden_states[layer], post-normed iff post_norm (layer L's = pooler_output)."""
     x = self.hidden_states[layer][:, 0]
     return self.post_normed(x) if post_norm else x
+
+
+# What stands in for the CLS token of a tower that has none (SigLIP), prepended to each layer's tokens:
+#   "mean":   the mean of that layer's patches (every layer; post_norm=True normalises it like CLIP's CLS);
+#   "pooled": at layer L the tower's pooled output (SigLIP's attention-pool head over the post-LayerNormed
+#             patches: already normalised, so pair it with post_norm=False), the mean at the other layers.
+# All-token bridges then see the stand-in plus the patches, as they see CLS plus the patches in CLIP.
+CLS_EQUIVALENTS = ("mean", "pooled")
+
+
+def with_cls_equivalent(hidden_states: tuple, cls_equivalent: str, pooled: Array | None = None) -> tuple:
+  """Each (B, N, D) of hidden_states -> (B, 1 + N, D), the CLS_EQUIVALENTS stand-in first."""
+  if cls_equivalent not in CLS_EQUIVALENTS:
+    raise ValueError(f"cls_equivalent={cls_equivalent!r} is not one of {', '.join(map(repr, CLS_EQUIVALENTS))}")
+  if cls_equivalent == "pooled" and pooled is None:
+    raise ValueError('cls_equivalent="pooled" needs the tower\'s pooled output (a SigLIP tower with its head)')
+  last = len(hidden_states) - 1
+  stand_ins = [pooled if cls_equivalent == "pooled" and i == last else x.astype(jnp.float32).mean(1)
+               for i, x in enumerate(hidden_states)]
+  return tuple(jnp.concatenate([s[:, None].astype(x.dtype), x], axis=1) for s, x in zip(stand_ins, hidden_states))
 
 
 # --- initialisers matching PyTorch's defaults (FROMAGe and the thesis are PyTorch code) ---------

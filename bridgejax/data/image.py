@@ -7,6 +7,7 @@ normalise with the CLIP mean/std; returns float32 CHW, the layout the vision tow
   "clip"   shortest side to `size`, centre crop (CLIPImageProcessor; FROMAGe's training transform);
   "squash" the whole image to `size` x `size`, aspect ratio not kept, nothing cropped: how the
            thesis's fork fed COCO val2017 images at evaluation.
+  "siglip" "squash", normalised with mean = std = 0.5 (SiglipImageProcessor) instead of CLIP's.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
   return Image.alpha_composite(white, image.convert("RGBA")).convert("RGB")
 
 
-RESIZES = ("clip", "squash")
+RESIZES = ("clip", "squash", "siglip")
 
 
 def clip_preprocess(image: Image.Image | np.ndarray, size: int = 224, resize: str = "clip") -> np.ndarray:
@@ -55,11 +56,13 @@ def clip_preprocess(image: Image.Image | np.ndarray, size: int = 224, resize: st
     image = Image.fromarray(image)
   if resize == "clip":
     image = center_crop(resize_shortest_side(to_rgb(image), size), size)
-  elif resize == "squash":
+  elif resize in ("squash", "siglip"):
     image = to_rgb(image).resize((size, size), resample=Image.Resampling.BICUBIC)
   else:
     raise ValueError(f"image resize {resize!r}: use one of {', '.join(RESIZES)} (config.data.image_resize)")
   pixels = np.asarray(image, dtype=np.float32) / 255.0
+  if resize == "siglip":
+    return ((pixels - 0.5) / 0.5).transpose(2, 0, 1)
   return ((pixels - CLIP_MEAN) / CLIP_STD).transpose(2, 0, 1)
 
 

@@ -93,6 +93,20 @@ class EncoderLayer(nn.Module):
     return x + h
 
 
+def embed_patches(config, pixel_values, *, use_bias: bool, dtype, param_dtype) -> Array:
+  """pixel_values (B, C, H, W), checked against the config -> (B, grid², D) patch embeddings in
+  row-major grid order, by a convolution named "patch_embed" in the calling module (call it from a
+  tower's compact __call__: CLIP's has no bias, SigLIP's has one)."""
+  c = config
+  if pixel_values.ndim != 4 or pixel_values.shape[1:] != (c.num_channels, c.image_size, c.image_size):
+    raise ValueError(f"pixel_values must be (B, {c.num_channels}, {c.image_size}, {c.image_size}) (NCHW), "
+                     f"got {tuple(pixel_values.shape)}")
+  images = jnp.transpose(pixel_values, (0, 2, 3, 1)).astype(dtype)  # NCHW -> NHWC
+  patches = nn.Conv(c.hidden_size, (c.patch_size, c.patch_size), strides=c.patch_size, padding="VALID",
+                    use_bias=use_bias, name="patch_embed", dtype=dtype, param_dtype=param_dtype)(images)
+  return patches.reshape(patches.shape[0], -1, c.hidden_size)
+
+
 class CLIPVisionTransformer(nn.Module):
   """pixel_values (B, C, H, W) float, CLIP-normalised as transformers expects -> VisionOutput."""
 
@@ -105,14 +119,7 @@ class CLIPVisionTransformer(nn.Module):
     with matmul_precision(self.dtype):  # float32 means float32 (models/precision.py)
       c = self.config
       kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-      if pixel_values.ndim != 4 or pixel_values.shape[1:] != (c.num_channels, c.image_size, c.image_size):
-        raise ValueError(
-            f"pixel_values must be (B, {c.num_channels}, {c.image_size}, {c.image_size}) (NCHW), "
-            f"got {tuple(pixel_values.shape)}")
-      images = jnp.transpose(pixel_values, (0, 2, 3, 1)).astype(self.dtype)  # NCHW -> NHWC
-      patches = nn.Conv(c.hidden_size, (c.patch_size, c.patch_size), strides=c.patch_size,
-                        padding="VALID", use_bias=False, name="patch_embed", **kw)(images)
-      patches = patches.reshape(patches.shape[0], -1, c.hidden_size)  # (B, N-1, D), row-major grid
+      patches = embed_patches(c, pixel_values, use_bias=False, **kw)  # (B, N-1, D)
       cls = self.param("cls_embed", nn.initializers.normal(0.02), (c.hidden_size,), self.param_dtype)
       pos = self.param("pos_embed", nn.initializers.normal(0.02), (c.num_tokens, c.hidden_size),
                        self.param_dtype)

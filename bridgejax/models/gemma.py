@@ -38,6 +38,22 @@ FULL, SLIDING = "full_attention", "sliding_attention"
 _MASKED = -1e30  # added to masked attention logits (finite, so an all-masked row gives no NaN)
 
 
+def settle_decoder_config(config, default_layer_types: tuple[str, ...]) -> None:
+  """What every decoder config's __post_init__ does first: JSON (the converted format) turns tuples
+  into lists, so make layer_types (() = the family's default) and eos_token_ids tuples again, keeping
+  the config hashable; then check the layer types, the window and the activation."""
+  object.__setattr__(config, "layer_types", tuple(config.layer_types) or default_layer_types)
+  object.__setattr__(config, "eos_token_ids", tuple(config.eos_token_ids))
+  if len(config.layer_types) != config.num_layers:
+    raise ValueError(f"layer_types has {len(config.layer_types)} entries for {config.num_layers} layers")
+  if set(config.layer_types) - {FULL, SLIDING}:
+    raise ValueError(f"unknown layer types {set(config.layer_types) - {FULL, SLIDING}}")
+  if SLIDING in config.layer_types and not config.sliding_window:
+    raise ValueError("sliding layers need a sliding_window")
+  if config.hidden_act not in ACTIVATIONS:
+    raise ValueError(f"hidden_act={config.hidden_act!r} is not supported; use one of {sorted(ACTIVATIONS)}")
+
+
 @dataclasses.dataclass(frozen=True)
 class GemmaConfig:
   """One Gemma decoder. Defaults are Gemma-2B (Gemma 1); `weights.gemma` reads the rest from files."""
@@ -68,19 +84,9 @@ class GemmaConfig:
   pad_token_id: int = 0
 
   def __post_init__(self):
-    # JSON (the converted format) turns tuples into lists; keep the config hashable.
-    object.__setattr__(self, "layer_types", tuple(self.layer_types) or (FULL,) * self.num_layers)
-    object.__setattr__(self, "eos_token_ids", tuple(self.eos_token_ids))
-    if len(self.layer_types) != self.num_layers:
-      raise ValueError(f"layer_types has {len(self.layer_types)} entries for {self.num_layers} layers")
-    if set(self.layer_types) - {FULL, SLIDING}:
-      raise ValueError(f"unknown layer types {set(self.layer_types) - {FULL, SLIDING}}")
-    if SLIDING in self.layer_types and not self.sliding_window:
-      raise ValueError("sliding layers need a sliding_window")
+    settle_decoder_config(self, (FULL,) * self.num_layers)
     if self.num_heads % self.num_kv_heads:
       raise ValueError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
-    if self.hidden_act not in ACTIVATIONS:
-      raise ValueError(f"hidden_act={self.hidden_act!r} is not supported; use one of {sorted(ACTIVATIONS)}")
 
 
 
@@ -131,6 +137,30 @@ def softcap(x, cap: float | None):
   return x if cap is None else jnp.tanh(x / cap) * cap
 
 
+def attend(q, k, v, positions, mask, cache: LayerCache | None, scale: float, dtype, logit_cap: float | None = None):
+  """Attention every decoder family shares, after its own projections and position encoding.
+
+  q (B, T, H, F), k and v (B, T, K, F), positions (B, T), mask (B, T, S) -> ((B, T, H * F), the
+  updated cache or None). Without a cache the keys are the inputs' own positions (S = T). With one,
+  this step's keys/values are written at `positions` and the queries attend over the whole cache
+  (S = cache length). Scores are float32, times `scale` (then soft-capped at `logit_cap`).
+  """
+  if cache is not None:
+    rows = jnp.broadcast_to(jnp.arange(q.shape[0])[:, None], positions.shape)
+    cache = LayerCache(cache.k.at[rows, positions].set(k.astype(cache.k.dtype)),
+                       cache.v.at[rows, positions].set(v.astype(cache.v.dtype)))
+    k, v = cache.k.astype(dtype), cache.v.astype(dtype)
+  batch, length, heads, head_dim = q.shape
+  kv_heads = k.shape[2]
+  q = q.reshape(batch, length, kv_heads, heads // kv_heads, head_dim)  # (B, T, K, G, F)
+  scores = jnp.einsum("BTKGF,BSKF->BKGTS", q, k).astype(jnp.float32) * scale
+  scores = softcap(scores, logit_cap)
+  scores = jnp.where(mask[:, None, None], scores, _MASKED)
+  probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
+  out = jnp.einsum("BKGTS,BSKF->BTKGF", probs, v).reshape(batch, length, heads * head_dim)
+  return out, cache
+
+
 class RMSNorm(nn.Module):
   """Gemma's RMSNorm: x / rms(x) * (1 + scale), statistics in float32 (scale is stored as w, not 1 + w)."""
 
@@ -174,19 +204,8 @@ class Attention(nn.Module):
       theta, scaling = c.rope_theta, c.rope_scaling_factor
     q, k = rope(q, positions, theta, scaling), rope(k, positions, theta, scaling)
 
-    if cache is not None:  # write this step's keys/values at their positions, attend over the cache
-      rows = jnp.broadcast_to(jnp.arange(x.shape[0])[:, None], positions.shape)
-      cache = LayerCache(cache.k.at[rows, positions].set(k.astype(cache.k.dtype)),
-                         cache.v.at[rows, positions].set(v.astype(cache.v.dtype)))
-      k, v = cache.k.astype(self.dtype), cache.v.astype(self.dtype)
-
-    groups = c.num_heads // c.num_kv_heads
-    q = q.reshape(*q.shape[:2], c.num_kv_heads, groups, c.head_dim)  # (B, T, K, G, F)
-    scores = jnp.einsum("BTKGF,BSKF->BKGTS", q, k).astype(jnp.float32) * c.query_pre_attn_scalar**-0.5
-    scores = softcap(scores, c.attn_logit_softcapping)
-    scores = jnp.where(mask[:, None, None], scores, _MASKED)
-    probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
-    out = jnp.einsum("BKGTS,BSKF->BTKGF", probs, v).reshape(*x.shape[:2], c.num_heads * c.head_dim)
+    out, cache = attend(q, k, v, positions, mask, cache, c.query_pre_attn_scalar**-0.5, self.dtype,
+                        c.attn_logit_softcapping)
     return dense(c.hidden_size, "o_proj")(out), cache
 
 
@@ -226,10 +245,11 @@ class DecoderLayer(nn.Module):
 
 
 class CausalDecoder(nn.Module):
-  """What every decoder family shares: the layer stack with its masks and KV cache, and the full
-  forward pass. A family sets `layer_class` and `norm_class` and defines `embed`, `embed_scale` and
-  `split_logits`; its config has vocab_size, hidden_size, num_layers, rms_norm_eps, `layer_types` and `sliding_window`,
-  and the module the fields dtype, param_dtype and remat."""
+  """What every decoder family shares: the embedding lookup, the layer stack with its masks and KV
+  cache, and the full forward pass. A family sets `layer_class` and `norm_class` and defines
+  `embed_scale` and `split_logits` (and, if it has them, `norm_eps` and `add_positions`); its config
+  has vocab_size, hidden_size, num_layers, `layer_types` and `sliding_window` (and rms_norm_eps for
+  the default `norm_eps`), and the module the fields dtype, param_dtype and remat."""
 
   def setup(self):
     c = self.config
@@ -240,7 +260,31 @@ class CausalDecoder(nn.Module):
     # tokens; remat trades them for one more forward pass of the layers.
     layer = nn.remat(self.layer_class) if self.remat else self.layer_class
     self.layers = [layer(c, c.layer_types[i], **kw) for i in range(c.num_layers)]
-    self.final_norm = self.norm_class(c.rms_norm_eps, self.param_dtype)
+    self.final_norm = self.norm_class(self.norm_eps, self.param_dtype)
+
+  @property
+  def norm_eps(self) -> float:
+    """The epsilon of the family's norms (`norm_class(eps, param_dtype)`)."""
+    return self.config.rms_norm_eps
+
+  def add_positions(self, x, positions):
+    """(B, T, D) input embeddings at positions (B, T) -> the first layer's input: unchanged for
+    rotary families; GPT-Neo adds its learned position embeddings here."""
+    del positions
+    return x
+
+  def embed(self, input_ids, extra_embeddings=None):
+    """(B, T) ids -> (B, T, D) in the embedding space `inputs_embeds` live in (times `embed_scale`);
+    ids >= vocab_size read extra_embeddings (X, D)."""
+    c = self.config
+    rows = jnp.take(self.embedding, jnp.minimum(input_ids, c.vocab_size - 1), axis=0).astype(self.dtype)
+    if extra_embeddings is not None:
+      extra_index = jnp.clip(input_ids - c.vocab_size, 0, extra_embeddings.shape[0] - 1)
+      extra = jnp.take(extra_embeddings, extra_index, axis=0).astype(self.dtype)
+      rows = jnp.where((input_ids >= c.vocab_size)[..., None], extra, rows)
+    # transformers multiplies by sqrt(D) cast to the embedding's dtype (55.4 -> 55.5 in bf16): same
+    # here (a scale of 1 leaves the rows as they are).
+    return rows * jnp.asarray(self.embed_scale, self.dtype)
 
   def logits(self, hidden, extra_embeddings=None):
     """(..., D) final-norm hidden states -> (..., V + X) float32 logits of the LM head."""
@@ -263,7 +307,7 @@ class CausalDecoder(nn.Module):
 
   def _decode(self, inputs_embeds, positions, attention_mask, cache, segment_ids):
     c = self.config
-    x = inputs_embeds.astype(self.dtype)
+    x = self.add_positions(inputs_embeds.astype(self.dtype), positions)
     if cache is None:
       k_pos = positions
       k_valid = jnp.ones(x.shape[:2], bool) if attention_mask is None else attention_mask.astype(bool)
@@ -314,17 +358,6 @@ class Gemma(CausalDecoder):
     return math.sqrt(self.config.hidden_size)
 
   layer_class, norm_class = DecoderLayer, RMSNorm
-
-  def embed(self, input_ids, extra_embeddings=None):
-    """(B, T) ids -> (B, T, D) in the scaled embedding space; ids >= vocab_size read extra_embeddings (X, D)."""
-    c = self.config
-    rows = jnp.take(self.embedding, jnp.minimum(input_ids, c.vocab_size - 1), axis=0).astype(self.dtype)
-    if extra_embeddings is not None:
-      extra_index = jnp.clip(input_ids - c.vocab_size, 0, extra_embeddings.shape[0] - 1)
-      extra = jnp.take(extra_embeddings, extra_index, axis=0).astype(self.dtype)
-      rows = jnp.where((input_ids >= c.vocab_size)[..., None], extra, rows)
-    # transformers multiplies by sqrt(D) cast to the embedding's dtype (55.4 -> 55.5 in bf16): same here.
-    return rows * jnp.asarray(self.embed_scale, self.dtype)
 
   def split_logits(self, hidden, extra_embeddings=None):
     """(..., D) final-norm hidden states -> ((..., V) logits of the frozen table, (..., X) logits of

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bridgejax.models.activations import ACTIVATIONS
-from bridgejax.models.gemma import _MASKED, FULL, SLIDING, CausalDecoder, LayerCache, LMOutput
+from bridgejax.models.gemma import FULL, CausalDecoder, LayerCache, LMOutput, attend, settle_decoder_config
 from bridgejax.models.gemma import init_cache as _init_cache
 from bridgejax.models.precision import matmul_precision
 
@@ -70,19 +70,9 @@ class LlamaConfig:
   pad_token_id: int = 0
 
   def __post_init__(self):
-    # JSON (the converted format) turns tuples into lists; keep the config hashable.
-    object.__setattr__(self, "layer_types", tuple(self.layer_types) or (FULL,) * self.num_layers)
-    object.__setattr__(self, "eos_token_ids", tuple(self.eos_token_ids))
-    if len(self.layer_types) != self.num_layers:
-      raise ValueError(f"layer_types has {len(self.layer_types)} entries for {self.num_layers} layers")
-    if set(self.layer_types) - {FULL, SLIDING}:
-      raise ValueError(f"unknown layer types {set(self.layer_types) - {FULL, SLIDING}}")
-    if SLIDING in self.layer_types and not self.sliding_window:
-      raise ValueError("sliding layers need a sliding_window")
+    settle_decoder_config(self, (FULL,) * self.num_layers)
     if self.num_heads % self.num_kv_heads:
       raise ValueError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
-    if self.hidden_act not in ACTIVATIONS:
-      raise ValueError(f"hidden_act={self.hidden_act!r} is not supported; use one of {sorted(ACTIVATIONS)}")
     if self.rope_type not in ROPE_TYPES:
       raise ValueError(f"rope_type={self.rope_type!r} is not supported; use one of {ROPE_TYPES}")
 
@@ -156,18 +146,7 @@ class Attention(nn.Module):
     inv_freq = inv_frequencies(c)
     q, k = rope(q, positions, inv_freq), rope(k, positions, inv_freq)
 
-    if cache is not None:  # write this step's keys/values at their positions, attend over the cache
-      rows = jnp.broadcast_to(jnp.arange(x.shape[0])[:, None], positions.shape)
-      cache = LayerCache(cache.k.at[rows, positions].set(k.astype(cache.k.dtype)),
-                         cache.v.at[rows, positions].set(v.astype(cache.v.dtype)))
-      k, v = cache.k.astype(self.dtype), cache.v.astype(self.dtype)
-
-    groups = c.num_heads // c.num_kv_heads
-    q = q.reshape(*q.shape[:2], c.num_kv_heads, groups, c.head_dim)  # (B, T, K, G, F)
-    scores = jnp.einsum("BTKGF,BSKF->BKGTS", q, k).astype(jnp.float32) * c.head_dim**-0.5
-    scores = jnp.where(mask[:, None, None], scores, _MASKED)
-    probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
-    out = jnp.einsum("BKGTS,BSKF->BTKGF", probs, v).reshape(*x.shape[:2], c.num_heads * c.head_dim)
+    out, cache = attend(q, k, v, positions, mask, cache, c.head_dim**-0.5, self.dtype)
     return dense(c.hidden_size, c.o_bias, "o_proj")(out), cache
 
 
@@ -222,16 +201,6 @@ class Llama(CausalDecoder):
     if not c.tie_word_embeddings:  # (V, D) as the table, so both heads are the same product
       self.lm_head = self.param("lm_head", nn.initializers.normal(0.02), (c.vocab_size, c.hidden_size),
                                 self.param_dtype)
-
-  def embed(self, input_ids, extra_embeddings=None):
-    """(B, T) ids -> (B, T, D) embeddings; ids >= vocab_size read extra_embeddings (X, D)."""
-    c = self.config
-    rows = jnp.take(self.embedding, jnp.minimum(input_ids, c.vocab_size - 1), axis=0).astype(self.dtype)
-    if extra_embeddings is not None:
-      extra_index = jnp.clip(input_ids - c.vocab_size, 0, extra_embeddings.shape[0] - 1)
-      extra = jnp.take(extra_embeddings, extra_index, axis=0).astype(self.dtype)
-      rows = jnp.where((input_ids >= c.vocab_size)[..., None], extra, rows)
-    return rows
 
   def split_logits(self, hidden, extra_embeddings=None):
     """(..., D) final-norm hidden states -> ((..., V) logits of the LM head, (..., X) logits of the

@@ -22,7 +22,8 @@ from bridgejax.weights.tree import on_device
 
 @dataclasses.dataclass
 class VisionTower:
-  """A CLIP vision tower bound to its (frozen) parameters: `tower(pixel_values) -> VisionOutput`.
+  """A vision tower (CLIP or SigLIP: models/clip.py, models/siglip.py) bound to its (frozen)
+  parameters: `tower(pixel_values) -> VisionOutput`.
 
   `params` live on device (the loaders place them; host leaves given here are put on this
   process's first device), so calls never send the weights again.
@@ -42,7 +43,7 @@ class VisionTower:
 
 @dataclasses.dataclass
 class LanguageModel:
-  """A Gemma or LLaMA-family decoder (models/gemma.py, models/llama.py) bound to its (frozen) parameters.
+  """A Gemma, LLaMA-family or GPT-Neo decoder (models/gemma.py, llama.py, gptneo.py) bound to its (frozen) parameters.
 
       out = lm(input_ids=ids, attention_mask=mask)      # or inputs_embeds=...; -> LMOutput
       new = lm.generate(ids, attention_mask=mask, max_new_tokens=32)   # (B, 32) new tokens

@@ -1,5 +1,6 @@
 """CLIP vision tower from a Hugging Face directory (CLIPVisionModel, CLIPModel's vision half,
-CLIPVisionModelWithProjection) or from a bridgejax converted directory."""
+CLIPVisionModelWithProjection) or from a bridgejax converted directory; `weights.vision.load_vision_tower`
+dispatches here."""
 
 from __future__ import annotations
 
@@ -10,10 +11,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from bridgejax.models.clip import CLIPVisionConfig, CLIPVisionTransformer
-from bridgejax.weights.bound import VisionTower
 from bridgejax.weights import converted, safetensors_io
 from bridgejax.weights.errors import CheckpointError
-from bridgejax.weights.tree import Source, abstract_init, assemble, check_tree, export, place
+from bridgejax.weights.tree import Source, abstract_init, assemble, check_tree, export
 
 KIND = "clip_vision"
 ARCHITECTURES = ("CLIPVisionModel", "CLIPModel", "CLIPVisionModelWithProjection")
@@ -46,10 +46,38 @@ def config_from_hf(hf: dict) -> tuple[CLIPVisionConfig, str]:
   return config, arch
 
 
+def linear_sources(name: str) -> dict[tuple[str, ...], Source]:
+  """A torch Linear's tensors: weights are (out, in) in torch, (in, out) here."""
+  return {("kernel",): Source(f"{name}.weight", (1, 0)), ("bias",): Source(f"{name}.bias")}
+
+
+def norm_sources(name: str) -> dict[tuple[str, ...], Source]:
+  return {("scale",): Source(f"{name}.weight"), ("bias",): Source(f"{name}.bias")}
+
+
+def encoder_layer_sources(num_layers: int) -> dict[tuple[str, ...], dict]:
+  """Our encoder layer modules -> their tensors, as CLIP and SigLIP both name them (models/clip.EncoderLayer)."""
+  modules = {}
+  for i in range(num_layers):
+    hf = f"encoder.layers.{i}"
+    modules[(f"layer_{i}", "norm1")] = norm_sources(f"{hf}.layer_norm1")
+    modules[(f"layer_{i}", "norm2")] = norm_sources(f"{hf}.layer_norm2")
+    modules[(f"layer_{i}", "fc1")] = linear_sources(f"{hf}.mlp.fc1")
+    modules[(f"layer_{i}", "fc2")] = linear_sources(f"{hf}.mlp.fc2")
+    for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
+      modules[(f"layer_{i}", "attn", proj)] = linear_sources(f"{hf}.self_attn.{proj}")
+  return modules
+
+
+def prefixed(modules: dict[tuple[str, ...], dict], prefix: str) -> dict[tuple[str, ...], Source]:
+  """{module path: {leaf: Source}} -> {parameter path: Source}, every tensor name behind `prefix`."""
+  return {mod + leaf: dataclasses.replace(src, name=prefix + src.name)
+          for mod, leaves in modules.items() for leaf, src in leaves.items()}
+
+
 def name_map(config: CLIPVisionConfig, prefix: str) -> dict[tuple[str, ...], Source]:
-  """Our parameter path -> HF tensor. Linear weights are (out, in) in torch, (in, out) here."""
-  linear = lambda name: {("kernel",): Source(f"{name}.weight", (1, 0)), ("bias",): Source(f"{name}.bias")}
-  norm = lambda name: {("scale",): Source(f"{name}.weight"), ("bias",): Source(f"{name}.bias")}
+  """Our parameter path -> HF tensor."""
+  norm = norm_sources
   modules = {
       ("patch_embed",): {("kernel",): Source("embeddings.patch_embedding.weight", (2, 3, 1, 0))},
       (): {("cls_embed",): Source("embeddings.class_embedding"),
@@ -57,16 +85,7 @@ def name_map(config: CLIPVisionConfig, prefix: str) -> dict[tuple[str, ...], Sou
       ("pre_norm",): norm("pre_layrnorm"),  # sic: transformers' spelling
       ("post_norm",): norm("post_layernorm"),
   }
-  for i in range(config.num_layers):
-    hf = f"encoder.layers.{i}"
-    modules[(f"layer_{i}", "norm1")] = norm(f"{hf}.layer_norm1")
-    modules[(f"layer_{i}", "norm2")] = norm(f"{hf}.layer_norm2")
-    modules[(f"layer_{i}", "fc1")] = linear(f"{hf}.mlp.fc1")
-    modules[(f"layer_{i}", "fc2")] = linear(f"{hf}.mlp.fc2")
-    for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
-      modules[(f"layer_{i}", "attn", proj)] = linear(f"{hf}.self_attn.{proj}")
-  sources = {mod + leaf: dataclasses.replace(src, name=prefix + src.name)
-             for mod, leaves in modules.items() for leaf, src in leaves.items()}
+  sources = prefixed({**modules, **encoder_layer_sources(config.num_layers)}, prefix)
   if config.projection_dim is not None:  # sits outside `vision_model.` in every HF layout
     sources[("visual_projection", "kernel")] = Source("visual_projection.weight", (1, 0))
   return sources
@@ -97,18 +116,6 @@ def read_checkpoint(path: str, param_dtype=jnp.float32) -> tuple[CLIPVisionConfi
   params = assemble(name_map(config, prefix), tensors, _abstract(config), checkpoint=path,
                     param_dtype=param_dtype, ignore=_ignored)
   return config, params
-
-
-def load_vision_tower(path: str, *, dtype=jnp.float32, param_dtype=jnp.float32, sharding=None) -> VisionTower:
-  """The frozen CLIP vision tower of a HF or converted directory, its params on device.
-
-  dtype is the compute dtype; param_dtype the dtype the parameters are stored in (bfloat16 halves
-  the memory of a frozen tower). sharding places the params (see `tree.place`): by default this
-  process's first device; pass the mesh's shardings to load straight onto a mesh.
-  """
-  config, params = read_checkpoint(path, param_dtype)
-  params = place(params, sharding)
-  return VisionTower(CLIPVisionTransformer(config, dtype=dtype, param_dtype=param_dtype), params, config)
 
 
 def _abstract(config: CLIPVisionConfig):

@@ -17,22 +17,17 @@ import time
 
 import jax.numpy as jnp
 
-from bridgejax.weights import clip, converted, gemma, llama, safetensors_io
+from bridgejax.weights import clip, converted, gemma, gptneo, language, llama, safetensors_io, siglip
 from bridgejax.weights.errors import CheckpointError
 
 # Each family module provides KIND, accepts(hf_config) and read_checkpoint(path, param_dtype);
-# those that read GGUF files also GGUF_ARCHITECTURES (values of the file's general.architecture).
-FAMILIES = [clip, gemma, llama]
+# GGUF files go to the language family weights/language.py picks by their general.architecture.
+FAMILIES = [clip, siglip, gemma, llama, gptneo]
 
 
 def family_of(path: str):
-  if str(path).endswith(".gguf"):  # a single file, no config.json: its metadata names the architecture
-    arch = gemma.gguf_architecture(path)
-    for family in FAMILIES:
-      if arch in getattr(family, "GGUF_ARCHITECTURES", ()):
-        return family
-    raise CheckpointError(f"{path!r}: no bridgejax model reads GGUF architecture {arch!r}; supported: "
-                          + ", ".join(a for f in FAMILIES for a in getattr(f, "GGUF_ARCHITECTURES", ())))
+  if gemma.is_gguf(path):  # a single file, no config.json: its metadata names the (language) architecture
+    return language.family_of(path)
   hf_config = safetensors_io.read_hf_config(path)
   for family in FAMILIES:
     if family.accepts(hf_config):

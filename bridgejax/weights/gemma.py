@@ -129,7 +129,7 @@ def accepts(hf_config: dict) -> bool:
 # ---------------------------------------------------------------------------------------------
 # The name map, for both formats
 
-_LINEARS = {  # our module in a layer -> (HF, GGUF) tensor; torch's (out, in) becomes our (in, out)
+LINEARS = {  # our module in a layer -> (HF, GGUF) tensor; torch's (out, in) becomes our (in, out); LLaMA's too
     ("attn", "q_proj"): ("self_attn.q_proj", "attn_q"),
     ("attn", "k_proj"): ("self_attn.k_proj", "attn_k"),
     ("attn", "v_proj"): ("self_attn.v_proj", "attn_v"),
@@ -164,7 +164,7 @@ def name_map(config: GemmaConfig, file_format: str = "hf") -> dict[tuple[str, ..
   }
   norms = {**(_NORMS_POST if config.post_norms else _NORMS_GEMMA1), **(_QK_NORMS if config.qk_norm else {})}
   for i in range(config.num_layers):
-    for module, names in _LINEARS.items():
+    for module, names in LINEARS.items():
       sources[(f"layers_{i}", *module, "kernel")] = Source(tensor(i, names[which]), (1, 0))
     for module, names in norms.items():
       sources[(f"layers_{i}", *module, "scale")] = Source(tensor(i, names[which]))
@@ -199,20 +199,35 @@ def _cached_reader(path: str, mtime_ns: int, size: int):
     raise CheckpointError(f"{path!r} is not a readable GGUF file ({type(e).__name__}: {e})") from e
 
 
-def _field(reader, key: str, default=None):
+def gguf_field(reader, key: str, default=None):
   field = reader.fields.get(key)
   return default if field is None else field.contents()
 
 
 def gguf_architecture(path: str) -> str | None:
-  return _field(gguf_reader(path), "general.architecture")
+  return gguf_field(gguf_reader(path), "general.architecture")
 
 
-class _LazyTensor:
-  """A GGUF tensor dequantised only when numpy asks for its values (assemble reads .shape first)."""
+def gguf_header(reader, path: str, architectures: tuple[str, ...], what: str):
+  """(architecture, its metadata as `meta(key, default)`, the sizes every decoder needs) of a GGUF
+  file of one of `architectures`, or a CheckpointError naming what is wrong."""
+  arch = gguf_field(reader, "general.architecture")
+  if arch not in architectures:
+    raise CheckpointError(f"{path!r} holds a {arch!r} model, not {what} (GGUF architectures {', '.join(architectures)})")
+  meta = lambda key, default=None: gguf_field(reader, f"{arch}.{key}", default)
+  required = {key: meta(key) for key in ("embedding_length", "block_count", "feed_forward_length",
+                                         "attention.head_count")}
+  if None in required.values():
+    raise CheckpointError(f"{path!r} lacks GGUF metadata {[k for k, v in required.items() if v is None]}")
+  return arch, meta, required
 
-  def __init__(self, tensor, shift: float):
-    self._tensor, self._shift = tensor, shift
+
+class LazyTensor:
+  """A GGUF tensor dequantised only when numpy asks for its values (assemble reads .shape first),
+  minus `shift`, then through `transform` (a function of the (out, in)-shaped array) if given."""
+
+  def __init__(self, tensor, shift: float = 0.0, transform=None):
+    self._tensor, self._shift, self._transform = tensor, shift, transform
     self.shape = tuple(int(n) for n in reversed(tensor.shape))  # GGUF lists dims innermost first
 
   def __array__(self, dtype=None, copy=None):
@@ -220,19 +235,12 @@ class _LazyTensor:
 
     values = gguf.quants.dequantize(self._tensor.data, self._tensor.tensor_type).reshape(self.shape)
     values = values.astype(np.float32) - self._shift
+    values = values if self._transform is None else self._transform(values)
     return values if dtype is None else values.astype(dtype)
 
 
 def _gguf_config(reader, path: str) -> GemmaConfig:
-  arch = _field(reader, "general.architecture")
-  if arch not in GGUF_ARCHITECTURES:
-    raise CheckpointError(f"{path!r} holds a {arch!r} model, not Gemma; load_language_model reads GGUF "
-                          f"architectures {', '.join(GGUF_ARCHITECTURES)}")
-  meta = lambda key, default=None: _field(reader, f"{arch}.{key}", default)
-  required = {key: meta(key) for key in ("embedding_length", "block_count", "feed_forward_length",
-                                         "attention.head_count")}
-  if None in required.values():
-    raise CheckpointError(f"{path!r} lacks GGUF metadata {[k for k, v in required.items() if v is None]}")
+  arch, meta, required = gguf_header(reader, path, GGUF_ARCHITECTURES, "Gemma")
   hidden, num_layers, num_heads = required["embedding_length"], required["block_count"], required["attention.head_count"]
   num_kv_heads = meta("attention.head_count_kv", num_heads)
   if not isinstance(num_kv_heads, int):
@@ -257,7 +265,7 @@ def _gguf_config(reader, path: str) -> GemmaConfig:
   scaling = meta("rope.scaling.type", "none")
   if scaling not in ("none", "linear"):
     raise CheckpointError(f"{path!r}: RoPE scaling {scaling!r} is not supported")
-  eos = _field(reader, "tokenizer.ggml.eos_token_id", 1)
+  eos = gguf_field(reader, "tokenizer.ggml.eos_token_id", 1)
   theta = meta("rope.freq_base", 1_000_000.0 if arch == "gemma3" else 10_000.0)
   return GemmaConfig(
       family=arch, vocab_size=int(embedding.shape[1]), hidden_size=hidden,
@@ -272,11 +280,11 @@ def _gguf_config(reader, path: str) -> GemmaConfig:
       final_logit_softcapping=meta("final_logit_softcapping", 30.0) if arch == "gemma2" else None,
       post_norms=arch != "gemma", qk_norm=arch == "gemma3",
       max_position_embeddings=meta("context_length", 8192),
-      bos_token_id=_field(reader, "tokenizer.ggml.bos_token_id", 2), eos_token_ids=(eos,),
-      pad_token_id=_field(reader, "tokenizer.ggml.padding_token_id", 0))
+      bos_token_id=gguf_field(reader, "tokenizer.ggml.bos_token_id", 2), eos_token_ids=(eos,),
+      pad_token_id=gguf_field(reader, "tokenizer.ggml.padding_token_id", 0))
 
 
-def read_gguf(path: str) -> tuple[GemmaConfig, Mapping[str, _LazyTensor]]:
+def read_gguf(path: str) -> tuple[GemmaConfig, Mapping[str, LazyTensor]]:
   """(config, tensors by GGUF name). llama.cpp stores Gemma norm weights as 1 + w: undone here."""
   reader = gguf_reader(path)
   try:
@@ -285,7 +293,7 @@ def read_gguf(path: str) -> tuple[GemmaConfig, Mapping[str, _LazyTensor]]:
     raise
   except (ValueError, TypeError) as e:  # GemmaConfig's own checks, odd metadata types
     raise CheckpointError(f"{path!r} describes a model bridgejax cannot build: {e}") from e
-  tensors = {t.name: _LazyTensor(t, 1.0 if t.name.endswith("norm.weight") else 0.0) for t in reader.tensors}
+  tensors = {t.name: LazyTensor(t, 1.0 if t.name.endswith("norm.weight") else 0.0) for t in reader.tensors}
   return config, tensors
 
 

@@ -1,9 +1,10 @@
 """`load_language_model`: the decoder family of a checkpoint, then that family's loader.
 
-    HF directory        config.json's `architectures` (else `model_type`): weights.gemma (Gemma 1/2/3)
-                        or weights.llama (LLaMA 2/3, Mistral, Qwen2); anything else is named in the error
-    converted directory its header's kind ("gemma" or "llama")
-    .gguf file          weights.gemma (the only family read from GGUF)
+    HF directory        config.json's `architectures` (else `model_type`): weights.gemma (Gemma 1/2/3),
+                        weights.llama (LLaMA 2/3, Mistral, Qwen2) or weights.gptneo (GPT-Neo, Glória);
+                        anything else is named in the error
+    converted directory its header's kind ("gemma", "llama" or "gpt_neo")
+    .gguf file          its general.architecture: weights.gemma (gemma, gemma2, gemma3) or weights.llama (llama, qwen2)
 
 Missing or unreadable paths go to weights.gemma, whose loader reports them.
 """
@@ -15,17 +16,25 @@ import os
 
 import jax.numpy as jnp
 
-from bridgejax.weights import converted, gemma, llama, safetensors_io
+from bridgejax.weights import converted, gemma, gptneo, llama, safetensors_io
 from bridgejax.weights.bound import LanguageModel
 from bridgejax.weights.errors import CheckpointError
 
-FAMILIES = (gemma, llama)  # each: KIND, ARCHITECTURES, accepts(hf_config), load_language_model(path, ...)
+# each: KIND, ARCHITECTURES, accepts(hf_config), config_from_hf(hf_config), load_language_model(path, ...)
+FAMILIES = (gemma, llama, gptneo)
 
 
 def family_of(path: str):
-  """The weights module (gemma or llama) that reads `path`."""
+  """The weights module (gemma, llama or gptneo) that reads `path`."""
   path = str(path)
-  if gemma.is_gguf(path) or not os.path.isdir(path):
+  if gemma.is_gguf(path) and os.path.isfile(path):  # the file's general.architecture names the family
+    arch = gemma.gguf_architecture(path)
+    for family in FAMILIES:
+      if arch in getattr(family, "GGUF_ARCHITECTURES", ()):
+        return family
+    raise CheckpointError(f"{path!r} holds a {arch!r} model; load_language_model reads GGUF architectures "
+                          + ", ".join(a for family in FAMILIES for a in getattr(family, "GGUF_ARCHITECTURES", ())))
+  if not os.path.isdir(path):
     return gemma
   if converted.is_converted(path):
     with open(os.path.join(path, converted.HEADER)) as f:
@@ -33,19 +42,30 @@ def family_of(path: str):
     return next((family for family in FAMILIES if family.KIND == kind), gemma)  # gemma names a wrong kind
   if not os.path.isfile(os.path.join(path, "config.json")):
     return gemma
-  hf = safetensors_io.read_hf_config(path)
+  return family_of_config(safetensors_io.read_hf_config(path))
+
+
+def family_of_config(hf: dict):
+  """The weights module that reads a HF config.json dict, or a CheckpointError naming what it is."""
   for family in FAMILIES:
     if family.accepts(hf):
       return family
   arch = (hf.get("architectures") or [None])[0]
+  model_types = ("gemma", "gemma2", "gemma3_text", *llama.MODEL_TYPES, *gptneo.MODEL_TYPES)
   raise CheckpointError(
       f"unknown language model architecture {arch!r} (model_type={hf.get('model_type')!r}); "
       f"load_language_model reads {', '.join(a for family in FAMILIES for a in family.ARCHITECTURES)} "
-      f"(model_type gemma, gemma2, gemma3_text, {', '.join(llama.MODEL_TYPES)}) or a Gemma .gguf file")
+      f"(model_type {', '.join(model_types)}) or a Gemma or LLaMA .gguf file")
+
+
+def config_from_hf(hf: dict):
+  """The model config (GemmaConfig, LlamaConfig or GPTNeoConfig) of a HF config.json dict."""
+  return family_of_config(hf).config_from_hf(hf)
 
 
 def load_language_model(path: str, *, dtype=jnp.float32, param_dtype=jnp.float32, sharding=None) -> LanguageModel:
-  """The frozen decoder of a HF directory, a converted directory or a (Gemma) .gguf file, its params on device.
+  """The frozen decoder (Gemma, LLaMA family, GPT-Neo) of a HF directory, a converted directory or a
+  (Gemma or LLaMA) .gguf file, its params on device.
 
   dtype is the compute dtype; param_dtype the dtype the parameters are stored in (bfloat16 halves
   the memory of a frozen LLM). Norm statistics, softmax and logits stay float32 either way.

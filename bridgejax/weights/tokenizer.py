@@ -41,6 +41,12 @@ class _TokenizersBackend:
   def token_to_id(self, token: str) -> int | None:
     return self._tok.token_to_id(token)
 
+  @property
+  def adds_no_bos(self) -> bool:
+    """GPT-2-style byte-level BPE (GPT-Neo, Glória): a ByteLevel post-processor adds no special
+    token, and transformers' GPT2Tokenizer defaults add_bos_token to False."""
+    return type(self._tok.post_processor).__name__ == "ByteLevel"
+
 
 class _SentencePieceBackend:
   """A `sentencepiece.SentencePieceProcessor` (tokenizer.model, or rebuilt from a GGUF vocabulary)."""
@@ -56,6 +62,8 @@ class _SentencePieceBackend:
 
   def decode(self, ids: list[int], skip_special_tokens: bool) -> str:
     return self._sp.decode(ids)  # control pieces (BOS, EOS, pad) decode to nothing either way
+
+  adds_no_bos = False
 
   def token_to_id(self, token: str) -> int | None:
     i = self._sp.piece_to_id(token)
@@ -159,7 +167,7 @@ def load_tokenizer(path: str) -> Tokenizer:
   pad = special("pad", ("<pad>",))
   return Tokenizer(backend, vocab_size=model_config.get("vocab_size", len(backend)),
                    bos_id=eos if bos is None else bos, eos_id=eos, pad_id=eos if pad is None else pad,
-                   uses_bos=bos is not None and settings.get("add_bos_token", True) is not False)
+                   uses_bos=bos is not None and settings.get("add_bos_token", not backend.adds_no_bos) is not False)
 
 
 def _json(directory: str, name: str) -> dict:
