@@ -78,6 +78,7 @@ def generate(
     attention_mask=None,
     inputs_embeds=None,
     extra_embeddings=None,
+    embed_offset=None,
     max_new_tokens: int = 32,
     method: str = "greedy",
     temperature: float = 1.0,
@@ -95,6 +96,8 @@ def generate(
 
   input_ids (B, P) or inputs_embeds (B, P, D) (scaled space, e.g. visual tokens + embedded text);
   extra_embeddings (X, D): the [RET] rows, readable as ids >= vocab_size and generatable.
+  embed_offset (D,): added to each generated token's embedding, as the prompt's text got it (the
+  bridge model's token-type embedding, model.BridgeModel.text_type_offset).
   method: "greedy", "sample" (temperature, top_p, top_k; rng a jax key) or "beam" (num_beams,
   length_penalty: a beam's final score is sum log p / length ** length_penalty).
   Rows stop at eos_token_ids (default: the config's) or stop_tokens.
@@ -127,10 +130,11 @@ def generate(
   pad_id = c.pad_token_id if pad_id is None else pad_id
   if method == "beam":
     return _beam_loop(module, params, cache, logits, lengths, extra, max_new_tokens, num_beams,
-                      float(length_penalty), stops, pad_id)
+                      float(length_penalty), stops, pad_id, embed_offset)
   sampler = Sampler(method, float(temperature), float(top_p), int(top_k))
   rng = jax.random.key(0) if rng is None else rng
-  return _sample_loop(module, params, cache, logits, lengths, extra, rng, max_new_tokens, sampler, stops, pad_id)
+  return _sample_loop(module, params, cache, logits, lengths, extra, rng, max_new_tokens, sampler, stops, pad_id,
+                      embed_offset)
 
 
 def _prompt_lengths(attention_mask, batch: int, length: int) -> np.ndarray:
@@ -174,15 +178,17 @@ def prefill(module, params, input_ids, inputs_embeds, lengths, extra, cache_leng
   return _apply(module, params, last, extra, method="logits"), cache
 
 
-def _step(module, params, tokens, positions, cache, extra):
+def _step(module, params, tokens, positions, cache, extra, offset=None):
   """One cached decoding step: tokens (B,) at positions (B,) -> logits (B, V), cache."""
   x = _apply(module, params, tokens[:, None], extra, method="embed")
+  x = x if offset is None else x + offset.astype(x.dtype)
   hidden, _, cache = _apply(module, params, x, positions[:, None], None, cache, method="decode")
   return _apply(module, params, hidden[:, 0], extra, method="logits"), cache
 
 
 @functools.partial(jax.jit, static_argnames=("module", "max_new_tokens", "sampler", "stops", "pad_id"))
-def _sample_loop(module, params, cache, logits, lengths, extra, rng, max_new_tokens, sampler, stops, pad_id):
+def _sample_loop(module, params, cache, logits, lengths, extra, rng, max_new_tokens, sampler, stops, pad_id,
+                 offset=None):
   batch = lengths.shape[0]
   stops = jnp.asarray(stops, jnp.int32)
   first = sampler.choose(logits, jax.random.fold_in(rng, 0))
@@ -195,7 +201,7 @@ def _sample_loop(module, params, cache, logits, lengths, extra, rng, max_new_tok
   def body(state):
     step, tokens, done, cache = state
     previous = jax.lax.dynamic_index_in_dim(tokens, step - 1, axis=1, keepdims=False)
-    logits, cache = _step(module, params, previous, lengths + step - 1, cache, extra)
+    logits, cache = _step(module, params, previous, lengths + step - 1, cache, extra, offset)
     token = jnp.where(done, pad_id, sampler.choose(logits, jax.random.fold_in(rng, step)))
     tokens = jax.lax.dynamic_update_index_in_dim(tokens, token, step, axis=1)
     return step + 1, tokens, done | jnp.isin(token, stops), cache
@@ -207,7 +213,7 @@ def _sample_loop(module, params, cache, logits, lengths, extra, rng, max_new_tok
 @functools.partial(jax.jit, static_argnames=("module", "max_new_tokens", "num_beams", "length_penalty",
                                              "stops", "pad_id"))
 def _beam_loop(module, params, cache, logits, lengths, extra, max_new_tokens, num_beams, length_penalty,
-               stops, pad_id):
+               stops, pad_id, offset=None):
   """Beam search with E = num_beams beams per row; finished beams stay in the beam set and extend
   only with pad_id at no cost, so they keep competing on their score until the end."""
   batch, vocab = logits.shape
@@ -228,7 +234,7 @@ def _beam_loop(module, params, cache, logits, lengths, extra, max_new_tokens, nu
   def body(state):
     step, tokens, scores, done, generated, cache = state
     previous = jax.lax.dynamic_index_in_dim(tokens, step - 1, axis=2, keepdims=False).reshape(-1)
-    logits, cache = _step(module, params, previous, positions + step - 1, cache, extra)
+    logits, cache = _step(module, params, previous, positions + step - 1, cache, extra, offset)
     logp = jax.nn.log_softmax(logits.astype(jnp.float32)).reshape(batch, beams, vocab)
     logp = jnp.where(done[..., None], only_pad, logp)
     scores, flat = jax.lax.top_k((scores[..., None] + logp).reshape(batch, beams * vocab), beams)

@@ -39,7 +39,6 @@ import numpy as np
 from bridgejax.data.image import clip_preprocess, decode_image
 from bridgejax.evaluation.captioning import cut_caption
 from bridgejax.evaluation.engine import Engine, l2_normalize, pad_rows, round_up
-from bridgejax.model import RetrievalHeads
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
 # A bound on characters per token (Gemma's longest pieces are runs of 31 spaces), so that only
@@ -116,9 +115,9 @@ class Pipeline:
     self._forward = jax.jit(self._forward_fn)
 
   @classmethod
-  def from_workdir(cls, workdir: str, config=None, step: int | None = None, **kwargs) -> "Pipeline":
-    """The checkpoint `step` (default: latest) of a training run; config: a ConfigDict, a config
-    file, or None for the run's own config.json."""
+  def from_workdir(cls, workdir: str, config=None, step: int | str | None = None, **kwargs) -> "Pipeline":
+    """The checkpoint `step` (default: latest; "best": the best validation step) of a training run;
+    config: a ConfigDict, a config file, or None for the run's own config.json."""
     from bridgejax.evaluation.run import load_params  # pylint: disable=g-import-not-at-top
     from bridgejax.experiment import build  # pylint: disable=g-import-not-at-top
     config = load_config(config, workdir)
@@ -142,12 +141,23 @@ class Pipeline:
       out.append(clip_preprocess(image, self.image_size, self.image_resize))
     return np.stack(out)
 
-  def _encode(self, images):
-    pixels = self.pixels(images)
-    n = pixels.shape[0]
-    size = round_up(n, self.batch_size) if n > self.batch_size else n
-    tokens, emb = self.engine.encode(np.pad(pixels, [(0, size - n)] + [(0, 0)] * 3))
-    return tokens[:n], emb[:n]
+  def _encode(self, images, *, keep_tokens: bool = True, progress: bool = False):
+    """Visual tokens (B, K, D) (None unless keep_tokens: an index of many images keeps only the
+    embeddings) and W_i embeddings (B, E), not normalised, of images as `pixels` takes them.
+    batch_size at a time: more images than that are cut into batches padded to batch_size (one
+    compiled shape, one batch of pixels in memory); fewer are one batch of their own size."""
+    from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+    images = images if isinstance(images, (list, tuple)) else [images]
+    size = min(len(images), self.batch_size)
+    tokens, embs = [], []
+    for start in tqdm(range(0, len(images), size), disable=not progress, desc="images", unit="batch"):
+      chunk = images[start:start + size]
+      pixels = np.pad(self.pixels(chunk), [(0, size - len(chunk))] + [(0, 0)] * 3)
+      batch_tokens, batch_embs = self.engine.encode(pixels)
+      embs.append(batch_embs[:len(chunk)])
+      if keep_tokens:
+        tokens.append(batch_tokens[:len(chunk)])
+    return (np.concatenate(tokens) if keep_tokens else None), np.concatenate(embs)
 
   @property
   def context(self) -> int:
@@ -207,14 +217,8 @@ class Pipeline:
   def build_index(self, folder_or_paths, *, progress: bool = False) -> ImageIndex:
     """W_i embeddings of every image under a folder (recursively), or of a list of paths."""
     paths = list_images(folder_or_paths) if isinstance(folder_or_paths, (str, os.PathLike)) else list(folder_or_paths)
-    from tqdm import tqdm  # pylint: disable=g-import-not-at-top
-    embs = []
-    for start in tqdm(range(0, len(paths), self.batch_size), disable=not progress, desc="index", unit="batch"):
-      chunk = paths[start:start + self.batch_size]
-      pixels = self.pixels(chunk)
-      pixels = np.pad(pixels, [(0, self.batch_size - len(chunk))] + [(0, 0)] * 3)  # one compiled shape
-      embs.append(np.asarray(self.engine.encode(pixels)[1])[:len(chunk)])
-    return ImageIndex(paths, l2_normalize(np.concatenate(embs)), self.name)
+    _, embs = self._encode(paths, keep_tokens=False, progress=progress)
+    return ImageIndex(paths, l2_normalize(embs), self.name)
 
   def text_query(self, text: str) -> np.ndarray:
     """The normalised W_t embedding of BOS + text + [RET]."""
@@ -246,16 +250,15 @@ class Pipeline:
   # ------------------------------------------------------------------ interleaved output
 
   def _forward_fn(self, params, visual_tokens, ids, mask, positions):
-    """W_t embeddings of the final hidden states at `positions` (B, P) of [visual] + text."""
+    """W_t embeddings (B, P, E) of the final hidden states at text `positions` (B, P) of [visual] + text."""
     if visual_tokens is None:
       embeds, full = self.model.embed_text(params, ids), mask
       offset = 0
     else:
-      embeds, full, _, _ = self.model.caption_inputs(params, visual_tokens, ids, mask)
+      embeds, full, _, _ = self.model.caption_inputs(params, visual_tokens, ids, mask, ret_is_input=True)
       offset = visual_tokens.shape[1]
-    _, hidden = self.model.run_llm(params, embeds, full)
-    picked = jnp.take_along_axis(hidden, (positions + offset)[..., None], axis=1)  # (B, P, D)
-    return self.model.heads.apply({"params": params["ret"]}, picked, method=RetrievalHeads.text_embedding)
+    hidden = self.model.llm_hidden(params, embeds, full)
+    return self.model.ret_embeddings(params, hidden, positions + offset)
 
   def _ret_embeddings(self, visual_tokens, ids, mask, positions):
     return np.asarray(self._forward(self.params, visual_tokens, jnp.asarray(ids), jnp.asarray(mask),
@@ -268,12 +271,7 @@ class Pipeline:
     tokens = None if image is None else self._encode([image])[0]
     ids, mask = self._ids([prompt], reserve=(0 if tokens is None else tokens.shape[1]) + max_new_tokens)
     new = self.engine.generate(tokens, ids, mask, max_new_tokens=max_new_tokens, stop_at_ret=False)[0]
-    stops = set(self.engine.stop_ids) - {self.model.ret_id}
-    generated = []
-    for t in new.tolist():
-      if t in stops:
-        break
-      generated.append(t)
+    generated = self.engine.until_stop(new, stop_at_ret=False)
     rets = [i for i, t in enumerate(generated) if t == self.model.ret_id]
     embs = []
     if rets and index is not None:

@@ -28,6 +28,11 @@ the single-device computation. (FROMAGe's all-gather keeps gradients only for th
 DDP then averages, which scales the contrastive gradient by 1/#GPUs; we compute the true gradient.)
 Inside `jax.shard_map` pass `axis_name`: the embeddings are all-gathered and each device computes
 the loss rows of its own examples.
+
+Optional token-wise terms (weights `cmli`, `target_cmli`, 0 by default), from the CMLI report
+(FILIP's cross-modal late interaction, eq. 1-10): `cmli_contrastive_loss`, InfoNCE over
+late-interaction similarities of per-token features, and `target_cmli_loss`, a student's patch and
+text-token regression of a teacher's patch features, each text token paired with its best patch.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Array = jax.Array
 
@@ -44,9 +50,10 @@ Array = jax.Array
 #   + ret_loss_scale·(L_i2t + L_t2i)/2 with both scales 1.0. The thesis's eq. 5.1,
 #   L = 0.5·L_c + 0.5·(L_i2t + L_t2i), has no text-CE term and puts 0.5 on the *sum* of the two
 #   InfoNCE terms, i.e. 1.0 on their mean (our `contrastive` part).
+# `cmli` and `target_cmli` (off in both) weigh the optional token-wise terms at the end of this file.
 WEIGHTS = {
-    "fromage": dict(caption=1.0, text=1.0, contrastive=1.0),
-    "thesis_eq5_1": dict(caption=0.5, text=0.0, contrastive=1.0),
+    "fromage": dict(caption=1.0, text=1.0, contrastive=1.0, cmli=0.0, target_cmli=0.0),
+    "thesis_eq5_1": dict(caption=0.5, text=0.0, contrastive=1.0, cmli=0.0, target_cmli=0.0),
 }
 
 
@@ -71,20 +78,6 @@ def token_nll(logits, targets: Array) -> Array:
   return jnp.logaddexp(jax.nn.logsumexp(vocab, axis=-1), jax.nn.logsumexp(extra, axis=-1)) - target_logit
 
 
-def _shifted(logits, labels, mask, shift):
-  if mask is None:
-    mask = labels >= 0  # Hugging Face's ignore_index=-100 convention
-  mask = mask.astype(bool)
-  lead = (logits[0] if isinstance(logits, tuple) else logits).shape[:-1]
-  if lead != labels.shape or labels.shape != mask.shape:
-    raise ValueError(f"logits {lead} + (V,) must be labels.shape + (V,) and mask like labels; got labels "
-                     f"{labels.shape}, mask {mask.shape}")
-  if shift:  # position t predicts token t+1
-    logits = tuple(x[:, :-1] for x in logits) if isinstance(logits, tuple) else logits[:, :-1]
-    labels, mask = labels[:, 1:], mask[:, 1:]
-  return logits, jnp.where(mask, labels, 0), mask
-
-
 def caption_loss(logits: Array, labels: Array, mask: Array | None = None, *, shift: bool = True) -> Array:
   """Mean next-token cross-entropy over the unmasked target tokens of the whole batch.
 
@@ -97,35 +90,30 @@ def caption_loss(logits: Array, labels: Array, mask: Array | None = None, *, shi
   Returns sum(NLL · mask) / max(sum(mask), 1): 0.0 (not NaN, as HF would give) for a batch with no
   target tokens.
   """
-  logits, labels, mask = _shifted(logits, labels, mask, shift)
-  nll = token_nll(logits, labels)
+  if mask is None:
+    mask = labels >= 0  # Hugging Face's ignore_index=-100 convention
+  mask = mask.astype(bool)
+  lead = (logits[0] if isinstance(logits, tuple) else logits).shape[:-1]
+  if lead != labels.shape or labels.shape != mask.shape:
+    raise ValueError(f"logits {lead} + (V,) must be labels.shape + (V,) and mask like labels; got labels "
+                     f"{labels.shape}, mask {mask.shape}")
+  if shift:  # position t predicts token t+1
+    logits = tuple(x[:, :-1] for x in logits) if isinstance(logits, tuple) else logits[:, :-1]
+    labels, mask = labels[:, 1:], mask[:, 1:]
+  nll = token_nll(logits, jnp.where(mask, labels, 0))
   return jnp.sum(jnp.where(mask, nll, 0.0)) / jnp.maximum(jnp.sum(mask), 1)
 
 
-def token_accuracy(logits: Array, labels: Array, mask: Array | None = None, *, ks=(1, 5),
-                   shift: bool = True) -> dict[str, Array]:
-  """Next-token top-k accuracy in % over the unmasked targets (FROMAGe logs Acc@1/Acc@5), as
-  {"acc_top1": ..., "acc_top5": ...}. The rank of the target is the number of strictly larger
-  logits, so no top-k sort over the vocabulary is needed."""
-  logits, labels, mask = _shifted(logits, labels, mask, shift)
-  if isinstance(logits, tuple):
-    vocab, extra = jax.lax.stop_gradient(logits)
-    v = vocab.shape[-1]
-    target = jnp.where(labels < v, jnp.take_along_axis(vocab, jnp.minimum(labels, v - 1)[..., None], axis=-1)[..., 0],
-                       jnp.take_along_axis(extra, jnp.clip(labels - v, 0, None)[..., None], axis=-1)[..., 0])[..., None]
-    rank = jnp.sum(vocab > target, axis=-1) + jnp.sum(extra > target, axis=-1)
-  else:
-    logits = jax.lax.stop_gradient(logits)
-    target = jnp.take_along_axis(logits, labels[..., None].astype(jnp.int32), axis=-1)
-    rank = jnp.sum(logits > target, axis=-1)
-  count = jnp.maximum(jnp.sum(mask), 1)
-  return {f"acc_top{k}": 100.0 * jnp.sum(mask & (rank < k)) / count for k in ks}
+def l2_normalize(x):
+  """x / ||x|| over the last axis in float32, as FROMAGe normalises both embeddings (the 1e-12 floor,
+  torch's F.normalize's, changes nothing but a zero row, which then stays finite).
 
-
-def l2_normalize(x: Array) -> Array:
-  """x / ||x|| in float32, as FROMAGe (no epsilon: a zero embedding is a bug upstream)."""
-  x = x.astype(jnp.float32)
-  return x / jnp.linalg.norm(x, axis=-1, keepdims=True)
+  One function for both sides: jax arrays (and tracers) in the losses, numpy arrays on the host for
+  evaluation's ranking, each computed by its own library, so numpy in means numpy out.
+  """
+  xp = jnp if isinstance(x, jax.Array) else np
+  x = xp.asarray(x, xp.float32)
+  return x / xp.maximum(xp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
 def contrastive_loss(image_emb: Array, text_emb: Array, logit_scale: Array, *, max_scale: float | None = None,
@@ -221,37 +209,122 @@ def total_loss(parts: Mapping[str, Array], weights: str | Mapping | None = "from
   return total
 
 
+def cmli_scores(image_tokens: Array, text_tokens: Array, image_mask: Array, text_mask: Array, *,
+                chunk: int = 0) -> tuple[Array, Array]:
+  """FILIP's late-interaction similarities of every image with every text, the CMLI report's eq. 1-4.
+
+  image_tokens (I, N, d), text_tokens (T, M, d) unit vectors, masks (I, N) / (T, M) True on the tokens
+  that take part. With c[i, t, n, m] the cosine of patch n of image i and token m of text t:
+    s_i2t[i, t] = mean_n max_m c   (every patch finds its best token, eq. 1 and 3)
+    s_t2i[i, t] = mean_m max_n c   (every token finds its best patch, eq. 2 and 4)
+  Returns (s_i2t, s_t2i), each (I, T). An example with no valid token scores 0.
+
+  chunk > 0 computes `chunk` images at a time against all T texts (the largest divisor of I not
+  above it), each block recomputed in the backward pass, so I·T·N·M similarities are never held at
+  once: chunk·T·N·M are (`cmli_contrastive_loss` has the arithmetic).
+  """
+  def block(v, vm):  # (c, N, d) images against every text -> (c, T) twice
+    sim = jnp.einsum("cNd,TMd->cTNM", v, text_tokens)
+    sim = jnp.where(vm[:, None, :, None] & text_mask[None, :, None, :], sim, -2.0)  # -2: below any cosine
+    return (_masked_mean(jnp.max(sim, axis=3), vm[:, None, :]),
+            _masked_mean(jnp.max(sim, axis=2), text_mask[None, :, :]))
+
+  images = image_tokens.shape[0]
+  if chunk <= 0 or chunk >= images:
+    return block(image_tokens, image_mask)
+  chunk = max(c for c in range(1, chunk + 1) if images % c == 0)
+  split = lambda x: x.reshape(images // chunk, chunk, *x.shape[1:])
+  s_i2t, s_t2i = jax.lax.map(jax.checkpoint(lambda args: block(*args)), (split(image_tokens), split(image_mask)))
+  return s_i2t.reshape(images, -1), s_t2i.reshape(images, -1)
+
+
+def _masked_mean(x: Array, mask: Array) -> Array:
+  """Mean of x over its last axis where mask (broadcast to x); 0 where nothing is valid."""
+  mask = jnp.broadcast_to(mask, x.shape)
+  return jnp.sum(jnp.where(mask, x, 0.0), axis=-1) / jnp.maximum(jnp.sum(mask, axis=-1), 1)
+
+
 def cmli_contrastive_loss(image_tokens: Array, text_tokens: Array, logit_scale: Array, *,
                           image_mask: Array | None = None, text_mask: Array | None = None,
-                          max_scale: float | None = None) -> tuple[Array, dict[str, Array]]:
-  """Optional: FILIP's cross-modal late interaction (CMLI; docs/reference.md) as a symmetric InfoNCE.
+                          max_scale: float | None = None, chunk: int = 0,
+                          axis_name: Any = None) -> tuple[Array, dict[str, Array]]:
+  """FILIP's cross-modal late interaction (CMLI) as a symmetric InfoNCE, the CMLI report's eq. 1-4.
 
-  image_tokens (I, N, D), text_tokens (T, M, D) in a shared space (e.g. W_i on patch tokens, W_t on
-  the caption's hidden states), masks (I, N) / (T, M) True on the tokens that take part (FILIP drops
-  CLS and padding; each example needs at least one). With cosine similarities c[i, t, n, m]:
-    s_i2t[i, t] = mean_n max_m c   (every image patch finds its best text token, eq. 3)
-    s_t2i[i, t] = mean_m max_n c   (every text token finds its best image patch, eq. 4)
-  loss_i2t ranks the texts of each image by s_i2t, loss_t2i the images of each text by s_t2i, with
-  exp(logit_scale) as in `contrastive_loss`; returns ((loss_i2t + loss_t2i) / 2, parts).
-  Memory is I·T·N·M similarities: for a global batch of 180, 257 patches and 24 text tokens that is
-  2.0e8 floats (0.8 GB in float32) before gradients, which is why FILIP shrinks D to
-  256 and why this is off by default.
+  image_tokens (I, N, d), text_tokens (T, M, d) in a shared space (model.py: the per-token heads,
+  d = 256 as in FILIP), masks (I, N) / (T, M) True on the tokens that take part (FILIP and the report
+  leave CLS and padding out). loss_i2t ranks the texts of each image by s_i2t, loss_t2i the images
+  of each text by s_t2i (`cmli_scores`), with exp(logit_scale) as in `contrastive_loss`; returns
+  ((loss_i2t + loss_t2i) / 2, parts). axis_name: inside jax.shard_map over the batch, as
+  `contrastive_loss`: the tokens are all-gathered and each device scores its own rows.
+
+  Memory: all pairs are I·T·N·M similarities. The report counts for a global batch of 512, N = 196
+  patches and M = 64 tokens 512·12,544 = 6,422,528 dot products of d = 256 float32 products each,
+  6.58 GB: that is one image against the global batch (a chunk of 1), the all-pairs set being 512
+  times more. Here (CLIP ViT-L/14: N = 256, M = 24 text positions, padding masked, global batch
+  180) all pairs are 180·180·256·24 = 2.0e8 similarities, 796 MB in float32, and the working set
+  with `chunk` c is c/180 of that (c = 20: 88 MB); the d-wide products are contracted by the
+  einsum, never stored. Compiled value and gradient on CPU: 4.0 GB of temporaries at once,
+  0.46 GB with c = 20, 0.12 GB with c = 1.
   """
   v, w = l2_normalize(image_tokens), l2_normalize(text_tokens)
   image_mask = jnp.ones(v.shape[:2], bool) if image_mask is None else image_mask.astype(bool)
   text_mask = jnp.ones(w.shape[:2], bool) if text_mask is None else text_mask.astype(bool)
-  sim = jnp.einsum("INd,TMd->ITNM", v, w)
-  valid = image_mask[:, None, :, None] & text_mask[None, :, None, :]
-  sim = jnp.where(valid, sim, -2.0)  # below any cosine: never the max
-  best_text = jnp.max(sim, axis=3)  # (I, T, N)
-  best_patch = jnp.max(sim, axis=2)  # (I, T, M)
-  s_i2t = jnp.sum(jnp.where(image_mask[:, None, :], best_text, 0.0), axis=2) / jnp.sum(image_mask, 1)[:, None]
-  s_t2i = jnp.sum(jnp.where(text_mask[None, :, :], best_patch, 0.0), axis=2) / jnp.sum(text_mask, 1)[None, :]
   scale = jnp.exp(jnp.asarray(logit_scale, jnp.float32))
   if max_scale is not None:
     scale = jnp.minimum(scale, max_scale)
-  logits_i2t, logits_t2i = scale * s_i2t, scale * s_t2i.T  # rows: images / texts
-  diag = jnp.arange(logits_i2t.shape[0])
-  loss_i2t = jnp.mean(jax.nn.logsumexp(logits_i2t, axis=1) - logits_i2t[diag, diag])
-  loss_t2i = jnp.mean(jax.nn.logsumexp(logits_t2i, axis=1) - logits_t2i[diag, diag])
+  ce = lambda logits, target: jax.nn.logsumexp(logits, axis=1) - jnp.take_along_axis(logits, target[:, None], 1)[:, 0]
+  if axis_name is None:
+    s_i2t, s_t2i = cmli_scores(v, w, image_mask, text_mask, chunk=chunk)
+    diag = jnp.arange(s_i2t.shape[0])
+    loss_i2t = jnp.mean(ce(scale * s_i2t, diag))  # rows: images
+    loss_t2i = jnp.mean(ce(scale * s_t2i.T, diag))  # rows: texts
+  else:
+    gather = lambda x: jax.lax.all_gather(x, axis_name, axis=0, tiled=True)
+    b, n = v.shape[0], v.shape[0] * jax.lax.psum(1, axis_name)
+    mine = jax.lax.axis_index(axis_name) * b + jnp.arange(b)  # global indices of the local pairs
+    s_i2t = cmli_scores(v, gather(w), image_mask, gather(text_mask), chunk=chunk)[0]  # (b, T): local images
+    s_t2i = cmli_scores(gather(v), w, gather(image_mask), text_mask, chunk=chunk)[1].T  # (b, I): local texts
+    loss_i2t = jax.lax.psum(jnp.sum(ce(scale * s_i2t, mine)), axis_name) / n
+    loss_t2i = jax.lax.psum(jnp.sum(ce(scale * s_t2i, mine)), axis_name) / n
   return (loss_i2t + loss_t2i) / 2, dict(loss_i2t=loss_i2t, loss_t2i=loss_t2i, scale=scale)
+
+
+def matched_patches(query_match: Array, patch_match: Array, patches: Array) -> Array:
+  """Target-CMLI's assignment (the CMLI report's eq. 2 on a positive pair only): for each query token,
+  the patch of its own example with the highest cosine in the matching space.
+
+  query_match (B, M, d), patch_match (B, N, d) -> patches (B, N, W) gathered at the argmax: (B, M, W).
+  The argmax carries no gradient: the matching space is learned (if at all) by another term.
+  Memory: B·M·N similarities, the positives only (the report: 256·12,544 of d = 256 float16
+  products, 1.64 GB; here 180·24·256 = 1.1e6 similarities).
+  """
+  sim = jnp.einsum("BMd,BNd->BMN", l2_normalize(query_match), l2_normalize(patch_match))
+  best = jax.lax.stop_gradient(jnp.argmax(sim, axis=-1))  # (B, M)
+  return jnp.take_along_axis(patches, best[..., None], axis=1)
+
+
+def target_cmli_loss(student_image: Array, teacher_patches: Array, student_text: Array, text_mask: Array,
+                     text_match: Array, patch_match: Array, image_match: Array | None = None
+                     ) -> tuple[Array, dict[str, Array]]:
+  """Target-CMLI, the CMLI report's eq. 5-10: the student regresses the teacher's patch features.
+
+  teacher_patches (B, N, W) (no CLS), student_image (B, K, W) and student_text (B, M, W) already
+  mapped into the teacher's width, text_mask (B, M) True on the text tokens that take part,
+  text_match (B, M, d) / patch_match (B, N, d) the matching space of `matched_patches`.
+    L_i2t = MSE(student image token k, teacher patch k)               (eq. 7; needs K = N)
+      with image_match (B, K, d) given, token k regresses its matched patch instead (K != N)
+    L_t2i = MSE(student text token j, teacher patch m_j^t2i)          (eq. 9, m from eq. 2)
+    L = (L_i2t + L_t2i) / 2                                           (eq. 10)
+  MSE is torch's: the mean over tokens *and* feature dimensions (eq. 7 writes the squared norm
+  summed over W, which only scales the term by W). The teacher is a constant (stop_gradient).
+  """
+  teacher = jax.lax.stop_gradient(teacher_patches.astype(jnp.float32))
+  if image_match is None and student_image.shape[1] != teacher.shape[1]:
+    raise ValueError(f"target_cmli_loss: {student_image.shape[1]} student image tokens against {teacher.shape[1]} "
+                     "teacher patches: pass image_match to match them")
+  image_targets = teacher if image_match is None else matched_patches(image_match, patch_match, teacher)
+  square = lambda student, target: jnp.mean(jnp.square(student.astype(jnp.float32) - target), axis=-1)  # (B, tokens)
+  loss_i2t = jnp.mean(square(student_image, image_targets))
+  loss_t2i = jnp.mean(_masked_mean(square(student_text, matched_patches(text_match, patch_match, teacher)),
+                                   text_mask.astype(bool)))
+  return (loss_i2t + loss_t2i) / 2, dict(loss_i2t=loss_i2t, loss_t2i=loss_t2i)

@@ -19,8 +19,13 @@ both branches' buffers: 73.7 GiB instead of 35.0 GiB for crossatt_k12 at batch 1
 layer (keeping only its input), "all" also recomputes the LM head with its cross-entropy (the
 (B, S, V) logits are never kept) and the bridge.
 
+Options, all off by default (the parameter tree and the program are then exactly FROMAGe's):
+token-type embeddings added to every LLM input through a LayerScale (`config.token_type_embeddings`),
+and the token-wise CMLI and Target-CMLI terms (`config.loss.cmli`, `.target_cmli`), whose heads
+live in the `ret` subtree (RetrievalHeads has the equations and parameter formulas).
+
 Axis legend: B batch, T text length, K visual tokens (k), S = K + T, D LLM width, E retrieval
-width, W vision width, V vocabulary.
+width, W vision width, V vocabulary, N patches, d the per-token (CMLI) heads' width.
 """
 
 from __future__ import annotations
@@ -35,9 +40,10 @@ import jax.numpy as jnp
 
 from bridgejax import losses
 from bridgejax.bridges import BridgeOutput, VisionFeatures, build_bridge
+from bridgejax.bridges.base import CLS_EQUIVALENTS
 from bridgejax.models.clip import CLIPVisionConfig, CLIPVisionTransformer
+from bridgejax.models.families import decoder_class, vision_class
 from bridgejax.models.gemma import Gemma, GemmaConfig
-from bridgejax.models.llama import Llama, LlamaConfig
 from bridgejax.models.precision import matmul_precision
 
 TRAINABLE = ("bridge", "ret")
@@ -52,6 +58,7 @@ REMAT = ("none", "llm", "all")
 #     visual tokens then start 45x smaller relative to text for Gemma-2B, and under Adam each
 #     bridge must grow 45x to get where the thesis's started.
 VISUAL_TOKEN_SCALES = ("sqrt_d", "none")
+TOKEN_TYPE_SCALE_INIT = 1e-5  # the TTE report's LayerScale init: the type embeddings start almost silent
 
 
 def _with_precision(method):
@@ -66,26 +73,79 @@ def _with_precision(method):
 
 
 class RetrievalHeads(nn.Module):
-  """The `ret` subtree: the [RET] row, W_t, W_i and the logit scale."""
+  """The `ret` subtree: the [RET] row, W_t, W_i and the logit scale, and the optional heads below
+  (off: the subtree is exactly those four).
+
+  token_types (the TTE report, eq. 4-5; VLMo's token-type embeddings, BEiT-3/CaiT's LayerScale):
+    token_type_image, token_type_text (D,) and one shared token_type_scale λ (D,), init 1e-5:
+    LLM input x' = x + λ ⊙ t_type · embed_scale for every visual token and every text token (BOS and
+    [RET] too), t_type living in the embedding table's space like the [RET] row. Both types start
+    at the frozen rows' mean norm (BridgeModel.init_trainable, as the [RET] row), so λ is the type
+    embedding's size relative to a token: the LLM's inputs move by about 1e-5 at initialisation.
+    One λ for both modalities, as the report: no bias towards either. Parameters: 3·D.
+  cmli_dim d > 0 (the CMLI report, eq. 1-4; FILIP's d = 256): cmli_image_proj (W -> d) on the
+    vision tower's patch tokens, cmli_text_proj (D -> d) on the text pass's token states, and
+    cmli_logit_scale. Parameters: W·d + d + D·d + d + 1.
+  target_width > 0 (the CMLI report's Target-CMLI, eq. 5-10): target_image_proj and
+    target_text_proj (D -> the teacher's width W) map the student's visual tokens and text token
+    states into the teacher's space. Parameters: 2·(D·W + W), plus the CMLI heads for the matching.
+  """
 
   llm_width: int
   embed_dim: int = 256
   logit_scale_init: float = math.log(1 / 0.07)
+  token_types: bool = False
+  cmli_dim: int = 0
+  target_width: int = 0
 
   def setup(self):
     self.ret_embedding = self.param("ret_embedding", nn.initializers.normal(1.0), (1, self.llm_width))
     self.text_proj = nn.Dense(self.embed_dim, name="text_proj")  # W_t
     self.image_proj = nn.Dense(self.embed_dim, name="image_proj")  # W_i
     self.logit_scale = self.param("logit_scale", nn.initializers.constant(self.logit_scale_init), ())
+    if self.token_types:
+      width = (self.llm_width,)
+      self.token_type_image = self.param("token_type_image", nn.initializers.normal(1.0), width)
+      self.token_type_text = self.param("token_type_text", nn.initializers.normal(1.0), width)
+      self.token_type_scale = self.param("token_type_scale", nn.initializers.constant(TOKEN_TYPE_SCALE_INIT), width)
+    if self.cmli_dim:
+      self.cmli_image_proj = nn.Dense(self.cmli_dim, name="cmli_image_proj")
+      self.cmli_text_proj = nn.Dense(self.cmli_dim, name="cmli_text_proj")
+      self.cmli_logit_scale = self.param("cmli_logit_scale", nn.initializers.constant(self.logit_scale_init), ())
+    if self.target_width:
+      self.target_image_proj = nn.Dense(self.target_width, name="target_image_proj")
+      self.target_text_proj = nn.Dense(self.target_width, name="target_text_proj")
 
-  def __call__(self, ret_hidden, image_feature):  # for init: touches every parameter
-    return self.text_embedding(ret_hidden), self.image_embedding(image_feature), self.logit_scale
+  def __call__(self, ret_hidden, image_feature, patches):  # for init: touches every parameter
+    out = [self.text_embedding(ret_hidden), self.image_embedding(image_feature), self.logit_scale]
+    if self.token_types:
+      out.append(self.type_offsets())
+    if self.cmli_dim:
+      out += [self.cmli_image(patches), self.cmli_text(ret_hidden), self.cmli_logit_scale]
+    if self.target_width:
+      out += [self.target_image(ret_hidden), self.target_text(ret_hidden)]
+    return out
 
   def text_embedding(self, ret_hidden):  # (B, D) -> (B, E)
     return self.text_proj(ret_hidden.astype(jnp.float32))
 
   def image_embedding(self, image_feature):  # (B, W) -> (B, E)
     return self.image_proj(image_feature.astype(jnp.float32))
+
+  def type_offsets(self):  # what the TTE adds: (image (D,), text (D,)), eq. 4-5
+    return self.token_type_scale * self.token_type_image, self.token_type_scale * self.token_type_text
+
+  def cmli_image(self, patches):  # (B, N, W) -> (B, N, d)
+    return self.cmli_image_proj(patches.astype(jnp.float32))
+
+  def cmli_text(self, hidden):  # (B, T, D) -> (B, T, d)
+    return self.cmli_text_proj(hidden.astype(jnp.float32))
+
+  def target_image(self, visual_tokens):  # (B, K, D) -> (B, K, W)
+    return self.target_image_proj(visual_tokens.astype(jnp.float32))
+
+  def target_text(self, hidden):  # (B, T, D) -> (B, T, W)
+    return self.target_text_proj(hidden.astype(jnp.float32))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,6 +162,8 @@ class BridgeModel:
   remat: str = "none"  # REMAT
   matmul_precision: str = ""  # "" = automatic (models/precision.py), else a jax precision name
   visual_token_scale: str = "sqrt_d"  # VISUAL_TOKEN_SCALES
+  cls_equivalent: str | None = None  # None: the tower has a CLS token; else bridges.base.CLS_EQUIVALENTS
+  cmli_chunk: int = 0  # images scored at once by the CMLI loss (losses.cmli_scores); 0 = all
 
   @classmethod
   def create(cls, config, vision_config: CLIPVisionConfig, llm_config: GemmaConfig, *,
@@ -116,12 +178,22 @@ class BridgeModel:
     bridge = build_bridge(config.bridge, vision_width=vision_config.hidden_size,
                           vision_layers=vision_config.num_layers, grid_size=vision_config.grid_size,
                           llm_width=llm_config.hidden_size)
-    heads = RetrievalHeads(llm_config.hidden_size, config.ret.embed_dim, config.ret.logit_scale_init)
     weights = losses.resolve_weights(config.loss)
-    llm_class = Llama if isinstance(llm_config, LlamaConfig) else Gemma
-    return cls(CLIPVisionTransformer(vision_config, **kw), llm_class(llm_config, remat=remat != "none", **kw), bridge,
+    cmli = config.get("cmli", {})
+    token_wise = weights["cmli"] > 0 or weights["target_cmli"] > 0  # Target-CMLI matches in the CMLI space
+    heads = RetrievalHeads(llm_config.hidden_size, config.ret.embed_dim, config.ret.logit_scale_init,
+                           token_types=config.get("token_type_embeddings", False),
+                           cmli_dim=cmli.get("dim", 256) if token_wise else 0,
+                           target_width=vision_config.hidden_size if weights["target_cmli"] > 0 else 0)
+    llm_class = decoder_class(llm_config)
+    # a tower without a CLS token (SigLIP): what bridges read in its place (bridges.base.CLS_EQUIVALENTS)
+    cls_equivalent = None if getattr(vision_config, "has_cls_token", True) else config.vision.get("cls_equivalent", "mean")
+    if cls_equivalent not in (None, *CLS_EQUIVALENTS):
+      raise ValueError(f"config.vision.cls_equivalent={cls_equivalent!r}: use one of {', '.join(CLS_EQUIVALENTS)}")
+    return cls(vision_class(vision_config)(vision_config, **kw), llm_class(llm_config, remat=remat != "none", **kw), bridge,
                heads, ret_id=llm_config.vocab_size, loss_weights=weights, concat_prob=config.concat_prob,
-               remat=remat, matmul_precision=config.get("matmul_precision", ""), visual_token_scale=scale)
+               remat=remat, matmul_precision=config.get("matmul_precision", ""), visual_token_scale=scale,
+               cls_equivalent=cls_equivalent, cmli_chunk=cmli.get("chunk", 0))
 
   # ------------------------------------------------------------------ parameters
 
@@ -131,9 +203,16 @@ class BridgeModel:
     bridge_rng, ret_rng = jax.random.split(rng)
     bridge = self.bridge.init(bridge_rng, features)["params"]
     feature = jax.eval_shape(lambda: self.bridge.apply({"params": bridge}, features)).image_feature
-    ret = self.heads.init(ret_rng, jnp.zeros((1, self.heads.llm_width)), jnp.zeros(feature.shape, feature.dtype))
+    patches = jnp.zeros((1, 1, features.hidden_states[-1].shape[-1]))  # what the CMLI image head reads
+    ret = self.heads.init(ret_rng, jnp.zeros((1, self.heads.llm_width)), jnp.zeros(feature.shape, feature.dtype),
+                          patches)
     trainable = {"bridge": bridge, "ret": ret["params"]}
-    return rescale_ret_row(trainable, frozen_row_norm(frozen))
+    row_norm = frozen_row_norm(frozen)
+    trainable = rescale_ret_row(trainable, row_norm)
+    if self.heads.token_types:  # the type embeddings start where the [RET] row does (RetrievalHeads)
+      trainable["ret"].update({name: row_norm * losses.l2_normalize(trainable["ret"][name])
+                               for name in ("token_type_image", "token_type_text")})
+    return trainable
 
   def _abstract_vision_features(self) -> VisionFeatures:
     """Features of the tower's shapes (zeros, γ = 1, β = 0): the bridge's init needs shapes only."""
@@ -142,24 +221,44 @@ class BridgeModel:
         jax.random.key(0), jnp.zeros((1, c.num_channels, c.image_size, c.image_size)))[0])
     zeros = tuple(jnp.zeros(h.shape, jnp.float32) for h in out.hidden_states)
     width = zeros[-1].shape[-1]
-    return VisionFeatures(zeros, jnp.ones((width,)), jnp.zeros((width,)), c.layer_norm_eps)
+    return VisionFeatures.from_tower(zeros, {"scale": jnp.ones((width,)), "bias": jnp.zeros((width,))}, c.layer_norm_eps,
+                                     cls_equivalent=self.cls_equivalent, pooled=zeros[-1][:, 0])
 
   # ------------------------------------------------------------------ the pieces
 
   @_with_precision
   def encode_images(self, params, images) -> BridgeOutput:
     """(B, C, H, W) pixels -> the bridge's visual tokens (B, K, D), in the LLM's input space (scaled
-    per `visual_token_scale`), and retrieval feature."""
+    per `visual_token_scale`, plus the image type embedding with token_types), and retrieval feature."""
+    return self.bridge_output(params, self.vision_features(params, images))
+
+  @_with_precision
+  def vision_features(self, params, images) -> VisionFeatures:
+    """(B, C, H, W) pixels -> the frozen tower's hidden states, as every bridge reads them."""
     out = self.vision.apply({"params": params["vision"]}, images)
-    features = VisionFeatures.from_tower(out.hidden_states, params["vision"]["post_norm"],
-                                         self.vision.config.layer_norm_eps)
+    return VisionFeatures.from_tower(out.hidden_states, params["vision"]["post_norm"],
+                                     self.vision.config.layer_norm_eps, cls_equivalent=self.cls_equivalent,
+                                     pooled=out.pooler_output)
+
+  @_with_precision
+  def bridge_output(self, params, features: VisionFeatures) -> BridgeOutput:
+    """The tower's features -> visual tokens (B, K, D) in the LLM's input space, retrieval feature."""
     bridge = lambda p, features: self.bridge.apply({"params": p}, features)
     if self.remat == "all":
       bridge = jax.checkpoint(bridge)
     out = bridge(params["bridge"], features)
     if self.visual_token_scale == "sqrt_d":  # see VISUAL_TOKEN_SCALES; the LLM's own normaliser in its dtype, as its embed
       out = out._replace(tokens=out.tokens * jnp.asarray(self.llm.embed_scale, self.llm.dtype))
+    if self.heads.token_types:  # eq. 5: after the image "encoder" (the bridge), before the shared LLM
+      image_type = self.type_offsets(params)[0]
+      out = out._replace(tokens=out.tokens + image_type.astype(out.tokens.dtype))
     return out
+
+  def type_offsets(self, params):
+    """What the TTE adds to each LLM input, λ ⊙ t_image and λ ⊙ t_text in the LLM's input space (times
+    its embedding normaliser, as the table's rows), each (D,) float32 (RetrievalHeads, eq. 4-5)."""
+    offsets = self.heads.apply({"params": params["ret"]}, method=RetrievalHeads.type_offsets)
+    return tuple(offset * self.llm.embed_scale for offset in offsets)
 
   @_with_precision
   def image_embedding(self, params, bridge_out: BridgeOutput):  # (B, E), not normalised
@@ -167,7 +266,14 @@ class BridgeModel:
 
   def embed_text(self, params, ids):  # (B, T) -> (B, T, D), [RET] from the trainable row
     ret_row = params["ret"]["ret_embedding"]
-    return self.llm.apply({"params": params["llm"]}, ids, ret_row, method="embed")
+    embeds = self.llm.apply({"params": params["llm"]}, ids, ret_row, method="embed")
+    offset = self.text_type_offset(params)
+    return embeds if offset is None else embeds + offset.astype(embeds.dtype)
+
+  def text_type_offset(self, params):
+    """What every text token's embedding gets added, BOS and [RET] included (eq. 4): (D,), or None
+    without token types. Generation adds it to each token it embeds (generate's embed_offset)."""
+    return self.type_offsets(params)[1] if self.heads.token_types else None
 
   @_with_precision
   def llm_hidden(self, params, inputs_embeds, mask, positions=None, segment_ids=None):
@@ -202,13 +308,19 @@ class BridgeModel:
       ce = jax.checkpoint(ce)
     return ce(params["llm"], params["ret"]["ret_embedding"], hidden)
 
+  @_with_precision
+  def ret_embeddings(self, params, hidden, positions):
+    """W_t of the final-norm hidden states at the [RET] positions: hidden (B, S, D), positions (B, P)
+    -> (B, P, E), not normalised. The one place a [RET] state becomes a text embedding: the text
+    pass's last token here, a query's or a generated [RET] in inference."""
+    ret_hidden = jnp.take_along_axis(hidden, positions[..., None], axis=1)  # (B, P, D)
+    return self.heads.apply({"params": params["ret"]}, ret_hidden, method=RetrievalHeads.text_embedding)
+
   def _text_pass(self, params, ids, mask):
     """(B, T) ids ending in [RET] -> final-norm hidden (B, T, D), text embedding (B, E)."""
     hidden = self.llm_hidden(params, self.embed_text(params, ids), mask)
     last = jnp.sum(mask, axis=1) - 1  # the [RET] position: the last real token
-    ret_hidden = jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
-    emb = self.heads.apply({"params": params["ret"]}, ret_hidden, method=RetrievalHeads.text_embedding)
-    return hidden, emb
+    return hidden, self.ret_embeddings(params, hidden, last[:, None])[:, 0]
 
   @_with_precision
   def text_embedding(self, params, ids, mask):
@@ -217,15 +329,19 @@ class BridgeModel:
     logits = self.llm.apply({"params": params["llm"]}, hidden, params["ret"]["ret_embedding"], method="logits")
     return logits, emb
 
-  def caption_inputs(self, params, visual_tokens, ids, mask):
+  def caption_inputs(self, params, visual_tokens, ids, mask, *, ret_is_input: bool = False):
     """[visual tokens] + BOS + caption: embeddings (B, S, D), mask (B, S), labels (B, S), target mask (B, S).
 
     As in FROMAGe's captioning pass, [RET] is neither a target nor (so that the concat trick joins
     [img_a, cap_a, img_b, cap_b]) an input; BOS is a target, predicted from the last visual token.
+    `ret_is_input=True` keeps every [RET] as a real input token, as inference needs: a composed query
+    or a generated [RET] is read at its own position, attending to itself (FROMAGe feeds generated
+    [RET] tokens back in).
     """
     k = visual_tokens.shape[1]
     text = self.embed_text(params, ids)
-    mask = mask * (ids != self.ret_id).astype(mask.dtype)
+    if not ret_is_input:
+      mask = mask * (ids != self.ret_id).astype(mask.dtype)
     ones = jnp.ones(ids.shape[:1] + (k,), mask.dtype)
     embeds = jnp.concatenate([visual_tokens.astype(text.dtype), text], axis=1)
     full_mask = jnp.concatenate([ones, mask], axis=1)
@@ -243,7 +359,8 @@ class BridgeModel:
     if self.concat_prob > 0 and ids.shape[0] % 2:
       raise ValueError(f"the concat trick pairs examples: batch_size must be even, got {ids.shape[0]} "
                        "(or set concat_prob=0)")
-    bridge_out = self.encode_images(params, batch["image"])
+    features = self.vision_features(params, batch["image"])
+    bridge_out = self.bridge_output(params, features)
 
     embeds, full_mask, labels, target_mask = self.caption_inputs(params, bridge_out.tokens, ids, mask)
     positions = segment_ids = None
@@ -260,10 +377,44 @@ class BridgeModel:
     image_emb = self.image_embedding(params, bridge_out)
     logit_scale = params["ret"]["logit_scale"]
     contrastive, parts = losses.contrastive_loss(image_emb, text_emb, logit_scale)
-    total = losses.total_loss({"caption": caption, "text": text, "contrastive": contrastive}, self.loss_weights)
+    terms = {"caption": caption, "text": text, "contrastive": contrastive}
+    token_wise = self._token_wise_losses(params, features, bridge_out.tokens, text_hidden, ids, mask) \
+        if self.heads.cmli_dim else {}
+    terms.update({name: value for name, value in token_wise.items() if name in self.loss_weights})
+    total = losses.total_loss(terms, self.loss_weights)
     metrics = {"loss": total, "caption_loss": caption, "text_loss": text, "contrastive_loss": contrastive,
-               "concat": use_concat.astype(jnp.float32), **parts}
+               "concat": use_concat.astype(jnp.float32), **parts,
+               **{f"{name}_loss": value for name, value in token_wise.items()}}
     return total, metrics
+
+  def _token_wise_losses(self, params, features, visual_tokens, text_hidden, ids, mask):
+    """The CMLI report's terms: {"cmli": eq. 1-4 InfoNCE, "cmli_i2t", "cmli_t2i"} and, with the
+    Target-CMLI heads, {"target_cmli": eq. 10, "target_cmli_i2t" (eq. 7), "target_cmli_t2i" (eq. 9)}.
+
+    Image side: the tower's layer-L patches, post-LayerNorm, CLS (or its stand-in) left out (B, N, W),
+    as FILIP uses the image encoder's last layer. Text side: the text pass's final-norm states of the
+    caption tokens (B, T, D), BOS, [RET] and padding left out (the report leaves out CLS, EOS and
+    PAD; [RET] is this model's global text token). The frozen LLM makes the text states functions of
+    frozen weights only (plus the TTE): CMLI trains its heads, not the bridge. Target-CMLI's teacher
+    is the frozen tower itself (its patches); its students are the bridge's visual tokens (gradient
+    to the bridge) and the text states, matched to patches in the CMLI space (trained by `cmli`).
+    """
+    heads = lambda method, x: self.heads.apply({"params": params["ret"]}, x, method=method)
+    patches = features.tokens(-1, post_norm=True)[:, 1:]  # (B, N, W)
+    text_tokens = mask.astype(bool) & (ids != self.ret_id) & (jnp.arange(ids.shape[1]) > 0)[None, :]  # (B, T)
+    patch_match, text_match = heads(RetrievalHeads.cmli_image, patches), heads(RetrievalHeads.cmli_text, text_hidden)
+    cmli, parts = losses.cmli_contrastive_loss(patch_match, text_match, params["ret"]["cmli_logit_scale"],
+                                               text_mask=text_tokens, chunk=self.cmli_chunk)
+    out = {"cmli": cmli, "cmli_i2t": parts["loss_i2t"], "cmli_t2i": parts["loss_t2i"]}
+    if self.heads.target_width:
+      # K = N (a bridge keeping the patch grid): token k regresses patch k (eq. 7); else each visual
+      # token regresses its best patch, matched by the same D -> d head as the text states
+      image_match = None if visual_tokens.shape[1] == patches.shape[1] else heads(RetrievalHeads.cmli_text, visual_tokens)
+      target, parts = losses.target_cmli_loss(
+          heads(RetrievalHeads.target_image, visual_tokens), patches, heads(RetrievalHeads.target_text, text_hidden),
+          text_tokens, text_match, patch_match, image_match)
+      out.update(target_cmli=target, target_cmli_i2t=parts["loss_i2t"], target_cmli_t2i=parts["loss_t2i"])
+    return out
 
 
 def pair_up(x):
@@ -297,6 +448,5 @@ def frozen_row_norm(frozen) -> jax.Array:
 
 def rescale_ret_row(trainable, target_norm):
   """FROMAGe rescales the trainable row to the frozen rows' mean norm after every step."""
-  row = trainable["ret"]["ret_embedding"]
-  row = row * (target_norm / jnp.linalg.norm(row, axis=-1, keepdims=True))
+  row = target_norm * losses.l2_normalize(trainable["ret"]["ret_embedding"])
   return {**trainable, "ret": {**trainable["ret"], "ret_embedding": row}}

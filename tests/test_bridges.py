@@ -415,7 +415,7 @@ def test_bf16_compute_keeps_float32_params():
 
 
 ERRORS = {  # id: (config, dims override, message fragment)
-    "unknown_name": (dict(name="qformer"), {}, "unknown bridge name 'qformer'; set config.bridge.name to one of"),
+    "unknown_name": (dict(name="blip3"), {}, "unknown bridge name 'blip3'; set config.bridge.name to one of"),
     "no_name": (dict(k=4), {}, "unknown bridge name None"),
     "unknown_key": (dict(name="cls_linear", heads=4), {},
                     "has no config key(s) ['heads']; its keys are: k (default 1)"),

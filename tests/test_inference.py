@@ -35,10 +35,10 @@ def _ret_state_embedding(pipe, visual, ids, position):
   model, params = pipe.model, pipe.params
   mask = jnp.ones((1, len(ids)), jnp.int32)
   ids = jnp.asarray([ids], jnp.int32)
-  if visual is None:
-    embeds, full = model.embed_text(params, ids), mask
-  else:
-    embeds, full, _, _ = model.caption_inputs(params, visual, ids, mask)
+  embeds, full = model.embed_text(params, ids), mask  # every token real, [RET]s included
+  if visual is not None:
+    embeds = jnp.concatenate([jnp.asarray(visual, embeds.dtype), embeds], axis=1)
+    full = jnp.ones(embeds.shape[:2], jnp.int32)
   _, hidden = model.run_llm(params, embeds, full)
   emb = model.heads.apply({"params": params["ret"]}, hidden[:, position], method=RetrievalHeads.text_embedding)
   emb = np.asarray(emb[0])
@@ -50,9 +50,11 @@ def test_index_and_retrieval(pipe_and_images, tmp_path):
   index = pipe.build_index(folder)
   assert len(index) == 5 and index.embeddings.shape == (5, 16)
   np.testing.assert_allclose(np.linalg.norm(index.embeddings, axis=1), 1.0, rtol=1e-5)
-  _, direct = pipe.engine.encode(pipe.pixels(index.paths))
+  direct_tokens, direct = pipe.engine.encode(pipe.pixels(index.paths))
   direct = np.asarray(direct) / np.linalg.norm(direct, axis=1, keepdims=True)
   np.testing.assert_allclose(index.embeddings, direct, atol=1e-5)
+  tokens, _ = pipe._encode(index.paths)  # the visual tokens of the same batches (4, then 1 padded to 4)
+  np.testing.assert_allclose(tokens, direct_tokens, atol=1e-5)
   saved = ImageIndex.load(index.save(str(tmp_path / "index.npz")))
   assert saved.paths == index.paths and saved.model == "tiny@3"
 

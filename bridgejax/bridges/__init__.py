@@ -18,6 +18,8 @@ keys and defaults are the fields of its module class; list them all with
 
 Each family's module docstring gives the equations, the choices made where the thesis is ambiguous
 and the parameter-count formula (the module's `num_params`; tests hold it against the real tree).
+The thesis's bridges are in cls.py, alltokens.py and crossatt.py; querying.py (Flamingo's Perceiver
+resampler, BLIP-2's Q-Former) and projector.py (LLaVA-1.5's MLP) add bridges from other work.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from bridgejax.bridges import alltokens, cls, crossatt  # noqa: F401  (they fill the registry)
+from bridgejax.bridges import alltokens, cls, crossatt, projector, querying  # noqa: F401  (they fill the registry)
 from bridgejax.bridges.base import (REGISTRY, AttentionPool, BridgeOutput, BridgeSpec, MultiHeadCrossAttention,
                                     VisionFeatures)
 
