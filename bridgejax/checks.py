@@ -17,7 +17,7 @@ import json
 import os
 
 from bridgejax.data.records import INFO_FILE
-from bridgejax.data.splits import parse_tasks, task_data
+from bridgejax.data.splits import TASK_TYPES, eval_tasks
 from bridgejax.errors import UserError
 
 
@@ -114,41 +114,45 @@ def check_training_data(config) -> None:
     check_split("data.val_split", config.data.dir, config.data.val_split)
 
 
-def check_eval_data(config) -> None:
-  """The dataset folder and split of every task in eval.tasks (as evaluation resolves them)."""
-  if _toy_pending(config) and not config.eval.get("data"):
-    return
-  for task in parse_tasks(config.eval.tasks):
-    prefix = {"vqa": "vqa", "visdial": "visdial"}.get(task, "")
-    for key in ([f"eval.{prefix}_data"] if prefix else []) + ["eval.data", "data.dir"]:
-      value = config.eval.get(key.partition(".")[2]) if key.startswith("eval.") else config.data.dir
-      if value:
-        _dataset_info(key, value)
-        break
-    task_data(config, task)  # the split; its error lists the splits the folder has
+def check_eval_data(config, tasks=None) -> None:
+  """Every entry of config.evals (or those named in `tasks`): its type and keys, dataset folder and
+  split. The toy world the demo generates on first use is not there to check yet."""
+  for name, cfg in eval_tasks(config, tasks).items():
+    if not (_toy_pending(config) and cfg.data == config.data.dir):
+      check_split(f"evals.{name}.split", cfg.data, cfg.split, TASK_TYPES[cfg.type], dir_key=f"evals.{name}.data")
 
 
-def check_config_paths(config, *, for_training: bool, backbones: bool = True) -> None:
+def check_config_paths(config, *, for_training: bool, backbones: bool = True, tasks=None) -> None:
   """Every path and split the run will read: backbones; for training the train/val splits (and the
-  eval data when eval_after_training); for evaluation the eval data. Raises UserError."""
+  eval data when eval_after_training); for evaluation the eval data (of the entries `tasks`, default
+  all of config.evals). Raises UserError."""
   if backbones:
     check_backbones(config)
   if for_training:
     check_training_data(config)
   if not for_training or config.get("eval_after_training"):
-    check_eval_data(config)
+    check_eval_data(config, tasks)
 
 
-def check_checkpoint(workdir: str, step: int | None = None) -> None:
-  """WORKDIR/checkpoints holds a checkpoint (step `step` when given)."""
+def _steps(directory: str) -> list[int]:
+  return sorted(int(d) for d in os.listdir(directory) if d.isdigit()) if os.path.isdir(directory) else []
+
+
+def check_checkpoint(workdir: str, step: int | str | None = None) -> None:
+  """WORKDIR/checkpoints holds a checkpoint (step `step` when given: a number, or "best")."""
+  from bridgejax.train.checkpoint import BEST, checkpoint_step  # pylint: disable=g-import-not-at-top
+  step = checkpoint_step(step)
   if _remote(workdir):
     return
   directory = os.path.join(workdir, "checkpoints")
   if not os.path.isdir(workdir):
     raise UserError(f"--workdir {workdir!r} does not exist ({_nearby(workdir)}); pass a training run's folder")
-  steps = sorted(int(d) for d in os.listdir(directory) if d.isdigit()) if os.path.isdir(directory) else []
+  steps = _steps(directory)
   if not steps:
     raise UserError(f"--workdir {workdir!r} has no checkpoint in checkpoints/; train first "
                     f"(python train.py --config ... --workdir {workdir}) or pass the run's folder")
-  if step is not None and step not in steps:
+  if step == BEST and not _steps(os.path.join(directory, BEST)):
+    raise UserError(f"--workdir {workdir!r} has no best checkpoint (checkpoints/best/): training keeps one while it "
+                    f"validates (data.val_split) with config.best_metric set; evaluate the latest or a step of {steps}")
+  if step not in (None, BEST) and step not in steps:
     raise UserError(f"--workdir {workdir!r} has no checkpoint for step {step}; available steps: {steps}")

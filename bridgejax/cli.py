@@ -153,7 +153,7 @@ def unknown_key_message(key: str, keys: Sequence[str], containers: Sequence[str]
   parent, _, leaf = key.rpartition(".")
   siblings = {k.rpartition(".")[2]: k for k in leaves if k.rpartition(".")[0] == parent}
   near = [siblings[n] for n in difflib.get_close_matches(leaf, list(siblings), n=3, cutoff=0.5)]
-  if not near:  # a key under another parent: 'data.tasks' -> 'eval.tasks'
+  if not near:  # a key under another parent: 'data.cut_rule' -> 'evals.caption.cut_rule'
     by_leaf = [k.rpartition(".")[2] for k in leaves]
     near = [k for k, l in zip(leaves, by_leaf) if l in difflib.get_close_matches(leaf, by_leaf, n=3, cutoff=0.75)]
   if near:

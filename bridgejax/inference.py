@@ -38,7 +38,8 @@ import numpy as np
 
 from bridgejax.data.image import clip_preprocess, decode_image
 from bridgejax.evaluation.captioning import cut_caption
-from bridgejax.evaluation.engine import Engine, l2_normalize, pad_rows, round_up
+from bridgejax.evaluation.engine import Engine, pad_rows, round_up
+from bridgejax.losses import l2_normalize
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
 # A bound on characters per token (Gemma's longest pieces are runs of 31 spaces), so that only

@@ -2,9 +2,10 @@
 
     python -m bridgejax.inspect --config configs/crossatt_k12.py [--json]
 
-Backbone sizes come from config.json at config.vision.path / config.llm.path when it exists, else
-from the architecture named by config.vision.arch / config.llm.arch (CLIP ViT-L/14 and Gemma-2B
-in the thesis configs), so nothing needs downloading.
+Backbone sizes come from config.json at config.vision.path / config.llm.path when it exists (any
+family load_vision_tower / load_language_model reads), else from the architecture named by
+config.vision.arch / config.llm.arch (VISION_ARCHS, LLM_ARCHS: CLIP ViT-L/14 and Gemma-2B in the
+thesis configs), so nothing needs downloading.
 """
 
 from __future__ import annotations
@@ -19,8 +20,12 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from bridgejax.model import BridgeModel
-from bridgejax.models.clip import CLIPVisionConfig, CLIPVisionTransformer
-from bridgejax.models.gemma import Gemma, GemmaConfig
+from bridgejax.models.clip import CLIPVisionConfig
+from bridgejax.models.families import decoder_class, vision_class
+from bridgejax.models.gemma import GemmaConfig
+from bridgejax.models.gptneo import GPTNeoConfig
+from bridgejax.models.llama import LlamaConfig
+from bridgejax.models.siglip import SiglipVisionConfig
 
 # Architectures by name, for configs whose checkpoints are not on this machine.
 VISION_ARCHS = {
@@ -30,15 +35,27 @@ VISION_ARCHS = {
                                                    num_heads=16, image_size=336, patch_size=14, projection_dim=768),
     "clip-vit-base-patch16": CLIPVisionConfig(patch_size=16, projection_dim=512),
     "clip-vit-base-patch32": CLIPVisionConfig(projection_dim=512),
+    # the hub's config.json: 27 layers, width 1152, MLP 4304, 16 heads, 27 x 27 patches, no CLS
+    "siglip-so400m-patch14-384": SiglipVisionConfig(hidden_size=1152, intermediate_size=4304, num_layers=27,
+                                                    num_heads=16, image_size=384, patch_size=14),
+    "siglip-base-patch16-224": SiglipVisionConfig(),  # SiglipVisionConfig's defaults
 }
-LLM_ARCHS = {"gemma-2b": GemmaConfig()}  # GemmaConfig's defaults are Gemma-2B
+LLM_ARCHS = {
+    "gemma-2b": GemmaConfig(),  # GemmaConfig's defaults are Gemma-2B
+    "llama-2-7b": LlamaConfig(),  # LlamaConfig's defaults are LLaMA-2-7B
+    "gervasio-7b": LlamaConfig(),  # Gervásio 7B PT-PT: LLaMA-2-7B fine-tuned, the same shapes and vocabulary
+    # Glória 1.3B: GPT-Neo 1.3B's shapes (GPTNeoConfig's defaults; its config.json wins when present)
+    "gloria-1.3b": GPTNeoConfig(),
+}
 
 
-def backbone_configs(config) -> tuple[CLIPVisionConfig, GemmaConfig]:
-  from bridgejax.weights import clip, gemma, safetensors_io
+def backbone_configs(config):
+  """(vision config, LLM config) of an experiment config, of whichever families its backbones are."""
+  from bridgejax.weights import language, safetensors_io
+  from bridgejax.weights import vision as vision_weights
   vision_json = os.path.join(config.vision.path, "config.json")
   if os.path.isfile(vision_json):
-    vision, _ = clip.config_from_hf(safetensors_io.read_hf_config(config.vision.path))
+    vision = vision_weights.config_from_hf(safetensors_io.read_hf_config(config.vision.path))
   elif config.vision.arch in VISION_ARCHS:
     vision = VISION_ARCHS[config.vision.arch]
   else:
@@ -46,7 +63,7 @@ def backbone_configs(config) -> tuple[CLIPVisionConfig, GemmaConfig]:
                      f"{sorted(VISION_ARCHS)}")
   llm_json = os.path.join(config.llm.path, "config.json")
   if os.path.isfile(llm_json):
-    llm = gemma.config_from_hf(safetensors_io.read_hf_config(config.llm.path))
+    llm = language.config_from_hf(safetensors_io.read_hf_config(config.llm.path))
   elif config.llm.arch in LLM_ARCHS:
     llm = LLM_ARCHS[config.llm.arch]
   else:
@@ -55,13 +72,13 @@ def backbone_configs(config) -> tuple[CLIPVisionConfig, GemmaConfig]:
 
 
 @functools.lru_cache(maxsize=8)
-def abstract_frozen(vision: CLIPVisionConfig, llm: GemmaConfig) -> dict:
+def abstract_frozen(vision, llm) -> dict:
   """Shapes of the frozen trees (tracing Gemma-2B's init takes seconds: cached)."""
   c = vision
   return {
-      "vision": jax.eval_shape(lambda: CLIPVisionTransformer(c).init(
+      "vision": jax.eval_shape(lambda: vision_class(c)(c).init(
           jax.random.key(0), np.zeros((1, c.num_channels, c.image_size, c.image_size)))["params"]),
-      "llm": jax.eval_shape(lambda: Gemma(llm).init(jax.random.key(0), np.zeros((1, 1), np.int32))["params"]),
+      "llm": jax.eval_shape(lambda: decoder_class(llm)(llm).init(jax.random.key(0), np.zeros((1, 1), np.int32))["params"]),
   }
 
 
@@ -89,16 +106,14 @@ def format_table(result: dict) -> str:
   return "\n".join(lines)
 
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config (configs/*.py[:args])")
-_JSON = flags.DEFINE_bool("json", False, "print one JSON object instead of a table")
-
-
 def main(argv):
   del argv
-  result = count(_CONFIG.value)
-  print(json.dumps(result) if _JSON.value else format_table(result))
+  result = count(flags.FLAGS.config)
+  print(json.dumps(result) if flags.FLAGS.json else format_table(result))
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # flags only here: importing this module defines none
+  config_flags.DEFINE_config_file("config", None, "experiment config (configs/*.py[:args])")
+  flags.DEFINE_bool("json", False, "print one JSON object instead of a table")
   flags.mark_flags_as_required(["config"])
   app.run(main)

@@ -8,9 +8,9 @@
     python -m bridgejax.predict --workdir RUN generate --index FOLDER|index.npz [--image IMAGE] "PROMPT"
 
 --config FILE overrides the run's config.json (e.g. to point at moved backbones); --step picks a
-checkpoint (default: the latest); --json prints machine-readable output. A bad path or a prompt
-too long for the LM's context is reported on one line (`error: ...`, exit status 2) before any
-weight loads; --debug adds the traceback.
+checkpoint (default: the latest; 'best': the best validation step); --json prints machine-readable
+output. A bad path or a prompt too long for the LM's context is reported on one line (`error: ...`,
+exit status 2) before any weight loads; --debug adds the traceback.
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ def _parser() -> argparse.ArgumentParser:
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--workdir", required=True, help="a training run's directory (checkpoints/, config.json)")
   p.add_argument("--config", default=None, help="config file (default: WORKDIR/config.json)")
-  p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+  p.add_argument("--step", default=None, help="checkpoint step, or 'best' (the best validation step; default: "
+                 "the latest)")
   p.add_argument("--json", action="store_true", help="print JSON")
   p.add_argument("--debug", action="store_true", help="show the traceback of an error (anywhere on the line)")
   sub = p.add_subparsers(dest="command", required=True)

@@ -7,15 +7,20 @@ import math
 
 import ml_collections
 
+from bridgejax.data.splits import TASK_TYPES, eval_task
+
 
 def get_config(arg=None):
-  del arg
+  args = parse_arg(arg, eval="standard")
   config = ml_collections.ConfigDict()
   config.name = "base"
 
   # Frozen backbones: HF directories or bridgejax converted directories (python -m bridgejax.weights.convert).
   # `arch` names the architecture for `python -m bridgejax.inspect` when `path` does not exist yet.
-  config.vision = ml_collections.ConfigDict({"path": "clip-vit-large-patch14", "arch": "clip-vit-large-patch14"})
+  # cls_equivalent: what stands in for the CLS token on a tower without one (SigLIP): "mean" (the
+  # patches' mean) or "pooled" (its attention-pool head); CLIP ignores it (bridgejax.bridges.base).
+  config.vision = ml_collections.ConfigDict({"path": "clip-vit-large-patch14", "arch": "clip-vit-large-patch14",
+                                             "cls_equivalent": "mean"})
   config.llm = ml_collections.ConfigDict({"path": "gemma-2b-it", "tokenizer": "", "arch": "gemma-2b"})  # tokenizer "" = llm.path
   config.compute_dtype = "bfloat16"
   config.frozen_param_dtype = "bfloat16"  # trainable params and optimizer state stay float32
@@ -42,7 +47,13 @@ def get_config(arg=None):
   # Loss weights. FROMAGe's code: 1.0 * CE_caption + 1.0 * CE_text + 1.0 * (InfoNCE_t2i + InfoNCE_i2t) / 2.
   # The thesis' eq. 5.1, 0.5 * L_c + 0.5 * (L_i2t + L_t2i), is caption=0.5, text=0.0, contrastive=1.0:
   #   --config.loss.caption=0.5 --config.loss.text=0.0
-  config.loss = ml_collections.ConfigDict({"caption": 1.0, "text": 1.0, "contrastive": 1.0})
+  config.loss = ml_collections.ConfigDict({"caption": 1.0, "text": 1.0, "contrastive": 1.0, "cmli": 0.0,
+                                           "target_cmli": 0.0})
+  # Optional, off by default (bridgejax.model.RetrievalHeads): token-type embeddings through a LayerScale
+  # initialised at 1e-5 on every LLM input; loss.cmli / loss.target_cmli > 0 build the per-token heads
+  # of width cmli.dim and score cmli.chunk images at a time (0 = all; bridgejax.losses.cmli_scores).
+  config.token_type_embeddings = False
+  config.cmli = ml_collections.ConfigDict({"dim": 256, "chunk": 0})
   config.concat_prob = 0.5  # the concat trick's probability per step (batch_size must be even)
 
   config.optim = ml_collections.ConfigDict({
@@ -58,39 +69,18 @@ def get_config(arg=None):
       "max_caption_tokens": 24,  # BOS + caption + [RET]; a longer caption is cut and still ends in [RET]
       "num_workers": 8,  # processes decoding and preprocessing images (0 = in the training process)
       "val_examples": 1000,  # the quick validation during training
+      "val_batch_size": 64,  # its batch size (rounded up to a multiple of mesh.data)
       # "clip": shortest side to the tower's size + centre crop (FROMAGe's transform); "squash": the
       # whole image resized to a square, as the thesis's fork fed COCO val2017 at evaluation.
       "image_resize": "clip",
   })
 
-  config.eval = ml_collections.ConfigDict({
-      "tasks": "caption,retrieval",  # comma-separated: caption, retrieval, vqa, visdial
-      "data": "",  # a prepared directory with the eval splits ("" = data.dir)
-      "split": "val",
-      "batch_size": 64,
-      "max_new_tokens": 32,
-      "caption_prompt": "",  # FROMAGe optionally prompts with "A picture of"
-      "num_beams": 1,  # 1 = greedy
-      "max_examples": 0,  # 0 = the whole split
-      "report_examples": 16,  # examples shown in eval/report.html
-      "cut_rule": "fromage",  # captioning.cut_caption: "fromage" (its code) or "first" (the papers' wording)
-      "captions_per_image": 5,  # retrieval texts per image (COCO 5k test: 25k captions)
-      "chunk_size": 1024,  # retrieval queries per similarity block
-      "vqa_data": "",  # "" = eval.data
-      "vqa_split": "",  # "" = eval.split, or vqa_<eval.split> if the directory has it (toy world)
-      "vqa_max_new_tokens": 10,  # answers are cut to the longest human answer's word count anyway
-      "vqa_processing": "official",  # or "legacy" (the VQA script before its 2021 fix; LAVIS)
-      "visdial_data": "",  # "" = eval.data
-      "visdial_split": "",  # "" = eval.split, or visdial_<eval.split> if the directory has it
-      "visdial_caption": False,  # FROMAGe's code leaves the caption out of both IT2T and T2I texts
-      "visdial_rounds_per_step": 2,  # IT2T rounds scored per step (x 100 candidates each)
-      "max_dialog_tokens": 512,  # T2I dialog text cap (longer dialogs lose their last rounds; counted)
-      "num_workers": 0,  # processes decoding eval images
-      "image_resize": "",  # "" = data.image_resize; "squash" is the thesis fork's COCO eval geometry
-      "progress": True,  # a progress bar per task
-  })
-
-  config.eval_after_training = False  # run config.eval.tasks on the final checkpoint (the demo does)
+  # One dict per eval task, big_vision style (bridgejax.data.splits has every key and its default):
+  #   --config.evals.caption.data=data/coco --config.evals.caption.max_new_tokens=16
+  # eval.py runs every entry (--tasks=caption,vqa picks some). `eval=thesis` in a config's argument
+  # (configs/fromage.py:eval=thesis) gives the thesis's protocol instead of the standard one.
+  config.evals = evals(args["eval"])
+  config.eval_after_training = False  # run config.evals on the final checkpoint (the demo does)
 
   config.total_steps = 20_000
   config.batch_size = 180  # global: split over every device of mesh.data
@@ -98,6 +88,10 @@ def get_config(arg=None):
   config.log_every_steps = 50
   config.checkpoint_every_steps = 1000
   config.keep_checkpoints = 3
+  # The validation metric whose best step is kept in checkpoints/best/ (eval.py --checkpoint best), as
+  # FROMAGe's code keeps the best t2i R@1: t2i_R@1, i2t_R@1, R@1_mean, .._R@5 (maximised), caption_loss,
+  # text_loss, contrastive_loss (minimised); "" = none. Needs data.val_split.
+  config.best_metric = "t2i_R@1"
   config.eval_every_steps = 1000
   config.max_nonfinite_steps = 20  # stop after this many consecutive non-finite steps
   config.tensorboard = True
@@ -118,9 +112,17 @@ def parse_arg(arg, **defaults) -> dict:
   return values
 
 
+def evals(protocol: str = "standard") -> ml_collections.ConfigDict:
+  """config.evals for a protocol ("standard" or "thesis", bridgejax.data.splits.PROTOCOLS): caption,
+  retrieval, vqa and visdial, each its own dict. Each task's `data` is left for you to point at a
+  prepared dataset (README "Evaluation")."""
+  return ml_collections.ConfigDict({task: eval_task(task, protocol) for task in TASK_TYPES})
+
+
 def bridge_config(name: str, experiment: str | None = None, **keys):
-  """The base recipe with the bridge `name` (and its keys): what each experiment file returns."""
-  config = get_config()
+  """The base recipe with the bridge `name` and its keys: what each experiment file returns.
+  `eval` among the keys (a config argument: configs/fromage.py:eval=thesis) picks the eval protocol."""
+  config = get_config(f"eval={keys.pop('eval', 'standard')}")
   config.name = experiment or name
   config.bridge = ml_collections.ConfigDict({"name": name, **keys})
   return config

@@ -12,6 +12,6 @@ from configs import base
 
 
 def get_config(arg=None):
-  args = base.parse_arg(arg, layer=-1, k=1, post_norm=False)
+  args = base.parse_arg(arg, layer=-1, k=1, post_norm=False, eval="standard")
   name = f"cls_layer{args['layer']}_k{args['k']}" + ("_postnorm" if args["post_norm"] else "")
   return base.bridge_config("cls_linear", name, **args)

@@ -14,5 +14,5 @@ from configs import base
 
 
 def get_config(arg=None):
-  args = base.parse_arg(arg, layer=-1, k=4, num_heads=4, attention="equation")
+  args = base.parse_arg(arg, layer=-1, k=4, num_heads=4, attention="equation", eval="standard")
   return base.bridge_config("crossatt", f"crossatt_layer{args['layer']}_k{args['k']}", **args)

@@ -4,11 +4,11 @@
     python train.py --config configs/crossatt_k12.py --workdir DIR --config.data.dir=data/cc3m
 """
 
-from configs import crossatt
+from configs import base, crossatt
 
 
 def get_config(arg=None):
-  del arg
-  config = crossatt.get_config("layer=-2,k=12")
+  args = base.parse_arg(arg, eval="standard")
+  config = crossatt.get_config(f"layer=-2,k=12,eval={args['eval']}")
   config.name = "crossatt_k12"
   return config

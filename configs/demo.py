@@ -11,7 +11,10 @@ the toy world by `python -m bridgejax.toy.pretrain`), loaded through the same co
 
 import os
 
+import ml_collections
+
 import bridgejax.toy
+from bridgejax.data.splits import eval_task
 from configs import base
 
 TOY_ASSETS = os.path.join(os.path.dirname(bridgejax.toy.__file__), "assets")
@@ -37,8 +40,12 @@ def get_config(arg=None):
   config.log_every_steps = 20
   config.checkpoint_every_steps = 200
   config.eval_every_steps = 200
-  config.eval.batch_size = 32
-  config.eval.tasks = "caption,retrieval"
-  config.eval.split = "test"  # held out: val is what training validates on
+  config.data.val_batch_size = 32
+  # caption and retrieval on the held-out toy images (val is what training validates on). Each task's
+  # `data` follows --config.data.dir until set itself: a derived reference per task (`+ ""`), so
+  # --config.evals.caption.data moves that task alone, not the training data.
+  config.evals = ml_collections.ConfigDict({
+      task: eval_task(task, data=config.data.get_ref("dir") + "", split="test", batch_size=32)
+      for task in ("caption", "retrieval")})
   config.eval_after_training = True
   return config

@@ -7,5 +7,4 @@ from configs import base
 
 
 def get_config(arg=None):
-  del arg
-  return base.bridge_config("cls_linear", "fromage", k=1, layer=-1, post_norm=True)
+  return base.bridge_config("cls_linear", "fromage", k=1, layer=-1, post_norm=True, **base.parse_arg(arg, eval="standard"))

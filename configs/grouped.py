@@ -13,4 +13,4 @@ from configs import base
 
 
 def get_config(arg=None):
-  return base.bridge_config("grouped", **base.parse_arg(arg, retrieval_feature="mean"))
+  return base.bridge_config("grouped", **base.parse_arg(arg, retrieval_feature="mean", eval="standard"))

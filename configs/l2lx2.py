@@ -7,5 +7,4 @@ from configs import base
 
 
 def get_config(arg=None):
-  del arg
-  return base.bridge_config("l2lx2")
+  return base.bridge_config("l2lx2", **base.parse_arg(arg, eval="standard"))

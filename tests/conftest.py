@@ -1,8 +1,30 @@
-"""Shared pytest fixtures."""
+"""Shared pytest fixtures, and one persistent JAX compilation cache for the whole session."""
 
 import dataclasses
+import os
+import shutil
+import tempfile
 
 import pytest
+
+# Many tests compile the same programs (the tiny world's train step, eval, decoding) in separate
+# functions, processes and subprocesses. A compilation cache shared by the whole session, fresh
+# each session, compiles each program once. Set through the environment before JAX is imported, so
+# the subprocesses that tests start use it too.
+_JAX_CACHE = tempfile.mkdtemp(prefix="bridgejax-test-jax-cache-")
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _JAX_CACHE)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+if "jax" in __import__("sys").modules:  # a plugin imported JAX before this file: tell it directly
+  import jax
+  jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def pytest_sessionfinish(session, exitstatus):
+  del session, exitstatus
+  shutil.rmtree(_JAX_CACHE, ignore_errors=True)
 
 # ------------------------------------------------------------------------------------------------
 # Tiny random Gemma checkpoints (test_gemma.py, test_generate.py): one per family / attention layout.

@@ -39,7 +39,7 @@ def main():
       world = json.load(f)
     tw.world = lambda: world
   # batch 3 and 3 rounds per step: rows padded to the mesh; one decoding length compiles one loop
-  config = tw.config(max_examples=5, batch_size=3, visdial_rounds_per_step=3, vqa_max_new_tokens=6)
+  config = tw.config(max_examples=5, batch_size=3, visdial={"rounds_per_step": 3}, vqa={"max_new_tokens": 6})
   config.update(total_steps=2, batch_size=4, log_every_steps=1, checkpoint_every_steps=2, eval_every_steps=1000,
                 tensorboard=False, eval_after_training=True, frozen_sharding="fsdp")
   config.data.val_split = ""

@@ -50,8 +50,8 @@ def test_unknown_config_keys_name_the_near_matches():
   assert str(e) == "unknown config key --config.bridge.kk; did you mean --config.bridge.k?"
   e = cli.config_override_error(argv + ["--config.batch_size=8", "--config.batchsize=8"])
   assert str(e) == "unknown config key --config.batchsize; did you mean --config.batch_size?"
-  e = cli.config_override_error(argv + ["--config.data.tasks=caption"])  # under another parent
-  assert str(e) == "unknown config key --config.data.tasks; did you mean --config.eval.tasks?"
+  e = cli.config_override_error(argv + ["--config.data.cut_rule=first"])  # under another parent
+  assert str(e) == "unknown config key --config.data.cut_rule; did you mean --config.evals.caption.cut_rule?"
   e = cli.config_override_error(argv + ["--config.bridge.zzz=1"])
   assert str(e) == "unknown config key --config.bridge.zzz; the keys under bridge are: k, layer, name, num_heads"
   assert cli.config_override_error(argv + ["--config.bridge.k=3"]) is None
@@ -96,7 +96,10 @@ def config(tmp_path):
   for name in ("clip", "gemma"):
     (tmp_path / name).mkdir()
   c.vision.path, c.llm.path = str(tmp_path / "clip"), str(tmp_path / "gemma")
-  c.data.dir = _dataset(tmp_path / "data", {"train": "image_text", "val": "image_text", "vqa_val": "vqa"})
+  c.data.dir = _dataset(tmp_path / "data", {"train": "image_text", "val": "image_text", "vqa_val": "vqa",
+                                            "visdial_val": "visdial"})
+  for name, split in {"caption": "val", "retrieval": "val", "vqa": "vqa_val", "visdial": "visdial_val"}.items():
+    c.evals[name].update(data=c.data.dir, split=split)
   return c
 
 
@@ -128,17 +131,68 @@ def test_config_paths_and_splits_are_checked_with_key_value_and_what_exists(conf
   config.data.val_split = ""  # no validation: nothing to check
   checks.check_config_paths(config, for_training=True)
 
-  config.eval.split = "test"
+  config.evals.retrieval.split = "tset"
   checks.check_config_paths(config, for_training=True)  # eval data is not read by training ...
   config.eval_after_training = True  # ... unless it evaluates at the end
-  with pytest.raises(ValueError, match=r"no image_text split named 'test'.*eval.split"):
+  with pytest.raises(UserError) as e:
     checks.check_config_paths(config, for_training=True)
-  config.eval.split = "val"
+  assert str(e.value) == (f"--config.evals.retrieval.split='tset': {config.data.dir} has no image_text split of "
+                          "that name; its image_text splits are: train (3 examples), val (3 examples)")
+  config.evals.retrieval.split = "val"
 
-  config.eval.tasks = "caption,vqa"
-  config.eval.vqa_data = str(tmp_path / "vqa")
-  with pytest.raises(UserError, match=r"--config.eval.vqa_data='.*vqa' does not exist"):
+  config.evals.vqa.data = str(tmp_path / "vqa")
+  with pytest.raises(UserError, match=r"--config.evals.vqa.data='.*vqa' does not exist"):
     checks.check_config_paths(config, for_training=False)
+  checks.check_config_paths(config, for_training=False, tasks=["caption", "visdial"])  # only the tasks run
+  config.evals.vqa.data = ""  # no fallback to data.dir
+  with pytest.raises(UserError, match=r"^--config.evals.vqa.data is empty; set it to a prepared dataset folder"):
+    checks.check_config_paths(config, for_training=False)
+
+
+def test_eval_tasks_are_separate_dicts_and_bad_ones_fail_in_one_line(capsys):
+  """--config.evals.caption.max_new_tokens=16 changes the caption task alone (and makes its protocol
+  custom); an unknown task name, type or key is one error line (exit status 2)."""
+  from bridgejax.data import splits
+  config = _parsed_config("configs/fromage.py:eval=thesis", "--config.evals.caption.max_new_tokens=16")
+  base_config = __import__("configs.fromage", fromlist=["get_config"]).get_config("eval=thesis")
+  assert config.evals.caption.max_new_tokens == 16 and base_config.evals.caption.max_new_tokens == 32
+  changed = {f"{t}.{k}" for t in config.evals for k in config.evals[t] if config.evals[t][k] != base_config.evals[t][k]}
+  assert changed == {"caption.max_new_tokens"}
+  assert config.evals.vqa.max_new_tokens == 10  # the vqa task's own key of the same name
+  assert splits.protocol_of(config.evals.caption) == "custom"
+  assert [splits.protocol_of(config.evals[t]) for t in ("retrieval", "vqa", "visdial")] == ["thesis"] * 3
+
+  def status_and_error(fn):
+    status = cli.call(fn)
+    return status, capsys.readouterr().err
+
+  assert status_and_error(lambda: splits.eval_tasks(base_config, "caption,captioning")) == (
+      2, "error: unknown eval task(s) ['captioning']; config.evals has ['caption', 'retrieval', 'visdial', 'vqa'] "
+      "(eval.py --tasks=NAME,...)\n")
+  base_config.evals.vqa.type = "vqa2"
+  assert status_and_error(lambda: checks.check_eval_data(base_config)) == (
+      2, "error: --config.evals.vqa.type='vqa2' is unknown; choose from ['caption', 'retrieval', 'visdial', 'vqa']\n")
+  base_config.evals.vqa.type = "caption"  # a vqa dict under the caption type: its keys do not fit
+  status, err = status_and_error(lambda: splits.eval_tasks(base_config))
+  assert status == 2 and err.count("\n") == 1 and err.startswith(
+      "error: --config.evals.vqa (type 'caption') lacks ['caption_prompt', 'cut_rule', 'num_beams'] and has "
+      "unknown key(s) ['processing']")
+  with pytest.raises(ValueError, match=r"eval task type 'vqa' has no key\(s\) \['num_beams'\]"):
+    splits.eval_task("vqa", num_beams=2)
+  # The demo's eval data follows data.dir; setting one task's moves neither the other's nor data.dir.
+  demo = _parsed_config("configs/demo.py", "--config.data.dir=/d", "--config.evals.caption.data=/e")
+  assert (demo.data.dir, demo.evals.caption.data, demo.evals.retrieval.data) == ("/d", "/e", "/d")
+
+
+def _parsed_config(spec: str, *overrides: str):
+  """The config as eval.py's absl flags parse it from the command line."""
+  from absl import flags
+  from ml_collections import config_flags
+  argv = ["eval.py", f"--config={spec}", *overrides]
+  flag_values = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, "", flag_values=flag_values, lock_config=True, sys_argv=argv)
+  flag_values(argv)
+  return flag_values.config
 
 
 def test_data_dir_hints(config, tmp_path):

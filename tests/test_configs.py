@@ -67,6 +67,29 @@ def test_crossatt_k12_is_the_thesis_best():
   assert config.bridge.attention == "equation"  # eq. 7.15-7.17 as written: the count that fits 7.4
 
 
+THESIS_CONFIGS = [n for n in CONFIGS if n != "demo"]
+
+
+@pytest.mark.parametrize("name", THESIS_CONFIGS)
+def test_eval_protocol_argument(name):
+  """`:eval=thesis`: COCO val2017 (5k images) squashed to 224x224, greedy, 32 tokens for captioning
+  and retrieval, as the thesis's fork; the default stays the standard Karpathy-test protocol. The
+  bridge and the rest of the config do not change."""
+  from bridgejax.data.splits import protocol_of
+  thesis, standard = load(name, "eval=thesis"), load(name)
+  for task in ("caption", "retrieval"):
+    assert (thesis.evals[task].split, thesis.evals[task].image_resize) == ("val2017", "squash")
+    assert (standard.evals[task].split, standard.evals[task].image_resize) == ("test", "clip")
+  assert (thesis.evals.caption.num_beams, thesis.evals.caption.max_new_tokens) == (1, 32)
+  assert thesis.evals.vqa.to_dict() == {**standard.evals.vqa.to_dict(), "protocol": "thesis"}
+  assert {t: protocol_of(c) for t, c in thesis.evals.items()} == dict.fromkeys(thesis.evals, "thesis")
+  assert {t: protocol_of(c) for t, c in standard.evals.items()} == dict.fromkeys(standard.evals, "standard")
+  thesis.evals = standard.evals
+  assert thesis.to_dict() == standard.to_dict()
+  with pytest.raises(ValueError, match="config argument eval='karpathy' is unknown; choose from \\['standard', 'thesis'\\]"):
+    load(name, "eval=karpathy")
+
+
 @pytest.mark.parametrize("name", ["grouped", "regions", "wavg"])
 def test_all_token_configs_take_the_retrieval_feature(name):
   assert load(name).bridge.retrieval_feature == "mean"

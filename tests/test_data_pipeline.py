@@ -3,6 +3,7 @@ exact resumption from iterator state, worker processes that change nothing, padd
 
 import io
 import json
+import types
 
 import numpy as np
 import pytest
@@ -170,9 +171,10 @@ def test_eval_pass_is_ordered_padded_and_equal_across_processes(data):
 
 
 def test_image_resize_reaches_training_and_eval_batches(data, tmp_path):
-  """data.image_resize / eval.image_resize: the squashed image, not the cropped one."""
+  """data.image_resize / an eval task's image_resize (the thesis protocol's): the squashed image,
+  not the cropped one."""
   from bridgejax.data.image import clip_preprocess, decode_image
-  from bridgejax.evaluation.run import resolved_eval_config
+  from bridgejax.evaluation.tasks import task_batches
   from configs import base
   _, tok = data
   lines = []
@@ -192,8 +194,9 @@ def test_image_resize_reaches_training_and_eval_batches(data, tmp_path):
                                 image_resize="squash")[0]
   np.testing.assert_array_equal(evals["image"][1], squashed(1))
   assert np.abs(evals["image"][1] - clip_preprocess(decode_image(split[1]["image"]), 16)).max() > 0.1
-  config = base.get_config()
-  config.data.image_resize = "squash"
-  assert resolved_eval_config(config).image_resize == "squash" and config.eval.image_resize == ""
-  config.eval.image_resize = "clip"
-  assert resolved_eval_config(config).image_resize == "clip"
+  thesis = base.get_config("eval=thesis").evals.caption
+  assert thesis.image_resize == "squash" and base.get_config().evals.caption.image_resize == "clip"
+  engine = types.SimpleNamespace(round_batch=lambda n: n, model=types.SimpleNamespace(
+      vision=types.SimpleNamespace(config=types.SimpleNamespace(image_size=16))))
+  evals = next(task_batches(engine, tmp_path / "ds", "train", 4, thesis, "caption"))
+  np.testing.assert_array_equal(evals["image"][1], squashed(1))

@@ -32,7 +32,7 @@ def env():
   setup, trainable = tw.setup_and_params()
   params = {**setup.frozen, **trainable}
   engine = Engine(setup.model, params, setup.tokenizer, max_new_tokens=6)
-  return setup, params, engine, tw.config().eval, tw.world()["data"]
+  return setup, params, engine, tw.config().evals, tw.world()["data"]
 
 
 def _pixels(split, indices, size=28):
@@ -73,7 +73,7 @@ def test_candidate_nll_equals_full_forward_ce(env):
 
 def test_visdial_it2t_ranking_equals_direct_ce_and_t2i(env):
   setup, params, engine, cfg, data = env
-  cfg = tw.config(max_examples=2, visdial_rounds_per_step=3).eval
+  cfg = tw.config(max_examples=2, visdial={"rounds_per_step": 3}).evals.visdial
   result = tasks.visdial(engine, data, "visdial_val", cfg)
   assert result.counts["dialogs"] == 2 and result.counts["rounds"] == 20
   for key in ("R@1", "R@5", "R@10", "MRR", "mean_rank", "NDCG", "t2i_R@1", "i2t_R@1"):
@@ -99,9 +99,55 @@ def test_visdial_it2t_ranking_equals_direct_ce_and_t2i(env):
   assert result.predictions[1]["t2i_rank"] in (1, 2)
 
 
+def test_visdial_fromage_scoring_is_unshifted_ce_with_a_bos_per_answer(env):
+  """scoring="fromage" against FROMAGe's eval_visdial_generation.py recomputed in numpy: context
+  '...\\nA: ', BOS + answer, log-softmax of the logits at each answer position taken at that same
+  position's token, summed over the answer (its BOS included)."""
+  setup, params, engine, _, data = env
+  cfg = tw.config(visdial={"max_examples": 1, "rounds_per_step": 3, "scoring": "fromage"}).evals.visdial
+  result = tasks.visdial(engine, data, "visdial_val", cfg)
+  assert "unshifted" in result.notes["scoring"]
+  tok, model = setup.tokenizer, setup.model
+  split = open_split(data, "visdial_val")
+  dialog, r = split[0], 2
+  contexts = []  # FROMAGe's loop over the rounds, as its script builds them
+  for i in range(r + 1):
+    if i > 0:
+      contexts.append("A: " + dialog["rounds"][i - 1]["answer"])
+    contexts.append("Q: " + dialog["rounds"][i]["question"].rstrip("?") + "?")
+  fromage = tasks.VISDIAL_SCORINGS["fromage"]
+  assert tasks.it2t_context(dialog, r, with_caption=False) + fromage.answer_cue == "\n".join(contexts) + "\nA: "
+  assert fromage.candidate_prefix == "" and fromage.candidate_bos
+  ctx = tok.encode("\n".join(contexts) + "\nA: ", add_bos=True)
+  options = dialog["rounds"][r]["options"]
+  answers = [tok.encode(o, add_bos=True) for o in options]
+  assert all(a[0] == tok.bos_id for a in answers)
+  tokens, _ = engine.encode(_pixels(split, [0]))
+  ids, mask = pad_rows([ctx + a for a in answers], len(ctx) + max(map(len, answers)), tok.pad_id)
+  embeds, full, _, _ = model.caption_inputs(params, jnp.repeat(jnp.asarray(tokens), len(options), 0),
+                                            jnp.asarray(ids), jnp.asarray(mask))
+  logits = np.asarray(model.run_llm(params, embeds, full)[0], np.float64)  # (N, K + T, V)
+  log_probs = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+      - logits.max(-1, keepdims=True)
+  start = tokens.shape[1] + len(ctx)  # the answer's BOS
+  want = np.asarray([-sum(log_probs[n, start + j, t] for j, t in enumerate(a)) for n, a in enumerate(answers)])
+  ctx_ids, ctx_mask = pad_rows([ctx], 128, tok.pad_id)
+  cand_ids, cand_mask = pad_rows(answers, 24, tok.pad_id)
+  got = engine.candidate_nll(tokens, ctx_ids, ctx_mask, cand_ids[None], cand_mask[None], unshifted=True)[0]
+  np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-4)
+  shifted = engine.candidate_nll(tokens, ctx_ids, ctx_mask, cand_ids[None], cand_mask[None])[0]
+  assert np.abs(shifted - want).max() > 1.0  # the two scorings differ: the test can tell them apart
+  # The task's choice and rank agree, up to near-ties: every candidate's BOS term is the same, so
+  # FROMAGe's scores of short answers lie close together (here within ~1e-2).
+  pred, near = result.predictions[0]["rounds"][r], 1e-3
+  gt = want[dialog["rounds"][r]["gt_index"]]
+  assert want[options.index(pred["predicted"])] <= want.min() + near
+  assert np.sum(want < gt - near) + 1 <= pred["gt_rank"] <= np.sum(want < gt + near) + 1
+
+
 def test_retrieval_uses_model_embeddings(env):
   setup, params, engine, _, data = env
-  cfg = tw.config(max_examples=3).eval
+  cfg = tw.config(max_examples=3).evals.retrieval
   result = tasks.retrieval_task(engine, data, "val", cfg, max_caption_tokens=24)
   assert result.counts == {"images": 3, "texts": 15}
   split = open_split(data, "val")
@@ -119,7 +165,7 @@ def test_retrieval_uses_model_embeddings(env):
 
 def test_caption_is_generate_decoded_and_cut(env):
   setup, params, engine, _, data = env
-  cfg = tw.config(max_examples=3, caption_prompt="a picture of").eval
+  cfg = tw.config(max_examples=3, caption_prompt="a picture of").evals.caption
   result = tasks.caption(engine, data, "val", cfg)
   assert set(result.metrics) >= set(captioning.METRICS) | {"SPICE", "empty_fraction"}
   assert result.metrics["SPICE"] is None and "SPICE" in result.notes
@@ -141,7 +187,7 @@ def test_caption_is_generate_decoded_and_cut(env):
 
 def test_vqa_truncates_and_scores(env):
   setup, params, engine, _, data = env
-  result = tasks.vqa(engine, data, "vqa_val", tw.config(max_examples=6).eval)
+  result = tasks.vqa(engine, data, "vqa_val", tw.config(max_examples=6).evals.vqa)
   assert set(result.metrics) == {"overall", "yes/no", "number", "other"}
   assert result.counts["questions"] == 6
   for p in result.predictions:
@@ -172,11 +218,16 @@ def test_quick_validation_matches_the_training_loss(env):
 def test_errors_name_the_problem_and_the_fix(env):
   from bridgejax.data import splits
   from bridgejax.evaluation import run
-  with pytest.raises(ValueError, match="choose from .*caption.*retrieval"):
-    splits.parse_tasks("caption,captioning")
-  with pytest.raises(RecordError, match="no vqa split named 'test'.*it has: .*vqa_val \\(vqa\\).*eval.vqa_split"):
-    splits.task_data(tw.config(vqa_split="test"), "vqa")
-  assert splits.task_data(tw.config(), "visdial")[1] == "visdial_val"
+  with pytest.raises(ValueError, match="unknown eval task.*'captioning'.*config.evals has .*'caption'"):
+    splits.eval_tasks(tw.config(), "caption,captioning")
+  with pytest.raises(RecordError, match="no vqa split named 'val'.*it has: .*vqa_val \\(vqa\\).*evals.vqa.split"):
+    splits.task_data("vqa", tw.config(vqa={"split": "val"}).evals.vqa)  # no vqa_<split> guess
+  assert splits.task_data("visdial", tw.config().evals.visdial) == (tw.world()["data"], "visdial_val")
+  with pytest.raises(ValueError, match=r"^--config.evals.visdial.scoring='fromag' is unknown; choose from "
+                                       r"\['fromage', 'next_token'\]$"):
+    run.evaluate(tw.config(visdial={"scoring": "fromag"}), tempfile.mkdtemp())  # before any checkpoint is read
+  with pytest.raises(ValueError, match=r"^--config.evals.caption.image_resize='crop' is unknown"):
+    tasks.check_task("caption", tw.config(caption={"image_resize": "crop"}).evals.caption)
   setup, _ = tw.setup_and_params()
   with pytest.raises(FileNotFoundError, match="available steps: \\[3\\]"):
     run.load_params(setup, tw.workdir_with_checkpoint(), 7)
@@ -187,32 +238,50 @@ def test_errors_name_the_problem_and_the_fix(env):
 # --------------------------------------------------------------------------- eval.py end to end
 
 
+def _as_val2017(data_dir: str, out: str) -> str:
+  """The tiny world with its val split also named val2017, the thesis protocol's split (links to its files)."""
+  os.makedirs(out, exist_ok=True)
+  for name in os.listdir(data_dir):
+    if name != "dataset_info.json" and not os.path.exists(os.path.join(out, name)):
+      os.symlink(os.path.join(data_dir, name), os.path.join(out, name))
+  with open(os.path.join(data_dir, "dataset_info.json")) as f:
+    info = json.load(f)
+  info["splits"]["val2017"] = info["splits"]["val"]
+  with open(os.path.join(out, "dataset_info.json"), "w") as f:
+    json.dump(info, f)
+  return out
+
+
 @pytest.fixture(scope="module")
 def evaluated():
-  """python eval.py on the tiny world, all four tasks, in a subprocess (as a user runs it)."""
+  """python eval.py on the tiny world, all four tasks, in a subprocess (as a user runs it): the
+  thesis protocol (caption and retrieval on all of "val2017", squashed, greedy, 32 tokens), VQA and
+  VisDial on 5 examples (so "custom"), VisDial scored as FROMAGe's script does."""
   w = tw.world()
   workdir = tw.workdir_with_checkpoint()
+  val2017 = _as_val2017(w["data"], os.path.join(w["root"], "data_val2017"))
   config_file = os.path.join(w["root"], "tiny_config.py")
   with open(config_file, "w") as f:
-    f.write(f"""import sys
-sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})
-from configs import base
-import tiny_eval_world
+    f.write(f"""from configs import base
 
 
 def get_config():
-  c = base.get_config()
+  c = base.get_config("eval=thesis")
   c.name = "tiny"
   c.vision.path, c.llm.path = {w['clip']!r}, {w['gemma']!r}
   c.compute_dtype = c.frozen_param_dtype = "float32"
   c.bridge.k, c.ret.embed_dim, c.data.dir, c.data.num_workers = 2, 16, {w['data']!r}, 0
-  c.eval.update(batch_size=4, max_new_tokens=6, vqa_max_new_tokens=4, report_examples=3, progress=False)
+  for task in c.evals.values():
+    task.update(batch_size=4, report_examples=3, progress=False)
+  c.evals.caption.data = c.evals.retrieval.data = {val2017!r}
+  c.evals.vqa.update(data={w['data']!r}, split="vqa_val", max_new_tokens=4)
+  c.evals.visdial.update(data={w['data']!r}, split="visdial_val")
   return c
 """)
   env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), "JAX_PLATFORMS": "cpu"}
   proc = subprocess.run([sys.executable, os.path.join(REPO, "eval.py"), "--config", config_file, "--workdir", workdir,
-                         "--checkpoint", "3", "--config.eval.tasks=caption,retrieval,vqa,visdial",
-                         "--config.eval.max_examples=5"],
+                         "--checkpoint", "3", "--config.evals.vqa.max_examples=5",
+                         "--config.evals.visdial.max_examples=5", "--config.evals.visdial.scoring=fromage"],
                         capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
   assert proc.returncode == 0, proc.stderr[-4000:]
   return workdir, proc.stdout
@@ -221,17 +290,24 @@ def get_config():
 def test_eval_py_writes_valid_json(evaluated):
   workdir, stdout = evaluated
   assert "tiny @ step 3" in stdout and "report.html" in stdout
-  expected = {"caption": ("BLEU-4", "images", 5), "retrieval": ("t2i_R@1", "images", 5),
-              "vqa": ("overall", "questions", 5), "visdial": ("MRR", "dialogs", 5)}
-  for task, (metric, count, n) in expected.items():
+  expected = {"caption": ("BLEU-4", "images", 6, "val2017", "thesis"),
+              "retrieval": ("t2i_R@1", "images", 6, "val2017", "thesis"),
+              "vqa": ("overall", "questions", 5, "vqa_val", "custom"),
+              "visdial": ("MRR", "dialogs", 5, "visdial_val", "custom")}
+  for task, (metric, count, n, split, protocol) in expected.items():
     with open(os.path.join(workdir, "eval", f"{task}.json")) as f:
       summary = json.load(f)
     assert summary["task"] == task and summary["config"] == "tiny" and summary["checkpoint_step"] == 3
-    assert summary["dataset"]["split"] in ("val", "vqa_val", "visdial_val") and os.path.isdir(summary["dataset"]["dir"])
+    assert summary["dataset"]["split"] == split and os.path.isdir(summary["dataset"]["dir"])
+    assert summary["protocol"] == protocol and summary["type"] == task and summary["settings"]["split"] == split
     assert summary["counts"][count] == n and summary["wall_time_s"] > 0 and metric in summary["metrics"]
     with open(os.path.join(workdir, "eval", f"{task}_predictions.json")) as f:
       preds = json.load(f)
     assert len(preds["predictions"]) == n and preds["checkpoint_step"] == 3
+  caption = json.load(open(os.path.join(workdir, "eval", "caption.json")))["settings"]
+  assert (caption["image_resize"], caption["num_beams"], caption["max_new_tokens"]) == ("squash", 1, 32)
+  visdial = json.load(open(os.path.join(workdir, "eval", "visdial.json")))
+  assert visdial["settings"]["scoring"] == "fromage" and "unshifted" in visdial["notes"]["scoring"]
 
 
 def test_table_cli(evaluated):
@@ -244,7 +320,7 @@ def test_table_cli(evaluated):
   lines = text.splitlines()
   assert len(lines) == 4 and "B-4" in lines[0] and "VD R@1" in lines[0] and "(copy_of_run)" in lines[3]
   md = table.table([workdir], markdown=True, tasks=["caption"], metrics=["BLEU-4", "CIDEr"])
-  assert md.splitlines()[0] == "| run | B-4 | CIDEr |"
+  assert md.splitlines()[0] == "| run | protocol | seeds | B-4 | CIDEr |"
   rows = json.loads(table.table([workdir], as_json=True))
   assert rows[0]["retrieval/t2i_R@1"] is not None and rows[0]["caption/SPICE"] is None
   assert table.main([tempfile.mkdtemp()]) == 2

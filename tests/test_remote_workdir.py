@@ -66,7 +66,7 @@ def test_gs_workdir_trains_restores_and_evaluates(world, bucket_root, caplog):
   workdir = "gs://bucket/run"
   local = bucket_root / "bucket" / "run"
   config = tiny_world.config(world, total_steps=2, checkpoint_every_steps=2, tensorboard=True,
-                             **{"eval.tasks": "retrieval", "eval.batch_size": 8})
+                             **{"evals.retrieval.batch_size": 8})
   setup = experiment.build(config)
   with caplog.at_level(logging.WARNING):
     loop.train(config, workdir, loop.train_iterator(config, setup), setup=setup)
@@ -74,7 +74,7 @@ def test_gs_workdir_trains_restores_and_evaluates(world, bucket_root, caplog):
 
   again = loop.train(config, workdir, loop.train_iterator(config, setup), setup=setup)  # restores from gs://
   assert again["already_trained"] and again["step"] == 2 and "loss" in again["train"]
-  eval_run.evaluate(config, workdir, setup=setup, quiet=True)
+  eval_run.evaluate(config, workdir, setup=setup, tasks="retrieval", quiet=True)
 
   assert not os.path.exists("gs:") and not os.path.exists(os.path.join(os.path.dirname(loop.__file__), "gs:"))
   assert sorted(os.listdir(local)) == ["checkpoints", "config.json", "eval", "metrics.jsonl", "train_summary.json"]

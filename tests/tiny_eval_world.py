@@ -52,8 +52,13 @@ def _save_backbones(root: str) -> None:
   pretrain.save_tokenizer(tokenizer, os.path.join(root, "gemma"))
 
 
-def config(**eval_overrides):
-  """configs/base.py pointed at the tiny world, float32, small eval batches."""
+SPLITS = {"caption": "val", "retrieval": "val", "vqa": "vqa_val", "visdial": "visdial_val"}
+
+
+def config(**overrides):
+  """configs/base.py pointed at the tiny world, float32, small eval batches. `overrides`: a task's
+  name with a dict of its keys (visdial={"rounds_per_step": 3}), or key=value for every task that
+  has the key (max_examples=3)."""
   from configs import base
   w = world()
   c = base.get_config()
@@ -62,16 +67,19 @@ def config(**eval_overrides):
   c.compute_dtype = c.frozen_param_dtype = "float32"
   c.bridge.k = 2
   c.ret.embed_dim = 16
-  c.data.dir, c.data.num_workers, c.data.val_examples = w["data"], 0, 5
+  c.data.dir, c.data.num_workers, c.data.val_examples, c.data.val_batch_size = w["data"], 0, 5, 4
   c.batch_size = 4
-  c.eval.tasks = "caption,retrieval,vqa,visdial"
-  c.eval.batch_size = 4
-  c.eval.max_new_tokens = 6
-  c.eval.vqa_max_new_tokens = 4
-  c.eval.report_examples = 3
-  c.eval.progress = False
-  for k, v in eval_overrides.items():
-    c.eval[k] = v
+  for name, task in c.evals.items():
+    task.update(data=w["data"], split=SPLITS[name], batch_size=4, report_examples=3, progress=False)
+  c.evals.caption.max_new_tokens, c.evals.vqa.max_new_tokens = 6, 4
+  for key, value in overrides.items():
+    if key in c.evals:
+      c.evals[key].update(value)
+      continue
+    having = [task for task in c.evals.values() if key in task]
+    assert having, f"no eval task has the key {key!r}"
+    for task in having:
+      task[key] = value
   return c
 
 

@@ -14,7 +14,7 @@ of all processes; rows are padded (repeating the last row) to a multiple of the 
 come back as numpy, replicated to every process. Without a mesh, the params' own mesh is used (one
 device when they sit on one device).
 
-Embeddings are returned as the model makes them (not normalised); `l2_normalize` is for ranking.
+Embeddings are returned as the model makes them (not normalised); `bridgejax.losses.l2_normalize` is for ranking.
 Shapes are the caller's business: pass fixed shapes (pad the last batch) and nothing recompiles.
 
 Axis legend: B batch, K visual tokens, T text length, D LLM width, E retrieval width, R rounds
@@ -31,11 +31,6 @@ import numpy as np
 
 from bridgejax import losses, mesh as mesh_lib
 from bridgejax.generate import generate, prefill, round_up  # round_up: tasks and inference import it here
-
-
-def l2_normalize(x) -> np.ndarray:
-  x = np.asarray(x, np.float32)
-  return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
 def mesh_of(params) -> jax.sharding.Mesh:
@@ -94,7 +89,7 @@ class Engine:
     self._prefix = jax.jit(self._prefix_fn, out_shardings=(rows, replicated))
     self._text_prefix = jax.jit(lambda p, ids, mask: (model.embed_text(p, ids), mask),
                                 out_shardings=(rows, replicated))
-    self._candidate_nll = jax.jit(self._candidate_nll_fn, out_shardings=replicated)
+    self._candidate_nll = jax.jit(self._candidate_nll_fn, out_shardings=replicated, static_argnames="unshifted")
     self._replicate = jax.jit(lambda x: x, out_shardings=replicated)
 
   # ------------------------------------------------------------------ batches on the mesh
@@ -143,11 +138,12 @@ class Engine:
 
   # ------------------------------------------------------------------ generation
 
-  def generate(self, visual_tokens, ids, mask, *, max_new_tokens: int | None = None,
+  def generate(self, visual_tokens, ids, mask, *, max_new_tokens: int | None = None, num_beams: int | None = None,
                stop_at_ret: bool = True) -> np.ndarray:
     """New tokens (B, max_new_tokens) after [visual tokens] + right-padded text ids (BOS + prompt).
 
-    visual_tokens may be None (a text-only prompt). Greedy, or beam search when num_beams > 1.
+    visual_tokens may be None (a text-only prompt). Greedy, or beam search when num_beams > 1
+    (default: the engine's max_new_tokens and num_beams).
     Rows stop at EOS and, unless stop_at_ret=False (interleaved output), at [RET].
     """
     n = len(ids)
@@ -155,19 +151,25 @@ class Engine:
       embeds, full_mask = self._text_prefix(self.params, *self._shard(ids, mask))
     else:
       embeds, full_mask = self.prefix(visual_tokens, ids, mask)
-    method = "beam" if self.num_beams > 1 else self.method
+    num_beams = self.num_beams if num_beams is None else num_beams
+    method = "beam" if num_beams > 1 else self.method
     new = generate(self.model.llm, self.params["llm"], inputs_embeds=embeds, attention_mask=full_mask,
                    extra_embeddings=self.params["ret"]["ret_embedding"],
+                   embed_offset=self.model.text_type_offset(self.params),
                    max_new_tokens=max_new_tokens or self.max_new_tokens, method=method,
-                   num_beams=max(self.num_beams, 1),
-                   eos_token_ids=self.stop_ids if stop_at_ret else tuple(set(self.stop_ids) - {self.model.ret_id}))
+                   num_beams=max(num_beams, 1),
+                   eos_token_ids=self.stops(stop_at_ret))
     return np.asarray(self._replicate(new))[:n]
 
-  def until_stop(self, new_ids) -> list[int]:
-    """A row of generated ids up to (not including) its first EOS or [RET]."""
-    out = []
+  def stops(self, stop_at_ret: bool = True) -> tuple[int, ...]:
+    """The ids generation stops at: EOS, and [RET] unless stop_at_ret=False (interleaved output)."""
+    return self.stop_ids if stop_at_ret else tuple(i for i in self.stop_ids if i != self.model.ret_id)
+
+  def until_stop(self, new_ids, *, stop_at_ret: bool = True) -> list[int]:
+    """A row of generated ids up to (not including) its first stop (`stops`)."""
+    stops, out = self.stops(stop_at_ret), []
     for i in np.asarray(new_ids).tolist():
-      if i in self.stop_ids:
+      if i in stops:
         break
       out.append(i)
     return out
@@ -178,8 +180,9 @@ class Engine:
 
   # ------------------------------------------------------------------ candidate scoring
 
-  def _candidate_nll_fn(self, params, visual_tokens, ctx_ids, ctx_mask, cand_ids, cand_mask):
-    """Summed next-token CE of N candidate continuations of each of R prefixes.
+  def _candidate_nll_fn(self, params, visual_tokens, ctx_ids, ctx_mask, cand_ids, cand_mask, unshifted=False):
+    """Summed next-token CE of N candidate continuations of each of R prefixes (with `unshifted`,
+    FROMAGe's VisDial script's CE instead: the logits at candidate position j against token j).
 
     The prefix [visual] + context runs once into a KV cache of P + C slots; the cache is repeated
     for the N candidates, which are then decoded together at positions len(prefix) + j. Candidate
@@ -202,17 +205,22 @@ class Engine:
     x = self.model.embed_text(params, flat_ids)
     cand_positions = jnp.repeat(lengths, n)[:, None] + jnp.arange(c)[None, :]
     h, _, _ = apply(x, cand_positions, None, cache, method="decode")
-    logits = apply(h[:, :-1], extra, method="logits")  # (RN, C-1, V): predicts tokens 1..C-1
-    first = jnp.repeat(first_logits, n, axis=0)[:, None]
-    nll = losses.token_nll(jnp.concatenate([first, logits], axis=1), flat_ids)  # (RN, C)
+    if unshifted:
+      logits = apply(h, extra, method="logits")  # (RN, C, V): position j, scored against token j
+    else:
+      logits = apply(h[:, :-1], extra, method="logits")  # (RN, C-1, V): predicts tokens 1..C-1
+      logits = jnp.concatenate([jnp.repeat(first_logits, n, axis=0)[:, None], logits], axis=1)
+    nll = losses.token_nll(logits, flat_ids)  # (RN, C)
     nll = jnp.sum(jnp.where(cand_mask.reshape(rows * n, c) > 0, nll, 0.0), axis=1)
     return nll.reshape(rows, n)
 
-  def candidate_nll(self, visual_tokens, ctx_ids, ctx_mask, cand_ids, cand_mask) -> np.ndarray:
+  def candidate_nll(self, visual_tokens, ctx_ids, ctx_mask, cand_ids, cand_mask, *, unshifted: bool = False) -> np.ndarray:
     """visual_tokens (R, K, D), context ids/mask (R, T) (BOS + text, right padded), candidates
-    (R, N, C) ids/mask (no BOS, right padded) -> (R, N) summed CE of each candidate's tokens."""
+    (R, N, C) ids/mask (right padded) -> (R, N) summed CE of each candidate's tokens (`unshifted`:
+    see _candidate_nll_fn)."""
     n = len(ctx_ids)
-    out = self._candidate_nll(self.params, *self._shard(visual_tokens, ctx_ids, ctx_mask, cand_ids, cand_mask))
+    out = self._candidate_nll(self.params, *self._shard(visual_tokens, ctx_ids, ctx_mask, cand_ids, cand_mask),
+                              unshifted=unshifted)
     return np.asarray(out)[:n]
 
 

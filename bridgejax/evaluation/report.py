@@ -2,7 +2,7 @@
 metrics table and examples of every evaluated task: generated vs reference captions, the images
 retrieved for a caption, VQA answers and VisDial rounds.
 
-    python -m bridgejax.evaluation.report WORKDIR [--examples 16]
+    python -m bridgejax.evaluation.report WORKDIR [--examples 16]   # default: each task's report_examples
 
 It reads eval/<task>.json and eval/<task>_predictions.json, and the images from the dataset
 directory those files name.
@@ -74,7 +74,8 @@ def _metrics_table(results: dict[str, dict]) -> str:
     counts = ", ".join(f"{k} {v}" for k, v in summary.get("counts", {}).items())
     rows.append(f"<tr><th rowspan=2>{html.escape(task)}</th>{cells}</tr><tr>{values}</tr>"
                 f'<tr><td colspan="{len(cols) + 1}" class="meta">{html.escape(ds.get("dir", ""))} : '
-                f'{html.escape(ds.get("split", ""))} — {html.escape(counts)} — {summary.get("wall_time_s", 0):.1f} s'
+                f'{html.escape(ds.get("split", ""))} — protocol {html.escape(summary.get("protocol", "?"))} — '
+                f'{html.escape(counts)} — {summary.get("wall_time_s", 0):.1f} s'
                 "</td></tr>")
   return "<table>" + "".join(rows) + "</table>"
 
@@ -144,7 +145,8 @@ SECTIONS = {"caption": _caption_section, "retrieval": _retrieval_section, "vqa":
             "visdial": _visdial_section}
 
 
-def render(workdir: str, examples: int = 16) -> str:
+def render(workdir: str, examples: int | None = None) -> str:
+  """The page; `examples` per task (default: each task's report_examples setting, else 16)."""
   results = table_lib.load_workdir(workdir)
   images = _Images()
   first = next(iter(results.values()))
@@ -153,17 +155,20 @@ def render(workdir: str, examples: int = 16) -> str:
            f"@ step {first.get('checkpoint_step')}</h1>",
            f'<div class="meta">{html.escape(str(work))} — generated {html.escape(first.get("created", ""))}'
            " — rates ×100</div>", "<h2>Metrics</h2>", _metrics_table(results)]
-  for task in [t for t in table_lib.TASK_ORDER if t in results]:
+  kind = lambda task: results[task].get("type", task)  # JSONs written before config.evals name the type
+  order = {t: i for i, t in enumerate(table_lib.TASK_ORDER)}
+  for task in sorted((t for t in results if kind(t) in SECTIONS), key=lambda t: (order[kind(t)], t)):
     path = work / "eval" / f"{task}_predictions.json"
     if not path.exists():
       continue
     preds = paths.read_json(path)
-    parts.append(SECTIONS[task](preds, images, examples))
+    n = examples if examples is not None else results[task].get("settings", {}).get("report_examples", 16)
+    parts.append(SECTIONS[kind(task)](preds, images, n))
   return ("<!DOCTYPE html><html><head><meta charset='utf-8'><title>bridgejax eval report</title>"
           f"<style>{_CSS}</style></head><body>" + "\n".join(parts) + "</body></html>")
 
 
-def write_report(workdir: str, examples: int = 16) -> str:
+def write_report(workdir: str, examples: int | None = None) -> str:
   path = paths.path(workdir) / "eval" / "report.html"
   paths.write_text(path, render(workdir, examples))
   return str(path)
@@ -173,7 +178,8 @@ def main(argv=None) -> int:
   p = argparse.ArgumentParser(prog="python -m bridgejax.evaluation.report", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("workdir")
-  p.add_argument("--examples", type=int, default=16, help="examples shown per task")
+  p.add_argument("--examples", type=int, default=None,
+                 help="examples shown per task (default: each task's report_examples)")
   a = p.parse_args(argv)
   try:
     print(write_report(a.workdir, a.examples))

@@ -2,11 +2,11 @@
 
     results = evaluate(config, workdir, step=None)   # -> {task: the dict written to eval/<task>.json}
 
-Writes WORKDIR/eval/<task>.json (metrics, config name, checkpoint step, dataset dir and split,
-counts, settings, wall time), WORKDIR/eval/<task>_predictions.json (per-example outputs) and
-WORKDIR/eval/report.html, and prints a summary table.
-
-Which data each task reads (config.eval) is bridgejax.data.splits.task_data's to say.
+Each entry of config.evals is one task (bridgejax.data.splits: its type, keys, data and protocol).
+Writes WORKDIR/eval/<name>.json (metrics, type, protocol, config name, checkpoint step, dataset dir
+and split, counts, settings: the task's dict and what the runner derived, wall time),
+WORKDIR/eval/<name>_predictions.json (per-example outputs) and WORKDIR/eval/report.html, and prints
+a summary table.
 
 Evaluation runs on the training mesh (setup.mesh): every batch is split over its 'data' axis on all
 devices of all processes, every process gets the whole outputs and computes the metrics, and process
@@ -20,11 +20,10 @@ import os
 import time
 
 import jax
-import ml_collections
 import numpy as np
 
 from bridgejax import mesh as mesh_lib, paths
-from bridgejax.data.splits import parse_tasks, task_data
+from bridgejax.data.splits import eval_tasks, protocol_of, task_data
 from bridgejax.evaluation import tasks as tasks_lib
 from bridgejax.evaluation.engine import Engine
 from bridgejax.experiment import build
@@ -49,49 +48,36 @@ def load_params(setup, workdir: str, step: int | None = None) -> tuple[int, dict
   return int(step), {**setup.frozen, **trainable}
 
 
-def make_engine(setup, params, config) -> Engine:
-  cfg = config.eval
-  return Engine(setup.model, params, setup.tokenizer, mesh=setup.mesh, max_new_tokens=int(cfg.max_new_tokens),
-                num_beams=int(cfg.get("num_beams", 1)))
-
-
-def resolved_eval_config(config):
-  """config.eval with its fallbacks filled in from the training config: a copy, the caller's is kept.
-  image_resize "" = data.image_resize (how the model was trained to see images)."""
-  cfg = ml_collections.ConfigDict(config.eval.to_dict())
-  if not cfg.get("image_resize"):
-    cfg.image_resize = config.data.get("image_resize", "clip")
-  return cfg
-
-
 def evaluate(config, workdir: str, step: int | None = None, *, tasks=None, setup=None,
              report: bool = True, quiet: bool = False) -> dict[str, dict]:
-  """Runs config.eval.tasks (or `tasks`) on checkpoint `step` (default: the latest) of `workdir`."""
-  names = parse_tasks(tasks if tasks is not None else config.eval.tasks)
-  for name in names:  # fail on a missing dataset before loading any weights
-    task_data(config, name)
+  """Runs every entry of config.evals (or those named in `tasks`) on checkpoint `step` (default:
+  the latest) of `workdir`."""
+  evals = eval_tasks(config, tasks)
+  for name, cfg in evals.items():  # a missing dataset or a bad setting fails before any weights load
+    tasks_lib.check_task(name, cfg)
+  data = {name: task_data(name, cfg) for name, cfg in evals.items()}
   if setup is None:
     setup = build(config)
   step, params = load_params(setup, workdir, step)
-  engine = make_engine(setup, params, config)
-  eval_cfg = resolved_eval_config(config)
+  engine = Engine(setup.model, params, setup.tokenizer, mesh=setup.mesh)
   out_dir = paths.path(workdir) / "eval"
   writer = jax.process_index() == 0
   if writer:
     out_dir.mkdir(parents=True, exist_ok=True)
   results = {}
-  for name in names:
-    data_dir, split = task_data(config, name)
+  for name, cfg in evals.items():
+    data_dir, split = data[name]
     start = time.time()
-    if name == "retrieval":
-      result = tasks_lib.retrieval_task(engine, data_dir, split, eval_cfg,
+    if cfg.type == "retrieval":
+      result = tasks_lib.retrieval_task(engine, data_dir, split, cfg,
                                         max_caption_tokens=int(config.data.max_caption_tokens))
     else:
-      result = tasks_lib.TASKS[name](engine, data_dir, split, eval_cfg)
+      result = tasks_lib.TASKS[cfg.type](engine, data_dir, split, cfg)
     summary = {
-        "task": name, "metrics": result.metrics, "config": config.get("name", ""), "checkpoint_step": step,
+        "task": name, "type": cfg.type, "protocol": protocol_of(cfg), "metrics": result.metrics,
+        "config": config.get("name", ""), "checkpoint_step": step,
         "workdir": str(paths.path(workdir)), "dataset": {"dir": os.path.abspath(data_dir), "split": split},
-        "counts": result.counts, "settings": result.settings, "notes": result.notes,
+        "counts": result.counts, "settings": {**cfg.to_dict(), **result.settings}, "notes": result.notes,
         "wall_time_s": round(time.time() - start, 2),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "backbones": {"vision": config.vision.path, "llm": config.llm.path},
@@ -100,7 +86,7 @@ def evaluate(config, workdir: str, step: int | None = None, *, tasks=None, setup
     if writer:
       _write_json(out_dir / f"{name}.json", summary)
       _write_json(out_dir / f"{name}_predictions.json",
-                  {"task": name, "checkpoint_step": step, "dataset": summary["dataset"],
+                  {"task": name, "type": cfg.type, "checkpoint_step": step, "dataset": summary["dataset"],
                    "predictions": result.predictions})
     results[name] = summary
   if writer:
@@ -108,7 +94,7 @@ def evaluate(config, workdir: str, step: int | None = None, *, tasks=None, setup
     if not quiet:
       print(table.format_task_metrics(results, title=f"{config.get('name', '')} @ step {step} ({workdir})"))
     if report:
-      path = report_lib.write_report(workdir, examples=int(config.eval.get("report_examples", 16)))
+      path = report_lib.write_report(workdir)
       if not quiet:
         print(f"wrote {out_dir}/<task>.json and {path}")
   return results

@@ -2,9 +2,16 @@
 
     python -m bridgejax.evaluation.table runs/cls_k1 runs/crossatt_k12 ...   [--markdown | --json]
                                          [--tasks caption,retrieval] [--metrics BLEU-4,CIDEr,t2i_R@1]
+    python -m bridgejax.evaluation.table runs/cls_k1/seed_*                  # one row: mean ± std
 
 Rates are shown x100 with two decimals, as the thesis and FROMAGe report them (CIDEr too, as is
-usual); R@k (stored in percent) and mean ranks as they are; a metric a run lacks is "-"; SPICE (unavailable offline) "n/a".
+usual); R@k (stored in percent) and mean ranks as they are; a metric a run lacks is "-"; SPICE
+(unavailable offline) "n/a".
+
+Runs whose config.json differ only in `seed`, evaluated under the same protocol, are one row: the
+mean ± the sample standard deviation (n - 1) over them, as the thesis reports the mean of 3 runs;
+"seeds" says how many runs a row holds (`python -m bridgejax.sweep` makes such runs). "protocol"
+is the eval JSONs' own ("-" where they have none).
 """
 
 from __future__ import annotations
@@ -12,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 
 # Display order and short headers; any other metric in a JSON follows its task's known ones.
@@ -45,6 +53,33 @@ def load_workdir(workdir: str) -> dict[str, dict]:
   return out
 
 
+def load_config(workdir: str) -> dict | None:
+  """The run's config.json (written by training), or None."""
+  from bridgejax import paths as paths_lib
+  path = paths_lib.path(workdir) / "config.json"
+  return paths_lib.read_json(path) if path.exists() else None
+
+
+def protocol(run: dict[str, dict]) -> str:
+  """The protocol(s) a run's eval JSONs declare, "-" if none does."""
+  return "/".join(sorted({str(r["protocol"]) for r in run.values() if r.get("protocol")})) or "-"
+
+
+def group_runs(workdirs: list[str], runs: list[dict[str, dict]]) -> list[list[int]]:
+  """Indices of the runs that share a row: the same config.json but for `seed`, and the same
+  protocol; a run without a config.json is a row of its own. Rows in first-seen order."""
+  groups: dict[str, list[int]] = {}
+  for i, (w, r) in enumerate(zip(workdirs, runs)):
+    config = load_config(w)
+    if config is None:
+      key = f"#{i}"
+    else:
+      config.pop("seed", None)
+      key = json.dumps([config, protocol(r)], sort_keys=True)
+    groups.setdefault(key, []).append(i)
+  return list(groups.values())
+
+
 def fmt(metric: str, value) -> str:
   if value is None:
     return "n/a"
@@ -69,14 +104,42 @@ def columns_for(runs: list[dict[str, dict]], tasks=None, metrics=None) -> list[t
   return out
 
 
-def rows_for(workdirs: list[str], runs: list[dict[str, dict]]) -> list[str]:
-  names = []
-  for w, r in zip(workdirs, runs):
-    any_task = next(iter(r.values()))
-    names.append(f"{any_task.get('config') or os.path.basename(os.path.normpath(w))} @{any_task.get('checkpoint_step')}")
-  if len(set(names)) < len(names):  # the same config twice: tell the runs apart by their directory
-    names = [f"{n} ({os.path.basename(os.path.normpath(w))})" for n, w in zip(names, workdirs)]
+def rows_for(workdirs: list[str], runs: list[dict[str, dict]], groups: list[list[int]] | None = None) -> list[str]:
+  """A name per row (per group of runs): config name @ checkpoint step(s)."""
+  groups = groups or [[i] for i in range(len(runs))]
+  names, places = [], []
+  for group in groups:
+    first = next(iter(runs[group[0]].values()))
+    steps = {next(iter(runs[i].values())).get("checkpoint_step") for i in group}
+    steps = sorted(steps) if all(isinstance(s, int) for s in steps) else sorted(steps, key=str)
+    where = os.path.commonpath([os.path.abspath(workdirs[i]) for i in group]) if len(group) > 1 else workdirs[group[0]]
+    place = os.path.basename(os.path.normpath(where))
+    names.append(f"{first.get('config') or place} @{'/'.join(str(s) for s in steps)}")
+    places.append(place)
+  if len(set(names)) < len(names):  # the same config twice: tell the rows apart by their directory
+    names = [f"{n} ({p})" for n, p in zip(names, places)]
   return names
+
+
+def metric_values(runs: list[dict[str, dict]], task: str, metric: str) -> list | None:
+  """The runs' values of task/metric (None where unavailable, e.g. SPICE); None if no run has it."""
+  values = [r[task]["metrics"][metric] for r in runs if task in r and metric in r[task]["metrics"]]
+  return values or None
+
+
+def mean_std(values: list) -> tuple[float | None, float | None]:
+  """(mean, sample std) of the available values; std is None for fewer than two."""
+  present = [v for v in values if v is not None]
+  if not present:
+    return None, None
+  return statistics.fmean(present), statistics.stdev(present) if len(present) > 1 else None
+
+
+def cell(metric: str, values: list | None) -> str:
+  if values is None:
+    return "-"
+  mean, std = mean_std(values)
+  return fmt(metric, mean) if std is None else f"{fmt(metric, mean)} ± {fmt(metric, std)}"
 
 
 def render(header: list[str], rows: list[list[str]], markdown: bool = False) -> str:
@@ -89,16 +152,26 @@ def render(header: list[str], rows: list[list[str]], markdown: bool = False) -> 
 
 
 def table(workdirs: list[str], *, tasks=None, metrics=None, markdown: bool = False, as_json: bool = False) -> str:
+  """The table of `workdirs`, one row per group of seeds (group_runs)."""
   runs = [load_workdir(w) for w in workdirs]
   cols = columns_for(runs, tasks, metrics)
-  names = rows_for(workdirs, runs)
+  groups = group_runs(workdirs, runs)
+  names = rows_for(workdirs, runs, groups)
+  members = [[runs[i] for i in group] for group in groups]
   if as_json:
-    return json.dumps([{"run": n, "workdir": os.path.abspath(w),
-                        **{f"{t}/{m}": r.get(t, {}).get("metrics", {}).get(m) for t, m, _ in cols}}
-                       for n, w, r in zip(names, workdirs, runs)], indent=1)
-  rows = [[n] + [fmt(m, r[t]["metrics"].get(m)) if t in r and m in r[t]["metrics"] else "-" for t, m, _ in cols]
-          for n, r in zip(names, runs)]
-  return render(["run"] + [h for _, _, h in cols], rows, markdown)
+    rows = []
+    for name, group, member_runs in zip(names, groups, members):
+      row = {"run": name, "workdir": os.path.abspath(workdirs[group[0]]),
+             "workdirs": [os.path.abspath(workdirs[i]) for i in group], "seeds": len(group),
+             "protocol": protocol(member_runs[0])}
+      for t, m, _ in cols:
+        values = metric_values(member_runs, t, m)
+        row[f"{t}/{m}"], row[f"{t}/{m} std"] = mean_std(values) if values else (None, None)
+      rows.append(row)
+    return json.dumps(rows, indent=1)
+  rows = [[n, protocol(g[0]), str(len(g))] + [cell(m, metric_values(g, t, m)) for t, m, _ in cols]
+          for n, g in zip(names, members)]
+  return render(["run", "protocol", "seeds"] + [h for _, _, h in cols], rows, markdown)
 
 
 def format_task_metrics(results: dict[str, dict], title: str = "") -> str:

@@ -10,17 +10,18 @@ per-example predictions. `bridgejax.evaluation.run.evaluate` (eval.py) calls the
   vqa        [visual] + BOS + "Q: {question}\\nA:", generate, keep as many words as the longest
              human answer, official VQA accuracy (overall / yes-no / number / other).
   visdial    IT2T: [visual] + BOS + "Q: q1?\\nA: a1\\n...\\nQ: qr?\\nA:" and each of the candidates
-             " {answer}" scored by summed token CE (FROMAGe's notebook layout; its caption-free
-             history is the default, eval.visdial_caption=True puts the caption first); R@k, MRR,
-             mean rank, NDCG on the densely annotated round. T2I: BOS + "Q: q1? A: a1. ..." + [RET]
+             " {answer}" scored by summed next-token CE (FROMAGe's layout; its caption-free history
+             is the default, with_caption=True puts the caption first), or with scoring="fromage" as
+             FROMAGe's eval_visdial_generation.py scores (VISDIAL_SCORINGS); R@k, MRR, mean rank,
+             NDCG on the densely annotated round. T2I: BOS + "Q: q1? A: a1. ..." + [RET]
              (FROMAGe's eval_visdial_retrieval.py text), rank the split's images per dialog.
 
 `quick_validation(setup, params, step)` is the training loop's periodic check.
 
-`cfg` is config.eval (see configs/base.py); every rate is on the 0-1 scale, except R@k (retrieval,
-VisDial, quick validation), which is in percent, as training logs its in-batch top-1. Every process reads
-every record; the model work of each batch is split over the mesh's 'data' axis (see engine.py), so
-eval.batch_size is rounded up to a multiple of the 'data' size.
+`cfg` is the task's entry of config.evals (keys: bridgejax.data.splits); every rate is on the 0-1
+scale, except R@k (retrieval, VisDial, quick validation), which is in percent, as training logs its
+in-batch top-1. Every process reads every record; the model work of each batch is split over the
+mesh's 'data' axis (see engine.py), so batch_size is rounded up to a multiple of the 'data' size.
 """
 
 from __future__ import annotations
@@ -36,11 +37,12 @@ import numpy as np
 from tqdm import tqdm
 
 from bridgejax import mesh as mesh_lib
+from bridgejax.data.image import RESIZES
 from bridgejax.data.pipeline import eval_dataset
 from bridgejax.data.records import RecordError, open_split
 from bridgejax.evaluation import captioning, retrieval, visdial as visdial_metrics, vqa as vqa_metrics
-from bridgejax.evaluation.engine import (Engine, cached_encoder, l2_normalize, pad_rows, place_on_mesh,
-                                         round_up, shard_rows)
+from bridgejax.evaluation.engine import Engine, cached_encoder, pad_rows, place_on_mesh, round_up, shard_rows
+from bridgejax.losses import l2_normalize
 
 
 @dataclasses.dataclass
@@ -58,11 +60,6 @@ class TaskResult:
 def num_examples(records, max_examples: int) -> int:
   n = len(records)
   return min(n, max_examples) if max_examples and max_examples > 0 else n
-
-
-def image_resize(cfg) -> str:
-  """The eval image geometry: config.eval.image_resize, which evaluate() resolves ("" = data's)."""
-  return cfg.get("image_resize") or "clip"
 
 
 def eval_batches(data_dir, split, n: int, batch_size: int, image_size: int, *, tokenizer=None,
@@ -86,12 +83,11 @@ def eval_batches(data_dir, split, n: int, batch_size: int, image_size: int, *, t
     it.close()
 
 
-def _bar(cfg) -> bool:
-  return bool(cfg.get("progress", True))
-
-
-def _workers(cfg) -> int:
-  return int(cfg.get("num_workers", 0))
+def task_batches(engine: Engine, data_dir, split, n: int, cfg, desc: str, **kwargs) -> Iterator[dict[str, np.ndarray]]:
+  """eval_batches with the task's batch size (rounded for the mesh), workers, geometry and bar."""
+  return eval_batches(data_dir, split, n, engine.round_batch(cfg.batch_size), engine.model.vision.config.image_size,
+                      workers=cfg.num_workers, image_resize=cfg.image_resize, desc=desc if cfg.progress else None,
+                      **kwargs)
 
 
 # --------------------------------------------------------------------------- captioning
@@ -101,16 +97,13 @@ def caption(engine: Engine, data_dir: str, split: str, cfg) -> TaskResult:
   records = open_split(data_dir, split)
   n = num_examples(records, cfg.max_examples)
   tok = engine.tokenizer
-  prompt = cfg.get("caption_prompt", "")
-  prompt_ids = tok.encode(prompt, add_bos=True)
-  batch_size = engine.round_batch(cfg.batch_size)
-  ids, mask = pad_rows([prompt_ids] * batch_size, round_up(len(prompt_ids), 8), tok.pad_id)
-  rule = cfg.get("cut_rule", "fromage")
+  prompt_ids = tok.encode(cfg.caption_prompt, add_bos=True)
+  ids, mask = pad_rows([prompt_ids] * engine.round_batch(cfg.batch_size), round_up(len(prompt_ids), 8), tok.pad_id)
+  rule = cfg.cut_rule
   predictions, hyps, refs = [], {}, {}
-  for batch in eval_batches(data_dir, split, n, batch_size, engine.model.vision.config.image_size,
-                            workers=_workers(cfg), image_resize=image_resize(cfg), desc="caption" if _bar(cfg) else None):
+  for batch in task_batches(engine, data_dir, split, n, cfg, "caption"):
     tokens, _ = engine.encode(batch["image"])
-    new = engine.generate(tokens, ids, mask)
+    new = engine.generate(tokens, ids, mask, max_new_tokens=cfg.max_new_tokens, num_beams=cfg.num_beams)
     for row in np.flatnonzero(batch["valid"]):
       index = int(batch["index"][row])
       record = records[index]
@@ -122,8 +115,7 @@ def caption(engine: Engine, data_dir: str, split: str, cfg) -> TaskResult:
   empty = sum(not h.strip() for h in hyps.values())
   metrics["empty_fraction"] = empty / len(hyps)
   return TaskResult(metrics, predictions, {"images": len(hyps), "empty_captions": empty},
-                    {"max_new_tokens": engine.max_new_tokens, "num_beams": engine.num_beams,
-                     "caption_prompt": prompt, "cut_rule": rule}, dict(captioning.UNAVAILABLE))
+                    notes=dict(captioning.UNAVAILABLE))
 
 
 # --------------------------------------------------------------------------- retrieval
@@ -159,13 +151,10 @@ def _recall(ranks: dict[str, np.ndarray], ks=(1, 5, 10)) -> dict[str, float]:
 def retrieval_task(engine: Engine, data_dir: str, split: str, cfg, *, max_caption_tokens: int = 24) -> TaskResult:
   records = open_split(data_dir, split)
   n = num_examples(records, cfg.max_examples)
-  per_image = int(cfg.get("captions_per_image", 5))
+  per_image = cfg.captions_per_image
   image_embs, text_embs, text_to_image, indices, texts = [], [], [], [], []
-  for batch in eval_batches(data_dir, split, n, engine.round_batch(cfg.batch_size),
-                            engine.model.vision.config.image_size,
-                            tokenizer=engine.tokenizer, captions_per_image=per_image,
-                            max_length=max_caption_tokens, workers=_workers(cfg), image_resize=image_resize(cfg),
-                            desc="retrieval" if _bar(cfg) else None):
+  for batch in task_batches(engine, data_dir, split, n, cfg, "retrieval", tokenizer=engine.tokenizer,
+                            captions_per_image=per_image, max_length=max_caption_tokens):
     _, image_emb = engine.encode(batch["image"])
     b, c, t = batch["caption_ids"].shape
     text_emb = np.asarray(engine.text_embedding(batch["caption_ids"].reshape(b * c, t),
@@ -182,7 +171,7 @@ def retrieval_task(engine: Engine, data_dir: str, split: str, cfg, *, max_captio
       indices.append(index)
   images, captions = l2_normalize(np.stack(image_embs)), l2_normalize(np.stack(text_embs))
   text_to_image = np.asarray(text_to_image)
-  chunk = int(cfg.get("chunk_size", 1024))
+  chunk = cfg.chunk_size
   ranks = retrieval.ranks(images, captions, text_to_image, chunk)
   metrics = _recall(ranks)
   top_texts, top_images = top_k(images, captions, 5, chunk), top_k(captions, images, 5, chunk)
@@ -194,7 +183,7 @@ def retrieval_task(engine: Engine, data_dir: str, split: str, cfg, *, max_captio
     predictions.append({"index": index, "id": ids[i], "i2t_rank": int(ranks["i2t"][i]),
                         "top_texts": [texts[t] for t in top_texts[i]], "queries": queries})
   return TaskResult(metrics, predictions, {"images": len(indices), "texts": len(texts)},
-                    {"captions_per_image": per_image, "max_caption_tokens": max_caption_tokens})
+                    {"max_caption_tokens": max_caption_tokens})
 
 
 def _rows_by_image(text_to_image: np.ndarray, num_images: int) -> list[list[int]]:
@@ -215,17 +204,13 @@ def vqa(engine: Engine, data_dir: str, split: str, cfg) -> TaskResult:
   records = open_split(data_dir, split)
   n = num_examples(records, cfg.max_examples)
   tok = engine.tokenizer
-  max_new = int(cfg.get("vqa_max_new_tokens", 10))
-  processing = cfg.get("vqa_processing", "official")
   predictions, answers, questions = [], {}, {}
-  for batch in eval_batches(data_dir, split, n, engine.round_batch(cfg.batch_size),
-                            engine.model.vision.config.image_size,
-                            workers=_workers(cfg), image_resize=image_resize(cfg), desc="vqa" if _bar(cfg) else None):
+  for batch in task_batches(engine, data_dir, split, n, cfg, "vqa"):
     rows = [records[int(i)] if v else None for i, v in zip(batch["index"], batch["valid"])]
     prompts = [tok.encode(vqa_prompt(r["question"]), add_bos=True) if r else [tok.bos_id] for r in rows]
     ids, mask = pad_rows(prompts, round_up(max(map(len, prompts)), 16), tok.pad_id)  # few shapes
     tokens, _ = engine.encode(batch["image"])
-    new = engine.generate(tokens, ids, mask, max_new_tokens=max_new)
+    new = engine.generate(tokens, ids, mask, max_new_tokens=cfg.max_new_tokens)
     for row, record in enumerate(rows):
       if record is None:
         continue
@@ -239,12 +224,11 @@ def vqa(engine: Engine, data_dir: str, split: str, cfg) -> TaskResult:
       predictions.append({"index": int(batch["index"][row]), "question_id": qid, "image_id": record["image_id"],
                           "question": record["question"], "answer": answers[qid], "generated": raw,
                           "answers": record["answers"], "answer_type": record["answer_type"]})
-  metrics = vqa_metrics.score(answers, questions, processing=processing)
+  metrics = vqa_metrics.score(answers, questions, processing=cfg.processing)
   counts = {"questions": len(answers)}
   counts.update({f"questions_{t}": sum(q["answer_type"] == t for q in questions.values())
                  for t in vqa_metrics.ANSWER_TYPES})
-  return TaskResult(metrics, predictions, counts, {"max_new_tokens": max_new, "processing": processing,
-                                                   "prompt": vqa_prompt("{question}")})
+  return TaskResult(metrics, predictions, counts, {"prompt": vqa_prompt("{question}")})
 
 
 # --------------------------------------------------------------------------- VisDial
@@ -273,14 +257,44 @@ def t2i_text(record: dict, *, with_caption: bool) -> str:
   return " ".join(parts)
 
 
+@dataclasses.dataclass(frozen=True)
+class VisdialScoring:
+  """How IT2T turns a candidate answer into a score (its negated summed CE)."""
+  answer_cue: str  # appended to the context, which ends in "A:"
+  candidate_prefix: str  # before each answer's text
+  candidate_bos: bool  # a BOS before each answer
+  unshifted: bool  # CE of logits[t] against token t itself, not against the next token
+  description: str
+
+
+VISDIAL_SCORINGS = {
+    "next_token": VisdialScoring("", " ", False, False,
+                                 "summed next-token CE of ' {answer}' after the context's 'A:' (log-likelihood)"),
+    # FROMAGe's evals/eval_visdial_generation.py: caption = '\n'.join(contexts) + '\nA: '; each answer
+    # tokenized with add_special_tokens=True (a BOS first); CrossEntropyLoss(logits, labels) with no
+    # shift, summed over the answer's positions, its BOS included.
+    "fromage": VisdialScoring(" ", "", True, True,
+                              "FROMAGe's script: context '...A: ', BOS + answer, logits[t] scored against "
+                              "label[t] (unshifted CE) summed over the answer's positions"),
+}
+
+
+def visdial_scoring(cfg, name: str = "visdial") -> VisdialScoring:
+  if cfg.scoring not in VISDIAL_SCORINGS:
+    raise ValueError(f"--config.evals.{name}.scoring={cfg.scoring!r} is unknown; choose from {sorted(VISDIAL_SCORINGS)}")
+  return VISDIAL_SCORINGS[cfg.scoring]
+
+
 def visdial(engine: Engine, data_dir: str, split: str, cfg) -> TaskResult:
+  scoring = visdial_scoring(cfg)
   records = open_split(data_dir, split)
   n = num_examples(records, cfg.max_examples)
   tok = engine.tokenizer
-  with_caption = bool(cfg.get("visdial_caption", False))
-  per_step = engine.round_batch(int(cfg.get("visdial_rounds_per_step", 2)))  # rows every device gets
+  with_caption = cfg.with_caption
+  per_step = engine.round_batch(cfg.rounds_per_step)  # rows every device gets
   batch_size = engine.round_batch(cfg.batch_size)
-  encode_ctx, encode_cand = cached_encoder(tok, add_bos=True), cached_encoder(tok, add_bos=False)
+  encode_ctx, encode_cand = cached_encoder(tok, add_bos=True), cached_encoder(tok, add_bos=scoring.candidate_bos)
+  context = lambda dialog, r: it2t_context(dialog, r, with_caption=with_caption) + scoring.answer_cue
 
   # A pass over the text first: one compiled shape for the whole split.
   dialogs = [{k: v for k, v in records[i].items() if k != "image"} for i in range(n)]  # text only in memory
@@ -289,13 +303,12 @@ def visdial(engine: Engine, data_dir: str, split: str, cfg) -> TaskResult:
     raise RecordError(f"VisDial rounds of {data_dir}:{split} have {sorted(num_options)} candidate answers; "
                       "IT2T needs the same number in every round (100 in VisDial v1.0)")
   num_options = num_options.pop()
-  ctx_len = max(len(encode_ctx(it2t_context(d, r, with_caption=with_caption)))
-                for d in dialogs for r in range(len(d["rounds"])))
-  cand_len = max(len(encode_cand(" " + o)) for d in dialogs for r in d["rounds"] for o in r["options"])
+  ctx_len = max(len(encode_ctx(context(d, r))) for d in dialogs for r in range(len(d["rounds"])))
+  cand_len = max(len(encode_cand(scoring.candidate_prefix + o))
+                  for d in dialogs for r in d["rounds"] for o in r["options"])
   ctx_len, cand_len = round_up(ctx_len, 16), round_up(cand_len, 4)
   dialog_len = round_up(max(len(tok.encode(t2i_text(d, with_caption=with_caption))) for d in dialogs) + 1, 16)
-  max_dialog = int(cfg.get("max_dialog_tokens", 512))
-  dialog_len = min(dialog_len, max_dialog)
+  dialog_len = min(dialog_len, cfg.max_dialog_tokens)
 
   scores = [None] * n  # per dialog: (rounds, options) of -CE
   image_embs, dialog_embs = [None] * n, [None] * n
@@ -305,17 +318,17 @@ def visdial(engine: Engine, data_dir: str, split: str, cfg) -> TaskResult:
     while len(pending) >= per_step or (final and pending):
       chunk, pending[:] = pending[:per_step], pending[per_step:]
       rows = chunk + [chunk[0]] * (per_step - len(chunk))  # pad to the compiled shape
-      ctx = [encode_ctx(it2t_context(dialogs[d], r, with_caption=with_caption)) for d, r, _ in rows]
-      cands = [[encode_cand(" " + o) for o in dialogs[d]["rounds"][r]["options"]] for d, r, _ in rows]
+      ctx = [encode_ctx(context(dialogs[d], r)) for d, r, _ in rows]
+      cands = [[encode_cand(scoring.candidate_prefix + o) for o in dialogs[d]["rounds"][r]["options"]] for d, r, _ in rows]
       ctx_ids, ctx_mask = pad_rows(ctx, ctx_len, tok.pad_id)
       cand = [pad_rows(c, cand_len, tok.pad_id) for c in cands]
       nll = engine.candidate_nll(np.stack([v for _, _, v in rows]), ctx_ids, ctx_mask,
-                                 np.stack([c[0] for c in cand]), np.stack([c[1] for c in cand]))
+                                 np.stack([c[0] for c in cand]), np.stack([c[1] for c in cand]),
+                                 unshifted=scoring.unshifted)
       for (d, r, _), row in zip(chunk, nll):
         scores[d][r] = -row
 
-  for batch in eval_batches(data_dir, split, n, batch_size, engine.model.vision.config.image_size,
-                            workers=_workers(cfg), image_resize=image_resize(cfg), desc="visdial" if _bar(cfg) else None):
+  for batch in task_batches(engine, data_dir, split, n, cfg, "visdial"):
     tokens, image_emb = engine.encode(batch["image"])
     valid = np.flatnonzero(batch["valid"])
     texts = [t2i_text(dialogs[int(batch["index"][row])], with_caption=with_caption) for row in valid]
@@ -334,7 +347,7 @@ def visdial(engine: Engine, data_dir: str, split: str, cfg) -> TaskResult:
 
   metrics, predictions, truncated = _visdial_metrics(dialogs, scores), [], 0
   t2i = visdial_metrics.t2i_recall(l2_normalize(np.stack(image_embs)), l2_normalize(np.stack(dialog_embs)),
-                                   chunk_size=int(cfg.get("chunk_size", 1024)))
+                                   chunk_size=cfg.chunk_size)
   metrics = percent_recalls({**metrics, **t2i})
   t2i_ranks = retrieval.ranks(l2_normalize(np.stack(image_embs)), l2_normalize(np.stack(dialog_embs)),
                               np.arange(n))["t2i"]
@@ -356,8 +369,8 @@ def visdial(engine: Engine, data_dir: str, split: str, cfg) -> TaskResult:
             "dense_dialogs": sum(d["dense_round_index"] >= 0 and bool(d["dense_relevance"]) for d in dialogs),
             "options_per_round": num_options, "dialogs_truncated_for_t2i": int(truncated)}
   return TaskResult(metrics, predictions, counts,
-                    {"visdial_caption": with_caption, "context_tokens": ctx_len, "candidate_tokens": cand_len,
-                     "dialog_tokens": dialog_len})
+                    {"context_tokens": ctx_len, "candidate_tokens": cand_len, "dialog_tokens": dialog_len},
+                    {"scoring": scoring.description})
 
 
 def _visdial_metrics(dialogs: list[dict], scores: list[list]) -> dict[str, float]:
@@ -386,14 +399,23 @@ def _visdial_metrics(dialogs: list[dict], scores: list[list]) -> dict[str, float
   return out
 
 
-# the names of bridgejax.data.splits.TASK_DATA, which says what data each reads
+# the types of bridgejax.data.splits.TASK_TYPES, which says what data each reads
 TASKS = {"caption": caption, "retrieval": retrieval_task, "vqa": vqa, "visdial": visdial}
+
+
+def check_task(name: str, cfg) -> None:
+  """What a runner would reject only when its turn comes, checked before any weights load."""
+  if cfg.image_resize not in RESIZES:
+    raise ValueError(f"--config.evals.{name}.image_resize={cfg.image_resize!r} is unknown; choose from {list(RESIZES)}")
+  if cfg.type == "visdial":
+    visdial_scoring(cfg, name)
 
 
 
 # --------------------------------------------------------------------------- quick validation
 
 _VALIDATORS: dict[tuple[int, Any], tuple[Any, Any]] = {}
+VALIDATION_CAPTIONS_PER_IMAGE = 5  # the COCO rule's captions per image
 
 
 def _validation_fn(model, mesh):
@@ -438,7 +460,7 @@ def quick_validation(setup, params, step: int | None = None, *, max_examples: in
   config, model = setup.config, setup.model
   data_dir, split = config.data.dir, config.data.val_split
   mesh = setup.mesh
-  batch_size = round_up(batch_size or int(config.eval.get("batch_size", 64)), mesh.shape["data"])
+  batch_size = round_up(batch_size or int(config.data.val_batch_size), mesh.shape["data"])
   key = (id(model), mesh)
   if key not in _VALIDATORS:
     _VALIDATORS[key] = (model, _validation_fn(model, mesh))
@@ -448,9 +470,8 @@ def quick_validation(setup, params, step: int | None = None, *, max_examples: in
   full = place_on_mesh({**setup.frozen, **params}, mesh)  # a no-op for the training state
   cap, text = np.zeros(2), np.zeros(2)
   image_embs, caption_embs, caption_image = [], [], []
-  per_image = int(config.eval.get("captions_per_image", 5))
   for batch in eval_batches(data_dir, split, n, batch_size, model.vision.config.image_size,
-                            tokenizer=setup.tokenizer, captions_per_image=per_image,
+                            tokenizer=setup.tokenizer, captions_per_image=VALIDATION_CAPTIONS_PER_IMAGE,
                             max_length=config.data.max_caption_tokens, workers=0,
                             image_resize=config.data.get("image_resize", "clip")):
     valid = batch["valid"]

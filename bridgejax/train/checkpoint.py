@@ -12,6 +12,14 @@ falls back to the newest intact one, with a warning naming each damaged step; `s
 a damaged step to `checkpoints/damaged_step_N` so that training can save step N again. A restore
 target whose parameter shapes differ from the checkpoint's (a config that does not fit the run)
 raises CheckpointMismatchError before anything is read.
+
+The best checkpoint. FROMAGe keeps the checkpoint of the best validation score besides the latest
+(its main.py saves `is_best` by the t2i top-1 accuracy its evaluate.validate returns), and the
+thesis evaluates that one. `save_best` keeps it in `checkpoints/best/<step>`: its own Orbax
+manager holding one step, out of reach of the keep-last-N rotation, with the trainable params
+(no optimizer state: nothing resumes from it) and a JSON record {metric, value, step} that a
+resumed run reads back (`best()`), so the best value so far is never reset. `load_params("best")`
+reads it.
 """
 
 from __future__ import annotations
@@ -26,8 +34,20 @@ from bridgejax import paths
 from bridgejax.errors import UserError
 
 
+BEST = "best"  # the step name of the best validation checkpoint (eval.py --checkpoint best)
+
+
 class CheckpointError(UserError):
   """No readable checkpoint where one was asked for."""
+
+
+def checkpoint_step(step) -> int | str | None:
+  """A step as eval.py, predict and the library take it: None (the latest), a number, or "best"."""
+  if step is None or step == BEST:
+    return step
+  if isinstance(step, int) or (isinstance(step, str) and step.isdigit()):
+    return int(step)
+  raise CheckpointError(f"checkpoint {step!r}: expected a step number or {BEST!r}")
 
 
 class CheckpointMismatchError(UserError):
@@ -87,6 +107,8 @@ class Checkpointer:
     handlers = {"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler()}
     self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
     self.damaged: list[tuple[int, str]] = []  # (step, why) skipped by the last fallback
+    self.best_directory = self.directory / BEST
+    self._best_manager = None  # opened on first use: a run without validation has no best/ folder
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -100,6 +122,38 @@ class Checkpointer:
     if hasattr(data_iterator, "get_state"):
       items["data"] = ocp.args.JsonSave(data_iterator.get_state())
     return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+
+  def best_manager(self, create: bool = False) -> ocp.CheckpointManager | None:
+    """The manager of checkpoints/best/ (one step); None if it does not exist and not `create`."""
+    if self._best_manager is None and (create or self.best_directory.is_dir()):
+      options = ocp.CheckpointManagerOptions(max_to_keep=1, create=True)
+      handlers = {"state": ocp.StandardCheckpointHandler(), "best": ocp.JsonCheckpointHandler()}
+      self._best_manager = ocp.CheckpointManager(self.best_directory, options=options, item_handlers=handlers)
+    return self._best_manager
+
+  def best(self) -> dict | None:
+    """The best checkpoint's record {metric, value, step}, or None if there is none (or unreadable:
+    the next validation then starts a new best)."""
+    manager = self.best_manager()
+    step = manager.latest_step() if manager is not None else None
+    if step is None:
+      return None
+    try:
+      return dict(manager.restore(step, args=ocp.args.Composite(best=ocp.args.JsonRestore()))["best"])
+    except Exception as e:  # pylint: disable=broad-except
+      _drop_closed_loop_noise()
+      logging.warning("the best checkpoint %d in %s cannot be read (%s); a new best is kept from the next "
+                      "validation", step, self.best_directory, _reason(e))
+      return None
+
+  def save_best(self, step: int, params, record: dict) -> None:
+    """Keeps `params` as the best checkpoint (replacing the previous one), with `record`."""
+    manager = self.best_manager(create=True)
+    for old in manager.all_steps():  # a resumed run that fell back before the old best re-reaches it
+      if old >= step:
+        manager.delete(old)
+    manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave({"params": params}),
+                                               best=ocp.args.JsonSave(record)), force=True)
 
   def _check_fits(self, step: int, abstract_state) -> None:
     target = abstract_state.get("params") if isinstance(abstract_state, dict) else getattr(abstract_state, "params",
@@ -133,22 +187,25 @@ class Checkpointer:
       data_iterator.set_state(restored["data"])
     return restored["state"]
 
-  def _newest_intact(self, read, step: int | None):
-    """read(step) for `step`, or for the newest step that reads, newest first; (step, result)."""
-    steps = self.all_steps()
+  def _newest_intact(self, read, step: int | None, manager=None):
+    """read(step) for `step`, or for the newest step that reads, newest first; (step, result).
+    `manager`: whose steps (default: checkpoints/'s)."""
+    manager = manager or self.manager
+    steps = sorted(manager.all_steps())
+    directory = self.directory if manager is self.manager else self.best_directory
     if step is not None:
       if step not in steps:
-        raise FileNotFoundError(f"no checkpoint for step {step} in {self.directory}; available steps: {steps}")
+        raise FileNotFoundError(f"no checkpoint for step {step} in {directory}; available steps: {steps}")
       try:
         return step, read(step)
       except CheckpointMismatchError:
         raise
       except Exception as e:  # pylint: disable=broad-except
         _drop_closed_loop_noise()
-        raise CheckpointError(f"checkpoint {step} in {self.directory} cannot be read ({_reason(e)}); pick another "
+        raise CheckpointError(f"checkpoint {step} in {directory} cannot be read ({_reason(e)}); pick another "
                               f"step of {steps}, or leave the step out for the newest intact one") from None
     if not steps:
-      raise FileNotFoundError(f"no checkpoint in {self.directory}")
+      raise FileNotFoundError(f"no checkpoint in {directory}")
     self.damaged = []
     for s in reversed(steps):
       try:
@@ -158,14 +215,14 @@ class Checkpointer:
       except Exception as e:  # pylint: disable=broad-except
         _drop_closed_loop_noise()
         self.damaged.append((s, _reason(e)))
-        logging.warning("checkpoint %d in %s cannot be read (%s); trying the one before it", s, self.directory,
+        logging.warning("checkpoint %d in %s cannot be read (%s); trying the one before it", s, directory,
                         _reason(e))
         continue
       if self.damaged:
-        logging.warning("restored step %d of %s: the newer step(s) %s are damaged", s, self.directory,
+        logging.warning("restored step %d of %s: the newer step(s) %s are damaged", s, directory,
                         ", ".join(str(d) for d, _ in self.damaged))
       return s, result
-    raise CheckpointError(f"no intact checkpoint in {self.directory}: "
+    raise CheckpointError(f"no intact checkpoint in {directory}: "
                           + "; ".join(f"step {s}: {why}" for s, why in self.damaged)
                           + ". Delete the damaged step folders to start again, or use another --workdir")
 
@@ -176,20 +233,30 @@ class Checkpointer:
         lambda s: self._restore_step(s, abstract_state, data_iterator), step)
     return state
 
-  def load_params(self, step: int | None = None) -> tuple[int, dict]:
-    """(step, trainable params {bridge, ret}) of a checkpoint (default: the newest intact one), for
-    evaluation and inference: no optimizer or data state needed. Placed on this process's first
-    device, whatever topology trained it (a TPU pod's checkpoint loads on a workstation)."""
+  def load_params(self, step: int | str | None = None) -> tuple[int, dict]:
+    """(step, trainable params {bridge, ret}) of a checkpoint (default: the newest intact one;
+    "best": the best validation checkpoint), for evaluation and inference: no optimizer or data
+    state needed. Placed on this process's first device, whatever topology trained it (a TPU
+    pod's checkpoint loads on a workstation)."""
     here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    step, manager = checkpoint_step(step), self.manager
+    if step == BEST:
+      manager = self.best_manager()
+      step = manager.latest_step() if manager is not None else None
+      if step is None:
+        raise CheckpointError(
+            f"{self.directory.parent} has no best checkpoint ({self.best_directory}): training keeps one "
+            "while it validates (data.val_split) with config.best_metric set; evaluate the latest checkpoint "
+            "or a step instead")
 
     def read(s):
-      metadata = self.manager.item_metadata(s)["state"]
+      metadata = manager.item_metadata(s)["state"]
       if metadata is None:
         raise ValueError("its state metadata is missing")
       target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=here), metadata)
-      return self.manager.restore(s, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
+      return manager.restore(s, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
 
-    step, state = self._newest_intact(read, step)
+    step, state = self._newest_intact(read, step, manager)
     return step, state["params"]
 
   def set_aside(self, steps) -> None:
@@ -205,11 +272,16 @@ class Checkpointer:
   def reload(self) -> None:
     self.manager.reload()
 
+  def _managers(self):
+    return [m for m in (self.manager, self._best_manager) if m is not None]
+
   def wait(self):
-    self.manager.wait_until_finished()
+    for manager in self._managers():
+      manager.wait_until_finished()
 
   def close(self):
-    self.manager.close()
+    for manager in self._managers():
+      manager.close()
 
 
 def abstract_like(tree):

@@ -1,7 +1,8 @@
 """The training loop: run the jitted step, log, validate through a callback, checkpoint, resume.
 
 It knows nothing of evaluation: validation comes in as `train(..., evaluate=fn)`, and training then
-evaluating the final checkpoint is bridgejax.main.run's job.
+evaluating the final checkpoint is bridgejax.main.run's job. After each validation the step with
+the best `config.best_metric` so far is kept in checkpoints/best/ (bridgejax.train.checkpoint).
 """
 
 from __future__ import annotations
@@ -70,6 +71,32 @@ def train_iterator(config, setup: Setup, *, shard_index: int | None = None, shar
   return iter(dataset)
 
 
+# config.best_metric: a key of the validation dict (bridgejax.evaluation.tasks.quick_validation) or
+# R@1_mean, and whether a higher value is better. FROMAGe keeps the best t2i R@1 (base.py's default).
+BEST_METRICS = {"t2i_R@1": True, "i2t_R@1": True, "R@1_mean": True, "t2i_R@5": True, "i2t_R@5": True,
+                "caption_loss": False, "text_loss": False, "contrastive_loss": False}
+
+
+def check_best_metric(name: str) -> None:
+  if name and name not in BEST_METRICS:
+    raise UserError(f"--config.best_metric={name!r} is not a validation metric; use one of "
+                    f"{', '.join(BEST_METRICS)}, or '' to keep no best checkpoint")
+
+
+def validation_score(val: dict, name: str) -> float:
+  """The value of best_metric `name` in the validation dict `val`."""
+  if name == "R@1_mean":
+    return (val["i2t_R@1"] + val["t2i_R@1"]) / 2
+  return val[name]
+
+
+def is_better(value: float, best: dict | None, name: str) -> bool:
+  """Whether `value` of best_metric `name` beats the best record so far (None: anything does)."""
+  if best is None:
+    return True
+  return value > best["value"] if BEST_METRICS[name] else value < best["value"]
+
+
 def format_summary(summary: dict, workdir: str) -> str:
   if summary.get("already_trained"):
     return (f"already trained to step {summary['step']} in {workdir} (total_steps={summary['total_steps']}): "
@@ -82,6 +109,9 @@ def format_summary(summary: dict, workdir: str) -> str:
       lines.append(f"  train {key:18s} {train_metrics[key]:.4f}")
   for key, value in sorted(summary.get("val", {}).items()):
     lines.append(f"  val   {key:18s} {value:.4f}")
+  if summary.get("best"):
+    best = summary["best"]
+    lines.append(f"  best  {best['metric']:18s} {best['value']:.4f} at step {best['step']} (eval.py --checkpoint best)")
   if summary["skipped_steps"]:
     lines.append(f"  {summary['skipped_steps']} steps skipped for a non-finite loss")
   return "\n".join(lines)
@@ -125,11 +155,11 @@ def lock_workdir(workdir: str) -> paths.WorkdirLock | None:
 
 
 # Keys that change only how a run is driven, not what its checkpoint holds: left out of the
-# config mismatch error, which lists what to put back.
+# config mismatch error, which lists what to put back ("eval.": configs saved before config.evals).
 HARMLESS_KEYS = ("total_steps", "log_every_steps", "checkpoint_every_steps", "eval_every_steps", "keep_checkpoints",
-                 "tensorboard", "eval_after_training", "eval.", "data.num_workers", "data.val_", "data.dir",
+                 "tensorboard", "eval_after_training", "evals.", "eval.", "data.num_workers", "data.val_", "data.dir",
                  "vision.path", "llm.path", "llm.tokenizer", "mesh.", "frozen_sharding", "max_nonfinite_steps",
-                 "name")
+                 "name", "best_metric")
 
 
 def _flat(tree, prefix: str = "") -> dict:
@@ -201,9 +231,21 @@ def _restore(checkpointer: Checkpointer, state, train_data, config, workdir: str
   return state
 
 
+def _best_so_far(checkpointer: Checkpointer, name: str) -> dict | None:
+  """The best checkpoint's record if it was kept by `name` (a resumed run goes on from it)."""
+  best = checkpointer.best() if name else None
+  if best is not None and best.get("metric") != name:
+    logging.warning("the best checkpoint (step %s) was kept by %s, not best_metric=%s: the next validation "
+                    "replaces it", best.get("step"), best.get("metric"), name)
+    return None
+  return best
+
+
 def _train(config, workdir: str, train_data, setup: Setup, evaluate) -> dict:
   model, mesh = setup.model, setup.mesh
   work = paths.path(workdir)
+  best_metric = config.get("best_metric", "") if evaluate is not None else ""
+  check_best_metric(best_metric)
 
   optimizer = make_optimizer(config.optim)
   replicated = mesh_lib.replicated(mesh)
@@ -220,6 +262,7 @@ def _train(config, workdir: str, train_data, setup: Setup, evaluate) -> dict:
     checkpointer.close()
     raise
   start = int(state.step)
+  best = _best_so_far(checkpointer, best_metric)
   if start and start >= config.total_steps:  # keep the finished run's summary and config.json
     checkpointer.close()
     summary_path = work / "train_summary.json"
@@ -275,6 +318,12 @@ def _train(config, workdir: str, train_data, setup: Setup, evaluate) -> dict:
         val = evaluate(setup, state.params, step)
         writer.write(step, val, prefix="val/")
         summary["val"] = val
+        value = float(validation_score(val, best_metric)) if best_metric else None
+        if best_metric and is_better(value, best, best_metric):
+          best = {"metric": best_metric, "value": value, "step": step}
+          checkpointer.save_best(step, state.params, best)
+          if jax.process_index() == 0:
+            progress.write(f"step {step}: best {best_metric} so far, {value:.4f} (kept in {checkpointer.best_directory})")
       checkpointer.save(step, state, train_data, force=is_last or stop)
       if stop:
         logging.warning("SIGTERM: saved step %d and stopped", step)
@@ -287,6 +336,8 @@ def _train(config, workdir: str, train_data, setup: Setup, evaluate) -> dict:
     preemption.restore()
   summary.update(step=int(state.step), preempted=stop, skipped_steps=int(state.nonfinite_total),
                  train={k: float(v) for k, v in jax.device_get(metrics).items()})
+  if best is not None:
+    summary["best"] = best
   if jax.process_index() == 0:
     paths.write_json(work / "train_summary.json", summary)
   summary["state"] = state

@@ -12,20 +12,15 @@ so captioning references and the multi-caption retrieval rule read straight from
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any, Iterator
 
-from bridgejax.data.sources.common import ImageSource, image_path, split_name
+from bridgejax.data.sources.common import ImageSource, image_path, load_json, split_name
 
 
 def load(src: str | os.PathLike) -> dict[str, Any]:
-  with open(src, encoding="utf-8") as f:
-    data = json.load(f)
-  if not isinstance(data, dict) or "images" not in data:
-    raise ValueError(f"{src} is not a COCO captions file: no top-level 'images' list")
-  return data
+  return load_json(src, "images", "COCO captions")
 
 
 def is_karpathy(data: dict[str, Any]) -> bool:

@@ -1,10 +1,12 @@
 """What every source shares: images that are loaded (and checked) later, in worker processes,
-and the loop that writes examples and counts the ones whose image is unusable."""
+the loop that writes examples and counts the ones whose image is unusable, and reading a
+source's JSON file."""
 
 from __future__ import annotations
 
 import dataclasses
 import io
+import json
 import multiprocessing
 import os
 import re
@@ -86,12 +88,8 @@ def write_examples(writer, loader: ImageLoader, examples: Iterable[dict[str, Any
   bytes filled in; an unusable image is skipped and counted. Returns the number written."""
   pending = ((ex, ex.pop("image")) for ex in examples)
   written = 0
-  for ex, result in loader.map(pending):
-    on_example()
-    if isinstance(result, ImageError):
-      writer.skip(result.reason, result.source, result.detail)
-      continue
-    writer.write({**ex, "image": result})
+  for ex, image in _loaded(writer, loader, pending, on_example):
+    writer.write({**ex, "image": image})
     written += 1
   return written
 
@@ -99,14 +97,27 @@ def write_examples(writer, loader: ImageLoader, examples: Iterable[dict[str, Any
 def write_image_table(table, loader: ImageLoader, images: Iterable[tuple[Any, ImageSource]],
                       on_image: Callable[[], None] = lambda: None) -> dict[Any, int]:
   """Write images {id, image} into an image-table split; returns id -> index of those that load."""
-  index = {}
-  for key, result in loader.map(images):
-    on_image()
+  return {key: table.write({"id": str(key), "image": image}) for key, image in _loaded(table, loader, images, on_image)}
+
+
+def _loaded(split, loader: ImageLoader, items: Iterable[tuple[Any, ImageSource]], on_item: Callable[[], None]):
+  """(key, image bytes) of the items whose image loads, in order; an unusable one is recorded as
+  skipped in `split` (its writer) instead. on_item() is called once per item either way."""
+  for key, result in loader.map(items):
+    on_item()
     if isinstance(result, ImageError):
-      table.skip(result.reason, result.source, result.detail)
-      continue
-    index[key] = table.write({"id": str(key), "image": result})
-  return index
+      split.skip(result.reason, result.source, result.detail)
+    else:
+      yield key, result
+
+
+def load_json(path: str | os.PathLike, key: str, what: str) -> dict[str, Any]:
+  """A source's JSON file, a dict with a top-level `key`; else one clear error naming the file."""
+  with open(path, encoding="utf-8") as f:
+    data = json.load(f)
+  if not isinstance(data, dict) or key not in data:
+    raise ValueError(f"{path} is not a {what} file: no top-level {key!r} list")
+  return data
 
 
 def index_images(*roots: str | os.PathLike, recursive: bool = True) -> dict[int, str]:

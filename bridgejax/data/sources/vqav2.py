@@ -10,29 +10,21 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
 
-from bridgejax.data.sources.common import ImageSource, image_source, index_images, split_name
+from bridgejax.data.sources.common import ImageSource, image_source, index_images, load_json, split_name
 
 
 def read(questions: str | os.PathLike, annotations: str | os.PathLike | None,
          images: list[str | os.PathLike], *, split: str | None = None
          ) -> tuple[str, list[tuple[int, ImageSource]], list[dict[str, Any]]]:
   """(split name, [(image_id, ImageSource)] in first-use order, [question records without image])."""
-  with open(questions, encoding="utf-8") as f:
-    qdata = json.load(f)
-  if "questions" not in qdata:
-    raise ValueError(f"{questions} is not a VQAv2 questions file: no 'questions' list")
+  qdata = load_json(questions, "questions", "VQAv2 questions")
   anns = {}
   if annotations is not None:
-    with open(annotations, encoding="utf-8") as f:
-      adata = json.load(f)
-    if "annotations" not in adata:
-      raise ValueError(f"{annotations} is not a VQAv2 annotations file: no 'annotations' list")
-    anns = {a["question_id"]: a for a in adata["annotations"]}
+    anns = {a["question_id"]: a for a in load_json(annotations, "annotations", "VQAv2 annotations")["annotations"]}
   name = split or split_name(qdata.get("data_subtype") or Path(questions).stem.split("_")[-2])
   index = index_images(*images)
 
