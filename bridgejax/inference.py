@@ -2,6 +2,7 @@
 
     from bridgejax.inference import Pipeline
     pipe = Pipeline.from_workdir("runs/demo")                  # config from runs/demo/config.json
+    pipe = Pipeline.from_pretrained("org/name", vision=..., llm=...)   # python -m bridgejax.export's folder
     pipe.caption("cat.jpg")                                    # 'a cat on a sofa'
     pipe.answer("cat.jpg", "what colour is the sofa?")         # 'red'
     index = pipe.build_index("photos/")                        # W_i embeddings of a folder of images
@@ -103,8 +104,61 @@ def list_images(folder: str) -> list[str]:
   return paths
 
 
+def _pretrained_folder(path_or_id: str, revision, local_files_only: bool, cache_dir) -> str:
+  """A local export folder, or the Hub repo `path_or_id`'s snapshot (downloaded or from the cache)."""
+  from bridgejax.errors import UserError  # pylint: disable=g-import-not-at-top
+  if os.path.isdir(path_or_id):
+    return str(path_or_id)
+  if "/" not in str(path_or_id) or str(path_or_id).count("/") > 1 or os.path.exists(path_or_id):
+    raise UserError(f"{path_or_id!r} is neither a folder nor a Hub repo id (org/name); pass the folder "
+                    "python -m bridgejax.export wrote, or its Hub id")
+  from huggingface_hub import errors as hub_errors, snapshot_download  # pylint: disable=g-import-not-at-top
+  try:
+    return snapshot_download(str(path_or_id), revision=revision, local_files_only=local_files_only,
+                             cache_dir=cache_dir)
+  except (hub_errors.LocalEntryNotFoundError, hub_errors.RepositoryNotFoundError,
+          hub_errors.RevisionNotFoundError) as e:
+    where = "in the local Hugging Face cache" if local_files_only else "on the Hub"
+    raise UserError(f"cannot fetch {path_or_id!r} {where} ({type(e).__name__}); check the repo id, "
+                    "or download it once without local_files_only") from e
+
+
+def _read_manifest(folder: str) -> dict:
+  from bridgejax import export, paths  # pylint: disable=g-import-not-at-top
+  from bridgejax.errors import UserError  # pylint: disable=g-import-not-at-top
+  path = os.path.join(folder, export.MANIFEST_FILE)
+  if not (os.path.isfile(path) and os.path.isfile(os.path.join(folder, export.PARAMS_FILE))):
+    raise UserError(f"{folder} is not an exported bridge (no {export.MANIFEST_FILE} / {export.PARAMS_FILE}); "
+                    "python -m bridgejax.export --workdir RUN --out DIR writes one")
+  return paths.read_json(path)
+
+
+def _check_backbone(part: str, path: str, recorded: dict) -> None:
+  """The backbone folder exists, or one line naming what the bridge expects and how to pass it."""
+  from bridgejax.errors import UserError  # pylint: disable=g-import-not-at-top
+  if not os.path.exists(path):
+    hub = f", hub id {recorded['hub_id']}" if recorded.get("hub_id") else ""
+    raise UserError(f"the {part} backbone folder {path!r} does not exist; the bridge was trained on "
+                    f"{recorded.get('arch') or recorded.get('path')}{hub}: pass {part}=FOLDER to from_pretrained")
+
+
+def _read_trainable(setup, path: str) -> dict:
+  """The exported {bridge, ret} params, checked against the model's shapes, replicated on setup.mesh."""
+  from bridgejax import export, mesh as mesh_lib  # pylint: disable=g-import-not-at-top
+  from bridgejax.train.checkpoint import CheckpointMismatchError, param_differences  # pylint: disable=g-import-not-at-top
+  from bridgejax.weights.safetensors_io import read_safetensors_file  # pylint: disable=g-import-not-at-top
+  trainable = export.unflatten(read_safetensors_file(path))
+  expected = jax.eval_shape(lambda: setup.model.init_trainable(jax.random.key(0), setup.frozen))
+  differences = param_differences(trainable, expected)
+  if differences:
+    raise CheckpointMismatchError(f"{path} does not fit this model (other backbones or config?): "
+                                  + "; ".join(differences[:6]), differences)
+  return jax.device_put(jax.tree.map(lambda x: np.asarray(x, np.float32), trainable),
+                        mesh_lib.replicated(setup.mesh))
+
+
 class Pipeline:
-  """A trained model ready for use. Build with `from_workdir`, or from parts (setup, params)."""
+  """A trained model ready for use. Build with `from_workdir`, `from_pretrained`, or from parts (setup, params)."""
 
   def __init__(self, setup, params, *, name: str = "", max_new_tokens: int = 32, batch_size: int = 16):
     self.setup, self.model, self.tokenizer = setup, setup.model, setup.tokenizer
@@ -125,6 +179,25 @@ class Pipeline:
     setup = build(config)
     step, params = load_params(setup, workdir, step)
     return cls(setup, params, name=f"{config.get('name', '')}@{step}", **kwargs)
+
+  @classmethod
+  def from_pretrained(cls, path_or_id: str, *, vision: str | None = None, llm: str | None = None,
+                      revision: str | None = None, local_files_only: bool = False, cache_dir: str | None = None,
+                      **kwargs) -> "Pipeline":
+    """A bridge exported by `python -m bridgejax.export`: a folder, or a Hub repo id ("org/name",
+    fetched with huggingface_hub.snapshot_download; `revision`, `local_files_only` and `cache_dir`
+    go to it). vision / llm: the backbones' folders, overriding the paths the export recorded."""
+    from bridgejax import export  # pylint: disable=g-import-not-at-top
+    from bridgejax.experiment import build  # pylint: disable=g-import-not-at-top
+    folder = _pretrained_folder(path_or_id, revision, local_files_only, cache_dir)
+    config = load_config(None, folder)
+    manifest = _read_manifest(folder)
+    for part, given in (("vision", vision), ("llm", llm)):
+      config[part].path = given or config[part].path
+      _check_backbone(part, config[part].path, manifest["backbones"][part])
+    setup = build(config)
+    trainable = _read_trainable(setup, os.path.join(folder, export.PARAMS_FILE))
+    return cls(setup, {**setup.frozen, **trainable}, name=f"{config.get('name', '')}@{manifest['step']}", **kwargs)
 
   # ------------------------------------------------------------------ inputs
 

@@ -1,0 +1,220 @@
+"""The thesis's bridges side by side on the toy world: every listed experiment config's bridge trained
+on the demo's setup, per seed, then one table and one plot.
+
+    python -m bridgejax.ablate --configs all --seeds 0,1,2 --workdir runs/ablate [--steps 200 --max_examples 100]
+    python -m bridgejax.ablate --configs fromage,crossatt_k12 --seeds 0,1 --workdir runs/ablate
+
+An ablation run of configs/X.py is toy_config("X"): X's bridge and the options that shape what is
+trained (TRANSPLANTED: loss weights, [RET] heads, CMLI, token-type embeddings, the concat trick)
+on configs/demo.py's everything else (toy backbones, toy data, optimiser, batch), for a bounded
+number of steps, evaluated on the toy test images: captioning, retrieval, VQA and VisDial, each on
+its first `max_examples`. A config whose backbones are not CLIP + Gemma (SigLIP, Glória) or whose
+bridge does not fit the toy backbones is skipped with its reason.
+
+Each config trains and evaluates through bridgejax.sweep in WORKDIR/<config>/seed_<s>, so finished
+runs are skipped and the same command resumes. Then WORKDIR/ablation.md (mean ± std over seeds, the
+trainable parameters at the config's real size from bridgejax.inspect), ablation.json and
+ablation.png (each headline metric against real-size trainable parameters, error bars = std).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import pkgutil
+import sys
+import time
+
+import ml_collections
+
+from bridgejax import cli, sweep
+from bridgejax.errors import UserError
+
+# What a config says about the bridge and its training signal; everything else is the demo's.
+TRANSPLANTED = ("bridge", "loss", "ret", "cmli", "token_type_embeddings", "concat_prob", "visual_token_scale")
+NOT_EXPERIMENTS = {"base", "demo"}
+STEPS = 200  # the default bounded run: README "Ablation on the toy world" has its time
+MAX_EXAMPLES = 100  # per eval task, on the toy test split
+# The table's and plot's columns: (task, metric); headers as bridgejax.evaluation.table shows them.
+HEADLINE = (("caption", "BLEU-4"), ("caption", "CIDEr"), ("retrieval", "i2t_R@1"), ("retrieval", "t2i_R@1"),
+            ("vqa", "overall"), ("visdial", "R@1"), ("visdial", "MRR"))
+PLOTTED = (("caption", "CIDEr"), ("retrieval", "t2i_R@1"), ("vqa", "overall"), ("visdial", "MRR"))
+TOY_SPLITS = {"caption": "test", "retrieval": "test", "vqa": "vqa_test", "visdial": "visdial_test"}
+
+
+def known_configs() -> list[str]:
+  """The experiment configs in configs/ (not base.py, not demo.py), sorted."""
+  import configs  # pylint: disable=g-import-not-at-top
+  return sorted(m.name for m in pkgutil.iter_modules(configs.__path__) if m.name not in NOT_EXPERIMENTS)
+
+
+def experiment_config(name: str):
+  """configs/<name>.py's get_config(), as the thesis runs it."""
+  known = known_configs()
+  if name not in known:
+    raise UserError(f"--configs: unknown config {name!r}; known: {','.join(known)} (or 'all')")
+  return importlib.import_module(f"configs.{name}").get_config()
+
+
+def parse_configs(text: str) -> list[str]:
+  names = [n.strip() for n in text.split(",") if n.strip()]
+  if names == ["all"]:
+    return known_configs()
+  if not names or len(set(names)) < len(names):
+    raise UserError(f"--configs {text!r}: expected 'all' or comma-separated config names, each once")
+  for name in names:
+    experiment_config(name)  # an unknown name: one line listing the known ones
+  return names
+
+
+def toy_config(name: str, steps: int = STEPS, *, toy=None, max_examples: int = MAX_EXAMPLES,
+               max_new_tokens: int = 0):
+  """configs/<name>.py's TRANSPLANTED keys on `toy` (configs/demo.py by default), trained `steps`
+  steps (validated and checkpointed at the end) and evaluated on the toy test splits; max_new_tokens
+  > 0 caps captioning's and VQA's decoding (tests), else each task's default."""
+  from bridgejax.data.splits import eval_task  # pylint: disable=g-import-not-at-top
+  from configs import demo  # pylint: disable=g-import-not-at-top
+  config = (toy if toy is not None else demo.get_config()).copy_and_resolve_references()
+  experiment = experiment_config(name)
+  for key in TRANSPLANTED:
+    config[key] = experiment[key]
+  config.name = name
+  config.total_steps = config.checkpoint_every_steps = config.eval_every_steps = steps
+  config.evals = ml_collections.ConfigDict({
+      task: eval_task(task, data=config.data.dir, split=split, batch_size=config.data.val_batch_size,
+                      max_examples=max_examples, progress=False)
+      for task, split in TOY_SPLITS.items()})
+  for task in ("caption", "vqa"):
+    config.evals[task].max_new_tokens = max_new_tokens or config.evals[task].max_new_tokens
+  return config
+
+
+def unrunnable(name: str, config) -> str | None:
+  """Why configs/<name>.py cannot run on the toy backbones (its toy_config `config`), else None."""
+  from bridgejax import inspect  # pylint: disable=g-import-not-at-top
+  from configs import base  # pylint: disable=g-import-not-at-top
+  experiment, reference = experiment_config(name), base.get_config()
+  for tower in ("vision", "llm"):
+    if experiment[tower].arch != reference[tower].arch:
+      return f"its {tower} is {experiment[tower].arch}, the toy world has CLIP + Gemma only"
+  try:
+    inspect.count(config)
+  except Exception as e:  # pylint: disable=broad-except
+    return f"its bridge does not build on the toy backbones: {cli.one_line(e)}"
+  return None
+
+
+def _params(n: int) -> str:
+  return f"{n / 1e6:.1f}M" if n >= 1e5 else f"{n / 1e3:.1f}k"
+
+
+def summarize(rows: list[dict], workdir: str) -> str:
+  """Writes WORKDIR/ablation.md, .json and .png from rows ({config, experiment, trainable_params,
+  toy_trainable_params, workdirs}); returns the Markdown table."""
+  from bridgejax.evaluation import table  # pylint: disable=g-import-not-at-top
+  headers = [h for task, metric in HEADLINE for m, h in table.COLUMNS[task] if m == metric]
+  cells, records = [], []
+  for row in rows:
+    runs = [table.load_workdir(w) for w in row["workdirs"]]
+    record = {**row, "seeds": len(runs)}
+    for task, metric in HEADLINE:
+      values = table.metric_values(runs, task, metric)
+      record[f"{task}/{metric}"], record[f"{task}/{metric} std"] = table.mean_std(values) if values else (None, None)
+    records.append(record)
+    cells.append([row["config"], _params(row["trainable_params"]), _params(row["toy_trainable_params"]),
+                  str(len(runs))] + [table.cell(m, table.metric_values(runs, t, m)) for t, m in HEADLINE])
+  markdown = table.render(["config", "trainable (real)", "trainable (toy)", "seeds"]
+                          + headers, cells, markdown=True)
+  with open(os.path.join(workdir, "ablation.md"), "w") as f:
+    f.write(markdown + "\n")
+  with open(os.path.join(workdir, "ablation.json"), "w") as f:
+    json.dump(records, f, indent=1)
+  plot(records, os.path.join(workdir, "ablation.png"))
+  return markdown
+
+
+def plot(records: list[dict], path: str) -> None:
+  """Each PLOTTED metric against real-size trainable parameters (log scale): a point per config,
+  error bars one std over seeds; values as the table shows them."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  from bridgejax.evaluation import table  # pylint: disable=g-import-not-at-top
+  fig, axes = plt.subplots(2, 2, figsize=(11, 8))
+  for ax, (task, metric) in zip(axes.flat, PLOTTED):
+    for r in records:
+      mean, std = r[f"{task}/{metric}"], r[f"{task}/{metric} std"]
+      if mean is None:
+        continue
+      y, err = float(table.fmt(metric, mean)), float(table.fmt(metric, std)) if std is not None else 0.0
+      ax.errorbar(r["trainable_params"], y, yerr=err, fmt="o", capsize=3)
+      ax.annotate(r["config"], (r["trainable_params"], y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_xlabel("trainable parameters at real size")
+    ax.set_title(f"{task} {metric}")
+  fig.suptitle("toy world: mean ± std over seeds")
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
+def ablate(names: list[str], seeds: list[int], workdir: str, *, steps: int = STEPS,
+           max_examples: int = MAX_EXAMPLES, max_new_tokens: int = 0, toy=None) -> dict:
+  """Trains and evaluates each runnable config per seed (bridgejax.sweep: done runs are skipped),
+  then writes the table, JSON and plot. {"rows", "skipped": {name: reason}, "complete"}."""
+  from bridgejax import inspect  # pylint: disable=g-import-not-at-top
+  from bridgejax.checks import check_config_paths  # pylint: disable=g-import-not-at-top
+  from bridgejax.toy.prepare import ensure_toy_data  # pylint: disable=g-import-not-at-top
+  start, rows, skipped, complete = time.time(), [], {}, True
+  os.makedirs(workdir, exist_ok=True)
+  for i, name in enumerate(names):
+    config = toy_config(name, steps, toy=toy, max_examples=max_examples, max_new_tokens=max_new_tokens)
+    reason = unrunnable(name, config)
+    if reason:
+      print(f"[{i + 1}/{len(names)}] {name}: skipped, {reason}", flush=True)
+      skipped[name] = reason
+      continue
+    print(f"[{i + 1}/{len(names)}] {name} ({time.time() - start:.0f} s so far)", flush=True)
+    ensure_toy_data(config)
+    check_config_paths(config, for_training=True)
+    check_config_paths(config, for_training=False, backbones=False)
+    done = sweep.sweep(config, os.path.join(workdir, name), seeds)
+    complete = complete and len(done) == len(seeds)
+    if done:
+      rows.append({"config": name, "experiment": experiment_config(name).name, "steps": steps,
+                   "trainable_params": inspect.count(experiment_config(name))["trainable_params"],
+                   "toy_trainable_params": inspect.count(config)["trainable_params"], "workdirs": done})
+    if not complete:
+      break
+  if rows:
+    print(summarize(rows, workdir))
+  print(f"ablation of {len(rows)} config(s) x {len(seeds)} seed(s) in {workdir}, {time.time() - start:.0f} s"
+        + (f"; skipped {', '.join(skipped)}" if skipped else "")
+        + ("; wrote ablation.md, ablation.json, ablation.png" if rows else "")
+        + ("" if complete else "; stopped early (SIGTERM): run the same command to resume"))
+  return {"rows": rows, "skipped": skipped, "complete": complete}
+
+
+def main(argv=None) -> int:
+  argv, debug = cli.pop_debug(sys.argv[1:] if argv is None else argv)
+  p = argparse.ArgumentParser(prog="python -m bridgejax.ablate", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--configs", required=True, help="comma-separated configs/*.py names, or 'all'")
+  p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds, one run each")
+  p.add_argument("--workdir", required=True, help="WORKDIR/<config>/seed_<s> per run; the table and plot here")
+  p.add_argument("--steps", type=int, default=STEPS, help="training steps per run")
+  p.add_argument("--max_examples", type=int, default=MAX_EXAMPLES, help="examples per eval task (0 = all)")
+  a = p.parse_args(argv)
+
+  def run() -> int:
+    cli.quiet_library_logs()
+    result = ablate(parse_configs(a.configs), sweep.parse_seeds(a.seeds), a.workdir, steps=a.steps,
+                    max_examples=a.max_examples)
+    return 0 if result["complete"] else 1
+  return cli.call(run, debug=debug)
+
+
+if __name__ == "__main__":
+  sys.exit(main())

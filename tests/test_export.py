@@ -1,0 +1,170 @@
+"""`python -m bridgejax.export` and Pipeline.from_pretrained: a run's checkpoint as a Hub-ready
+folder, loaded back from the folder and from a Hub id in a local HF cache (offline)."""
+
+import json
+import os
+import shutil
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))
+import tiny_eval_world as tw  # noqa: E402
+
+from bridgejax import export  # noqa: E402
+from bridgejax.data.records import open_split  # noqa: E402
+from bridgejax.inference import Pipeline  # noqa: E402
+from bridgejax.train.checkpoint import Checkpointer  # noqa: E402
+from bridgejax.weights.safetensors_io import read_safetensors_file  # noqa: E402
+
+BEST_STEP = 2
+RETRIEVAL = {"i2t_R@1": 40.0, "t2i_R@1": 20.0, "t2i_R@5": 60.0}
+CAPTION = {"BLEU-4": 0.0123, "CIDEr": 0.25}
+
+
+def _eval_json(workdir, task, kind, metrics, protocol, step):
+  """An eval/<task>.json in eval.py's layout (bridgejax.evaluation.run.evaluate)."""
+  os.makedirs(os.path.join(workdir, "eval"), exist_ok=True)
+  with open(os.path.join(workdir, "eval", f"{task}.json"), "w") as f:
+    json.dump({"task": task, "type": kind, "protocol": protocol, "metrics": metrics, "config": "tiny",
+               "checkpoint_step": step, "dataset": {"dir": "/data/toy", "split": "val"}}, f)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+  """A tiny run: the latest checkpoint (step 3) and a best one (step 2, other params), evaluated."""
+  workdir = str(tmp_path_factory.mktemp("export") / "run")
+  shutil.copytree(tw.workdir_with_checkpoint(), workdir)
+  _, trainable = tw.setup_and_params()
+  best = jax.tree.map(lambda x: np.asarray(x) * 0.5 + 0.01, trainable)
+  checkpointer = Checkpointer(workdir)
+  checkpointer.save_best(BEST_STEP, best, {"metric": "t2i_R@1", "value": 20.0, "step": BEST_STEP})
+  checkpointer.wait()
+  checkpointer.close()
+  _eval_json(workdir, "retrieval", "retrieval", RETRIEVAL, "standard", 3)
+  _eval_json(workdir, "caption", "caption", CAPTION, "fromage", 3)
+  return workdir, trainable, best
+
+
+@pytest.fixture(scope="module")
+def exported(run, tmp_path_factory):
+  workdir, _, _ = run
+  out = str(tmp_path_factory.mktemp("export") / "bridge")
+  assert export.main(["--workdir", workdir, "--out", out, "--llm-id", "google/gemma-tiny"]) == 0
+  return out
+
+
+def _flat(tree):
+  return {"/".join(str(k.key) for k in path): np.asarray(leaf) for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def test_export_writes_the_trainable_params_config_and_card(run, exported):
+  workdir, trainable, _ = run
+  assert sorted(os.listdir(exported)) == ["README.md", "bridgejax.json", "config.json", "eval", "model.safetensors"]
+  tensors = read_safetensors_file(os.path.join(exported, "model.safetensors"))
+  want = _flat(trainable)
+  assert sorted(tensors) == sorted(want) and all(n.split("/")[0] in ("bridge", "ret") for n in tensors)
+  for name, value in want.items():
+    assert tensors[name].dtype == np.float32 and tensors[name].shape == value.shape
+    np.testing.assert_array_equal(tensors[name], value)
+  assert open(os.path.join(exported, "config.json")).read() == open(os.path.join(workdir, "config.json")).read()
+  record = json.load(open(os.path.join(exported, "bridgejax.json")))
+  count = sum(v.size for v in want.values())
+  assert record["step"] == 3 and record["trainable_parameters"] == count and record["checkpoint"] == "latest"
+  assert record["backbones"]["vision"]["path"] == tw.world()["clip"]
+  assert record["backbones"]["llm"] == {"path": tw.world()["gemma"], "arch": "gemma-2b", "hub_id": "google/gemma-tiny"}
+  card = open(os.path.join(exported, "README.md")).read()
+  assert card.startswith("---\nlibrary_name: bridgejax\n")
+  assert f"| trainable parameters | {count:,} |" in card and "| config | `tiny` |" in card
+  assert "cls_linear (k=2," in card and "step 3 of " in card and "hub: `google/gemma-tiny`" in card
+  assert "Pipeline.from_pretrained(" in card
+  # the metrics per task with their protocol, scaled as the results table does (rates x100, R@k as is)
+  assert "### retrieval (retrieval)" in card and "Protocol: standard;" in card and "| t2i R@5 | 60.00 |" in card
+  assert "Protocol: fromage;" in card and "| B-4 | 1.23 |" in card and "| CIDEr | 25.00 |" in card
+  assert json.load(open(os.path.join(exported, "eval", "caption.json")))["metrics"] == CAPTION
+
+
+def test_export_best_checkpoint_and_one_line_errors(run, exported, tmp_path, capsys):
+  workdir, _, best = run
+  out = str(tmp_path / "best")
+  record = export.export(workdir, out, "best")
+  assert record["step"] == BEST_STEP and record["checkpoint"] == "best"
+  tensors = read_safetensors_file(os.path.join(out, "model.safetensors"))
+  for name, value in _flat(best).items():
+    np.testing.assert_allclose(tensors[name], value, rtol=1e-6)
+  capsys.readouterr()
+  for argv, message in [
+      (["--workdir", workdir, "--out", exported], "is not empty; pass --overwrite"),
+      (["--workdir", str(tmp_path / "nowhere"), "--out", out + "2"], "does not exist"),
+      (["--workdir", workdir, "--out", out + "2", "--checkpoint", "9"], "no checkpoint for step 9"),
+      (["--workdir", workdir, "--out", out + "2", "--push", "no-slash"], "expected a Hub repo id"),
+  ]:
+    assert export.main(argv) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and message in err, err
+  assert not os.path.exists(out + "2")
+  assert export.main(["--workdir", workdir, "--out", out, "--overwrite"]) == 0  # now the latest step
+  assert json.load(open(os.path.join(out, "bridgejax.json")))["step"] == 3
+
+
+def test_from_pretrained_matches_from_workdir(run, exported):
+  workdir, _, _ = run
+  ours = Pipeline.from_workdir(workdir, max_new_tokens=5, batch_size=4)
+  theirs = Pipeline.from_pretrained(exported, max_new_tokens=5, batch_size=4)
+  assert theirs.name == ours.name == "tiny@3"
+  split = open_split(tw.world()["data"], "val")
+  images = [split[i]["image"] for i in range(3)]
+  assert theirs.captions(images) == ours.captions(images)
+  np.testing.assert_array_equal(theirs._encode(images)[1], ours._encode(images)[1])
+  np.testing.assert_array_equal(theirs.text_query("a red circle"), ours.text_query("a red circle"))
+
+
+def test_from_pretrained_backbone_overrides_and_errors(exported, tmp_path):
+  with pytest.raises(ValueError, match="llm backbone folder .* does not exist.*hub id google/gemma-tiny.*llm=FOLDER"):
+    Pipeline.from_pretrained(exported, llm=str(tmp_path / "moved_gemma"))
+  with pytest.raises(ValueError, match="neither a folder nor a Hub repo id"):
+    Pipeline.from_pretrained(str(tmp_path / "missing"))
+  with pytest.raises(ValueError, match="cannot fetch 'org/absent' in the local Hugging Face cache"):
+    Pipeline.from_pretrained("org/absent", local_files_only=True, cache_dir=str(tmp_path / "empty_cache"))
+
+
+def test_from_pretrained_hub_id_from_the_local_cache(exported, tmp_path, monkeypatch):
+  """The Hub path, offline: the export in the hub cache layout, found through HF_HUB_CACHE."""
+  import huggingface_hub.constants
+  cache = tmp_path / "hub"
+  revision = "0123456789abcdef0123456789abcdef01234567"
+  repo = cache / "models--org--tiny-bridge"
+  shutil.copytree(exported, repo / "snapshots" / revision)
+  (repo / "refs").mkdir()
+  (repo / "refs" / "main").write_text(revision)
+  monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+  monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))  # read once, at import
+  pipe = Pipeline.from_pretrained("org/tiny-bridge", local_files_only=True)
+  local = Pipeline.from_pretrained(exported)
+  assert pipe.name == local.name == "tiny@3"
+  trainable = lambda p: _flat({k: p.params[k] for k in ("bridge", "ret")})  # noqa: E731
+  mine, want = trainable(pipe), trainable(local)
+  assert sorted(mine) == sorted(want)
+  for name in want:
+    np.testing.assert_array_equal(mine[name], want[name])
+
+
+def test_push_uploads_the_folder(exported, monkeypatch, capsys, run, tmp_path):
+  import huggingface_hub
+  calls = []
+  monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", lambda self, repo_id, **kw: calls.append(("create", repo_id, kw)))
+  monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", lambda self, **kw: calls.append(("upload", kw)))
+  assert export.push(exported, "org/tiny-bridge", private=True) == "https://huggingface.co/org/tiny-bridge"
+  assert calls[0] == ("create", "org/tiny-bridge", {"repo_type": "model", "private": True, "exist_ok": True})
+  upload = calls[1][1]
+  assert upload["folder_path"] == exported and upload["repo_id"] == "org/tiny-bridge" and upload["repo_type"] == "model"
+  calls.clear()
+  workdir, _, _ = run
+  out = str(tmp_path / "pushed")
+  assert export.main(["--workdir", workdir, "--out", out, "--push", "org/other"]) == 0
+  assert [c[0] for c in calls] == ["create", "upload"] and calls[1][1]["folder_path"] == out
+  assert "pushed to https://huggingface.co/org/other" in capsys.readouterr().out
+  with pytest.raises(ValueError, match="is not an exported bridge"):
+    export.push(str(tmp_path), "org/x")
