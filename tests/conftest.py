@@ -11,8 +11,11 @@ import pytest
 # functions, processes and subprocesses. A compilation cache shared by the whole session, fresh
 # each session, compiles each program once. Set through the environment before JAX is imported, so
 # the subprocesses that tests start use it too.
-_JAX_CACHE = tempfile.mkdtemp(prefix="bridgejax-test-jax-cache-")
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _JAX_CACHE)
+# The process that makes the directory owns it: pytest-xdist's workers inherit it from the controller
+# and leave it alone when they finish; the controller removes it at the very end.
+_JAX_CACHE = None
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  _JAX_CACHE = os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="bridgejax-test-jax-cache-")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 if "jax" in __import__("sys").modules:  # a plugin imported JAX before this file: tell it directly
@@ -24,7 +27,8 @@ if "jax" in __import__("sys").modules:  # a plugin imported JAX before this file
 
 def pytest_sessionfinish(session, exitstatus):
   del session, exitstatus
-  shutil.rmtree(_JAX_CACHE, ignore_errors=True)
+  if _JAX_CACHE is not None:
+    shutil.rmtree(_JAX_CACHE, ignore_errors=True)
 
 # ------------------------------------------------------------------------------------------------
 # Tiny random Gemma checkpoints (test_gemma.py, test_generate.py): one per family / attention layout.

@@ -21,7 +21,8 @@ from bridgejax import losses  # noqa: E402
 from bridgejax.data.image import clip_preprocess, decode_image  # noqa: E402
 from bridgejax.data.records import RecordError, open_split  # noqa: E402
 from bridgejax.evaluation import captioning, retrieval, tasks, vqa  # noqa: E402
-from bridgejax.evaluation.engine import Engine, l2_normalize, pad_rows  # noqa: E402
+from bridgejax.evaluation.engine import Engine, pad_rows  # noqa: E402
+from bridgejax.losses import l2_normalize  # noqa: E402
 from bridgejax.generate import generate  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
