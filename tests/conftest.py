@@ -25,6 +25,16 @@ if "jax" in __import__("sys").modules:  # a plugin imported JAX before this file
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
+# Whole files that take minutes run first, so that with `-n 2` one worker runs them while the other
+# works through the rest, instead of one of them starting near the end (longest first).
+LONG_FILES = ("test_demo.py", "test_ablate.py")
+
+
+def pytest_collection_modifyitems(session, config, items):
+  del session, config
+  items.sort(key=lambda item: item.path.name not in LONG_FILES)  # stable: files stay whole, in order
+
+
 def pytest_sessionfinish(session, exitstatus):
   del session, exitstatus
   if _JAX_CACHE is not None:
