@@ -2,7 +2,9 @@
 
     from bridgejax.inference import Pipeline
     pipe = Pipeline.from_workdir("runs/demo")                  # config from runs/demo/config.json
-    pipe = Pipeline.from_pretrained("org/name", vision=..., llm=...)   # python -m bridgejax.export's folder
+    pipe = Pipeline.from_pretrained("bridge/", vision=..., llm=...)    # python -m bridgejax.export's folder
+                                                               # (a Hub id "org/name" needs the network or
+                                                               #  a local HF cache: local_files_only=True)
     pipe.caption("cat.jpg")                                    # 'a cat on a sofa'
     pipe.answer("cat.jpg", "what colour is the sofa?")         # 'red'
     index = pipe.build_index("photos/")                        # W_i embeddings of a folder of images

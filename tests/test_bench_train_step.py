@@ -51,22 +51,30 @@ def test_flops_by_hand():
       clip + bridge + llm_linear + lm_head + attention + heads) == 55680
 
 
+SMALL_VISION = CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_layers=2, num_heads=2, image_size=8,
+                                patch_size=2)
+SMALL_LLM = GemmaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_layers=2, num_heads=4,
+                        num_kv_heads=2, head_dim=4)
+
+
+def _abstract_small(config, vision=SMALL_VISION, llm=SMALL_LLM):
+  """The config's model on 2-layer backbones, with abstract (shape-only) params and a batch of 4 x 5."""
+  model = bench.build_model(config, vision, llm)
+  frozen = jax.eval_shape(bench.frozen_init(model), jax.random.key(0))
+  trainable = jax.eval_shape(lambda f: model.init_trainable(jax.random.key(0), f), frozen)
+  batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in bench.random_batch(0, 4, 5, vision, llm).items()}
+  return model, trainable, frozen, batch
+
+
 @pytest.mark.parametrize("config_file,concat_prob", [("fromage.py", 0.0), ("fromage.py", 0.5),
                                                      ("crossatt_k12.py", 0.0)])
 def test_forward_flops_equal_the_traced_loss(config_file, concat_prob):
   """The analytic forward equals the dot/conv FLOPs of model.loss's jaxpr (shapes only)."""
   config = bench.load_config(os.path.join(ROOT, "configs", config_file))
   config.concat_prob = concat_prob
-  vision = CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_layers=2, num_heads=2, image_size=8,
-                            patch_size=2)
-  llm = GemmaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_layers=2, num_heads=4,
-                    num_kv_heads=2, head_dim=4)
-  model = bench.build_model(config, vision, llm)
-  frozen = jax.eval_shape(bench.frozen_init(model), jax.random.key(0))
-  trainable = jax.eval_shape(lambda f: model.init_trainable(jax.random.key(0), f), frozen)
-  batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in bench.random_batch(0, 4, 5, vision, llm).items()}
+  model, trainable, frozen, batch = _abstract_small(config)
   traced = bench._traced_matmul_flops(jax.make_jaxpr(model.loss)(trainable, frozen, batch, jax.random.key(0)).jaxpr)
-  assert sum(bench.flops_breakdown(config, vision, llm, 4, 5)["forward"].values()) == traced
+  assert sum(bench.flops_breakdown(config, SMALL_VISION, SMALL_LLM, 4, 5)["forward"].values()) == traced
 
 
 def test_real_fromage_count_is_near_the_issue_figure():
@@ -130,13 +138,6 @@ def test_remat_shrinks_the_backward_residuals():
   for remat in ("none", "llm", "all"):
     config = _fromage(concat_prob=0.5)
     config.remat = remat
-    vision = CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_layers=2, num_heads=2, image_size=8,
-                              patch_size=2)
-    llm = GemmaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_layers=2, num_heads=4,
-                      num_kv_heads=2, head_dim=4)
-    model = bench.build_model(config, vision, llm)
-    frozen = jax.eval_shape(bench.frozen_init(model), jax.random.key(0))
-    trainable = jax.eval_shape(lambda f: model.init_trainable(jax.random.key(0), f), frozen)
-    batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in bench.random_batch(0, 4, 5, vision, llm).items()}
+    model, trainable, frozen, batch = _abstract_small(config)
     measured[remat] = bench.residual_bytes(model, trainable, frozen, batch)
   assert measured["none"] > measured["llm"] > measured["all"] > 0, measured
