@@ -224,22 +224,30 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
+  """Pre-norm RMSNorm attention and MLP blocks with residuals; Gemma 2/3 add post-norms. LLaMA's
+  layer is this one with its own `attention_class`, `mlp_class` and `norm_class` (no post-norms)."""
+
   config: GemmaConfig
   layer_type: str
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  attention_class = Attention  # class attributes, not fields: a family's subclass swaps them
+  mlp_class = MLP
+  norm_class = RMSNorm  # Gemma's x * (1 + w)
 
   @nn.compact
   def __call__(self, x, positions, mask, cache: LayerCache | None = None):
     c = self.config
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    norm = lambda name: RMSNorm(c.rms_norm_eps, self.param_dtype, name=name)
-    h, cache = Attention(c, self.layer_type, name="attn", **kw)(norm("pre_attn_norm")(x), positions, mask, cache)
-    if c.post_norms:
+    post_norms = getattr(c, "post_norms", False)
+    norm = lambda name: self.norm_class(c.rms_norm_eps, self.param_dtype, name=name)
+    h, cache = self.attention_class(c, self.layer_type, name="attn", **kw)(norm("pre_attn_norm")(x), positions,
+                                                                           mask, cache)
+    if post_norms:
       h = norm("post_attn_norm")(h)
     x = x + h
-    h = MLP(c, name="mlp", **kw)(norm("pre_ffw_norm")(x))
-    if c.post_norms:
+    h = self.mlp_class(c, name="mlp", **kw)(norm("pre_ffw_norm")(x))
+    if post_norms:
       h = norm("post_ffw_norm")(h)
     return x + h, cache
 

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bridgejax.models.activations import ACTIVATIONS
+from bridgejax.models import gemma
 from bridgejax.models.gemma import FULL, CausalDecoder, LayerCache, LMOutput, attend, settle_decoder_config
 from bridgejax.models.gemma import init_cache as _init_cache
 from bridgejax.models.precision import matmul_precision
@@ -163,20 +164,13 @@ class MLP(nn.Module):
     return dense(c.hidden_size, "down_proj")(gate * dense(c.intermediate_size, "up_proj")(x))
 
 
-class DecoderLayer(nn.Module):
-  config: LlamaConfig
-  layer_type: str
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
+class DecoderLayer(gemma.DecoderLayer):
+  """Gemma's layer (pre-norm blocks) with LLaMA's attention (biases, RoPE scaling), SwiGLU and RMSNorm."""
 
-  @nn.compact
-  def __call__(self, x, positions, mask, cache: LayerCache | None = None):
-    c = self.config
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    norm = lambda name: RMSNorm(c.rms_norm_eps, self.param_dtype, name=name)
-    h, cache = Attention(c, self.layer_type, name="attn", **kw)(norm("pre_attn_norm")(x), positions, mask, cache)
-    x = x + h
-    return x + MLP(c, name="mlp", **kw)(norm("pre_ffw_norm")(x)), cache
+  config: LlamaConfig
+  attention_class = Attention
+  mlp_class = MLP
+  norm_class = RMSNorm  # x * w
 
 
 class Llama(CausalDecoder):
