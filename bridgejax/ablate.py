@@ -33,15 +33,17 @@ from bridgejax import cli, sweep
 from bridgejax.errors import UserError
 
 # What a config says about the bridge and its training signal; everything else is the demo's.
-TRANSPLANTED = ("bridge", "loss", "ret", "cmli", "token_type_embeddings", "concat_prob", "visual_token_scale")
+TRANSPLANTED = ("bridge", "loss", "ret", "cmli", "token_type_embeddings", "concat_prob", "visual_token_scale",
+                "pic2word")
 NOT_EXPERIMENTS = {"base", "demo"}
 STEPS = 200  # the default bounded run: README "Ablation on the toy world" has its time
 MAX_EXAMPLES = 100  # per eval task, on the toy test split
 # The table's and plot's columns: (task, metric); headers as bridgejax.evaluation.table shows them.
 HEADLINE = (("caption", "BLEU-4"), ("caption", "CIDEr"), ("retrieval", "i2t_R@1"), ("retrieval", "t2i_R@1"),
-            ("vqa", "overall"), ("visdial", "R@1"), ("visdial", "MRR"))
+            ("vqa", "overall"), ("visdial", "R@1"), ("visdial", "MRR"), ("compose", "R@1"))
 PLOTTED = (("caption", "CIDEr"), ("retrieval", "t2i_R@1"), ("vqa", "overall"), ("visdial", "MRR"))
 TOY_SPLITS = {"caption": "test", "retrieval": "test", "vqa": "vqa_test", "visdial": "visdial_test"}
+PIC2WORD_SPLITS = {"compose": "compose_test"}  # composed retrieval, for the configs that train Pic2Word's f_M
 
 
 def known_configs() -> list[str]:
@@ -85,7 +87,7 @@ def toy_config(name: str, steps: int = STEPS, *, toy=None, max_examples: int = M
   config.evals = ml_collections.ConfigDict({
       task: eval_task(task, data=config.data.dir, split=split, batch_size=config.data.val_batch_size,
                       max_examples=max_examples, progress=False)
-      for task, split in TOY_SPLITS.items()})
+      for task, split in {**TOY_SPLITS, **(PIC2WORD_SPLITS if config.loss.get("pic2word", 0) > 0 else {})}.items()})
   for task in ("caption", "vqa"):
     config.evals[task].max_new_tokens = max_new_tokens or config.evals[task].max_new_tokens
   return config

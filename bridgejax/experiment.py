@@ -38,6 +38,6 @@ def build(config) -> Setup:
   lm = weights.load_language_model(config.llm.path, param_dtype=param_dtype, sharding=on_mesh)
   tokenizer = weights.load_tokenizer(config.llm.get("tokenizer") or config.llm.path)
   model = BridgeModel.create(config, vision.config, lm.config, compute_dtype=compute_dtype,
-                             frozen_param_dtype=param_dtype)
+                             frozen_param_dtype=param_dtype, tokenizer=tokenizer)
   frozen = {"vision": vision.params, "llm": lm.params}
   return Setup(config, mesh, model, frozen, tokenizer)

@@ -91,6 +91,7 @@ def generate(
     pad_id: int | None = None,
     rng=None,
     cache_length: int | None = None,
+    hook=None,
 ) -> Array:
   """New tokens (B, max_new_tokens) int32 continuing each right-padded prompt.
 
@@ -101,6 +102,8 @@ def generate(
   method: "greedy", "sample" (temperature, top_p, top_k; rng a jax key) or "beam" (num_beams,
   length_penalty: a beam's final score is sum log p / length ** length_penalty).
   Rows stop at eos_token_ids (default: the config's) or stop_tokens.
+  hook: the decoder hook (models/gemma.DecoderHook) of a bridge acting inside the LLM, for the
+  prompt's layout (the bridge model's llm_hook); every prefill and step passes it to the decoder.
   """
   if method not in METHODS:
     raise ValueError(f"method={method!r}; use one of {METHODS}")
@@ -125,16 +128,16 @@ def generate(
   extra = None if extra_embeddings is None else jnp.asarray(extra_embeddings)
   lengths = jnp.asarray(lengths, jnp.int32)
 
-  logits, cache = prefill(module, params, ids, embeds, lengths, extra, cache_length)
+  logits, cache = prefill(module, params, ids, embeds, lengths, extra, cache_length, hook)
   stops = tuple(sorted(set(c.eos_token_ids if eos_token_ids is None else eos_token_ids) | set(stop_tokens)))
   pad_id = c.pad_token_id if pad_id is None else pad_id
   if method == "beam":
     return _beam_loop(module, params, cache, logits, lengths, extra, max_new_tokens, num_beams,
-                      float(length_penalty), stops, pad_id, embed_offset)
+                      float(length_penalty), stops, pad_id, embed_offset, hook)
   sampler = Sampler(method, float(temperature), float(top_p), int(top_k))
   rng = jax.random.key(0) if rng is None else rng
   return _sample_loop(module, params, cache, logits, lengths, extra, rng, max_new_tokens, sampler, stops, pad_id,
-                      embed_offset)
+                      embed_offset, hook)
 
 
 def _prompt_lengths(attention_mask, batch: int, length: int) -> np.ndarray:
@@ -164,31 +167,32 @@ def _apply(module, params, *args, method):
 
 
 @functools.partial(jax.jit, static_argnames=("module", "cache_length"))
-def prefill(module, params, input_ids, inputs_embeds, lengths, extra, cache_length):
+def prefill(module, params, input_ids, inputs_embeds, lengths, extra, cache_length, hook=None):
   """Right-padded prompts, input_ids (B, P) or (when those are None) inputs_embeds (B, P, D), of
   `lengths` (B,) real tokens -> logits (B, V) of each row's next token, and a cache of cache_length
-  slots holding the prompt at positions 0..P-1. Callable inside another jit (the eval engine's)."""
+  slots holding the prompt at positions 0..P-1. Callable inside another jit (the eval engine's).
+  `hook`: the decoder's (models/gemma.DecoderHook), or None."""
   if inputs_embeds is None:
     inputs_embeds = _apply(module, params, input_ids, extra, method="embed")
   batch, slots = inputs_embeds.shape[:2]
   cache = init_cache(module.config, batch, cache_length, module.dtype)
   positions = jnp.broadcast_to(jnp.arange(slots), (batch, slots))
-  hidden, _, cache = _apply(module, params, inputs_embeds, positions, None, cache, method="decode")
+  hidden, _, cache = _apply(module, params, inputs_embeds, positions, None, cache, None, hook, method="decode")
   last = hidden[jnp.arange(batch), lengths - 1]  # (B, D): each row's last real token
   return _apply(module, params, last, extra, method="logits"), cache
 
 
-def _step(module, params, tokens, positions, cache, extra, offset=None):
+def _step(module, params, tokens, positions, cache, extra, offset=None, hook=None):
   """One cached decoding step: tokens (B,) at positions (B,) -> logits (B, V), cache."""
   x = _apply(module, params, tokens[:, None], extra, method="embed")
   x = x if offset is None else x + offset.astype(x.dtype)
-  hidden, _, cache = _apply(module, params, x, positions[:, None], None, cache, method="decode")
+  hidden, _, cache = _apply(module, params, x, positions[:, None], None, cache, None, hook, method="decode")
   return _apply(module, params, hidden[:, 0], extra, method="logits"), cache
 
 
 @functools.partial(jax.jit, static_argnames=("module", "max_new_tokens", "sampler", "stops", "pad_id"))
 def _sample_loop(module, params, cache, logits, lengths, extra, rng, max_new_tokens, sampler, stops, pad_id,
-                 offset=None):
+                 offset=None, hook=None):
   batch = lengths.shape[0]
   stops = jnp.asarray(stops, jnp.int32)
   first = sampler.choose(logits, jax.random.fold_in(rng, 0))
@@ -201,7 +205,7 @@ def _sample_loop(module, params, cache, logits, lengths, extra, rng, max_new_tok
   def body(state):
     step, tokens, done, cache = state
     previous = jax.lax.dynamic_index_in_dim(tokens, step - 1, axis=1, keepdims=False)
-    logits, cache = _step(module, params, previous, lengths + step - 1, cache, extra, offset)
+    logits, cache = _step(module, params, previous, lengths + step - 1, cache, extra, offset, hook)
     token = jnp.where(done, pad_id, sampler.choose(logits, jax.random.fold_in(rng, step)))
     tokens = jax.lax.dynamic_update_index_in_dim(tokens, token, step, axis=1)
     return step + 1, tokens, done | jnp.isin(token, stops), cache
@@ -213,7 +217,7 @@ def _sample_loop(module, params, cache, logits, lengths, extra, rng, max_new_tok
 @functools.partial(jax.jit, static_argnames=("module", "max_new_tokens", "num_beams", "length_penalty",
                                              "stops", "pad_id"))
 def _beam_loop(module, params, cache, logits, lengths, extra, max_new_tokens, num_beams, length_penalty,
-               stops, pad_id, offset=None):
+               stops, pad_id, offset=None, hook=None):
   """Beam search with E = num_beams beams per row; finished beams stay in the beam set and extend
   only with pad_id at no cost, so they keep competing on their score until the end."""
   batch, vocab = logits.shape
@@ -224,6 +228,7 @@ def _beam_loop(module, params, cache, logits, lengths, extra, max_new_tokens, nu
   done = jnp.isin(first, stops)
   generated = jnp.ones((batch, beams), jnp.int32)  # tokens per beam, the stop token included
   cache = jax.tree.map(lambda a: jnp.repeat(a, beams, axis=0), cache)  # row b -> rows b*E .. b*E+E-1
+  hook = None if hook is None else hook.map_rows(lambda a: jnp.repeat(a, beams, axis=0))  # a row's beams share it
   positions = jnp.repeat(lengths, beams)
   only_pad = jnp.where(jnp.arange(vocab) == pad_id, 0.0, -jnp.inf)
 
@@ -234,7 +239,7 @@ def _beam_loop(module, params, cache, logits, lengths, extra, max_new_tokens, nu
   def body(state):
     step, tokens, scores, done, generated, cache = state
     previous = jax.lax.dynamic_index_in_dim(tokens, step - 1, axis=2, keepdims=False).reshape(-1)
-    logits, cache = _step(module, params, previous, positions + step - 1, cache, extra, offset)
+    logits, cache = _step(module, params, previous, positions + step - 1, cache, extra, offset, hook)
     logp = jax.nn.log_softmax(logits.astype(jnp.float32)).reshape(batch, beams, vocab)
     logp = jnp.where(done[..., None], only_pad, logp)
     scores, flat = jax.lax.top_k((scores[..., None] + logp).reshape(batch, beams * vocab), beams)

@@ -12,12 +12,13 @@
     pipe.retrieve_composed("cat.jpg", "but on the grass", index)
     pipe.generate("Q: what does a beach look like?\\nA:", index=index)   # ['sand and sea', Hit(...)]
 
-Composed retrieval (Pic2Word-style, zero-shot): Pic2Word maps the query image to a pseudo word
-token, writes it into a sentence with the modification text, encodes the sentence with the text
-encoder, and ranks the gallery by similarity to that embedding. Here the bridge's k visual tokens
-already are such pseudo words in the LLM's input space, and the LLM + [RET] + W_t is the text
-encoder, so the query is the captioning pass's own layout: [visual tokens] + BOS + text + [RET];
-its W_t embedding ranks the index's W_i embeddings by cosine similarity. Nothing extra is trained,
+Composed retrieval (Pic2Word): Pic2Word maps the query image to a pseudo word token, writes it into
+a sentence with the modification text, encodes the sentence with the text encoder, and ranks the
+gallery by similarity to that embedding. The LLM + [RET] + W_t is the text encoder here. A run with
+Pic2Word's mapping network (configs/pic2word.py, bridgejax/pic2word.py) reads exactly that: BOS +
+"a photo of * , {text}" + [RET], * the image's pseudo word. Without one, the bridge's k visual
+tokens stand for the image, zero-shot, in the captioning pass's own layout: [visual tokens] + BOS +
+text + [RET]. Either query's W_t embedding ranks the index's W_i embeddings by cosine similarity,
 and the query image itself is left out of the results when it is in the index (as CIR benchmarks do).
 
 Interleaved generation (FROMAGe): decode greedily from [visual tokens] + BOS + prompt (or BOS +
@@ -41,7 +42,7 @@ import numpy as np
 
 from bridgejax.data.image import clip_preprocess, decode_image
 from bridgejax.evaluation.captioning import cut_caption
-from bridgejax.evaluation.engine import Engine, pad_rows, round_up
+from bridgejax.evaluation.engine import Engine, pad_rows, ret_embeddings_after, round_up
 from bridgejax.losses import l2_normalize
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
@@ -302,10 +303,20 @@ class Pipeline:
     return l2_normalize(self.engine.text_embedding(ids, mask))[0]
 
   def composed_query(self, image, text: str) -> np.ndarray:
-    """The normalised W_t embedding of [visual tokens] + BOS + text + [RET] (see the module doc)."""
-    tokens, _ = self._encode([image])
-    ids, mask = self._ids([text], reserve=tokens.shape[1], append_ret=True)
-    return l2_normalize(self._ret_embeddings(tokens, ids, mask, np.asarray([[int(mask.sum()) - 1]]))[0])[0]
+    """The normalised W_t embedding of the image + modification `text` query (the module doc):
+    Pic2Word's template around the image's pseudo word, or [visual tokens] + BOS + text + [RET]."""
+    row, word = self.engine.composed_ids(text)
+    self.prompt_ids(text, reserve=len(row) - len(self.tokenizer.encode(text, add_bos=True)) + self._visual_token_count(),
+                    append_ret=True)  # too long for the context: one line, before any work
+    ids, mask = pad_rows([row], round_up(len(row), 16), self.tokenizer.pad_id)
+    return l2_normalize(self.engine.composed_query(self.pixels([image]), ids, mask, [word]))[0]
+
+  def _visual_token_count(self) -> int:
+    """How many visual tokens the bridge puts before a text (0 where a composed query has none)."""
+    if self.model.heads.pic2word_hidden:
+      return 0
+    pixels = jax.ShapeDtypeStruct((1, 3, self.image_size, self.image_size), jnp.float32)
+    return int(jax.eval_shape(self.model.encode_images, self.params, pixels).tokens.shape[1])
 
   def search(self, query: np.ndarray, index: ImageIndex, k: int = 5, exclude: Sequence[str] = ()) -> list[Hit]:
     if index.model and self.name and index.model != self.name:
@@ -327,14 +338,7 @@ class Pipeline:
 
   def _forward_fn(self, params, visual_tokens, ids, mask, positions):
     """W_t embeddings (B, P, E) of the final hidden states at text `positions` (B, P) of [visual] + text."""
-    if visual_tokens is None:
-      embeds, full = self.model.embed_text(params, ids), mask
-      offset = 0
-    else:
-      embeds, full, _, _ = self.model.caption_inputs(params, visual_tokens, ids, mask, ret_is_input=True)
-      offset = visual_tokens.shape[1]
-    hidden = self.model.llm_hidden(params, embeds, full)
-    return self.model.ret_embeddings(params, hidden, positions + offset)
+    return ret_embeddings_after(self.model, params, visual_tokens, ids, mask, positions)
 
   def _ret_embeddings(self, visual_tokens, ids, mask, positions):
     return np.asarray(self._forward(self.params, visual_tokens, jnp.asarray(ids), jnp.asarray(mask),

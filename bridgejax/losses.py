@@ -50,10 +50,11 @@ Array = jax.Array
 #   + ret_loss_scale·(L_i2t + L_t2i)/2 with both scales 1.0. The thesis's eq. 5.1,
 #   L = 0.5·L_c + 0.5·(L_i2t + L_t2i), has no text-CE term and puts 0.5 on the *sum* of the two
 #   InfoNCE terms, i.e. 1.0 on their mean (our `contrastive` part).
-# `cmli` and `target_cmli` (off in both) weigh the optional token-wise terms at the end of this file.
+# `cmli` and `target_cmli` (off in both) weigh the optional token-wise terms at the end of this file,
+# `pic2word` Pic2Word's mapping-network InfoNCE (bridgejax/pic2word.py).
 WEIGHTS = {
-    "fromage": dict(caption=1.0, text=1.0, contrastive=1.0, cmli=0.0, target_cmli=0.0),
-    "thesis_eq5_1": dict(caption=0.5, text=0.0, contrastive=1.0, cmli=0.0, target_cmli=0.0),
+    "fromage": dict(caption=1.0, text=1.0, contrastive=1.0, cmli=0.0, target_cmli=0.0, pic2word=0.0),
+    "thesis_eq5_1": dict(caption=0.5, text=0.0, contrastive=1.0, cmli=0.0, target_cmli=0.0, pic2word=0.0),
 }
 
 

@@ -19,10 +19,15 @@ both branches' buffers: 73.7 GiB instead of 35.0 GiB for crossatt_k12 at batch 1
 layer (keeping only its input), "all" also recomputes the LM head with its cross-entropy (the
 (B, S, V) logits are never kept) and the bridge.
 
+Bridges that act inside the frozen LLM (eP-ALM, Flamingo: bridges/inllm.py) append context rows to
+their tokens; `split_visual` takes them off the sequence and `llm_hook` hands them, with the bridge's
+parameters, to the decoder's per-layer hook (models/gemma.DecoderHook). Every other bridge: no hook.
+
 Options, all off by default (the parameter tree and the program are then exactly FROMAGe's):
 token-type embeddings added to every LLM input through a LayerScale (`config.token_type_embeddings`),
 and the token-wise CMLI and Target-CMLI terms (`config.loss.cmli`, `.target_cmli`), whose heads
-live in the `ret` subtree (RetrievalHeads has the equations and parameter formulas).
+live in the `ret` subtree (RetrievalHeads has the equations and parameter formulas), and Pic2Word's
+mapping network (`config.loss.pic2word`; bridgejax/pic2word.py), in `ret/pic2word`.
 
 Axis legend: B batch, T text length, K visual tokens (k), S = K + T, D LLM width, E retrieval
 width, W vision width, V vocabulary, N patches, d the per-token (CMLI) heads' width.
@@ -38,7 +43,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from bridgejax import losses
+from bridgejax import losses, pic2word
 from bridgejax.bridges import BridgeOutput, VisionFeatures, build_bridge
 from bridgejax.bridges.base import CLS_EQUIVALENTS
 from bridgejax.models.clip import CLIPVisionConfig, CLIPVisionTransformer
@@ -89,6 +94,8 @@ class RetrievalHeads(nn.Module):
   target_width > 0 (the CMLI report's Target-CMLI, eq. 5-10): target_image_proj and
     target_text_proj (D -> the teacher's width W) map the student's visual tokens and text token
     states into the teacher's space. Parameters: 2·(D·W + W), plus the CMLI heads for the matching.
+  pic2word_hidden M > 0 (Pic2Word): the mapping network f_M (W -> M -> ... -> D) of bridgejax/pic2word.py,
+    which has its equations and parameter formula.
   """
 
   llm_width: int
@@ -97,6 +104,8 @@ class RetrievalHeads(nn.Module):
   token_types: bool = False
   cmli_dim: int = 0
   target_width: int = 0
+  pic2word_hidden: int = 0
+  pic2word_layers: int = 2
 
   def setup(self):
     self.ret_embedding = self.param("ret_embedding", nn.initializers.normal(1.0), (1, self.llm_width))
@@ -115,6 +124,8 @@ class RetrievalHeads(nn.Module):
     if self.target_width:
       self.target_image_proj = nn.Dense(self.target_width, name="target_image_proj")
       self.target_text_proj = nn.Dense(self.target_width, name="target_text_proj")
+    if self.pic2word_hidden:
+      self.pic2word = pic2word.MappingNetwork(self.pic2word_hidden, self.pic2word_layers, self.llm_width)
 
   def __call__(self, ret_hidden, image_feature, patches):  # for init: touches every parameter
     out = [self.text_embedding(ret_hidden), self.image_embedding(image_feature), self.logit_scale]
@@ -124,6 +135,8 @@ class RetrievalHeads(nn.Module):
       out += [self.cmli_image(patches), self.cmli_text(ret_hidden), self.cmli_logit_scale]
     if self.target_width:
       out += [self.target_image(ret_hidden), self.target_text(ret_hidden)]
+    if self.pic2word_hidden:
+      out.append(self.pseudo_word(patches[:, 0]))
     return out
 
   def text_embedding(self, ret_hidden):  # (B, D) -> (B, E)
@@ -147,6 +160,9 @@ class RetrievalHeads(nn.Module):
   def target_text(self, hidden):  # (B, T, D) -> (B, T, W)
     return self.target_text_proj(hidden.astype(jnp.float32))
 
+  def pseudo_word(self, image_feature):  # (B, W) -> (B, D), Pic2Word's f_M
+    return self.pic2word(image_feature)
+
 
 @dataclasses.dataclass(frozen=True)
 class BridgeModel:
@@ -164,10 +180,12 @@ class BridgeModel:
   visual_token_scale: str = "sqrt_d"  # VISUAL_TOKEN_SCALES
   cls_equivalent: str | None = None  # None: the tower has a CLS token; else bridges.base.CLS_EQUIVALENTS
   cmli_chunk: int = 0  # images scored at once by the CMLI loss (losses.cmli_scores); 0 = all
+  pic2word_prompt: tuple = ()  # pic2word.prompt_ids(TRAIN_PROMPT): BOS "a photo of" * [RET], from the tokenizer
 
   @classmethod
   def create(cls, config, vision_config: CLIPVisionConfig, llm_config: GemmaConfig, *,
-             compute_dtype=jnp.float32, frozen_param_dtype=jnp.float32) -> "BridgeModel":
+             compute_dtype=jnp.float32, frozen_param_dtype=jnp.float32, tokenizer=None) -> "BridgeModel":
+    """`tokenizer` is needed by the Pic2Word term's prompt only (parameter shapes need none)."""
     kw = dict(dtype=compute_dtype, param_dtype=frozen_param_dtype)
     remat = config.get("remat", "none")
     if remat not in REMAT:
@@ -177,14 +195,17 @@ class BridgeModel:
       raise ValueError(f"config.visual_token_scale={scale!r}: use one of {', '.join(VISUAL_TOKEN_SCALES)}")
     bridge = build_bridge(config.bridge, vision_width=vision_config.hidden_size,
                           vision_layers=vision_config.num_layers, grid_size=vision_config.grid_size,
-                          llm_width=llm_config.hidden_size)
+                          llm_width=llm_config.hidden_size, llm_layers=llm_config.num_layers)
     weights = losses.resolve_weights(config.loss)
     cmli = config.get("cmli", {})
     token_wise = weights["cmli"] > 0 or weights["target_cmli"] > 0  # Target-CMLI matches in the CMLI space
     heads = RetrievalHeads(llm_config.hidden_size, config.ret.embed_dim, config.ret.logit_scale_init,
                            token_types=config.get("token_type_embeddings", False),
                            cmli_dim=cmli.get("dim", 256) if token_wise else 0,
-                           target_width=vision_config.hidden_size if weights["target_cmli"] > 0 else 0)
+                           target_width=vision_config.hidden_size if weights["target_cmli"] > 0 else 0,
+                           **pic2word.head_options(config, weights["pic2word"] > 0))
+    prompt = () if weights["pic2word"] <= 0 or tokenizer is None else tuple(
+        pic2word.prompt_ids(tokenizer, pic2word.TRAIN_PROMPT, llm_config.vocab_size)[0])
     llm_class = decoder_class(llm_config)
     # a tower without a CLS token (SigLIP): what bridges read in its place (bridges.base.CLS_EQUIVALENTS)
     cls_equivalent = None if getattr(vision_config, "has_cls_token", True) else config.vision.get("cls_equivalent", "mean")
@@ -193,7 +214,7 @@ class BridgeModel:
     return cls(vision_class(vision_config)(vision_config, **kw), llm_class(llm_config, remat=remat != "none", **kw), bridge,
                heads, ret_id=llm_config.vocab_size, loss_weights=weights, concat_prob=config.concat_prob,
                remat=remat, matmul_precision=config.get("matmul_precision", ""), visual_token_scale=scale,
-               cls_equivalent=cls_equivalent, cmli_chunk=cmli.get("chunk", 0))
+               cls_equivalent=cls_equivalent, cmli_chunk=cmli.get("chunk", 0), pic2word_prompt=prompt)
 
   # ------------------------------------------------------------------ parameters
 
@@ -247,12 +268,15 @@ class BridgeModel:
     if self.remat == "all":
       bridge = jax.checkpoint(bridge)
     out = bridge(params["bridge"], features)
+    tokens, context = self.split_visual(out.tokens)  # the context rows of an in-LLM bridge stay as they are
     if self.visual_token_scale == "sqrt_d":  # see VISUAL_TOKEN_SCALES; the LLM's own normaliser in its dtype, as its embed
-      out = out._replace(tokens=out.tokens * jnp.asarray(self.llm.embed_scale, self.llm.dtype))
+      tokens = tokens * jnp.asarray(self.llm.embed_scale, self.llm.dtype)
     if self.heads.token_types:  # eq. 5: after the image "encoder" (the bridge), before the shared LLM
       image_type = self.type_offsets(params)[0]
-      out = out._replace(tokens=out.tokens + image_type.astype(out.tokens.dtype))
-    return out
+      tokens = tokens + image_type.astype(tokens.dtype)
+    if context is not None:
+      tokens = jnp.concatenate([tokens, context.astype(tokens.dtype)], axis=1)
+    return out._replace(tokens=tokens)
 
   def type_offsets(self, params):
     """What the TTE adds to each LLM input, λ ⊙ t_image and λ ⊙ t_text in the LLM's input space (times
@@ -276,23 +300,23 @@ class BridgeModel:
     return self.type_offsets(params)[1] if self.heads.token_types else None
 
   @_with_precision
-  def llm_hidden(self, params, inputs_embeds, mask, positions=None, segment_ids=None):
+  def llm_hidden(self, params, inputs_embeds, mask, positions=None, segment_ids=None, hook=None):
     """(B, S, D) embeddings, (B, S) mask -> final-norm hidden states (B, S, D).
 
     `positions` default to the running count of real tokens, so masked holes inside a sequence
     (the concat trick) are invisible: the result equals the compacted sequence. `segment_ids`
-    (B, S) keep packed sequences apart (see `pair_layout`).
+    (B, S) keep packed sequences apart (see `pair_layout`). `hook`: an in-LLM bridge's (`llm_hook`).
     """
     if positions is None:
       positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
     hidden, _, _ = self.llm.apply({"params": params["llm"]}, inputs_embeds, positions, mask, None, segment_ids,
-                                  method="decode")
+                                  hook, method="decode")
     return hidden
 
   @_with_precision
-  def run_llm(self, params, inputs_embeds, mask, positions=None, segment_ids=None):
+  def run_llm(self, params, inputs_embeds, mask, positions=None, segment_ids=None, hook=None):
     """(B, S, D) embeddings, (B, S) mask -> logits (B, S, V + 1) float32, final-norm hidden (B, S, D)."""
-    hidden = self.llm_hidden(params, inputs_embeds, mask, positions, segment_ids)
+    hidden = self.llm_hidden(params, inputs_embeds, mask, positions, segment_ids, hook)
     logits = self.llm.apply({"params": params["llm"]}, hidden, params["ret"]["ret_embedding"], method="logits")
     return logits, hidden
 
@@ -316,9 +340,10 @@ class BridgeModel:
     ret_hidden = jnp.take_along_axis(hidden, positions[..., None], axis=1)  # (B, P, D)
     return self.heads.apply({"params": params["ret"]}, ret_hidden, method=RetrievalHeads.text_embedding)
 
-  def _text_pass(self, params, ids, mask):
-    """(B, T) ids ending in [RET] -> final-norm hidden (B, T, D), text embedding (B, E)."""
-    hidden = self.llm_hidden(params, self.embed_text(params, ids), mask)
+  def _text_pass(self, params, ids, mask, embeds=None):
+    """(B, T) ids ending in [RET] (or their embeddings (B, T, D)) -> final-norm hidden (B, T, D), text
+    embedding (B, E)."""
+    hidden = self.llm_hidden(params, self.embed_text(params, ids) if embeds is None else embeds, mask)
     last = jnp.sum(mask, axis=1) - 1  # the [RET] position: the last real token
     return hidden, self.ret_embeddings(params, hidden, last[:, None])[:, 0]
 
@@ -329,6 +354,41 @@ class BridgeModel:
     logits = self.llm.apply({"params": params["llm"]}, hidden, params["ret"]["ret_embedding"], method="logits")
     return logits, emb
 
+  @_with_precision
+  def pseudo_words(self, params, features: VisionFeatures):
+    """Pic2Word's f_M on the frozen tower's post-LayerNorm CLS of layer L: (B, D) in the LLM's input
+    space (times its embedding normaliser, as a table row), where a word's embedding goes."""
+    words = self.heads.apply({"params": params["ret"]}, features.cls(-1, post_norm=True),
+                             method=RetrievalHeads.pseudo_word)
+    return words * self.llm.embed_scale
+
+  @_with_precision
+  def word_query_embedding(self, params, words, ids, mask, word_positions):
+    """W_t embedding (B, E) of the text pass over ids (B, T) ending in [RET], the embedding at
+    word_positions (B,) replaced by the pseudo words (B, D) (plus the text type, as a word's)."""
+    embeds = self.embed_text(params, ids)
+    offset = self.text_type_offset(params)
+    words = words if offset is None else words + offset
+    at_word = (jnp.arange(ids.shape[1])[None, :] == word_positions[:, None])[..., None]  # (B, T, 1)
+    embeds = jnp.where(at_word, words[:, None, :].astype(embeds.dtype), embeds)
+    return self._text_pass(params, ids, mask, embeds)[1]
+
+  def pic2word_loss(self, params, features: VisionFeatures, image_emb):
+    """Pic2Word's InfoNCE between image_emb (B, E) and the text pass of "a photo of *" with * the
+    image's pseudo word (bridgejax/pic2word.py). Gradient reaches f_M only: the rest of the model is
+    stop-gradient here, as Pic2Word trains its mapping network with CLIP frozen."""
+    if not self.pic2word_prompt:
+      raise ValueError("the Pic2Word term needs its prompt's ids: build the model with "
+                       "BridgeModel.create(..., tokenizer=...) (experiment.build does)")
+    ret = params["ret"]
+    fixed = jax.lax.stop_gradient({k: v for k, v in ret.items() if k != "pic2word"})
+    params = {**params, "ret": {**fixed, "pic2word": ret["pic2word"]}}
+    b, t = image_emb.shape[0], len(self.pic2word_prompt)
+    ids = jnp.broadcast_to(jnp.asarray(self.pic2word_prompt, jnp.int32), (b, t))
+    words = self.pseudo_words(params, features)
+    text_emb = self.word_query_embedding(params, words, ids, jnp.ones_like(ids), jnp.full((b,), t - 2))
+    return losses.contrastive_loss(jax.lax.stop_gradient(image_emb), text_emb, fixed["logit_scale"])
+
   def caption_inputs(self, params, visual_tokens, ids, mask, *, ret_is_input: bool = False):
     """[visual tokens] + BOS + caption: embeddings (B, S, D), mask (B, S), labels (B, S), target mask (B, S).
 
@@ -338,6 +398,7 @@ class BridgeModel:
     or a generated [RET] is read at its own position, attending to itself (FROMAGe feeds generated
     [RET] tokens back in).
     """
+    visual_tokens = self.split_visual(visual_tokens)[0]
     k = visual_tokens.shape[1]
     text = self.embed_text(params, ids)
     if not ret_is_input:
@@ -349,27 +410,45 @@ class BridgeModel:
     labels = jnp.concatenate([jnp.zeros_like(ones, dtype=ids.dtype), ids], axis=1)
     return embeds, full_mask, labels, target_mask
 
+  def split_visual(self, visual_tokens):
+    """(B, K, D) bridge tokens -> (the prefix that enters the LLM's sequence, the context rows an
+    in-LLM bridge reads inside the LLM (B, C, D), or None for a prefix bridge) (bridges/inllm.py)."""
+    rows = getattr(self.bridge, "num_context_tokens", 0)
+    return (visual_tokens, None) if not rows else (visual_tokens[:, :-rows], visual_tokens[:, -rows:])
+
+  def llm_hook(self, params, visual_tokens, length: int):
+    """The decoder hook (models/gemma.DecoderHook) of an in-LLM bridge for rows that caption_inputs
+    laid out from visual_tokens (B, K, D), `length` columns each; None for a prefix bridge."""
+    context = self.split_visual(visual_tokens)[1]
+    if context is None:
+      return None
+    markers = jnp.zeros((visual_tokens.shape[0], length), bool).at[:, 0].set(True)  # each row's image: column 0
+    return self.bridge.decoder_hook(params["bridge"], context, markers)
+
   # ------------------------------------------------------------------ the loss
 
   @_with_precision
   def loss(self, trainable, frozen, batch, rng):
-    """Total loss and its parts for one batch {image (B,C,H,W), text_ids (B,T), text_mask (B,T)}."""
+    """Total loss and its parts for one batch {image (B,C,H,W), text_ids (B,T), text_mask (B,T)}; the
+    tower's VisionFeatures in `vision_features` instead of `image` skip it (bridgejax.data.features)."""
     params = {**frozen, **trainable}
     ids, mask = batch["text_ids"], batch["text_mask"]
     if self.concat_prob > 0 and ids.shape[0] % 2:
       raise ValueError(f"the concat trick pairs examples: batch_size must be even, got {ids.shape[0]} "
                        "(or set concat_prob=0)")
-    features = self.vision_features(params, batch["image"])
+    features = batch["vision_features"] if "vision_features" in batch else self.vision_features(params, batch["image"])
     bridge_out = self.bridge_output(params, features)
 
     embeds, full_mask, labels, target_mask = self.caption_inputs(params, bridge_out.tokens, ids, mask)
+    hook = self.llm_hook(params, bridge_out.tokens, embeds.shape[1])
     positions = segment_ids = None
     use_concat = jnp.asarray(False)
     if self.concat_prob > 0:  # one LLM call for both sides of the coin (module docstring)
       use_concat = jax.random.bernoulli(rng, self.concat_prob)
       embeds, full_mask, labels, target_mask = (pair_up(x) for x in (embeds, full_mask, labels, target_mask))
       positions, segment_ids = pair_layout(full_mask, use_concat)
-    hidden = self.llm_hidden(params, embeds, full_mask, positions, segment_ids)
+      hook = None if hook is None else hook.map_rows(pair_up)  # a row's two images, in order
+    hidden = self.llm_hidden(params, embeds, full_mask, positions, segment_ids, hook)
     caption = self.lm_loss(params, hidden, labels, target_mask)
 
     text_hidden, text_emb = self._text_pass(params, ids, mask)
@@ -378,12 +457,15 @@ class BridgeModel:
     logit_scale = params["ret"]["logit_scale"]
     contrastive, parts = losses.contrastive_loss(image_emb, text_emb, logit_scale)
     terms = {"caption": caption, "text": text, "contrastive": contrastive}
+    if self.heads.pic2word_hidden:
+      terms["pic2word"], _ = self.pic2word_loss(params, features, image_emb)
     token_wise = self._token_wise_losses(params, features, bridge_out.tokens, text_hidden, ids, mask) \
         if self.heads.cmli_dim else {}
     terms.update({name: value for name, value in token_wise.items() if name in self.loss_weights})
     total = losses.total_loss(terms, self.loss_weights)
     metrics = {"loss": total, "caption_loss": caption, "text_loss": text, "contrastive_loss": contrastive,
                "concat": use_concat.astype(jnp.float32), **parts,
+               **({"pic2word_loss": terms["pic2word"]} if "pic2word" in terms else {}),
                **{f"{name}_loss": value for name, value in token_wise.items()}}
     return total, metrics
 

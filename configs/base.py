@@ -7,7 +7,7 @@ import math
 
 import ml_collections
 
-from bridgejax.data.splits import TASK_TYPES, eval_task
+from bridgejax.data.splits import THESIS_TASKS, eval_task
 
 
 def get_config(arg=None):
@@ -48,12 +48,15 @@ def get_config(arg=None):
   # The thesis' eq. 5.1, 0.5 * L_c + 0.5 * (L_i2t + L_t2i), is caption=0.5, text=0.0, contrastive=1.0:
   #   --config.loss.caption=0.5 --config.loss.text=0.0
   config.loss = ml_collections.ConfigDict({"caption": 1.0, "text": 1.0, "contrastive": 1.0, "cmli": 0.0,
-                                           "target_cmli": 0.0})
+                                           "target_cmli": 0.0, "pic2word": 0.0})
   # Optional, off by default (bridgejax.model.RetrievalHeads): token-type embeddings through a LayerScale
   # initialised at 1e-5 on every LLM input; loss.cmli / loss.target_cmli > 0 build the per-token heads
   # of width cmli.dim and score cmli.chunk images at a time (0 = all; bridgejax.losses.cmli_scores).
   config.token_type_embeddings = False
   config.cmli = ml_collections.ConfigDict({"dim": 256, "chunk": 0})
+  # loss.pic2word > 0 builds Pic2Word's mapping network f_M (bridgejax/pic2word.py): `layers` hidden
+  # ReLU layers of width `hidden` from the tower's CLS to one pseudo word (configs/pic2word.py).
+  config.pic2word = ml_collections.ConfigDict({"hidden": 512, "layers": 2})
   config.concat_prob = 0.5  # the concat trick's probability per step (batch_size must be even)
 
   config.optim = ml_collections.ConfigDict({
@@ -73,6 +76,9 @@ def get_config(arg=None):
       # "clip": shortest side to the tower's size + centre crop (FROMAGe's transform); "squash": the
       # whole image resized to a square, as the thesis's fork fed COCO val2017 at evaluation.
       "image_resize": "clip",
+      # Cached frozen features (python -m bridgejax.data.features): "" = off, read the images; "auto" =
+      # DIR/features/TRAIN_SPLIT; or the cache's folder. Training then reads them and skips the tower.
+      "features": "",
   })
 
   # One dict per eval task, big_vision style (bridgejax.data.splits has every key and its default):
@@ -95,6 +101,9 @@ def get_config(arg=None):
   config.eval_every_steps = 1000
   config.max_nonfinite_steps = 20  # stop after this many consecutive non-finite steps
   config.tensorboard = True
+  # Weights & Biases (pip install -e '.[wandb]'): the metrics.jsonl metrics and the sample captions.
+  # project "" = off; WANDB_MODE=offline keeps the run in WORKDIR/wandb for a later `wandb sync`.
+  config.wandb = ml_collections.ConfigDict({"project": "", "entity": "", "name": ""})
   config.mesh = ml_collections.ConfigDict({"data": -1, "model": 1})  # -1: all remaining devices
   return config
 
@@ -116,7 +125,7 @@ def evals(protocol: str = "standard") -> ml_collections.ConfigDict:
   """config.evals for a protocol ("standard" or "thesis", bridgejax.data.splits.PROTOCOLS): caption,
   retrieval, vqa and visdial, each its own dict. Each task's `data` is left for you to point at a
   prepared dataset (README "Evaluation")."""
-  return ml_collections.ConfigDict({task: eval_task(task, protocol) for task in TASK_TYPES})
+  return ml_collections.ConfigDict({task: eval_task(task, protocol) for task in THESIS_TASKS})
 
 
 def bridge_config(name: str, experiment: str | None = None, **keys):

@@ -478,7 +478,8 @@ def _described():
 
 
 def test_describe_defaults_are_the_module_fields():
-  not_keys = {"vision_width", "llm_width", "grid_size", "dtype", "param_dtype", "parent", "name"}
+  not_keys = {"vision_width", "llm_width", "grid_size", "vision_layers", "llm_layers", "dtype", "param_dtype",
+              "parent", "name"}
   described = _described()
   assert sorted(described) == bridges.names()
   for name, spec in bridges.REGISTRY.items():

@@ -19,7 +19,8 @@ keys and defaults are the fields of its module class; list them all with
 Each family's module docstring gives the equations, the choices made where the thesis is ambiguous
 and the parameter-count formula (the module's `num_params`; tests hold it against the real tree).
 The thesis's bridges are in cls.py, alltokens.py and crossatt.py; querying.py (Flamingo's Perceiver
-resampler, BLIP-2's Q-Former) and projector.py (LLaVA-1.5's MLP) add bridges from other work.
+resampler, BLIP-2's Q-Former) and projector.py (LLaVA-1.5's MLP) add bridges from other work, and
+epalm.py and flamingo.py two that also act inside the frozen LLM (inllm.py: they need `llm_layers`).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from bridgejax.bridges import alltokens, cls, crossatt, projector, querying  # noqa: F401  (they fill the registry)
+from bridgejax.bridges import alltokens, cls, crossatt, epalm, flamingo, projector, querying  # noqa: F401  (they fill the registry)
 from bridgejax.bridges.base import (REGISTRY, AttentionPool, BridgeOutput, BridgeSpec, MultiHeadCrossAttention,
                                     VisionFeatures)
 
@@ -54,7 +55,8 @@ def describe() -> str:
   return "\n".join(lines)
 
 
-def resolve(cfg, *, vision_width: int, vision_layers: int, grid_size: int, llm_width: int) -> tuple[BridgeSpec, dict]:
+def resolve(cfg, *, vision_width: int, vision_layers: int, grid_size: int, llm_width: int,
+            llm_layers: int | None = None) -> tuple[BridgeSpec, dict]:
   """Validates a bridge config against the tower/LLM sizes: (spec, full keys with defaults filled in)."""
   raw = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
   name = raw.pop("name", None)
@@ -67,6 +69,8 @@ def resolve(cfg, *, vision_width: int, vision_layers: int, grid_size: int, llm_w
     raise ValueError(f"bridge {name!r} has no config key(s) {unknown}; its keys are: {valid}")
   keys = {**spec.defaults, **{k: _plain(v) for k, v in raw.items()}}
   dims = dict(vision_width=vision_width, vision_layers=vision_layers, grid_size=grid_size, llm_width=llm_width)
+  if llm_layers is not None:  # the LLM's depth: only bridges acting inside it (inllm.py) read it
+    dims["llm_layers"] = llm_layers
   for key, value in dims.items():
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
       raise ValueError(f"build_bridge: {key}={value!r} must be a positive integer")
@@ -85,24 +89,27 @@ def _plain(value):
 
 
 def build_bridge(cfg, *, vision_width: int, vision_layers: int, grid_size: int, llm_width: int,
-                 dtype: Any = jnp.float32, param_dtype: Any = jnp.float32):
+                 llm_layers: int | None = None, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32):
   """The Flax module for `cfg` (cfg.name in `names()`), checked against the backbone sizes.
 
   Raises ValueError naming the problem and the fix for an unknown name or key, a layer outside the
   tower, heads that do not divide the width, or a patch grid that cannot be split as asked.
   """
   spec, keys = resolve(cfg, vision_width=vision_width, vision_layers=vision_layers, grid_size=grid_size,
-                       llm_width=llm_width)
+                       llm_width=llm_width, llm_layers=llm_layers)
   fields = {f.name for f in dataclasses.fields(spec.module)}
-  dims = dict(vision_width=vision_width, llm_width=llm_width, grid_size=grid_size)
+  dims = dict(vision_width=vision_width, llm_width=llm_width, grid_size=grid_size, vision_layers=vision_layers)
+  if llm_layers is not None:
+    dims["llm_layers"] = llm_layers
   return spec.module(**{k: v for k, v in dims.items() if k in fields}, **keys, dtype=dtype,
                      param_dtype=param_dtype)
 
 
-def num_params(cfg, *, vision_width: int, vision_layers: int, grid_size: int, llm_width: int) -> int:
+def num_params(cfg, *, vision_width: int, vision_layers: int, grid_size: int, llm_width: int,
+               llm_layers: int | None = None) -> int:
   """The closed-form trainable parameter count of the bridge (its docstring's formula)."""
   return build_bridge(cfg, vision_width=vision_width, vision_layers=vision_layers, grid_size=grid_size,
-                      llm_width=llm_width).num_params
+                      llm_width=llm_width, llm_layers=llm_layers).num_params
 
 
 def num_tokens(cfg, *, vision_width: int, vision_layers: int, grid_size: int, llm_width: int) -> int:

@@ -212,7 +212,7 @@ class AttentionPool(nn.Module):
 
 # --- registry --------------------------------------------------------------------------------------
 
-DIMS = ("vision_width", "llm_width", "grid_size")  # module fields set from the backbones, not the config
+DIMS = ("vision_width", "llm_width", "grid_size", "vision_layers", "llm_layers")  # fields set from the backbones, not the config
 _NOT_KEYS = frozenset(DIMS + ("dtype", "param_dtype", "parent", "name"))
 
 

@@ -22,6 +22,8 @@ Record kinds (every string is str, every id of the original format is kept as in
   visdial     id, image_id:int, image | image_index, caption, rounds [{question, answer,
               options [100 str], gt_index}] (test: the last round has answer "" and gt_index -1),
               dense_round_index:int (0-based; -1 if none), dense_relevance [100 float] ([] if none)
+  compose     id, image_index (the reference image), target_index:int (the target, in the same
+              image table, which is the gallery), modification (the text), attribute (what changes)
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ SCHEMAS: dict[str, dict[str, type | tuple[type, ...]]] = {
             "multiple_choice_answer": str},
     "visdial": {"id": str, "image_id": int, "caption": str, "rounds": list,
                 "dense_round_index": int, "dense_relevance": list},
+    "compose": {"id": str, "target_index": int, "modification": str, "attribute": str},
 }
 ANSWER_TYPES = ("yes/no", "number", "other")
 

@@ -18,7 +18,9 @@ from __future__ import annotations
 from bridgejax.data.records import RecordError, load_info
 
 # type -> the kind of prepared split it reads; bridgejax.evaluation.tasks.TASKS runs the same names.
-TASK_TYPES = {"caption": "image_text", "retrieval": "image_text", "vqa": "vqa", "visdial": "visdial"}
+TASK_TYPES = {"caption": "image_text", "retrieval": "image_text", "vqa": "vqa", "visdial": "visdial",
+              "compose": "compose"}
+THESIS_TASKS = ("caption", "retrieval", "vqa", "visdial")  # what every config evaluates (configs/base.py)
 
 # Every key of an eval task's dict, with its default: the keys all types share, then each type's.
 COMMON_KEYS = {
@@ -57,6 +59,9 @@ TASK_KEYS = {
         "max_dialog_tokens": 512,  # T2I dialog text cap (longer dialogs lose their last rounds; counted)
         "chunk_size": 1024,
     },
+    "compose": {  # composed image retrieval (Pic2Word's task): R@k of each query's target in the gallery
+        "chunk_size": 1024,  # queries per similarity block
+    },
 }
 
 # The protocol-defining keys of each protocol and type. "standard": COCO Karpathy test (5k images),
@@ -70,6 +75,7 @@ _STANDARD = {
     "vqa": {"split": "val", "image_resize": "clip", "max_examples": 0, "max_new_tokens": 10, "processing": "official"},
     "visdial": {"split": "val", "image_resize": "clip", "max_examples": 0, "with_caption": False,
                 "scoring": "next_token"},
+    "compose": {"split": "compose_test", "image_resize": "clip", "max_examples": 0},  # the toy world's benchmark
 }
 _COCO_VAL2017_SQUASHED = {"split": "val2017", "image_resize": "squash"}
 PROTOCOLS = {

@@ -6,6 +6,8 @@
     new = engine.generate(tokens, ids, mask)         # KV-cache decoding after [visual] + text
     text = engine.decode_new(new[0])                 # up to the first EOS / [RET]
     nll = engine.candidate_nll(tokens, ctx, ctx_mask, cand, cand_mask)   # (R, N) summed token CE
+    ids, word = engine.composed_ids("but blue")      # a composed query's ids, its pseudo word's position
+    emb = engine.composed_query(images, ids, mask, words)    # (B, E): image + modification queries
 
 Placement: the params are put on the mesh once (frozen trees stay as the training mesh laid them
 out, anything else is replicated). Every batch is split over the mesh's 'data' axis, on all devices
@@ -29,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bridgejax import losses, mesh as mesh_lib
+from bridgejax import losses, mesh as mesh_lib, pic2word
 from bridgejax.generate import generate, prefill, round_up  # round_up: tasks and inference import it here
 
 
@@ -90,6 +92,7 @@ class Engine:
     self._text_prefix = jax.jit(lambda p, ids, mask: (model.embed_text(p, ids), mask),
                                 out_shardings=(rows, replicated))
     self._candidate_nll = jax.jit(self._candidate_nll_fn, out_shardings=replicated, static_argnames="unshifted")
+    self._composed = jax.jit(self._composed_fn, out_shardings=replicated)
     self._replicate = jax.jit(lambda x: x, out_shardings=replicated)
 
   # ------------------------------------------------------------------ batches on the mesh
@@ -136,6 +139,31 @@ class Engine:
     (B', K + T), with B' = round_batch(B) (the extra rows repeat the last one)."""
     return self._prefix(self.params, *self._shard(visual_tokens, ids, mask))
 
+  # ------------------------------------------------------------------ composed queries
+
+  def composed_ids(self, modification: str) -> tuple[list[int], int]:
+    """A composed query's ids and the position of the image's pseudo word in them. With Pic2Word's
+    mapping network: pic2word.QUERY_TEMPLATE ("a photo of * , {modification}") + [RET], the pseudo
+    word at "*". Without: BOS + modification + [RET] after the image's visual tokens (position -1)."""
+    ret = self.model.ret_id
+    if self.model.heads.pic2word_hidden:
+      return pic2word.prompt_ids(self.tokenizer, pic2word.query_text(modification), ret)
+    return self.tokenizer.encode(modification, add_bos=True) + [ret], -1
+
+  def _composed_fn(self, params, images, ids, mask, word_positions):
+    model = self.model
+    if model.heads.pic2word_hidden:
+      words = model.pseudo_words(params, model.vision_features(params, images))
+      return model.word_query_embedding(params, words, ids, mask, word_positions)
+    last = jnp.sum(mask, axis=1, keepdims=True) - 1
+    return ret_embeddings_after(model, params, model.encode_images(params, images).tokens, ids, mask, last)[:, 0]
+
+  def composed_query(self, images, ids, mask, word_positions):
+    """(B, 3, S, S) reference images, composed_ids rows right padded to (B, T), their word positions
+    (B,) -> W_t embeddings (B, E) of the composed queries, not normalised."""
+    n = len(ids)
+    return np.asarray(self._composed(self.params, *self._shard(images, ids, mask, np.asarray(word_positions))))[:n]
+
   # ------------------------------------------------------------------ generation
 
   def generate(self, visual_tokens, ids, mask, *, max_new_tokens: int | None = None, num_beams: int | None = None,
@@ -147,10 +175,12 @@ class Engine:
     Rows stop at EOS and, unless stop_at_ret=False (interleaved output), at [RET].
     """
     n = len(ids)
+    hook = None  # a bridge acting inside the LLM (bridges/inllm.py) hands the decoder its hook
     if visual_tokens is None:
       embeds, full_mask = self._text_prefix(self.params, *self._shard(ids, mask))
     else:
       embeds, full_mask = self.prefix(visual_tokens, ids, mask)
+      hook = self.model.llm_hook(self.params, *self._shard(visual_tokens), embeds.shape[1])
     num_beams = self.num_beams if num_beams is None else num_beams
     method = "beam" if num_beams > 1 else self.method
     new = generate(self.model.llm, self.params["llm"], inputs_embeds=embeds, attention_mask=full_mask,
@@ -158,7 +188,7 @@ class Engine:
                    embed_offset=self.model.text_type_offset(self.params),
                    max_new_tokens=max_new_tokens or self.max_new_tokens, method=method,
                    num_beams=max(num_beams, 1),
-                   eos_token_ids=self.stops(stop_at_ret))
+                   eos_token_ids=self.stops(stop_at_ret), hook=hook)
     return np.asarray(self._replicate(new))[:n]
 
   def stops(self, stop_at_ret: bool = True) -> tuple[int, ...]:
@@ -198,13 +228,15 @@ class Engine:
     n, c = cand_ids.shape[1:]
     lengths = jnp.sum(mask, axis=1)
     # the prefix into a cache with room for the candidates; first_logits (R, V) predicts token 0
-    first_logits, cache = prefill(llm, llm_params, None, embeds, lengths, extra, slots + c)
+    hook = self.model.llm_hook(params, visual_tokens, slots)
+    first_logits, cache = prefill(llm, llm_params, None, embeds, lengths, extra, slots + c, hook)
+    hook = None if hook is None else hook.map_rows(lambda a: jnp.repeat(a, n, axis=0))
 
     cache = jax.tree.map(lambda a: jnp.repeat(a, n, axis=0), cache)  # row r -> rows r*N .. r*N+N-1
     flat_ids = cand_ids.reshape(rows * n, c)
     x = self.model.embed_text(params, flat_ids)
     cand_positions = jnp.repeat(lengths, n)[:, None] + jnp.arange(c)[None, :]
-    h, _, _ = apply(x, cand_positions, None, cache, method="decode")
+    h, _, _ = apply(x, cand_positions, None, cache, None, hook, method="decode")
     if unshifted:
       logits = apply(h, extra, method="logits")  # (RN, C, V): position j, scored against token j
     else:
@@ -222,6 +254,19 @@ class Engine:
     out = self._candidate_nll(self.params, *self._shard(visual_tokens, ctx_ids, ctx_mask, cand_ids, cand_mask),
                               unshifted=unshifted)
     return np.asarray(out)[:n]
+
+
+def ret_embeddings_after(model, params, visual_tokens, ids, mask, positions):
+  """W_t embeddings (B, P, E) of the final hidden states at text `positions` (B, P) of [visual tokens]
+  + ids (B, T), every [RET] a real input (visual_tokens None: the text alone)."""
+  if visual_tokens is None:
+    embeds, full, hook = model.embed_text(params, ids), mask, None
+  else:
+    embeds, full, _, _ = model.caption_inputs(params, visual_tokens, ids, mask, ret_is_input=True)
+    hook = model.llm_hook(params, visual_tokens, embeds.shape[1])  # an in-LLM bridge's (bridges/inllm.py)
+  offset = embeds.shape[1] - ids.shape[1]  # the prefix in the sequence (an in-LLM bridge's context is not)
+  hidden = model.llm_hidden(params, embeds, full, hook=hook)
+  return model.ret_embeddings(params, hidden, positions + offset)
 
 
 def cached_encoder(tokenizer, *, add_bos: bool):

@@ -27,11 +27,11 @@ import numpy as np
 
 
 @jax.jit
-def _best_positive_ranks(queries, gallery, query_keys, gallery_keys):
+def _best_positive_ranks(queries, gallery, query_keys, gallery_keys, left_out):
   """1-based rank of each query's best-ranked positive, under the stable-descending tie rule.
 
   queries (C, D), gallery (G, D); gallery item g is a positive of query c iff
-  gallery_keys[g] == query_keys[c].
+  gallery_keys[g] == query_keys[c]; item left_out[c] (-1: none) is not ranked for query c.
   """
   sims = jnp.einsum("cd,gd->cg", queries, gallery, precision=jax.lax.Precision.HIGHEST)
   positives = gallery_keys[None, :] == query_keys[:, None]
@@ -40,13 +40,14 @@ def _best_positive_ranks(queries, gallery, query_keys, gallery_keys):
   best = jnp.max(masked, axis=1, keepdims=True)
   best_index = jnp.argmax(masked, axis=1)[:, None]  # argmax returns the first maximum
   gallery_index = jnp.arange(gallery.shape[0])[None, :]
-  ahead = (sims > best) | ((sims == best) & (gallery_index < best_index))
+  ahead = ((sims > best) | ((sims == best) & (gallery_index < best_index))) & (gallery_index != left_out[:, None])
   return jnp.sum(ahead, axis=1) + 1
 
 
 def _chunked_ranks(queries: np.ndarray, gallery: np.ndarray, query_keys: np.ndarray,
-                   gallery_keys: np.ndarray, chunk_size: int) -> np.ndarray:
+                   gallery_keys: np.ndarray, chunk_size: int, left_out: np.ndarray | None = None) -> np.ndarray:
   n = queries.shape[0]
+  left_out = np.full(n, -1) if left_out is None else np.asarray(left_out)
   chunk = min(chunk_size, n)
   gallery, gallery_keys = jnp.asarray(gallery), jnp.asarray(gallery_keys, jnp.int32)
   out = np.empty(n, np.int64)
@@ -55,7 +56,8 @@ def _chunked_ranks(queries: np.ndarray, gallery: np.ndarray, query_keys: np.ndar
     pad = chunk - (stop - start)  # pad the last chunk to the compiled shape; padded rows are dropped
     q = np.pad(queries[start:stop], ((0, pad), (0, 0)))
     keys = np.pad(query_keys[start:stop].astype(np.int32), (0, pad), constant_values=-1)
-    out[start:stop] = np.asarray(_best_positive_ranks(q, gallery, keys, gallery_keys))[:stop - start]
+    skip = np.pad(left_out[start:stop].astype(np.int32), (0, pad), constant_values=-1)
+    out[start:stop] = np.asarray(_best_positive_ranks(q, gallery, keys, gallery_keys, skip))[:stop - start]
   return out
 
 
@@ -99,6 +101,21 @@ def ranks(image_emb, text_emb, text_to_image, chunk_size: int = 1024) -> dict[st
   t2i = _chunked_ranks(text_emb, image_emb, text_to_image, np.arange(num_images), chunk_size)
   i2t = _chunked_ranks(image_emb, text_emb, np.arange(num_images), text_to_image, chunk_size)
   return {"i2t": i2t, "t2i": t2i}
+
+
+def composed_ranks(query_emb, gallery_emb, targets, references, chunk_size: int = 1024) -> np.ndarray:
+  """Composed image retrieval: the 1-based rank of each query's target (targets (Q,) gallery indices)
+  among the gallery (G, D), the query's own reference image (references (Q,), -1: none) left out,
+  as CIR benchmarks do (Pic2Word's CIRR evaluation). Same similarity and tie rule as `ranks`."""
+  query_emb, gallery_emb = _as_embeddings(query_emb, "query_emb"), _as_embeddings(gallery_emb, "gallery_emb")
+  targets, references = np.asarray(targets), np.asarray(references)
+  g = gallery_emb.shape[0]
+  if targets.shape != (query_emb.shape[0],) or references.shape != targets.shape:
+    raise ValueError(f"targets and references must have shape ({query_emb.shape[0]},), got {targets.shape} "
+                     f"and {references.shape}")
+  if np.any((targets < 0) | (targets >= g)) or np.any(targets == references):
+    raise ValueError(f"every target must be a gallery index in [0, {g}) other than its query's reference")
+  return _chunked_ranks(query_emb, gallery_emb, targets, np.arange(g), chunk_size, references)
 
 
 def recall_from_ranks(ranks_1based, ks: Sequence[int] = (1, 5, 10)) -> dict[int, float]:

@@ -15,6 +15,10 @@ per-example predictions. `bridgejax.evaluation.run.evaluate` (eval.py) calls the
              FROMAGe's eval_visdial_generation.py scores (VISDIAL_SCORINGS); R@k, MRR, mean rank,
              NDCG on the densely annotated round. T2I: BOS + "Q: q1? A: a1. ..." + [RET]
              (FROMAGe's eval_visdial_retrieval.py text), rank the split's images per dialog.
+  compose    composed image retrieval (Pic2Word): each query (reference image, modification text)
+             through Engine.composed_query, ranked against W_i of the split's image table (the
+             gallery; with max_examples, the rows the first queries use), its reference left out;
+             R@1/5/10 of the target, overall and per changed attribute.
 
 `quick_validation(setup, params, step)` is the training loop's periodic check.
 
@@ -36,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from bridgejax import mesh as mesh_lib
+from bridgejax import mesh as mesh_lib, pic2word
 from bridgejax.data.image import RESIZES
 from bridgejax.data.pipeline import eval_dataset
 from bridgejax.data.records import RecordError, open_split
@@ -399,8 +403,51 @@ def _visdial_metrics(dialogs: list[dict], scores: list[list]) -> dict[str, float
   return out
 
 
+# --------------------------------------------------------------------------- composed retrieval
+
+
+def compose(engine: Engine, data_dir: str, split: str, cfg) -> TaskResult:
+  records = open_split(data_dir, split)
+  n = num_examples(records, cfg.max_examples)
+  queries = [{k: v for k, v in records[i].items() if k != "image"} for i in range(n)]
+  table = records.info["image_table"]
+  used = 1 + max(max(q["image_index"], q["target_index"]) for q in queries)
+  gallery_size = used if cfg.max_examples else len(open_split(data_dir, table))
+  gallery = np.zeros((gallery_size, 0), np.float32)
+  for batch in task_batches(engine, data_dir, table, gallery_size, cfg, "compose gallery"):
+    _, emb = engine.encode(batch["image"])
+    if not gallery.shape[1]:
+      gallery = np.zeros((gallery_size, emb.shape[1]), np.float32)
+    valid = np.flatnonzero(batch["valid"])
+    gallery[batch["index"][valid]] = emb[valid]
+  rows = [engine.composed_ids(q["modification"]) for q in queries]
+  length = round_up(max(len(ids) for ids, _ in rows), 16)  # one compiled shape
+  embs = np.zeros((n, gallery.shape[1]), np.float32)
+  for batch in task_batches(engine, data_dir, split, n, cfg, "compose queries"):
+    picked = [rows[i] if ok else rows[0] for i, ok in zip(batch["index"], batch["valid"])]
+    ids, mask = pad_rows([r for r, _ in picked], length, engine.tokenizer.pad_id)
+    emb = engine.composed_query(batch["image"], ids, mask, [w for _, w in picked])
+    valid = np.flatnonzero(batch["valid"])
+    embs[batch["index"][valid]] = emb[valid]
+  embs, gallery = l2_normalize(embs), l2_normalize(gallery)
+  targets = np.asarray([q["target_index"] for q in queries])
+  references = np.asarray([q["image_index"] for q in queries])
+  ranks = retrieval.composed_ranks(embs, gallery, targets, references, cfg.chunk_size)
+  metrics = {f"R@{k}": v for k, v in retrieval.recall_from_ranks(ranks).items()}
+  for attribute in sorted({q["attribute"] for q in queries}):
+    mine = [i for i, q in enumerate(queries) if q["attribute"] == attribute]
+    metrics[f"{attribute}_R@1"] = retrieval.recall_from_ranks(ranks[mine], (1,))[1]
+  top = top_k(embs, gallery, 6, cfg.chunk_size)  # 5 after the reference is left out
+  predictions = [{"index": i, "id": q["id"], "modification": q["modification"], "attribute": q["attribute"],
+                  "reference_index": int(references[i]), "target_index": int(targets[i]), "rank": int(ranks[i]),
+                  "top_gallery": [int(g) for g in top[i] if g != references[i]][:5]} for i, q in enumerate(queries)]
+  template = pic2word.QUERY_TEMPLATE if engine.model.heads.pic2word_hidden else "[visual tokens] {}"
+  return TaskResult(percent_recalls(metrics), predictions, {"queries": n, "gallery": gallery_size},
+                    {"gallery_split": table, "query_template": template + " [RET]"})
+
+
 # the types of bridgejax.data.splits.TASK_TYPES, which says what data each reads
-TASKS = {"caption": caption, "retrieval": retrieval_task, "vqa": vqa, "visdial": visdial}
+TASKS = {"caption": caption, "retrieval": retrieval_task, "vqa": vqa, "visdial": visdial, "compose": compose}
 
 
 def check_task(name: str, cfg) -> None:
@@ -427,7 +474,7 @@ def _validation_fn(model, mesh):
     out = model.encode_images(params, image)
     image_emb = model.image_embedding(params, out)
     embeds, full_mask, labels, target = model.caption_inputs(params, out.tokens, ids, mask)
-    logits, _ = model.run_llm(params, embeds, full_mask)
+    logits, _ = model.run_llm(params, embeds, full_mask, hook=model.llm_hook(params, out.tokens, embeds.shape[1]))
     cap = _ce_sum(logits, labels, target * row_valid[:, None], losses)  # padded rows count nothing
     text_logits, _ = model.text_embedding(params, ids, mask)
     text = _ce_sum(text_logits, ids, mask * row_valid[:, None], losses)

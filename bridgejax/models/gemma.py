@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 import flax.linen as nn
 import jax
@@ -102,6 +102,31 @@ class LMOutput(NamedTuple):
   hidden_states: tuple[Array, ...]  # num_layers + 1 entries, transformers' convention: [0] the
   #   input embeddings, [i] the output of layer i, [-1] the final-norm output (= last_hidden_state)
   cache: tuple[LayerCache, ...] | None = None  # the updated KV cache when one was passed in
+
+
+class DecoderHook(Protocol):
+  """Trainable code acting inside the frozen decoder, at every layer (bridges/inllm.py implements it
+  for eP-ALM and Flamingo). `decode(..., hook=None)`, the default, traces exactly the plain decoder.
+  A hook is a pytree (its arrays are traced: jit, remat and generation's while_loop carry it).
+
+  at(layer) -> the hook of layer `layer` (0-based), which the decoder then calls:
+    before_layer(x, mask, columns) -> (x, mask), before the layer: x (B, T, D) its input, mask
+      (B, T, S) its attention mask, columns (B, T) the key column of each query (its index in the
+      sequence without a cache; its cache slot, i.e. its position, with one). Injects or replaces
+      tokens, hides keys, or runs a block between layers.
+    after_sublayer(kind, h) -> h, inside the layer: h (B, T, D) the output of its "attn" or "mlp"
+      sublayer (after any post-norm), before the residual add (adapters).
+  map_rows(fn) -> the hook with fn applied to each of its per-row arrays (B, ...), for callers that
+    regroup rows (the concat trick's pairs, beam search's copies of the cache).
+  """
+
+  def at(self, layer: int) -> "DecoderHook": ...
+
+  def before_layer(self, x: Array, mask: Array, columns: Array) -> tuple[Array, Array]: ...
+
+  def after_sublayer(self, kind: str, h: Array) -> Array: ...
+
+  def map_rows(self, fn) -> "DecoderHook": ...
 
 
 def init_cache(config: GemmaConfig, batch: int, length: int, dtype=jnp.float32) -> tuple[LayerCache, ...]:
@@ -236,7 +261,7 @@ class DecoderLayer(nn.Module):
   norm_class = RMSNorm  # Gemma's x * (1 + w)
 
   @nn.compact
-  def __call__(self, x, positions, mask, cache: LayerCache | None = None):
+  def __call__(self, x, positions, mask, cache: LayerCache | None = None, hook: DecoderHook | None = None):
     c = self.config
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     post_norms = getattr(c, "post_norms", False)
@@ -245,10 +270,14 @@ class DecoderLayer(nn.Module):
                                                                            mask, cache)
     if post_norms:
       h = norm("post_attn_norm")(h)
+    if hook is not None:
+      h = hook.after_sublayer("attn", h)
     x = x + h
     h = self.mlp_class(c, name="mlp", **kw)(norm("pre_ffw_norm")(x))
     if post_norms:
       h = norm("post_ffw_norm")(h)
+    if hook is not None:
+      h = hook.after_sublayer("mlp", h)
     return x + h, cache
 
 
@@ -299,7 +328,8 @@ class CausalDecoder(nn.Module):
     vocab, extra = self.split_logits(hidden, extra_embeddings)
     return vocab if extra is None else jnp.concatenate([vocab, extra], axis=-1)
 
-  def decode(self, inputs_embeds, positions, attention_mask=None, cache=None, segment_ids=None):
+  def decode(self, inputs_embeds, positions, attention_mask=None, cache=None, segment_ids=None,
+             hook: DecoderHook | None = None):
     """The layers and final norm: (B, T, D) embeddings at positions (B, T) -> (final-norm hidden
     (B, T, D), hidden_states tuple, cache).
 
@@ -309,11 +339,12 @@ class CausalDecoder(nn.Module):
     With a cache (from `init_cache`), the inputs are written at `positions` and attend over every
     cache slot up to their own position: slots past a row's prompt hold padding until generation
     overwrites them, and causality keeps them out of sight until then.
+    `hook` (DecoderHook) lets trainable code act at every layer; None runs the plain decoder.
     """
     with matmul_precision(self.dtype):
-      return self._decode(inputs_embeds, positions, attention_mask, cache, segment_ids)
+      return self._decode(inputs_embeds, positions, attention_mask, cache, segment_ids, hook)
 
-  def _decode(self, inputs_embeds, positions, attention_mask, cache, segment_ids):
+  def _decode(self, inputs_embeds, positions, attention_mask, cache, segment_ids, hook=None):
     c = self.config
     x = self.add_positions(inputs_embeds.astype(self.dtype), positions)
     if cache is None:
@@ -331,8 +362,16 @@ class CausalDecoder(nn.Module):
     if SLIDING in c.layer_types:
       masks[SLIDING] = attention_mask_for(positions, k_pos, k_valid, c.sliding_window)
     hidden_states, new_cache = [x], []
+    if hook is not None:  # a query's key column: its index in the sequence, or with a cache its slot (= position)
+      columns = positions if cache is not None else jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])
     for i, layer in enumerate(self.layers):
-      x, layer_cache = layer(x, positions, masks[c.layer_types[i]], None if cache is None else cache[i])
+      mask, layer_cache = masks[c.layer_types[i]], None if cache is None else cache[i]
+      if hook is None:
+        x, layer_cache = layer(x, positions, mask, layer_cache)
+      else:
+        layer_hook = hook.at(i)
+        x, mask = layer_hook.before_layer(x, mask, columns)
+        x, layer_cache = layer(x, positions, mask, layer_cache, layer_hook)
       hidden_states.append(x)
       new_cache.append(layer_cache)
     x = self.final_norm(x)

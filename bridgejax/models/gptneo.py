@@ -117,14 +117,15 @@ class DecoderLayer(nn.Module):
   param_dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x, positions, mask, cache: LayerCache | None = None):
+  def __call__(self, x, positions, mask, cache: LayerCache | None = None, hook=None):  # hook: gemma.DecoderHook
     c = self.config
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     norm = lambda name: LayerNorm(c.layer_norm_eps, self.param_dtype, name=name)
     h, cache = Attention(c, name="attn", **kw)(norm("pre_attn_norm")(x), positions, mask, cache)
-    x = x + h
+    x = x + (h if hook is None else hook.after_sublayer("attn", h))
     h = nn.Dense(c.intermediate_size, name="fc_in", **kw)(norm("pre_ffw_norm")(x))  # (B, T, M)
-    return x + nn.Dense(c.hidden_size, name="fc_out", **kw)(ACTIVATIONS[c.hidden_act](h)), cache
+    h = nn.Dense(c.hidden_size, name="fc_out", **kw)(ACTIVATIONS[c.hidden_act](h))
+    return x + (h if hook is None else hook.after_sublayer("mlp", h)), cache
 
 
 class GPTNeo(Llama):

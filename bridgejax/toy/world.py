@@ -544,3 +544,47 @@ def example(split: str, index: int, *, seed: int = 0, num_captions: int = 5, num
 def examples(split: str, num: int, *, seed: int = 0, start: int = 0, **kwargs) -> Iterator[dict[str, Any]]:
   for i in range(start, start + num):
     yield example(split, i, seed=seed, **kwargs)
+
+
+# --- Composed retrieval (Pic2Word's task) --------------------------------------------------------
+# A query is a reference image and a modification text; its target is the reference with exactly
+# the named attribute changed, everything else (position, size, rotation, colour jitter) equal.
+
+_COMPOSE, _COMPOSE_EDIT = 4, 5
+COMPOSE_ATTRIBUTES = {"color": tuple(COLORS), "kind": KINDS, "background": tuple(BACKGROUNDS)}
+
+
+def modification_text(attribute: str, value: str) -> str:
+  """'but blue', 'but a star', 'but on a black background'."""
+  return {"color": f"but {value}", "kind": f"but {_a(value)}", "background": f"but on a {value} background"}[attribute]
+
+
+def edit_scene(scene: Scene, attribute: str, value: str) -> Scene:
+  """The scene with its background or its first shape's colour or kind set to `value`, all else equal
+  (a new colour keeps the shape's colour jitter)."""
+  if attribute == "background":
+    return dataclasses.replace(scene, background=value)
+  s = scene.shapes[0]
+  if attribute == "color":
+    jitter = np.subtract(s.rgb, COLORS[s.color])
+    s = dataclasses.replace(s, color=value, rgb=tuple(int(min(255, max(0, v + j))) for v, j in zip(COLORS[value], jitter)))
+  else:
+    s = dataclasses.replace(s, kind=value)
+  return dataclasses.replace(scene, shapes=(s,) + scene.shapes[1:])
+
+
+def composed_example(split: str, index: int, *, seed: int = 0, image: bool = True) -> dict[str, Any]:
+  """Composed-retrieval query `index` of `split`, a pure function of its arguments: a one-shape
+  reference scene (the first shape of a scene of its own), a modification of one attribute to
+  another value, and the target scene; PNG bytes of both unless image=False."""
+  full = make_scene(rng_for(split, index, _COMPOSE, seed))
+  reference = Scene(full.background, full.shapes[:1])
+  rng = rng_for(split, index, _COMPOSE_EDIT, seed)
+  attribute = str(rng.choice(list(COMPOSE_ATTRIBUTES)))
+  current = reference.background if attribute == "background" else getattr(reference.shapes[0], attribute)
+  value = str(rng.choice([v for v in COMPOSE_ATTRIBUTES[attribute] if v != current]))
+  target = edit_scene(reference, attribute, value)
+  pixels = lambda scene: png_bytes(render(scene)) if image else None
+  return {"id": f"toy-compose-{split}-{index:06d}", "index": index, "attribute": attribute, "value": value,
+          "modification": modification_text(attribute, value), "reference_scene": reference.to_dict(),
+          "target_scene": target.to_dict(), "reference_image": pixels(reference), "target_image": pixels(target)}
