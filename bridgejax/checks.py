@@ -16,6 +16,7 @@ import difflib
 import json
 import os
 
+from bridgejax.data.features import check_present
 from bridgejax.data.records import INFO_FILE
 from bridgejax.data.splits import TASK_TYPES, eval_tasks
 from bridgejax.errors import UserError
@@ -106,12 +107,14 @@ def _toy_pending(config) -> bool:
 
 
 def check_training_data(config) -> None:
-  """data.dir, data.train_split and data.val_split ("" = no validation)."""
+  """data.dir, data.train_split, data.val_split ("" = no validation) and data.features (a cache of the
+  train split; whether it fits the tower is checked once the tower is loaded)."""
   if _toy_pending(config):
     return
   check_split("data.train_split", config.data.dir, config.data.train_split)
   if config.data.get("val_split"):
     check_split("data.val_split", config.data.dir, config.data.val_split)
+  check_present(config)
 
 
 def check_eval_data(config, tasks=None) -> None:

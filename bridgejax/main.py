@@ -18,6 +18,7 @@ from bridgejax.evaluation.tasks import quick_validation
 from bridgejax.experiment import build
 from bridgejax.toy.prepare import ensure_toy_data
 from bridgejax.train.loop import format_summary, lock_workdir, train, train_iterator
+from bridgejax.train.metric_writer import MetricWriter
 
 
 def run(config, workdir: str) -> dict:
@@ -26,17 +27,25 @@ def run(config, workdir: str) -> dict:
   ensure_toy_data(config)
   check_val_split(config)  # before any weight loads, not 1000 steps in at the first validation
   lock = lock_workdir(workdir)  # and before minutes of loading backbones
+  writer = None
   try:
+    writer = MetricWriter.for_run(config, workdir)  # config.wandb without wandb fails here, before the backbones
     setup = build(config)
     evaluate = quick_validation if config.data.val_split else None
-    summary = train(config, workdir, train_iterator(config, setup), setup=setup, evaluate=evaluate, locked=True)
+    summary = train(config, workdir, train_iterator(config, setup), setup=setup, evaluate=evaluate, locked=True,
+                    writer=writer)
     if jax.process_index() == 0:
       print(format_summary(summary, workdir))
     if config.get("eval_after_training") and not summary["preempted"]:
       summary["eval"] = evaluate_checkpoint(config, workdir, setup=setup)
+      samples = caption_samples(workdir, 50)
+      if samples:  # W&B shows them as a table (config.wandb)
+        writer.write_table(summary["step"], "sample_captions", ["id", "generated", "true"], samples)
       if jax.process_index() == 0:
         print(sample_captions(workdir))
   finally:
+    if writer is not None:
+      writer.close()
     if lock is not None:
       lock.release()
   return summary
@@ -48,13 +57,15 @@ def check_val_split(config) -> None:
     check_split("data.val_split", config.data.dir, config.data.val_split)
 
 
+def caption_samples(workdir: str, n: int) -> list[list[str]]:
+  """[id, generated, a true caption] of the first n of eval/caption_predictions.json ([] without it)."""
+  path = paths.path(workdir) / "eval" / "caption_predictions.json"
+  predictions = paths.read_json(path)["predictions"] if path.exists() else []
+  return [[str(p.get("id", p.get("index", ""))), p["caption"], p["references"][0]] for p in predictions[:n]]
+
+
 def sample_captions(workdir: str, n: int = 5) -> str:
   """A few generated captions next to a true one, from eval/caption_predictions.json."""
-  path = paths.path(workdir) / "eval" / "caption_predictions.json"
-  if not path.exists():
-    return ""
-  predictions = paths.read_json(path)["predictions"]
-  lines = ["sample captions (generated | true):"]
-  for p in predictions[:n]:
-    lines.append(f"  {p['caption']!r:50s} | {p['references'][0]!r}")
-  return "\n".join(lines)
+  rows = caption_samples(workdir, n)
+  lines = ["sample captions (generated | true):"] + [f"  {generated!r:50s} | {true!r}" for _, generated, true in rows]
+  return "\n".join(lines) if rows else ""

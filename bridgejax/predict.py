@@ -57,9 +57,20 @@ def _parser() -> argparse.ArgumentParser:
   return p
 
 
-def _index(pipe, where: str):
+def load_index(pipe, where: str):
+  """An index .npz, or the index of a folder of images (embedded now)."""
   from bridgejax.inference import ImageIndex  # pylint: disable=g-import-not-at-top
   return ImageIndex.load(where) if where.endswith(".npz") and os.path.isfile(where) else pipe.build_index(where)
+
+
+def load_pipeline(workdir: str, config=None, step=None, **kwargs):
+  """The run's Pipeline; a missing checkpoint or backbone is one line before any weight loads."""
+  from bridgejax.checks import check_backbones, check_checkpoint  # pylint: disable=g-import-not-at-top
+  from bridgejax.inference import Pipeline, load_config  # pylint: disable=g-import-not-at-top
+  check_checkpoint(workdir, step)
+  config = load_config(config, workdir)
+  check_backbones(config)
+  return Pipeline.from_workdir(workdir, config, step, **kwargs)
 
 
 def _hits(hits) -> list[dict]:
@@ -67,12 +78,8 @@ def _hits(hits) -> list[dict]:
 
 
 def run(a) -> object:
-  from bridgejax.checks import check_backbones, check_checkpoint  # pylint: disable=g-import-not-at-top
-  from bridgejax.inference import Hit, Pipeline, load_config  # pylint: disable=g-import-not-at-top
-  check_checkpoint(a.workdir, a.step)
-  config = load_config(a.config, a.workdir)
-  check_backbones(config)
-  pipe = Pipeline.from_workdir(a.workdir, config, a.step)
+  from bridgejax.inference import Hit  # pylint: disable=g-import-not-at-top
+  pipe = load_pipeline(a.workdir, a.config, a.step)
   if a.command == "caption":
     return dict(zip(a.images, pipe.captions(a.images, a.prompt, a.max_new_tokens)))
   if a.command == "answer":
@@ -80,7 +87,7 @@ def run(a) -> object:
   if a.command == "index":
     index = pipe.build_index(a.folder, progress=True)
     return {"index": index.save(a.out), "images": len(index)}
-  index = _index(pipe, a.index)
+  index = load_index(pipe, a.index)
   if a.command == "retrieve":
     return _hits(pipe.retrieve(a.text, index, a.k))
   if a.command == "compose":

@@ -27,7 +27,7 @@ if "jax" in __import__("sys").modules:  # a plugin imported JAX before this file
 
 # Whole files that take minutes run first, so that with `-n 2` one worker runs them while the other
 # works through the rest, instead of one of them starting near the end (longest first).
-LONG_FILES = ("test_demo.py", "test_ablate.py")
+LONG_FILES = ("test_demo.py", "test_ablate.py", "test_own_data_example.py")
 
 
 def pytest_collection_modifyitems(session, config, items):

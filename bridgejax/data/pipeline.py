@@ -9,6 +9,11 @@ Training (captioning + retrieval, FROMAGe): one image and one of its captions pe
     state = it.get_state()          # {"step": n, ...}: the same on every process; checkpoint it
     it = iter(ds); it.set_state(state)   # continues with the very next batch, any worker count
 
+With cached frozen features (bridgejax.data.features: `features=FeatureCache(...)`), a batch holds
+the cached hidden states instead of `image`: hidden_<i> (B, tokens, W) bfloat16, one per hidden
+state the config reads; the stream (records, order, captions) is the same, so a run can resume
+from images to features and back.
+
 text is BOS + caption + [RET], right padded to T = max_length (24), a caption that is too long
 is cut and still ends with [RET]; so [RET] sits at text_mask.sum(-1) - 1. Labels are text_ids
 shifted, masked by text_mask: the model and losses make them, nothing else is needed.
@@ -60,20 +65,32 @@ def _image(record: dict[str, Any], image_size: int, resize: str = "clip") -> np.
 
 class _TrainExample:
   """record -> one training example; picks one of the record's captions with the element's rng
-  (a different one each epoch for COCO's five). A class, not a closure: it goes to the workers."""
+  (a different one each epoch for COCO's five). A class, not a closure: it goes to the workers.
+  With `features` (a FeatureCache) the record's cached hidden states replace its image."""
 
-  def __init__(self, split: Split, tokenizer: Tokenizer, image_size: int, max_length: int, resize: str = "clip"):
+  def __init__(self, split: Split, tokenizer: Tokenizer, image_size: int, max_length: int, resize: str = "clip",
+               features=None):
     self.split, self.tokenizer = split, tokenizer
     self.image_size, self.max_length, self.resize = image_size, max_length, resize
+    self.features = features
 
   def __call__(self, index: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
     record = self.split[index]
     captions = record["captions"]
     caption = captions[int(rng.integers(len(captions)))] if len(captions) > 1 else captions[0]
     ids, mask = self.tokenizer.batch_encode([caption], self.max_length, add_bos=True, append_ret=True)
-    return {"image": _image(record, self.image_size, self.resize),
+    return {**self._vision(record, index),
             "text_ids": np.asarray(ids[0], np.int32), "text_mask": np.asarray(mask[0], np.int32),
             "index": np.int32(index)}
+
+  def _vision(self, record: dict[str, Any], index: int) -> dict[str, np.ndarray]:
+    if self.features is None:
+      return {"image": _image(record, self.image_size, self.resize)}
+    cached = self.features[index]
+    if cached.pop("id") != record["id"]:
+      raise RecordError(f"the feature cache {self.features.path} is out of step with split {self.split.name!r} "
+                        f"at record {index} ({record['id']!r}): rebuild it (python -m bridgejax.data.features)")
+    return cached
 
 
 class Loader:
@@ -174,7 +191,7 @@ def train_dataset(data_dir: str | os.PathLike, split: str, tokenizer: Tokenizer,
                   batch_size: int, seed: int = 0, image_size: int = 224, max_length: int = 24,
                   shard_index: int | None = None, shard_count: int | None = None,
                   num_epochs: int | None = None, worker_count: int = 0,
-                  worker_buffer_size: int = 2, image_resize: str = "clip"):
+                  worker_buffer_size: int = 2, image_resize: str = "clip", features=None):
   """Batches of image_text examples for training; returns a Loader (iterable of batches).
 
   batch_size is per process. (The concat trick's coin is the model's: a pure function of
@@ -182,6 +199,7 @@ def train_dataset(data_dir: str | os.PathLike, split: str, tokenizer: Tokenizer,
   shard_index/shard_count default to jax.process_index()/process_count(). num_epochs=None
   repeats forever. worker_count processes decode and preprocess (0: in this process).
   image_resize: "clip" (resize + centre crop) or "squash" (bridgejax.data.image).
+  features: a bridgejax.data.features.FeatureCache of this split, read instead of the images.
   """
   if batch_size <= 0:
     raise ValueError(f"batch_size {batch_size} must be positive")
@@ -189,13 +207,16 @@ def train_dataset(data_dir: str | os.PathLike, split: str, tokenizer: Tokenizer,
   if records.kind != "image_text":
     raise RecordError(f"split {split!r} of {data_dir} holds {records.kind} records; training "
                       "reads image_text splits (captions)")
+  if features is not None and len(features) != len(records):
+    raise RecordError(f"the feature cache {features.path} holds {len(features)} records, split {split!r} "
+                      f"{len(records)}: rebuild it (python -m bridgejax.data.features)")
   shard_index, shard_count = _shard(shard_index, shard_count)
   ds = epoch_order(len(records), seed=seed, shard_index=shard_index, shard_count=shard_count)
   if len(ds) < batch_size:
     raise RecordError(f"split {split!r} gives this process {len(ds)} examples per epoch, fewer "
                       f"than one batch of {batch_size}")
   ds = ds.repeat(num_epochs)
-  ds = ds.random_map(_TrainExample(records, tokenizer, image_size, max_length, image_resize), seed=seed)
+  ds = ds.random_map(_TrainExample(records, tokenizer, image_size, max_length, image_resize, features), seed=seed)
   ds = ds.batch(batch_size, drop_remainder=True)
   return Loader(ds, worker_count=worker_count, buffer_size=worker_buffer_size, fingerprint=dict(
       split=split, num_records=len(records), seed=seed, batch_size=batch_size, shard_count=shard_count))

@@ -18,6 +18,7 @@ from absl import logging
 from tqdm import tqdm
 
 from bridgejax import mesh as mesh_lib, paths
+from bridgejax.data import features as feature_cache
 from bridgejax.errors import UserError
 from bridgejax.experiment import Setup, build
 from bridgejax.model import frozen_row_norm
@@ -35,13 +36,14 @@ class ConfigMismatchError(UserError):
   """A restart whose config does not fit the run's checkpoints."""
 
 
-MODEL_INPUTS = ("image", "text_ids", "text_mask")
+MODEL_INPUTS = ("image", "text_ids", "text_mask")  # or, with data.features, hidden_<i> for image
 
 
 def global_batch(batch: dict, mesh) -> dict:
   """This process's slice of the batch -> global arrays sharded over 'data' (any number of hosts)."""
   sharding = mesh_lib.batch_sharding(mesh)
-  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(batch[k])) for k in MODEL_INPUTS}
+  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()
+          if k in MODEL_INPUTS or k.startswith(feature_cache.KEY_PREFIX)}
 
 
 def check_batch_size(config, mesh) -> int:
@@ -63,11 +65,13 @@ def train_iterator(config, setup: Setup, *, shard_index: int | None = None, shar
   """
   from bridgejax.data.pipeline import train_dataset
   per_shard = check_batch_size(config, setup.mesh) if shard_count is None else config.batch_size // shard_count
+  # cached tower features (data.features), checked against this run's tower before step 1
+  features = feature_cache.check_cache(config, setup) if feature_cache.cache_dir(config) else None
   dataset = train_dataset(config.data.dir, config.data.train_split, setup.tokenizer,
                           batch_size=per_shard, seed=config.seed, shard_index=shard_index, shard_count=shard_count,
                           image_size=setup.model.vision.config.image_size,
                           max_length=config.data.max_caption_tokens, worker_count=config.data.num_workers,
-                          image_resize=config.data.get("image_resize", "clip"))
+                          image_resize=config.data.get("image_resize", "clip"), features=features)
   return iter(dataset)
 
 
@@ -158,8 +162,8 @@ def lock_workdir(workdir: str) -> paths.WorkdirLock | None:
 # config mismatch error, which lists what to put back ("eval.": configs saved before config.evals).
 HARMLESS_KEYS = ("total_steps", "log_every_steps", "checkpoint_every_steps", "eval_every_steps", "keep_checkpoints",
                  "tensorboard", "eval_after_training", "evals.", "eval.", "data.num_workers", "data.val_", "data.dir",
-                 "vision.path", "llm.path", "llm.tokenizer", "mesh.", "frozen_sharding", "max_nonfinite_steps",
-                 "name", "best_metric")
+                 "data.features", "vision.path", "llm.path", "llm.tokenizer", "mesh.", "frozen_sharding", "max_nonfinite_steps",
+                 "name", "best_metric", "wandb.")
 
 
 def _flat(tree, prefix: str = "") -> dict:
@@ -193,7 +197,8 @@ def mismatch_error(error: CheckpointMismatchError, config, workdir: str) -> Conf
 
 
 def train(config, workdir: str, train_data: Iterator[dict], *, setup: Setup | None = None,
-          evaluate: Callable[[Setup, dict, int], dict] | None = None, locked: bool = False) -> dict:
+          evaluate: Callable[[Setup, dict, int], dict] | None = None, locked: bool = False,
+          writer: MetricWriter | None = None) -> dict:
   """Runs (or resumes) training to config.total_steps; returns the final summary.
 
   `train_data` yields this process's share of each batch as numpy arrays (a grain iterator, whose
@@ -203,10 +208,12 @@ def train(config, workdir: str, train_data: Iterator[dict], *, setup: Setup | No
   checkpoint falls back to the newest intact one; config.json and train_summary.json are written
   only once the restore has succeeded, so a config that does not fit changes nothing. `locked`:
   the caller holds the workdir's lock already (main.run takes it before loading the backbones).
+  `writer`: the caller's MetricWriter, left open (main.run logs the final evaluation into it too);
+  by default training opens and closes its own (MetricWriter.for_run).
   """
   lock = None if locked else lock_workdir(workdir)
   try:
-    return _train(config, workdir, train_data, setup or build(config), evaluate)
+    return _train(config, workdir, train_data, setup or build(config), evaluate, writer)
   finally:
     if lock is not None:
       lock.release()
@@ -241,7 +248,7 @@ def _best_so_far(checkpointer: Checkpointer, name: str) -> dict | None:
   return best
 
 
-def _train(config, workdir: str, train_data, setup: Setup, evaluate) -> dict:
+def _train(config, workdir: str, train_data, setup: Setup, evaluate, writer: MetricWriter | None) -> dict:
   model, mesh = setup.model, setup.mesh
   work = paths.path(workdir)
   best_metric = config.get("best_metric", "") if evaluate is not None else ""
@@ -278,7 +285,8 @@ def _train(config, workdir: str, train_data, setup: Setup, evaluate) -> dict:
 
   step_fn = jax.jit(make_train_step(model, optimizer, seed=config.seed, rescale_ret=config.ret.rescale_row),
                     donate_argnums=(0,), out_shardings=(replicated, replicated))
-  writer = MetricWriter(workdir, tensorboard=config.get("tensorboard", True))
+  own_writer = writer is None
+  writer = writer or MetricWriter.for_run(config, workdir)
   preemption = _Preemption()
   # One process decides alone when to stop at any step; several agree at log steps (any_process).
   multihost = jax.process_count() > 1
@@ -332,7 +340,8 @@ def _train(config, workdir: str, train_data, setup: Setup, evaluate) -> dict:
     progress.close()
     checkpointer.wait()
     checkpointer.close()
-    writer.close()
+    if own_writer:
+      writer.close()
     preemption.restore()
   summary.update(step=int(state.step), preempted=stop, skipped_steps=int(state.nonfinite_total),
                  train={k: float(v) for k, v in jax.device_get(metrics).items()})

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from bridgejax.data import features as feature_cache
 from bridgejax.model import BridgeModel, rescale_ret_row
 
 
@@ -34,6 +35,8 @@ def make_train_step(model: BridgeModel, optimizer: optax.GradientTransformation,
 
   def step(state: TrainState, frozen, batch, ret_norm):
     rng = jax.random.fold_in(base_key, state.step)  # a pure function of (seed, step): resumes exactly
+    if feature_cache.is_cached(batch):  # cached tower features (data.features): the tower does not run
+      batch = {**batch, "vision_features": feature_cache.vision_features(model, frozen, batch)}
     (loss, metrics), grads = jax.value_and_grad(model.loss, has_aux=True)(state.params, frozen, batch, rng)
     grad_norm = optax.global_norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
