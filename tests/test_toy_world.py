@@ -116,3 +116,33 @@ def test_prepare_toy_writes_every_task_over_shared_images(tmp_path):
   prepare_toy(tmp_path / "again", num_train=12, num_val=6, num_test=4)
   for f in ("train-00000-of-00001.array_record", "vqa_val-00000-of-00001.array_record"):
     assert (tmp_path / "toy" / f).read_bytes() == (tmp_path / "again" / f).read_bytes()
+
+
+def test_toy_data_made_by_an_older_version_gets_its_missing_splits(tmp_path, capsys):
+  import json
+
+  import ml_collections
+
+  from bridgejax.toy.prepare import TOY_SPLITS, ensure_toy_data
+  toy = ml_collections.ConfigDict(dict(num_train=6, num_val=3, num_test=2, seed=0))
+  config = ml_collections.ConfigDict({"data": {"dir": str(tmp_path / "toy"), "toy": toy}})
+  ensure_toy_data(config)
+  assert set(TOY_SPLITS) <= set(records.load_info(tmp_path / "toy")["splits"])
+  before = (tmp_path / "toy" / "vqa_test-00000-of-00001.array_record").read_bytes()
+  ensure_toy_data(config)  # complete: nothing to do
+  assert "again" not in capsys.readouterr().out
+  info_path = tmp_path / "toy" / records.INFO_FILE  # an older version wrote no compose splits
+  info = json.loads(info_path.read_text())
+  info["splits"] = {k: v for k, v in info["splits"].items() if not k.startswith("compose_")}
+  info_path.write_text(json.dumps(info))
+  ensure_toy_data(config)
+  assert "again (it lacks compose_val, compose_test)" in capsys.readouterr().out
+  assert {"compose_val", "compose_test"} <= set(records.load_info(tmp_path / "toy")["splits"])
+  assert (tmp_path / "toy" / "vqa_test-00000-of-00001.array_record").read_bytes() == before
+  # any other dataset in data.dir (the demo's setup on your own data) is never touched
+  own = tmp_path / "own"
+  own.mkdir()
+  (own / records.INFO_FILE).write_text(json.dumps({"format": "bridgejax-records", "version": 1, "source": "jsonl", "splits": {"train": {}}}))
+  config.data.dir = str(own)
+  ensure_toy_data(config)
+  assert sorted(p.name for p in own.iterdir()) == [records.INFO_FILE]

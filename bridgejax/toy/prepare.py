@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from bridgejax.data.prepare import Command, dataset_writer, progress_bar
-from bridgejax.data.records import INFO_FILE
+from bridgejax.data.records import INFO_FILE, load_info
 from bridgejax.toy import world
 
 
@@ -25,16 +25,23 @@ def _toy(args: tuple[str, int, int, bool]) -> dict[str, Any]:
                        dialog_rounds=10 if tasks else 0)
 
 
-def _generate(split: str, num: int, seed: int, tasks: bool, pool) -> Iterable[dict[str, Any]]:
+def _compose(args: tuple[str, int, int, bool]) -> dict[str, Any]:
+  split, index, seed, _ = args
+  return world.composed_example(split, index, seed=seed)
+
+
+def _generate(split: str, num: int, seed: int, tasks: bool, pool, make=_toy) -> Iterable[dict[str, Any]]:
   items = ((split, i, seed, tasks) for i in range(num))
-  return pool.imap(_toy, items, chunksize=32) if pool is not None else map(_toy, items)
+  return pool.imap(make, items, chunksize=32) if pool is not None else map(make, items)
 
 
 def prepare_toy(out, *, num_train: int = 10000, num_val: int = 1000, num_test: int = 1000,
                 seed: int = 0, workers: int = 0, overwrite: bool = False, quiet: bool = True,
                 shard_bytes: int = 1 << 30) -> dict[str, Any]:
   """The toy world: train (captions), and for val and test the same images as captions
-  (`val`), VQA (`vqa_val`) and VisDial (`visdial_val`) splits over one image table."""
+  (`val`), VQA (`vqa_val`) and VisDial (`visdial_val`) splits over one image table; and as many
+  composed-retrieval queries (`compose_val`) over their own table of reference and target images
+  (query i's at rows 2i and 2i + 1), the gallery. The other splits' bytes do not depend on them."""
   import multiprocessing  # pylint: disable=g-import-not-at-top
   pool = multiprocessing.get_context("spawn").Pool(workers) if workers > 0 else None
   try:
@@ -64,6 +71,14 @@ def prepare_toy(out, *, num_train: int = 10000, num_val: int = 1000, num_test: i
             d = ex["dialog"]
             dial.write({"id": ex["id"], "image_id": ex["index"], "image_index": i, **d})
             bar.update()
+        gallery = dw.split(f"compose_{split}-images", "images")
+        compose = dw.split(f"compose_{split}", "compose", image_table=gallery.name)
+        with progress_bar(f"toy compose_{split}", num, quiet) as bar:
+          for ex in _generate(split, num, seed, False, pool, _compose):
+            i = gallery.write({"id": ex["id"] + "-reference", "image": ex.pop("reference_image")})
+            j = gallery.write({"id": ex["id"] + "-target", "image": ex.pop("target_image")})
+            compose.write({**ex, "image_index": i, "target_index": j})
+            bar.update()
   finally:
     if pool is not None:
       pool.close()
@@ -71,16 +86,30 @@ def prepare_toy(out, *, num_train: int = 10000, num_val: int = 1000, num_test: i
   return dw.summary()
 
 
+TOY_SPLITS = tuple(f"{task}{split}" for split in ("val", "test")
+                   for task in ("", "vqa_", "visdial_", "compose_")) + ("train",)
+
+
 def ensure_toy_data(config) -> None:
-  """configs/demo.py sets data.toy: the toy world is generated into data.dir when not there yet."""
+  """configs/demo.py sets data.toy: the toy world is generated into data.dir when not there yet, or
+  generated again when a toy world there lacks a split this version writes (a folder made by an
+  older bridgejax: its other splits come out byte-identical, since every example is a pure function
+  of its index). Any other dataset in data.dir (the demo's setup on your data) is left alone."""
   import jax  # pylint: disable=g-import-not-at-top
   toy = config.data.get("toy")
-  if not toy or os.path.exists(os.path.join(config.data.dir, INFO_FILE)):
+  if not toy:
     return
+  missing = TOY_SPLITS
+  if os.path.exists(os.path.join(config.data.dir, INFO_FILE)):
+    info = load_info(config.data.dir)
+    missing = [s for s in TOY_SPLITS if s not in info["splits"]]
+    if info.get("source") != "toy" or not missing:
+      return
   if jax.process_index() == 0:
-    print(f"preparing the toy world in {config.data.dir} ...")
+    why = "" if missing is TOY_SPLITS else f" again (it lacks {', '.join(missing)})"
+    print(f"preparing the toy world in {config.data.dir}{why} ...")
     prepare_toy(config.data.dir, num_train=toy.num_train, num_val=toy.num_val, num_test=toy.num_test,
-                seed=toy.seed, quiet=False)
+                seed=toy.seed, quiet=False, overwrite=missing is not TOY_SPLITS)
 
 
 def _flags(p) -> None:

@@ -1,0 +1,118 @@
+"""What a toy vision tower sees: linear probes from its pooled features to each scene attribute, and
+what an image's nearest neighbour shares with it.
+
+    python -m bridgejax.toy.probe [--clip bridgejax/toy/assets/clip] [--num-fit 1200] [--num-test 600]
+
+Probes are closed-form ridge regressions onto one-hot labels, fit on val images and scored on test
+images (neither is seen in pretraining). Colour, kind, size and cell are read on one-shape images
+(the attribute of "the" shape is then defined); count and background on every image. The pooled
+feature is the tower's `pooler_output` (the post-LayerNorm CLS), what CLS bridges and [RET] read.
+
+The shipped tower (400 contrastive steps), 1200 fit / 600 scored, in percent:
+
+    colour 100, kind 22 (chance 14), size 84, cell 13, count 69, background 81;
+    nearest neighbour: same colour set 88, same kind set 6.5, same count 62.
+
+So it sees colour, and shape kind not at all. How far a supervised signal gets this tower's
+architecture (width 64, 4 layers, patch 7 at 112 px), measured while choosing a recipe (2-core CPU):
+  * kind supervision from the CLS on one-shape images, 400 steps at batch 64: 19% on held-out images;
+  * a per-patch kind loss (each patch within its shape's radius labelled with the kind), sine-cosine
+    position start, mimetic attention start, batch 32: per-patch kind 19 / 22 / 36 / 51 / 61% and
+    CLS probe 17 / 19 / 35 / 47 / 45% after 100 / 200 / 400 / 600 / 800 steps;
+  * a 3-layer CNN on the same one-shape images sits at chance for about 250 steps and then learns
+    (56% at step 300): small shapes on four backgrounds take a plateau to find, even with convolutions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from bridgejax.data.image import clip_preprocess
+from bridgejax.toy import world
+
+ASSETS_CLIP = os.path.join(os.path.dirname(__file__), "assets", "clip")
+
+
+def render_pool(split: str, num_images: int, seed: int = 0) -> tuple[np.ndarray, list[dict]]:
+  """(N, 3, 112, 112) CLIP-normalised images of a toy split and their scenes (Scene.to_dict())."""
+  pixels, scenes = [], []
+  for ex in tqdm(world.examples(split, num_images, seed=seed, num_questions=0, dialog_rounds=0),
+                 total=num_images, desc=f"render toy {split} images", leave=False):
+    pixels.append(clip_preprocess(Image.open(io.BytesIO(ex["image"])), world.IMAGE_SIZE))
+    scenes.append(ex["scene"])
+  return np.stack(pixels), scenes
+
+
+def probe_labels(scenes: list[dict]) -> dict[str, np.ndarray]:
+  """Per attribute, (N,) class indices, -1 where it is undefined: colour, kind, size and cell of
+  the shape of one-shape images; count and background of every image."""
+  single = lambda f: np.asarray([f(s["shapes"][0]) if len(s["shapes"]) == 1 else -1 for s in scenes])
+  return {"color": single(lambda s: list(world.COLORS).index(s["color"])),
+          "kind": single(lambda s: world.KINDS.index(s["kind"])),
+          "size": single(lambda s: world.SIZES.index(s["size"])),
+          "cell": single(lambda s: 3 * s["row"] + s["col"]),
+          "count": np.asarray([len(s["shapes"]) - 1 for s in scenes]),
+          "background": np.asarray([list(world.BACKGROUNDS).index(s["background"]) for s in scenes])}
+
+
+def ridge_probe_accuracy(fit_x, fit_y, test_x, test_y, ridge: float = 1.0) -> float:
+  """Accuracy of a closed-form ridge regression onto one-hot labels (argmax), fit on the rows of
+  fit_x whose label is defined (>= 0), scored likewise on test_x; features standardised on fit_x."""
+  fit_x, test_x = fit_x[fit_y >= 0], test_x[test_y >= 0]
+  fit_y, test_y = fit_y[fit_y >= 0], test_y[test_y >= 0]
+  mean, std = fit_x.mean(0), fit_x.std(0) + 1e-6
+  design = lambda x: np.concatenate([(x - mean) / std, np.ones((len(x), 1))], axis=1).astype(np.float64)
+  a = design(fit_x)
+  weights = np.linalg.solve(a.T @ a + ridge * np.eye(a.shape[1]), a.T @ np.eye(fit_y.max() + 1)[fit_y])
+  return float(np.mean(np.argmax(design(test_x) @ weights, axis=1) == test_y))
+
+
+def neighbour_agreement(features, scenes) -> dict[str, float]:
+  """How often an image's nearest neighbour (cosine, itself excluded) has the same set of colours,
+  of kinds, the same background and the same number of shapes."""
+  unit = features / np.linalg.norm(features, axis=1, keepdims=True)
+  similarity = unit @ unit.T
+  np.fill_diagonal(similarity, -np.inf)
+  nearest = similarity.argmax(1)
+  keys = {"color_set": lambda s: frozenset(x["color"] for x in s["shapes"]),
+          "kind_set": lambda s: frozenset(x["kind"] for x in s["shapes"]),
+          "background": lambda s: s["background"], "count": lambda s: len(s["shapes"])}
+  return {name: float(np.mean([key(scenes[i]) == key(scenes[j]) for i, j in enumerate(nearest)]))
+          for name, key in keys.items()}
+
+
+def probe_tower(tower, num_fit: int = 1200, num_test: int = 600, seed: int = 0) -> dict[str, float]:
+  """Probe accuracies and neighbour agreement (module docstring) of a vision tower (a callable
+  pixels -> output with `pooler_output`, as bridgejax.weights.load_vision_tower returns)."""
+  def pooled(split, n):
+    pixels, scenes = render_pool(split, n, seed)
+    return np.concatenate([np.asarray(tower(pixels[i:i + 200]).pooler_output) for i in range(0, n, 200)]), scenes
+  (fit_x, fit_scenes), (test_x, test_scenes) = pooled("val", num_fit), pooled("test", num_test)
+  fit_labels, test_labels = probe_labels(fit_scenes), probe_labels(test_scenes)
+  out = {f"probe_{name}": ridge_probe_accuracy(fit_x, fit_labels[name], test_x, test_labels[name])
+         for name in fit_labels}
+  return out | {f"neighbour_{k}": v for k, v in neighbour_agreement(test_x, test_scenes).items()}
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--clip", default=ASSETS_CLIP, help="a CLIPVisionModel folder (default: the shipped toy CLIP)")
+  parser.add_argument("--num-fit", type=int, default=1200)
+  parser.add_argument("--num-test", type=int, default=600)
+  args = parser.parse_args(argv)
+  from bridgejax import weights  # pylint: disable=g-import-not-at-top
+  result = probe_tower(weights.load_vision_tower(args.clip), args.num_fit, args.num_test)
+  print("| measure | % |\n| --- | --- |")
+  for name, value in result.items():
+    print(f"| {name} | {100 * value:.1f} |")
+  return 0
+
+
+if __name__ == "__main__":
+  raise SystemExit(main())
