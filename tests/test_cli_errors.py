@@ -171,7 +171,7 @@ def test_eval_tasks_are_separate_dicts_and_bad_ones_fail_in_one_line(capsys):
       "(eval.py --tasks=NAME,...)\n")
   base_config.evals.vqa.type = "vqa2"
   assert status_and_error(lambda: checks.check_eval_data(base_config)) == (
-      2, "error: --config.evals.vqa.type='vqa2' is unknown; choose from ['caption', 'retrieval', 'visdial', 'vqa']\n")
+      2, "error: --config.evals.vqa.type='vqa2' is unknown; choose from ['caption', 'compose', 'retrieval', 'visdial', 'vqa']\n")
   base_config.evals.vqa.type = "caption"  # a vqa dict under the caption type: its keys do not fit
   status, err = status_and_error(lambda: splits.eval_tasks(base_config))
   assert status == 2 and err.count("\n") == 1 and err.startswith(
