@@ -121,7 +121,15 @@ def test_from_pretrained_matches_from_workdir(run, exported):
   np.testing.assert_array_equal(theirs.text_query("a red circle"), ours.text_query("a red circle"))
 
 
-def test_from_pretrained_backbone_overrides_and_errors(exported, tmp_path):
+@pytest.fixture
+def hub_offline(monkeypatch):
+  """No network for the Hub path: huggingface_hub refuses any request (its flag is read at import)."""
+  import huggingface_hub.constants
+  monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+  monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+
+
+def test_from_pretrained_backbone_overrides_and_errors(exported, tmp_path, hub_offline):
   with pytest.raises(ValueError, match="llm backbone folder .* does not exist.*hub id google/gemma-tiny.*llm=FOLDER"):
     Pipeline.from_pretrained(exported, llm=str(tmp_path / "moved_gemma"))
   with pytest.raises(ValueError, match="neither a folder nor a Hub repo id"):
@@ -130,7 +138,7 @@ def test_from_pretrained_backbone_overrides_and_errors(exported, tmp_path):
     Pipeline.from_pretrained("org/absent", local_files_only=True, cache_dir=str(tmp_path / "empty_cache"))
 
 
-def test_from_pretrained_hub_id_from_the_local_cache(exported, tmp_path, monkeypatch):
+def test_from_pretrained_hub_id_from_the_local_cache(exported, tmp_path, monkeypatch, hub_offline):
   """The Hub path, offline: the export in the hub cache layout, found through HF_HUB_CACHE."""
   import huggingface_hub.constants
   cache = tmp_path / "hub"
