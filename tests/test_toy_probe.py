@@ -1,5 +1,5 @@
 """bridgejax.toy.probe: the probe is a ridge regression, its labels follow the scene, and what the
-shipped toy CLIP sees today."""
+shipped toy CLIP sees."""
 
 import numpy as np
 
@@ -45,11 +45,12 @@ def test_probe_labels_follow_the_scene_and_neighbours_count_agreement():
   assert agreement["background"] == 0.5 and agreement["kind_set"] == 1.0 and agreement["color_set"] == 1.0
 
 
-def test_shipped_toy_clip_sees_colour_size_and_background():
-  """600 val images fit, 400 test images scored. Measured on the shipped tower: colour 100, size 81,
-  background 80, count 63, kind 19 (chance 14), cell 8 (chance 11). The goals of a tower that sees
-  shapes (kind and count >= 90, background >= 95) are not met yet; this guards what it does see."""
-  result = probe.probe_tower(weights.load_vision_tower(probe.ASSETS_CLIP), num_fit=600, num_test=400)
-  assert result["probe_color"] >= 0.95 and result["probe_size"] >= 0.7, result
-  assert result["probe_background"] >= 0.7 and result["probe_count"] >= 0.5, result
-  assert result["neighbour_color_set"] >= 0.75, result
+def test_shipped_toy_clip_sees_shape_kind_size_colour_and_background():
+  """1200 val images fit, 600 test images scored (the CLI's 3000 / 2000 measure colour 100, kind 91,
+  size 97, count 80, background 99). Measured here: colour 100, kind 89.5 (chance 14), size 96.8,
+  count 77.8, background 99.5; the nearest neighbour shares the kind set 30% of the time (6.5 for
+  the earlier contrastive-only tower, whose kind probe read 22)."""
+  result = probe.probe_tower(weights.load_vision_tower(probe.ASSETS_CLIP), num_fit=1200, num_test=600)
+  assert result["probe_color"] >= 0.98 and result["probe_kind"] >= 0.87 and result["probe_size"] >= 0.93, result
+  assert result["probe_background"] >= 0.97 and result["probe_count"] >= 0.75, result
+  assert result["neighbour_kind_set"] >= 0.2 and result["neighbour_background"] >= 0.8, result

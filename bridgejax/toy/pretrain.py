@@ -1,12 +1,14 @@
 """Pretrains the toy world's frozen backbones and saves them in Hugging Face format.
 
-    python -m bridgejax.toy.pretrain [--out bridgejax/toy/assets] [--parts lm,clip] [--clip-steps N] [--lm-steps N]
+    python -m bridgejax.toy.pretrain [--out bridgejax/toy/assets] [--parts lm,clip] [--lm-steps N]
+        [--clip-dense-steps N] [--clip-scene-steps N] [--clip-images N]
 
 Writes, deterministically from fixed seeds and the toy world's train split:
   OUT/clip/    a tiny CLIP vision tower (CLIPVisionModel layout: config.json + model.safetensors):
                112 px images, patch 7, so a 16x16 grid and 257 tokens, the token geometry of
-               ViT-L/14 at 224. Trained contrastively (CLIP's symmetric InfoNCE) against a small
-               text tower that is then thrown away, as the real CLIP's text tower is unused here.
+               ViT-L/14 at 224. Trained on per-patch shape attributes in windows around shapes,
+               then on whole scenes with CLIP's symmetric InfoNCE against a small text tower and
+               scene-attribute heads, all thrown away afterwards (pretrain_clip.py says why).
   OUT/gemma/   a tiny Gemma-architecture LM (GemmaForCausalLM layout) pretrained next-token on the
                toy language (captions, questions and answers, dialogs), the texts of one scene
                packed into each row so that it learns to continue in agreement with a prefix,
@@ -17,34 +19,23 @@ Both load in transformers and through bridgejax.weights, like the real CLIP ViT-
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import io
 import json
 import os
 import time
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from PIL import Image
 from tqdm import tqdm
 
-from bridgejax.data.image import clip_preprocess
-from bridgejax.losses import contrastive_loss, caption_loss
-from bridgejax.models.clip import CLIPVisionConfig, CLIPVisionTransformer, EncoderLayer
+from bridgejax.losses import caption_loss
 from bridgejax.models.gemma import Gemma, GemmaConfig
 from bridgejax.toy import world
+from bridgejax.toy.pretrain_clip import TOY_CLIP, pretrain_clip, render_pool, scene_targets
 
 ASSETS = os.path.join(os.path.dirname(__file__), "assets")
 SPECIAL_TOKENS = ("<pad>", "<eos>", "<bos>", "<unk>")  # ids 0-3, Gemma's layout
-
-# Width 64 and 2 heads (not ViT-like 128/4): on a 2-core CPU the attention maps of 257 tokens
-# dominate a step, and this size pretrains in minutes and keeps the demo's frozen forward cheap.
-TOY_CLIP = CLIPVisionConfig(hidden_size=64, intermediate_size=256, num_layers=4, num_heads=2,
-                            image_size=world.IMAGE_SIZE, patch_size=7)
-
 
 def toy_lm_config(vocab_size: int) -> GemmaConfig:
   """Gemma 1 architecture (MQA, GeGLU, tied embeddings) at toy size."""
@@ -125,81 +116,6 @@ def encode_batch(tokenizer, texts, length: int, add_eos: bool = True) -> tuple[n
   return ids, (ids != 0).astype(np.int32)
 
 
-# --------------------------------------------------------------------------- the toy CLIP
-
-
-class TextTower(nn.Module):
-  """A small transformer text encoder for contrastive pretraining (discarded afterwards): token
-  and position embeddings, CLIP encoder layers, the final-LayerNorm state of the last token."""
-
-  vocab_size: int
-  length: int
-  width: int = 128
-  layers: int = 2
-  embed_dim: int = 128
-
-  @nn.compact
-  def __call__(self, ids, mask):  # (B, T) -> (B, E)
-    c = CLIPVisionConfig(hidden_size=self.width, intermediate_size=4 * self.width, num_layers=self.layers,
-                         num_heads=4, image_size=7, patch_size=7)  # only the layer sizes are used
-    x = nn.Embed(self.vocab_size, self.width)(ids) + self.param(
-        "pos_embed", nn.initializers.normal(0.01), (self.length, self.width))
-    for i in range(self.layers):  # padding is attended to: harmless for this throwaway encoder
-      x = EncoderLayer(c, name=f"layer_{i}")(x)
-    x = nn.LayerNorm()(x)
-    last = jnp.take_along_axis(x, (jnp.sum(mask, axis=1) - 1)[:, None, None], axis=1)[:, 0]
-    return nn.Dense(self.embed_dim, use_bias=False)(last)
-
-
-def render_pool(num_images: int, seed: int = 0) -> np.ndarray:
-  """(N, 3, 112, 112) CLIP-normalised train images."""
-  pixels = []
-  for ex in tqdm(world.examples("train", num_images, seed=seed, num_questions=0, dialog_rounds=0),
-                 total=num_images, desc="render toy images", leave=False):
-    pixels.append(clip_preprocess(Image.open(io.BytesIO(ex["image"])), world.IMAGE_SIZE))
-  return np.stack(pixels)
-
-
-def pretrain_clip(pixels, captions, tokenizer, *, steps: int, batch_size: int = 64, lr: float = 1e-3,
-                  seed: int = 0, text_length: int = 40):
-  """Vision tower params (CLIPVisionModel layout, no projection) after contrastive training."""
-  vision_cfg = dataclasses.replace(TOY_CLIP, projection_dim=128)
-  vision = CLIPVisionTransformer(vision_cfg)
-  text = TextTower(tokenizer.get_vocab_size(), text_length)
-  rng = jax.random.key(seed)
-  size = vision_cfg.image_size
-  params = {"vision": vision.init(rng, jnp.zeros((1, 3, size, size)))["params"],
-            "text": text.init(rng, jnp.zeros((1, text_length), jnp.int32), jnp.ones((1, text_length), jnp.int32))["params"],
-            "logit_scale": jnp.asarray(np.log(1 / 0.07), jnp.float32)}
-  schedule = optax.warmup_cosine_decay_schedule(0.0, lr, max(steps // 20, 1), steps, lr * 0.05)
-  tx = optax.adamw(schedule, weight_decay=0.05)
-  opt_state = tx.init(params)
-
-  def loss_fn(params, images, ids, mask):
-    img = vision.apply({"params": params["vision"]}, images).image_embeds
-    txt = text.apply({"params": params["text"]}, ids, mask)
-    loss, parts = contrastive_loss(img, txt, params["logit_scale"], max_scale=100.0)
-    return loss, parts
-
-  @jax.jit
-  def step(params, opt_state, images, ids, mask):
-    (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, images, ids, mask)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss, parts
-
-  data_rng = np.random.default_rng(seed)
-  progress = tqdm(range(steps), desc="pretrain toy CLIP")
-  for i in progress:
-    rows = data_rng.choice(len(pixels), batch_size, replace=False)  # distinct images: true negatives
-    texts = [captions[r][data_rng.integers(len(captions[r]))] for r in rows]
-    ids, mask = encode_batch(tokenizer, texts, text_length)
-    params, opt_state, loss, parts = step(params, opt_state, pixels[rows], ids, mask)
-    if i % 20 == 0 or i == steps - 1:
-      progress.set_postfix(loss=f"{float(loss):.3f}", i2t_top1=f"{float(parts['i2t_top1']):.0f}%")
-  vision_params = {k: v for k, v in params["vision"].items() if k != "visual_projection"}
-  return vision_params, float(loss)
-
-
 # --------------------------------------------------------------------------- the toy LM
 
 
@@ -239,9 +155,12 @@ def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--out", default=ASSETS)
   parser.add_argument("--parts", default="lm,clip", help="which backbones to rebuild: lm, clip or both")
-  parser.add_argument("--clip-steps", type=int, default=400)
+  parser.add_argument("--clip-dense-steps", type=int, default=3000, help="toy CLIP phase 1: shape windows")
+  parser.add_argument("--clip-scene-steps", type=int, default=400, help="toy CLIP phase 2: whole scenes")
+  parser.add_argument("--clip-scene-batch", type=int, default=48)
   parser.add_argument("--lm-steps", type=int, default=2000)  # in-context use of a prefix appears at ~1-2k
-  parser.add_argument("--num-images", type=int, default=4000)
+  parser.add_argument("--num-images", type=int, default=4000, help="train scenes for the LM's corpus")
+  parser.add_argument("--clip-images", type=int, default=8000, help="train images for the toy CLIP")
   parser.add_argument("--vocab-size", type=int, default=512)
   parser.add_argument("--seed", type=int, default=0)
   args = parser.parse_args(argv)
@@ -270,11 +189,17 @@ def main(argv=None) -> int:
 
   if "clip" in parts:
     start = time.time()
-    pixels = render_pool(args.num_images, args.seed)
-    clip_params, clip_loss = pretrain_clip(pixels, image_captions, tokenizer, steps=args.clip_steps, seed=args.seed)
+    pixels, _ = render_pool("train", args.clip_images, args.seed)
+    targets = scene_targets("train", args.clip_images, args.seed)
+    captions = [ex["captions"] for ex in world.examples("train", args.clip_images, seed=args.seed, image=False,
+                                                        num_questions=0, dialog_rounds=0)]
+    clip_params, clip_losses = pretrain_clip(pixels, targets, captions, tokenizer, encode_batch,
+                                             dense_steps=args.clip_dense_steps, scene_steps=args.clip_scene_steps,
+                                             scene_batch=args.clip_scene_batch, seed=args.seed)
     save_clip(os.path.join(args.out, "clip"), TOY_CLIP, clip_params)
-    summary["clip"] = {"final_loss": clip_loss, "steps": args.clip_steps, "seconds": round(time.time() - start, 1),
-                       **common}
+    summary["clip"] = {**clip_losses, "dense_steps": args.clip_dense_steps, "scene_steps": args.clip_scene_steps,
+                       "scene_batch": args.clip_scene_batch,
+                       "images": args.clip_images, "seconds": round(time.time() - start, 1), **common}
 
   os.makedirs(args.out, exist_ok=True)
   with open(summary_path, "w") as f:

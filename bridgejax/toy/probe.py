@@ -1,52 +1,35 @@
 """What a toy vision tower sees: linear probes from its pooled features to each scene attribute, and
 what an image's nearest neighbour shares with it.
 
-    python -m bridgejax.toy.probe [--clip bridgejax/toy/assets/clip] [--num-fit 1200] [--num-test 600]
+    python -m bridgejax.toy.probe [--clip bridgejax/toy/assets/clip] [--num-fit 3000] [--num-test 2000]
 
 Probes are closed-form ridge regressions onto one-hot labels, fit on val images and scored on test
 images (neither is seen in pretraining). Colour, kind, size and cell are read on one-shape images
 (the attribute of "the" shape is then defined); count and background on every image. The pooled
 feature is the tower's `pooler_output` (the post-LayerNorm CLS), what CLS bridges and [RET] read.
 
-The shipped tower (400 contrastive steps), 1200 fit / 600 scored, in percent:
+The shipped tower (bridgejax/toy/pretrain_clip.py: per-patch attributes on windows around shapes,
+then whole scenes), 3000 fit / 2000 scored (the defaults), in percent:
 
-    colour 100, kind 22 (chance 14), size 84, cell 13, count 69, background 81;
-    nearest neighbour: same colour set 88, same kind set 6.5, same count 62.
+    colour 100, kind 91 (chance 14), size 97, cell 26 (chance 11), count 80, background 99;
+    nearest neighbour: same colour set 72, same kind set 37, same background 95, same count 72.
 
-So it sees colour, and shape kind not at all. How far a supervised signal gets this tower's
-architecture (width 64, 4 layers, patch 7 at 112 px), measured while choosing a recipe (2-core CPU):
-  * kind supervision from the CLS on one-shape images, 400 steps at batch 64: 19% on held-out images;
-  * a per-patch kind loss (each patch within its shape's radius labelled with the kind), sine-cosine
-    position start, mimetic attention start, batch 32: per-patch kind 19 / 22 / 36 / 51 / 61% and
-    CLS probe 17 / 19 / 35 / 47 / 45% after 100 / 200 / 400 / 600 / 800 steps;
-  * a 3-layer CNN on the same one-shape images sits at chance for about 250 steps and then learns
-    (56% at step 300): small shapes on four backgrounds take a plateau to find, even with convolutions.
+The earlier, contrastive-only tower (400 steps) read colour 100, kind 22, size 84, cell 13, count
+69 and background 81 (1200 fit / 600 scored), its nearest neighbour sharing the kind set 6.5% of
+the time: it saw colour and not shape. pretrain_clip.py records what each recipe choice bought.
 """
 
 from __future__ import annotations
 
 import argparse
-import io
 import os
 
 import numpy as np
-from PIL import Image
-from tqdm import tqdm
 
-from bridgejax.data.image import clip_preprocess
 from bridgejax.toy import world
+from bridgejax.toy.pretrain_clip import render_pool
 
 ASSETS_CLIP = os.path.join(os.path.dirname(__file__), "assets", "clip")
-
-
-def render_pool(split: str, num_images: int, seed: int = 0) -> tuple[np.ndarray, list[dict]]:
-  """(N, 3, 112, 112) CLIP-normalised images of a toy split and their scenes (Scene.to_dict())."""
-  pixels, scenes = [], []
-  for ex in tqdm(world.examples(split, num_images, seed=seed, num_questions=0, dialog_rounds=0),
-                 total=num_images, desc=f"render toy {split} images", leave=False):
-    pixels.append(clip_preprocess(Image.open(io.BytesIO(ex["image"])), world.IMAGE_SIZE))
-    scenes.append(ex["scene"])
-  return np.stack(pixels), scenes
 
 
 def probe_labels(scenes: list[dict]) -> dict[str, np.ndarray]:
@@ -87,7 +70,7 @@ def neighbour_agreement(features, scenes) -> dict[str, float]:
           for name, key in keys.items()}
 
 
-def probe_tower(tower, num_fit: int = 1200, num_test: int = 600, seed: int = 0) -> dict[str, float]:
+def probe_tower(tower, num_fit: int = 3000, num_test: int = 2000, seed: int = 0) -> dict[str, float]:
   """Probe accuracies and neighbour agreement (module docstring) of a vision tower (a callable
   pixels -> output with `pooler_output`, as bridgejax.weights.load_vision_tower returns)."""
   def pooled(split, n):
@@ -103,8 +86,8 @@ def probe_tower(tower, num_fit: int = 1200, num_test: int = 600, seed: int = 0) 
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--clip", default=ASSETS_CLIP, help="a CLIPVisionModel folder (default: the shipped toy CLIP)")
-  parser.add_argument("--num-fit", type=int, default=1200)
-  parser.add_argument("--num-test", type=int, default=600)
+  parser.add_argument("--num-fit", type=int, default=3000)
+  parser.add_argument("--num-test", type=int, default=2000, help="about 30%% are one-shape images (kind, size, cell)")
   args = parser.parse_args(argv)
   from bridgejax import weights  # pylint: disable=g-import-not-at-top
   result = probe_tower(weights.load_vision_tower(args.clip), args.num_fit, args.num_test)

@@ -131,6 +131,18 @@ def _checkered() -> Image.Image:
   return Image.fromarray(np.where(checks[..., None] == 1, 222, 178).repeat(3, -1).astype(np.uint8))
 
 
+def _draw(draw: ImageDraw.ImageDraw, s: Shape, fill) -> None:
+  """Draws shape s at _SS times IMAGE_SIZE, filled with `fill`."""
+  cx, cy, r = s.cx * _SS, s.cy * _SS, s.radius * _SS
+  if s.kind == "circle":
+    draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+    return
+  t = math.radians(s.angle)
+  pts = [(cx + x * math.cos(t) - y * math.sin(t), cy + x * math.sin(t) + y * math.cos(t))
+         for x, y in _polygon(s.kind, r)]
+  draw.polygon(pts, fill=fill)
+
+
 def render(scene: Scene) -> Image.Image:
   size = IMAGE_SIZE * _SS
   if scene.background == "checkered":
@@ -139,15 +151,22 @@ def render(scene: Scene) -> Image.Image:
     image = Image.new("RGB", (size, size), BACKGROUNDS[scene.background])
   draw = ImageDraw.Draw(image)
   for s in scene.shapes:
-    cx, cy, r = s.cx * _SS, s.cy * _SS, s.radius * _SS
-    if s.kind == "circle":
-      draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=s.rgb)
-      continue
-    t = math.radians(s.angle)
-    pts = [(cx + x * math.cos(t) - y * math.sin(t), cy + x * math.sin(t) + y * math.cos(t))
-           for x, y in _polygon(s.kind, r)]
-    draw.polygon(pts, fill=s.rgb)
+    _draw(draw, s, s.rgb)
   return image.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BOX)
+
+
+def shape_coverage(scene: Scene, grid: int) -> np.ndarray:
+  """(len(shapes) + 1, grid, grid): the fraction of each cell of a grid x grid partition of the
+  image that each shape covers (index 0: the background), from the same drawing as `render`."""
+  size = IMAGE_SIZE * _SS
+  ids = Image.new("L", (size, size), 0)
+  draw = ImageDraw.Draw(ids)
+  for i, s in enumerate(scene.shapes):  # later shapes cover earlier ones, as in render
+    _draw(draw, s, i + 1)
+  ids = np.asarray(ids)
+  step = size // grid
+  onehot = ids[..., None] == np.arange(len(scene.shapes) + 1)  # (size, size, K)
+  return onehot.reshape(grid, step, grid, step, -1).mean(axis=(1, 3)).transpose(2, 0, 1)
 
 
 def png_bytes(image: Image.Image) -> bytes:
@@ -528,10 +547,15 @@ def dialog(scene: Scene, rng: np.random.Generator, caption_text: str, *, rounds:
 
 # --- Examples ------------------------------------------------------------------------------------
 
+def scene_of(split: str, index: int, seed: int = 0) -> Scene:
+  """The scene of example `index` of `split`."""
+  return make_scene(rng_for(split, index, _SCENE, seed))
+
+
 def example(split: str, index: int, *, seed: int = 0, num_captions: int = 5, num_questions: int = 5,
             dialog_rounds: int = 10, image: bool = True) -> dict[str, Any]:
   """Everything about example `index` of `split`; a pure function of its arguments."""
-  scene = make_scene(rng_for(split, index, _SCENE, seed))
+  scene = scene_of(split, index, seed)
   caps = captions(scene, rng_for(split, index, _CAPTION, seed), num_captions)
   qrng = rng_for(split, index, _QUESTIONS, seed)
   drng = rng_for(split, index, _DIALOG, seed)
