@@ -64,12 +64,13 @@ def test_shape_windows_hold_their_shape_inside_the_grid():
 def test_windows_use_the_full_towers_positions():
   config = pc.TOY_CLIP
   tower = CLIPVisionTransformer(config)
-  params = tower.init(jax.random.key(0), jnp.zeros((1, 3, 112, 112)))["params"]
+  params = jax.jit(tower.init)(jax.random.key(0), jnp.zeros((1, 3, 112, 112)))["params"]
   pixels = np.random.default_rng(0).normal(size=(2, 3, 112, 112)).astype(np.float32)
   top, left = np.array([0, 5]), np.array([8, 3])
   windows = np.stack([pixels[i, :, t * 7:(t + 8) * 7, l * 7:(l + 8) * 7] for i, (t, l) in enumerate(zip(top, left))])
-  out = pc.window_forward(pc.window_model(config), params, windows, top, left)
-  full = tower.apply({"params": params}, pixels).hidden_states[0]  # (2, 257, D) after the pre-LayerNorm
+  window_model = pc.window_model(config)  # jitted: op by op, a tower's forward takes seconds on a CPU
+  out = jax.jit(lambda p, w, t, l: pc.window_forward(window_model, p, w, t, l))(params, windows, top, left)
+  full = jax.jit(lambda p, x: tower.apply({"params": p}, x).hidden_states[0])(params, pixels)  # (2, 257, D)
   for i, (t, l) in enumerate(zip(top, left)):
     cells = (np.arange(t, t + 8)[:, None] * 16 + np.arange(l, l + 8)[None]).reshape(-1)
     np.testing.assert_allclose(out.hidden_states[0][i], full[i, np.concatenate([[0], 1 + cells])], atol=1e-5)
@@ -79,7 +80,8 @@ def test_mimetic_start_attends_locally():
   """At the mimetic start a first-layer patch query scores its grid neighbours above far patches."""
   config = pc.TOY_CLIP
   tower = CLIPVisionTransformer(config)
-  params = pc.mimetic_start(tower.init(jax.random.key(0), jnp.zeros((1, 3, 112, 112)))["params"], config, seed=0)
+  params = pc.mimetic_start(jax.jit(tower.init)(jax.random.key(0), jnp.zeros((1, 3, 112, 112)))["params"], config,
+                            seed=0)
   np.testing.assert_allclose(params["pos_embed"], pc.sincos_2d(64, 16))
   x = np.asarray(params["pos_embed"][1:])  # a blank image: tokens differ only by position
   x = (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + 1e-5)
