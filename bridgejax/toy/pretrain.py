@@ -193,7 +193,9 @@ def main(argv=None) -> int:
     targets = scene_targets("train", args.clip_images, args.seed)
     captions = [ex["captions"] for ex in world.examples("train", args.clip_images, seed=args.seed, image=False,
                                                         num_questions=0, dialog_rounds=0)]
-    clip_params, clip_losses = pretrain_clip(pixels, targets, captions, tokenizer, encode_batch,
+    ids, mask = encode_batch(tokenizer, [c for caps in captions for c in caps], 40)  # tokenised once
+    ids, mask = (x.reshape(len(captions), -1, x.shape[-1]) for x in (ids, mask))
+    clip_params, clip_losses = pretrain_clip(pixels, targets, ids, mask, tokenizer.get_vocab_size(),
                                              dense_steps=args.clip_dense_steps, scene_steps=args.clip_scene_steps,
                                              scene_batch=args.clip_scene_batch, seed=args.seed)
     save_clip(os.path.join(args.out, "clip"), TOY_CLIP, clip_params)

@@ -234,6 +234,7 @@ def attribute_loss(heads: dict, batch: dict, *, scene: bool):
   loss = sum(_xent(heads[k], flat(batch[k]), 0.3) for k in ("patch_kind", "patch_color", "patch_size"))
   bce = lambda k: jnp.mean(optax.sigmoid_binary_cross_entropy(heads[k], batch[k]))
   loss += bce("kind_set") + bce("color_set")
+  # x10: one to three centre patches among 64-256, so the mean BCE is small
   loss += jnp.mean(optax.sigmoid_binary_cross_entropy(heads["patch_centre"], flat(batch["patch_centre"]))) * 10
   if scene:
     loss += sum(_xent(heads[k], batch[k]) for k in ("count", "background", "cell_kind"))
@@ -243,17 +244,17 @@ def attribute_loss(heads: dict, batch: dict, *, scene: bool):
   return loss, patch_kind_acc
 
 
-def pretrain_clip(pixels, targets: Targets, captions, tokenizer, encode, *, dense_steps: int, scene_steps: int,
-                  dense_batch: int = 64, scene_batch: int = 64, lr: float = 2e-3, seed: int = 0,
-                  text_length: int = 40):
+def pretrain_clip(pixels, targets: Targets, caption_ids, caption_mask, vocab_size: int, *, dense_steps: int,
+                  scene_steps: int, dense_batch: int = 64, scene_batch: int = 64, lr: float = 2e-3, seed: int = 0):
   """Vision tower params (CLIPVisionModel layout, no projection) after the two phases.
 
-  pixels (N, 3, 112, 112) with their Targets and captions (N lists); encode(tokenizer, texts,
-  length) -> (ids, mask). Returns (params, final losses)."""
+  pixels (N, 3, 112, 112) with their Targets and tokenised captions caption_ids, caption_mask
+  (N, captions per image, T), encoded once before training. Returns (params, final losses)."""
+  text_length = caption_ids.shape[-1]
   config = dataclasses.replace(TOY_CLIP, projection_dim=128)
   vision = CLIPVisionTransformer(config)
   window_tower = window_model(config)
-  text, heads = TextTower(tokenizer.get_vocab_size(), text_length), AttributeHeads()
+  text, heads = TextTower(vocab_size, text_length), AttributeHeads()
   rng = jax.random.key(seed)
   size = config.image_size
   vision_params = vision.init(rng, jnp.zeros((1, 3, size, size)))["params"]
@@ -308,7 +309,8 @@ def pretrain_clip(pixels, targets: Targets, captions, tokenizer, encode, *, dens
   progress = tqdm(range(scene_steps), desc="toy CLIP 2/2: whole scenes")
   for i in progress:
     rows = data_rng.choice(len(pixels), scene_batch, replace=False)  # distinct images: true negatives
-    ids, mask = encode(tokenizer, [captions[r][data_rng.integers(len(captions[r]))] for r in rows], text_length)
+    pick = [data_rng.integers(caption_ids.shape[1]) for _ in rows]  # one caption per image
+    ids, mask = caption_ids[rows, pick], caption_mask[rows, pick]
     batch = {"pixels": pixels[rows], "ids": ids, "mask": mask} | {k: getattr(targets, k)[rows] for k in fields}
     params, opt_state, loss, acc = step(params, opt_state, batch)
     if i % 20 == 0 or i == scene_steps - 1:
