@@ -50,14 +50,14 @@ def test_demo_learns_to_retrieve_and_to_caption_what_it_sees(tmp_path):
         report["metrics"]
   assert os.path.getsize(workdir / "eval" / "report.html") > 10_000
 
-  # Retrieval over 500 held-out images (chance R@1 0.2%): measured i2t 9.6%, t2i 8.6% (7.6 / 5.6 with
+  # Retrieval over 500 held-out images (chance R@1 0.2%): measured i2t 9.4%, t2i 9.2% (7.6 / 5.6 with
   # the earlier, contrastive-only toy CLIP).
   retrieval = json.load(open(workdir / "eval" / "retrieval.json"))["metrics"]
   assert retrieval["i2t_R@1"] > 6.0 and retrieval["t2i_R@1"] > 5.0, retrieval
 
-  # Captions describe the image they were given. Measured: shape kinds 65% agreement with the image's
-  # own references against 16% with another image's, colours 81% against 22%, 372 distinct captions
-  # for 500 images, CIDEr 0.97. The earlier toy CLIP saw colour only: shapes 23% against 22%, colours
+  # Captions describe the image they were given. Measured: shape kinds 78% agreement with the image's
+  # own references against 15% with another image's, colours 81% against 21%, 321 distinct captions
+  # for 500 images, CIDEr 1.19. The earlier toy CLIP saw colour only: shapes 23% against 22%, colours
   # 92% against 22%, 219 distinct captions, CIDEr 0.55.
   predictions = json.load(open(workdir / "eval" / "caption_predictions.json"))["predictions"]
   captions, references = [p["caption"] for p in predictions], [p["references"] for p in predictions]
@@ -67,6 +67,6 @@ def test_demo_learns_to_retrieve_and_to_caption_what_it_sees(tmp_path):
   assert matched > 0.7 and matched > shuffled + 0.4, (matched, shuffled)
   shape_matched = word_agreement(captions, references, _SHAPE_WORDS)
   shape_shuffled = word_agreement(captions, references[1:] + references[:1], _SHAPE_WORDS)
-  assert shape_matched > 0.5 and shape_matched > shape_shuffled + 0.3, (shape_matched, shape_shuffled)
+  assert shape_matched > 0.65 and shape_matched > shape_shuffled + 0.45, (shape_matched, shape_shuffled)
   assert len(set(captions)) > len(captions) // 2
-  assert json.load(open(workdir / "eval" / "caption.json"))["metrics"]["CIDEr"] > 0.75
+  assert json.load(open(workdir / "eval" / "caption.json"))["metrics"]["CIDEr"] > 0.95

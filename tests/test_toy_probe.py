@@ -1,4 +1,4 @@
-"""bridgejax.toy.probe: the probe is a ridge regression, its labels follow the scene, and what the
+"""bridgejax.toy.probe: the probe is a logistic regression, its labels follow the scene, and what the
 shipped toy CLIP sees."""
 
 import numpy as np
@@ -7,22 +7,34 @@ from bridgejax import weights
 from bridgejax.toy import probe, world
 
 
-def test_ridge_probe_is_ridge_regression_and_reads_only_what_is_there():
+def test_logistic_regression_is_stationary_and_the_probe_reads_only_what_is_there():
   rng = np.random.default_rng(0)
   x = rng.normal(size=(300, 5))
   y = np.argmax(x[:, :3], axis=1)  # a linear read-out of the first three features
   y[:20] = -1  # undefined labels are left out
-  assert probe.ridge_probe_accuracy(x[:200], y[:200], x[200:], y[200:], ridge=1e-3) >= 0.9
+  assert probe.logistic_probe_accuracy(x[:200], y[:200], x[200:], y[200:]) >= 0.9
   noise = rng.integers(3, size=300)
-  assert probe.ridge_probe_accuracy(x[:200], noise[:200], x[200:], noise[200:]) < 0.55
-  # the closed form is ridge regression: least squares on rows augmented with sqrt(ridge) * I
-  fit = x[20:200]
-  a = np.concatenate([(fit - fit.mean(0)) / (fit.std(0) + 1e-6), np.ones((len(fit), 1))], 1)
-  augmented = np.concatenate([a, np.sqrt(4.0) * np.eye(6)])
-  targets = np.concatenate([np.eye(3)[y[20:200]], np.zeros((6, 3))])
-  w = np.linalg.lstsq(augmented, targets, rcond=None)[0]
-  expected = np.mean(np.argmax(a @ w, 1) == y[20:200])
-  assert probe.ridge_probe_accuracy(fit, y[20:200], fit, y[20:200], ridge=4.0) == expected
+  assert probe.logistic_probe_accuracy(x[:200], noise[:200], x[200:], noise[200:]) < 0.55
+  # the fit is the penalised optimum: the gradient, computed independently, vanishes
+  a = np.concatenate([x[20:200], np.ones((180, 1))], 1)
+  w = probe.fit_logistic_regression(a, y[20:200], 3, l2=0.01)
+  p = np.exp(a @ w) / np.exp(a @ w).sum(1, keepdims=True)
+  gradient = a.T @ (p - np.eye(3)[y[20:200]]) / 180 + 2 * 0.01 * np.concatenate([w[:-1], 0 * w[-1:]])
+  assert np.abs(gradient).max() < 1e-5
+
+
+def test_probe_reads_an_ordinal_scalar_that_least_squares_masks():
+  """Count is ordinal: a tower may hold it as one monotone feature. Softmax read-outs (the tower's own
+  heads, downstream bridges) separate its three classes; least squares onto one-hot labels, the
+  probe used before, masks the middle class (Hastie et al., ESL 4.2)."""
+  rng = np.random.default_rng(1)
+  scalar = rng.uniform(0, 3, size=(600, 1))
+  y = np.floor(scalar[:, 0]).astype(int)
+  x = np.concatenate([scalar, rng.normal(size=(600, 3))], 1)
+  assert probe.logistic_probe_accuracy(x[:400], y[:400], x[400:], y[400:]) >= 0.95
+  a = np.concatenate([x[:400], np.ones((400, 1))], 1)
+  least_squares = np.linalg.lstsq(a, np.eye(3)[y[:400]], rcond=None)[0]
+  assert np.mean(np.argmax(a @ least_squares, 1) == y[:400]) < 0.8
 
 
 def test_probe_labels_follow_the_scene_and_neighbours_count_agreement():
@@ -45,12 +57,13 @@ def test_probe_labels_follow_the_scene_and_neighbours_count_agreement():
   assert agreement["background"] == 0.5 and agreement["kind_set"] == 1.0 and agreement["color_set"] == 1.0
 
 
-def test_shipped_toy_clip_sees_shape_kind_size_colour_and_background():
-  """1200 val images fit, 600 test images scored (the CLI's 3000 / 2000 measure colour 100, kind 91,
-  size 97, count 80, background 99). Measured here: colour 100, kind 89.5 (chance 14), size 96.8,
-  count 77.8, background 99.5; the nearest neighbour shares the kind set 30% of the time (6.5 for
-  the earlier contrastive-only tower, whose kind probe read 22)."""
+def test_shipped_toy_clip_sees_shape_kind_size_colour_count_and_background():
+  """The goals (kind >= 90%, count >= 90%, background >= 95%) on 1200 val images fit and 600 test
+  images scored (the CLI's 3000 / 2000 measure colour 100, kind 91.8, size 96.9, count 98.2,
+  background 100). Measured here: colour 100, kind 92.1 (chance 14), size 96.3, count 97.2,
+  background 100; the nearest neighbour shares the kind set 41% of the time (8% for the earlier
+  contrastive-only tower, whose kind probe read 22)."""
   result = probe.probe_tower(weights.load_vision_tower(probe.ASSETS_CLIP), num_fit=1200, num_test=600)
-  assert result["probe_color"] >= 0.98 and result["probe_kind"] >= 0.87 and result["probe_size"] >= 0.93, result
-  assert result["probe_background"] >= 0.97 and result["probe_count"] >= 0.75, result
-  assert result["neighbour_kind_set"] >= 0.2 and result["neighbour_background"] >= 0.8, result
+  assert result["probe_color"] >= 0.98 and result["probe_kind"] >= 0.90 and result["probe_size"] >= 0.93, result
+  assert result["probe_background"] >= 0.95 and result["probe_count"] >= 0.90, result
+  assert result["neighbour_kind_set"] >= 0.3 and result["neighbour_background"] >= 0.9, result

@@ -155,9 +155,9 @@ def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--out", default=ASSETS)
   parser.add_argument("--parts", default="lm,clip", help="which backbones to rebuild: lm, clip or both")
-  parser.add_argument("--clip-dense-steps", type=int, default=3000, help="toy CLIP phase 1: shape windows")
-  parser.add_argument("--clip-scene-steps", type=int, default=400, help="toy CLIP phase 2: whole scenes")
-  parser.add_argument("--clip-scene-batch", type=int, default=48)
+  parser.add_argument("--clip-dense-steps", type=int, default=3600, help="toy CLIP phase 1: shape windows")
+  parser.add_argument("--clip-scene-steps", type=int, default=640, help="toy CLIP phase 2: whole scenes")
+  parser.add_argument("--clip-scene-batch", type=int, default=32)
   parser.add_argument("--lm-steps", type=int, default=2000)  # in-context use of a prefix appears at ~1-2k
   parser.add_argument("--num-images", type=int, default=4000, help="train scenes for the LM's corpus")
   parser.add_argument("--clip-images", type=int, default=8000, help="train images for the toy CLIP")

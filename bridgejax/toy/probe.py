@@ -3,20 +3,24 @@ what an image's nearest neighbour shares with it.
 
     python -m bridgejax.toy.probe [--clip bridgejax/toy/assets/clip] [--num-fit 3000] [--num-test 2000]
 
-Probes are closed-form ridge regressions onto one-hot labels, fit on val images and scored on test
-images (neither is seen in pretraining). Colour, kind, size and cell are read on one-shape images
-(the attribute of "the" shape is then defined); count and background on every image. The pooled
-feature is the tower's `pooler_output` (the post-LayerNorm CLS), what CLS bridges and [RET] read.
+Probes are multinomial logistic regressions (CLIP's linear-probe protocol: L-BFGS, the L2 weight
+chosen on held-out fit images), fit on val images and scored on test images (neither is seen in
+pretraining). Colour, kind, size and cell are read on one-shape images (the attribute of "the"
+shape is then defined); count and background on every image. The pooled feature is the tower's
+`pooler_output` (the post-LayerNorm CLS), what CLS bridges and [RET] read. An earlier version fit
+least squares onto one-hot labels; that masks the middle class of an ordinal attribute (Hastie et
+al., ESL 4.2) and read count 80% where logistic regression reads 87.8% on the same tower.
 
 The shipped tower (bridgejax/toy/pretrain_clip.py: per-patch attributes on windows around shapes,
 then whole scenes), 3000 fit / 2000 scored (the defaults), in percent:
 
-    colour 100, kind 91 (chance 14), size 97, cell 26 (chance 11), count 80, background 99;
-    nearest neighbour: same colour set 72, same kind set 37, same background 95, same count 72.
+    colour 100, kind 91.8 (chance 14), size 96.9, cell 35.7 (chance 11), count 98.2, background 100;
+    nearest neighbour: same colour set 63, same kind set 46, same background 100, same count 90.
 
-The earlier, contrastive-only tower (400 steps) read colour 100, kind 22, size 84, cell 13, count
-69 and background 81 (1200 fit / 600 scored), its nearest neighbour sharing the kind set 6.5% of
-the time: it saw colour and not shape. pretrain_clip.py records what each recipe choice bought.
+The earlier, contrastive-only tower (400 steps) read colour 99.8, kind 22, size 87, cell 12,
+count 74 and background 96, its nearest neighbour sharing the kind set 8% of the time: it saw
+colour and not shape.
+pretrain_clip.py records what each recipe choice bought.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import argparse
 import os
 
 import numpy as np
+import scipy.optimize
 
 from bridgejax.toy import world
 from bridgejax.toy.pretrain_clip import render_pool
@@ -44,16 +49,41 @@ def probe_labels(scenes: list[dict]) -> dict[str, np.ndarray]:
           "background": np.asarray([list(world.BACKGROUNDS).index(s["background"]) for s in scenes])}
 
 
-def ridge_probe_accuracy(fit_x, fit_y, test_x, test_y, ridge: float = 1.0) -> float:
-  """Accuracy of a closed-form ridge regression onto one-hot labels (argmax), fit on the rows of
-  fit_x whose label is defined (>= 0), scored likewise on test_x; features standardised on fit_x."""
+def fit_logistic_regression(x: np.ndarray, y: np.ndarray, num_classes: int, l2: float) -> np.ndarray:
+  """(D, K) weights minimising the mean cross-entropy of softmax(x @ W) against labels y plus
+  l2 * |W|^2 over all rows of W but the last (x's last column is the bias's 1s), by L-BFGS."""
+  onehot, penalty = np.eye(num_classes)[y], np.ones((x.shape[1], 1))
+  penalty[-1] = 0.0
+
+  def loss_and_grad(flat):
+    w = flat.reshape(x.shape[1], num_classes)
+    logits = x @ w
+    logits -= logits.max(1, keepdims=True)
+    log_p = logits - np.log(np.exp(logits).sum(1, keepdims=True))
+    loss = -np.mean(np.sum(onehot * log_p, 1)) + l2 * np.sum(penalty * w**2)
+    return loss, (x.T @ (np.exp(log_p) - onehot) / len(x) + 2 * l2 * penalty * w).ravel()
+
+  start = np.zeros(x.shape[1] * num_classes)
+  result = scipy.optimize.minimize(loss_and_grad, start, jac=True, method="L-BFGS-B",
+                                   options={"maxiter": 2000, "gtol": 1e-8})
+  return result.x.reshape(x.shape[1], num_classes)
+
+
+def logistic_probe_accuracy(fit_x, fit_y, test_x, test_y, l2_grid=(1e-4, 1e-3, 1e-2)) -> float:
+  """Test accuracy of a multinomial logistic regression, on the rows whose label is defined (>= 0).
+
+  CLIP's linear-probe protocol: L-BFGS, the L2 weight chosen on the last fifth of the fit rows,
+  then refit on all of them; features standardised on fit_x."""
   fit_x, test_x = fit_x[fit_y >= 0], test_x[test_y >= 0]
   fit_y, test_y = fit_y[fit_y >= 0], test_y[test_y >= 0]
   mean, std = fit_x.mean(0), fit_x.std(0) + 1e-6
   design = lambda x: np.concatenate([(x - mean) / std, np.ones((len(x), 1))], axis=1).astype(np.float64)
-  a = design(fit_x)
-  weights = np.linalg.solve(a.T @ a + ridge * np.eye(a.shape[1]), a.T @ np.eye(fit_y.max() + 1)[fit_y])
-  return float(np.mean(np.argmax(design(test_x) @ weights, axis=1) == test_y))
+  k = int(max(fit_y.max(), test_y.max())) + 1
+  accuracy = lambda w, x, y: float(np.mean(np.argmax(x @ w, axis=1) == y))
+  a, split = design(fit_x), len(fit_x) * 4 // 5
+  l2 = max(l2_grid, key=lambda l2: accuracy(fit_logistic_regression(a[:split], fit_y[:split], k, l2),
+                                            a[split:], fit_y[split:]))
+  return accuracy(fit_logistic_regression(a, fit_y, k, l2), design(test_x), test_y)
 
 
 def neighbour_agreement(features, scenes) -> dict[str, float]:
@@ -78,7 +108,7 @@ def probe_tower(tower, num_fit: int = 3000, num_test: int = 2000, seed: int = 0)
     return np.concatenate([np.asarray(tower(pixels[i:i + 200]).pooler_output) for i in range(0, n, 200)]), scenes
   (fit_x, fit_scenes), (test_x, test_scenes) = pooled("val", num_fit), pooled("test", num_test)
   fit_labels, test_labels = probe_labels(fit_scenes), probe_labels(test_scenes)
-  out = {f"probe_{name}": ridge_probe_accuracy(fit_x, fit_labels[name], test_x, test_labels[name])
+  out = {f"probe_{name}": logistic_probe_accuracy(fit_x, fit_labels[name], test_x, test_labels[name])
          for name in fit_labels}
   return out | {f"neighbour_{k}": v for k, v in neighbour_agreement(test_x, test_scenes).items()}
 
