@@ -61,9 +61,12 @@ def test_shipped_toy_clip_sees_shape_kind_size_colour_count_and_background():
   """The goals (kind >= 90%, count >= 90%, background >= 95%) on 1200 val images fit and 600 test
   images scored (the CLI's 3000 / 2000 measure colour 100, kind 91.8, size 96.9, count 98.2,
   background 100). Measured here: colour 100, kind 92.1 (chance 14), size 96.3, count 97.2,
-  background 100; the nearest neighbour shares the kind set 41% of the time (8% for the earlier
-  contrastive-only tower, whose kind probe read 22)."""
-  result = probe.probe_tower(weights.load_vision_tower(probe.ASSETS_CLIP), num_fit=1200, num_test=600)
+  background 100, the kind of the shape under a patch token 88.7 (40 / 40 images); the nearest
+  neighbour shares the kind set 41% of the time (8% for the earlier contrastive-only tower, whose
+  kind probe read 22 and patch kind 15)."""
+  result = probe.probe_tower(weights.load_vision_tower(probe.ASSETS_CLIP), num_fit=1200, num_test=600,
+                             patch_images=(40, 40))
   assert result["probe_color"] >= 0.98 and result["probe_kind"] >= 0.90 and result["probe_size"] >= 0.93, result
   assert result["probe_background"] >= 0.95 and result["probe_count"] >= 0.90, result
+  assert result["probe_patch_kind"] >= 0.85, result
   assert result["neighbour_kind_set"] >= 0.3 and result["neighbour_background"] >= 0.9, result

@@ -3,6 +3,9 @@ what an image's nearest neighbour shares with it.
 
     python -m bridgejax.toy.probe [--clip bridgejax/toy/assets/clip] [--num-fit 3000] [--num-test 2000]
 
+Where a shape is lives in the patch tokens, which bridges other than the CLS ones read: a probe
+of the penultimate layer's patch tokens reads the kind of the shape covering each patch (or none).
+
 Probes are multinomial logistic regressions (CLIP's linear-probe protocol: L-BFGS, the L2 weight
 chosen on held-out fit images), fit on val images and scored on test images (neither is seen in
 pretraining). Colour, kind, size and cell are read on one-shape images (the attribute of "the"
@@ -15,12 +18,12 @@ The shipped tower (bridgejax/toy/pretrain_clip.py: per-patch attributes on windo
 then whole scenes), 3000 fit / 2000 scored (the defaults), in percent:
 
     colour 100, kind 91.8 (chance 14), size 96.9, cell 35.7 (chance 11), count 98.2, background 100;
+    patch tokens (penultimate layer, 100 / 100 images): the kind under a covered patch 90.0;
     nearest neighbour: same colour set 63, same kind set 46, same background 100, same count 90.
 
 The earlier, contrastive-only tower (400 steps) read colour 99.8, kind 22, size 87, cell 12,
-count 74 and background 96, its nearest neighbour sharing the kind set 8% of the time: it saw
-colour and not shape.
-pretrain_clip.py records what each recipe choice bought.
+count 74, background 96 and patch kind 15, its nearest neighbour sharing the kind set 8% of the
+time: it saw colour and not shape. pretrain_clip.py records what each recipe choice bought.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ import numpy as np
 import scipy.optimize
 
 from bridgejax.toy import world
-from bridgejax.toy.pretrain_clip import render_pool
+from bridgejax.toy.pretrain_clip import render_pool, scene_targets
 
 ASSETS_CLIP = os.path.join(os.path.dirname(__file__), "assets", "clip")
 
@@ -100,16 +103,25 @@ def neighbour_agreement(features, scenes) -> dict[str, float]:
           for name, key in keys.items()}
 
 
-def probe_tower(tower, num_fit: int = 3000, num_test: int = 2000, seed: int = 0) -> dict[str, float]:
+def probe_tower(tower, num_fit: int = 3000, num_test: int = 2000, seed: int = 0,
+                patch_images: tuple[int, int] = (100, 100)) -> dict[str, float]:
   """Probe accuracies and neighbour agreement (module docstring) of a vision tower (a callable
-  pixels -> output with `pooler_output`, as bridgejax.weights.load_vision_tower returns)."""
-  def pooled(split, n):
+  pixels -> VisionOutput, as bridgejax.weights.load_vision_tower returns). `probe_patch_kind` reads
+  the penultimate layer's patch tokens, what patch bridges read, of the first patch_images (fit,
+  scored) images: the kind of the shape covering each patch, or none; scored on the covered patches."""
+  def features(split, n, n_patch):
     pixels, scenes = render_pool(split, n, seed)
-    return np.concatenate([np.asarray(tower(pixels[i:i + 200]).pooler_output) for i in range(0, n, 200)]), scenes
-  (fit_x, fit_scenes), (test_x, test_scenes) = pooled("val", num_fit), pooled("test", num_test)
+    outs = [tower(pixels[i:i + 200]) for i in range(0, n, 200)]
+    patches = np.concatenate([np.asarray(o.hidden_states[-2][:, 1:]) for o in outs])[:n_patch]  # (n_patch, P, D)
+    kinds = scene_targets(split, n_patch, seed).patch_kind.reshape(-1)  # 0 = no shape, else 1 + kind
+    return np.concatenate([np.asarray(o.pooler_output) for o in outs]), scenes, patches.reshape(-1, patches.shape[-1]), kinds
+  fit_x, fit_scenes, fit_patches, fit_kinds = features("val", num_fit, patch_images[0])
+  test_x, test_scenes, test_patches, test_kinds = features("test", num_test, patch_images[1])
   fit_labels, test_labels = probe_labels(fit_scenes), probe_labels(test_scenes)
   out = {f"probe_{name}": logistic_probe_accuracy(fit_x, fit_labels[name], test_x, test_labels[name])
          for name in fit_labels}
+  out["probe_patch_kind"] = logistic_probe_accuracy(fit_patches, fit_kinds, test_patches,
+                                                    np.where(test_kinds > 0, test_kinds, -1))
   return out | {f"neighbour_{k}": v for k, v in neighbour_agreement(test_x, test_scenes).items()}
 
 
