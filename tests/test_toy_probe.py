@@ -63,7 +63,7 @@ def test_shipped_toy_clip_sees_shape_kind_size_colour_count_and_background():
   background 100). Measured here: colour 100, kind 92.1 (chance 14), size 96.3, count 97.2,
   background 100, the kind of the shape under a patch token 88.7 (40 / 40 images); the nearest
   neighbour shares the kind set 41% of the time (8% for the earlier contrastive-only tower, whose
-  kind probe read 22 and patch kind 15)."""
+  kind probe read 22 and patch kind 12)."""
   result = probe.probe_tower(weights.load_vision_tower(probe.ASSETS_CLIP), num_fit=1200, num_test=600,
                              patch_images=(40, 40))
   assert result["probe_color"] >= 0.98 and result["probe_kind"] >= 0.90 and result["probe_size"] >= 0.93, result
