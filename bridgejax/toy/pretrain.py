@@ -1,7 +1,7 @@
 """Pretrains the toy world's frozen backbones and saves them in Hugging Face format.
 
     python -m bridgejax.toy.pretrain [--out bridgejax/toy/assets] [--parts lm,clip] [--lm-steps N]
-        [--clip-dense-steps N] [--clip-scene-steps N] [--clip-images N]
+        [--clip-dense-steps N] [--clip-scene-steps N] [--clip-scene-batch N] [--clip-images N]
 
 Writes, deterministically from fixed seeds and the toy world's train split:
   OUT/clip/    a tiny CLIP vision tower (CLIPVisionModel layout: config.json + model.safetensors):
