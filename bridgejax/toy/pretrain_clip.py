@@ -249,7 +249,7 @@ def attribute_loss(heads: dict, batch: dict, *, scene: bool):
 
 
 def pretrain_clip(pixels, targets: Targets, caption_ids, caption_mask, vocab_size: int, *, dense_steps: int,
-                  scene_steps: int, dense_batch: int = 64, scene_batch: int = 64, lr: float = 2e-3, seed: int = 0):
+                  scene_steps: int, dense_batch: int = 64, scene_batch: int = 32, lr: float = 2e-3, seed: int = 0):
   """Vision tower params (CLIPVisionModel layout, no projection) after the two phases.
 
   pixels (N, 3, 112, 112) with their Targets and tokenised captions caption_ids, caption_mask
