@@ -112,10 +112,15 @@ def probe_tower(tower, num_fit: int = 3000, num_test: int = 2000, seed: int = 0,
   scored) images: the kind of the shape covering each patch, or none; scored on the covered patches."""
   def features(split, n, n_patch):
     pixels, scenes = render_pool(split, n, seed)
-    outs = [tower(pixels[i:i + 200]) for i in range(0, n, 200)]
-    patches = np.concatenate([np.asarray(o.hidden_states[-2][:, 1:]) for o in outs])[:n_patch]  # (n_patch, P, D)
+    pooled, patches = [], []
+    for i in range(0, n, 200):  # keep only what the probes read, not every layer of every image
+      out = tower(pixels[i:i + 200])
+      pooled.append(np.asarray(out.pooler_output))
+      if i < n_patch:
+        patches.append(np.asarray(out.hidden_states[-2][:n_patch - i, 1:]))  # (b, P, D)
+    patches = np.concatenate(patches)
     kinds = scene_targets(split, n_patch, seed).patch_kind.reshape(-1)  # 0 = no shape, else 1 + kind
-    return np.concatenate([np.asarray(o.pooler_output) for o in outs]), scenes, patches.reshape(-1, patches.shape[-1]), kinds
+    return np.concatenate(pooled), scenes, patches.reshape(-1, patches.shape[-1]), kinds
   fit_x, fit_scenes, fit_patches, fit_kinds = features("val", num_fit, patch_images[0])
   test_x, test_scenes, test_patches, test_kinds = features("test", num_test, patch_images[1])
   fit_labels, test_labels = probe_labels(fit_scenes), probe_labels(test_scenes)
