@@ -12,7 +12,8 @@ its first `max_examples`. A config whose backbones are not CLIP + Gemma (SigLIP,
 bridge does not fit the toy backbones is skipped with its reason.
 
 Each config trains and evaluates through bridgejax.sweep in WORKDIR/<config>/seed_<s>, so finished
-runs are skipped and the same command resumes. Then WORKDIR/ablation.md (mean ± std over seeds, the
+runs are skipped and the same command resumes; a SIGTERM stops it at the next safe point (exit
+status 1; bridgejax.preemption). Then WORKDIR/ablation.md (mean ± std over seeds, the
 trainable parameters at the config's real size from bridgejax.inspect), ablation.json and
 ablation.png (each headline metric against real-size trainable parameters, error bars = std).
 """
@@ -29,7 +30,7 @@ import time
 
 import ml_collections
 
-from bridgejax import cli, sweep
+from bridgejax import cli, preemption, sweep
 from bridgejax.errors import UserError
 
 # What a config says about the bridge and its training signal; everything else is the demo's.
@@ -170,26 +171,28 @@ def ablate(names: list[str], seeds: list[int], workdir: str, *, steps: int = STE
   from bridgejax.checks import check_config_paths  # pylint: disable=g-import-not-at-top
   from bridgejax.toy.prepare import ensure_toy_data  # pylint: disable=g-import-not-at-top
   start, rows, skipped, complete = time.time(), [], {}, True
-  os.makedirs(workdir, exist_ok=True)
-  for i, name in enumerate(names):
-    config = toy_config(name, steps, toy=toy, max_examples=max_examples, max_new_tokens=max_new_tokens)
-    reason = unrunnable(name, config)
-    if reason:
-      print(f"[{i + 1}/{len(names)}] {name}: skipped, {reason}", flush=True)
-      skipped[name] = reason
-      continue
-    print(f"[{i + 1}/{len(names)}] {name} ({time.time() - start:.0f} s so far)", flush=True)
-    ensure_toy_data(config)
-    check_config_paths(config, for_training=True)
-    check_config_paths(config, for_training=False, backbones=False)
-    done = sweep.sweep(config, os.path.join(workdir, name), seeds)
-    complete = complete and len(done) == len(seeds)
-    if done:
-      rows.append({"config": name, "experiment": experiment_config(name).name, "steps": steps,
-                   "trainable_params": inspect.count(experiment_config(name))["trainable_params"],
-                   "toy_trainable_params": inspect.count(config)["trainable_params"], "workdirs": done})
-    if not complete:
-      break
+  with preemption.catch_sigterm():  # shared with each sweep and training: none loses it
+    os.makedirs(workdir, exist_ok=True)
+    for i, name in enumerate(names):
+      config = toy_config(name, steps, toy=toy, max_examples=max_examples, max_new_tokens=max_new_tokens)
+      reason = unrunnable(name, config)
+      if reason:
+        print(f"[{i + 1}/{len(names)}] {name}: skipped, {reason}", flush=True)
+        skipped[name] = reason
+        continue
+      print(f"[{i + 1}/{len(names)}] {name} ({time.time() - start:.0f} s so far)", flush=True)
+      ensure_toy_data(config)
+      check_config_paths(config, for_training=True)
+      check_config_paths(config, for_training=False, backbones=False)
+      done = sweep.sweep(config, os.path.join(workdir, name), seeds)
+      complete = complete and len(done) == len(seeds)
+      if done:
+        rows.append({"config": name, "experiment": experiment_config(name).name, "steps": steps,
+                     "trainable_params": inspect.count(experiment_config(name))["trainable_params"],
+                     "toy_trainable_params": inspect.count(config)["trainable_params"], "workdirs": done})
+      if not complete or (preemption.requested() and i + 1 < len(names)):
+        complete = False
+        break
   if rows:
     print(summarize(rows, workdir))
   print(f"ablation of {len(rows)} config(s) x {len(seeds)} seed(s) in {workdir}, {time.time() - start:.0f} s"

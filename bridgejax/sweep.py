@@ -9,7 +9,9 @@ and is then evaluated (eval/*.json, as eval.py writes them) on its best validati
 (config.best_metric) where it kept one, else on its last; --checkpoint last takes the last always.
 A seed already trained to total_steps and evaluated on that checkpoint is skipped, so the same
 command resumes a stopped sweep. At the end, python -m bridgejax.evaluation.table over the seeds:
-one row, mean ± std. Exit status 1 if a SIGTERM stopped a training (run again to resume).
+one row, mean ± std. A SIGTERM stops it at the next safe point (a training saves its step; an
+evaluation stops between tasks; else it stops before the next seed), with exit status 1: run the
+same command to resume.
 Single-process only (on a pod, train each seed with train.py --multihost, then use the table).
 """
 
@@ -18,7 +20,7 @@ from __future__ import annotations
 from absl import flags
 from ml_collections import config_flags
 
-from bridgejax import cli
+from bridgejax import cli, preemption
 from bridgejax.errors import UserError
 
 
@@ -66,19 +68,28 @@ def trained_step(workdir: str, config, checkpoint: str) -> tuple[int, int | str]
   return int(summary["step"]), int(summary["step"])
 
 
-def evaluated_step(workdir: str) -> int | None:
-  """The checkpoint step of the run's eval/<task>.json files, None if there are none or they differ."""
+def evaluated_step(workdir: str, tasks) -> int | None:
+  """The checkpoint step of the run's eval/<task>.json files when every task in `tasks` has one and
+  all agree; None otherwise (an evaluation stopped between tasks is not done)."""
   from bridgejax.evaluation.table import load_workdir  # pylint: disable=g-import-not-at-top
   try:
-    steps = {r.get("checkpoint_step") for r in load_workdir(workdir).values()}
+    results = load_workdir(workdir)
   except FileNotFoundError:
     return None
+  if any(task not in results for task in tasks):
+    return None
+  steps = {results[task].get("checkpoint_step") for task in tasks}
   return steps.pop() if len(steps) == 1 else None
 
 
 def sweep(config, workdir: str, seeds: list[int], checkpoint: str = "best") -> list[str]:
   """Trains and evaluates each seed not done yet (module doc); prints progress, a line per seed and
-  the mean ± std table; returns the seeds' workdirs (fewer if a SIGTERM stopped a training)."""
+  the mean ± std table; returns the seeds' workdirs (fewer if a SIGTERM stopped it)."""
+  with preemption.catch_sigterm():  # the ablation's, if it runs inside one
+    return _sweep(config, workdir, seeds, checkpoint)
+
+
+def _sweep(config, workdir: str, seeds: list[int], checkpoint: str) -> list[str]:
   from bridgejax.evaluation import table  # pylint: disable=g-import-not-at-top
   from bridgejax.evaluation.run import evaluate  # pylint: disable=g-import-not-at-top
   from bridgejax.main import run  # pylint: disable=g-import-not-at-top
@@ -98,11 +109,17 @@ def sweep(config, workdir: str, seeds: list[int], checkpoint: str = "best") -> l
       target = trained_step(where, run_config, checkpoint)
       did.append(f"trained to step {summary['step']}")
     step, load = target
-    if evaluated_step(where) != step:
+    if evaluated_step(where, list(run_config.evals)) != step:
       evaluate(run_config, where, load)
+      if preemption.requested() and evaluated_step(where, list(run_config.evals)) != step:
+        print(f"seed {seed}: evaluation stopped (SIGTERM); run the same command to resume")
+        break
       did.append(f"evaluated step {step}" + (" (best)" if load == "best" else ""))
     report.append(f"  seed {seed}: " + (", ".join(did) if did else f"done already (step {step} evaluated)"))
     done.append(where)
+    if preemption.requested() and i + 1 < len(seeds):
+      print(f"stopped after seed {seed} (SIGTERM); run the same command to resume")
+      break
   print(f"sweep of {len(done)}/{len(seeds)} seeds in {workdir}:\n" + "\n".join(report))
   if done:
     print(table.table(done))

@@ -4,6 +4,7 @@ of the seeds' own eval JSONs, the parameters are inspect's at real size, and a s
 
 import json
 import os
+import signal
 import statistics
 
 import pytest
@@ -75,3 +76,48 @@ def test_ablation_trains_tabulates_plots_and_resumes(world, tmp_path, capsys):
   ablate.ablate(CONFIGS, [0, 1], workdir, steps=2, max_examples=2, max_new_tokens=4, toy=toy)
   assert capsys.readouterr().out.count("done already") == 4
   assert before == [os.path.getmtime(p) for p in evals]
+
+
+def test_sigterm_stops_the_ablation_between_tasks_and_between_runs_and_it_resumes(world, tmp_path, monkeypatch,
+                                                                                     capsys):
+  """A SIGTERM while a run is evaluated used to kill the process (the trainer's handler was gone);
+  now the evaluation stops after the task in flight, or, at the last task, the sweep stops before
+  the next seed's training. Either way exit is 'incomplete' and the same call resumes."""
+  from bridgejax.evaluation import tasks as tasks_lib
+  toy = tiny_world.config(world, batch_size=4)
+  workdir = str(tmp_path / "ablate")
+  run0 = os.path.join(workdir, "fromage", "seed_0")
+  calls, kill_at = [], {"n": 1}
+
+  def signalling(fn):
+    def task(*args, **kwargs):
+      result = fn(*args, **kwargs)
+      calls.append(fn.__name__)
+      if len(calls) == kill_at["n"]:
+        os.kill(os.getpid(), signal.SIGTERM)  # as `kill PID` or a cluster's time limit would
+      return result
+    return task
+  for name in ablate.TOY_SPLITS:
+    monkeypatch.setitem(tasks_lib.TASKS, name, signalling(tasks_lib.TASKS[name]))
+  monkeypatch.setattr(tasks_lib, "retrieval_task", signalling(tasks_lib.retrieval_task))
+  before = signal.getsignal(signal.SIGTERM)
+  run = lambda seeds=(0, 1): ablate.ablate(["fromage"], list(seeds), workdir, steps=2, max_examples=2,
+                                         max_new_tokens=4, toy=toy)
+
+  result = run()  # SIGTERM during seed 0's first task: that task is kept, the others wait
+  assert not result["complete"] and signal.getsignal(signal.SIGTERM) is before
+  assert sorted(os.listdir(os.path.join(run0, "eval"))) == ["caption.json", "caption_predictions.json", "report.html"]
+  assert not os.path.exists(os.path.join(workdir, "fromage", "seed_1"))
+  assert "evaluation stopped (SIGTERM)" in capsys.readouterr().out
+
+  kill_at["n"] = len(calls) + len(ablate.TOY_SPLITS)  # now at seed 0's last task
+  result = run()
+  out = capsys.readouterr().out
+  assert not result["complete"] and "stopped after seed 0 (SIGTERM)" in out and "stopped early (SIGTERM)" in out
+  assert {f for f in os.listdir(os.path.join(run0, "eval")) if not f.endswith("_predictions.json")} >= {
+      f"{t}.json" for t in ablate.TOY_SPLITS}
+  assert not os.path.exists(os.path.join(workdir, "fromage", "seed_1"))
+
+  kill_at["n"] = 0  # no more signals: seed 0 is done, nothing is redone
+  assert run(seeds=[0])["complete"]
+  assert "seed 0: done already" in capsys.readouterr().out

@@ -22,7 +22,7 @@ import time
 import jax
 import numpy as np
 
-from bridgejax import mesh as mesh_lib, paths
+from bridgejax import mesh as mesh_lib, paths, preemption
 from bridgejax.data.splits import eval_tasks, protocol_of, task_data
 from bridgejax.evaluation import tasks as tasks_lib
 from bridgejax.evaluation.engine import Engine
@@ -51,7 +51,7 @@ def load_params(setup, workdir: str, step: int | None = None) -> tuple[int, dict
 def evaluate(config, workdir: str, step: int | None = None, *, tasks=None, setup=None,
              report: bool = True, quiet: bool = False) -> dict[str, dict]:
   """Runs every entry of config.evals (or those named in `tasks`) on checkpoint `step` (default:
-  the latest) of `workdir`."""
+  the latest) of `workdir`. Inside a sweep's catch_sigterm() a SIGTERM stops it between tasks."""
   evals = eval_tasks(config, tasks)
   for name, cfg in evals.items():  # a missing dataset or a bad setting fails before any weights load
     tasks_lib.check_task(name, cfg)
@@ -66,6 +66,8 @@ def evaluate(config, workdir: str, step: int | None = None, *, tasks=None, setup
     out_dir.mkdir(parents=True, exist_ok=True)
   results = {}
   for name, cfg in evals.items():
+    if preemption.requested():  # inside a sweep that got SIGTERM: the tasks left wait for its resume
+      break
     data_dir, split = data[name]
     start = time.time()
     if cfg.type == "retrieval":
@@ -89,7 +91,7 @@ def evaluate(config, workdir: str, step: int | None = None, *, tasks=None, setup
                   {"task": name, "type": cfg.type, "checkpoint_step": step, "dataset": summary["dataset"],
                    "predictions": result.predictions})
     results[name] = summary
-  if writer:
+  if writer and results:
     from bridgejax.evaluation import report as report_lib, table
     if not quiet:
       print(table.format_task_metrics(results, title=f"{config.get('name', '')} @ step {step} ({workdir})"))

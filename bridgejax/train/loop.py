@@ -8,7 +8,6 @@ the best `config.best_metric` so far is kept in checkpoints/best/ (bridgejax.tra
 from __future__ import annotations
 
 import json
-import signal
 import time
 from collections.abc import Callable, Iterator
 
@@ -17,7 +16,7 @@ import numpy as np
 from absl import logging
 from tqdm import tqdm
 
-from bridgejax import mesh as mesh_lib, paths
+from bridgejax import mesh as mesh_lib, paths, preemption
 from bridgejax.data import features as feature_cache
 from bridgejax.errors import UserError
 from bridgejax.experiment import Setup, build
@@ -119,20 +118,6 @@ def format_summary(summary: dict, workdir: str) -> str:
   if summary["skipped_steps"]:
     lines.append(f"  {summary['skipped_steps']} steps skipped for a non-finite loss")
   return "\n".join(lines)
-
-
-class _Preemption:
-  """SIGTERM (a TPU preemption, a cluster's time limit) asks the loop to save and stop."""
-
-  def __init__(self):
-    self.requested = False
-    self._previous = signal.signal(signal.SIGTERM, self._handle)
-
-  def _handle(self, signum, frame):
-    self.requested = True
-
-  def restore(self):
-    signal.signal(signal.SIGTERM, self._previous)
 
 
 def any_process(flag: bool) -> bool:
@@ -287,62 +272,62 @@ def _train(config, workdir: str, train_data, setup: Setup, evaluate, writer: Met
                     donate_argnums=(0,), out_shardings=(replicated, replicated))
   own_writer = writer is None
   writer = writer or MetricWriter.for_run(config, workdir)
-  preemption = _Preemption()
   # One process decides alone when to stop at any step; several agree at log steps (any_process).
   multihost = jax.process_count() > 1
   samples_per_step = config.batch_size
   progress = tqdm(total=config.total_steps, initial=start, desc="train", unit="step",
                   disable=jax.process_index() != 0, dynamic_ncols=True)
   last_time, last_step, summary, metrics, stop = time.time(), start, {}, {}, False
-  try:
-    for step in range(start + 1, config.total_steps + 1):
-      batch = global_batch(next(train_data), mesh)
-      with jax.set_mesh(mesh):
-        state, metrics = step_fn(state, setup.frozen, batch, ret_norm)
-      is_last = step == config.total_steps
-      log_step = step % config.log_every_steps == 0 or is_last
-      if multihost:
-        stop = any_process(preemption.requested) if log_step else False
-      else:
-        stop = preemption.requested
-      if log_step or stop:
-        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}  # the only sync point
-        now = time.time()
-        rate = (step - last_step) / max(now - last_time, 1e-9)
-        last_time, last_step = now, step
-        metrics.update(steps_per_s=rate, samples_per_s=rate * samples_per_step,
-                       skipped_total=int(state.nonfinite_total))
-        writer.write(step, metrics, prefix="train/")
-        progress.set_postfix(loss=f"{metrics['loss']:.3f}", cap=f"{metrics['caption_loss']:.3f}",
-                             ret=f"{metrics['contrastive_loss']:.3f}", samples_s=f"{rate * samples_per_step:.1f}")
-        if int(state.nonfinite_max_run) >= config.max_nonfinite_steps:
-          checkpointer.wait()
-          raise NonFiniteLossError(
-              f"{int(state.nonfinite_max_run)} consecutive steps had a non-finite loss or gradient (by step "
-              f"{step}); updates were skipped. Lower optim.lr, check the data, or use float32 compute "
-              f"(--config.compute_dtype=float32). The last good checkpoint is in {checkpointer.directory}.")
-      progress.update(1)
-      if evaluate is not None and (step % config.eval_every_steps == 0 or is_last):
-        val = evaluate(setup, state.params, step)
-        writer.write(step, val, prefix="val/")
-        summary["val"] = val
-        value = float(validation_score(val, best_metric)) if best_metric else None
-        if best_metric and is_better(value, best, best_metric):
-          best = {"metric": best_metric, "value": value, "step": step}
-          checkpointer.save_best(step, state.params, best)
-          if jax.process_index() == 0:
-            progress.write(f"step {step}: best {best_metric} so far, {value:.4f} (kept in {checkpointer.best_directory})")
-      checkpointer.save(step, state, train_data, force=is_last or stop)
-      if stop:
-        logging.warning("SIGTERM: saved step %d and stopped", step)
-        break
-  finally:
-    progress.close()
-    checkpointer.wait()
-    checkpointer.close()
-    if own_writer:
-      writer.close()
-    preemption.restore()
+  # SIGTERM (also one that came before this run, inside a sweep): save this step and stop.
+  with preemption.catch_sigterm():
+    try:
+      for step in range(start + 1, config.total_steps + 1):
+        batch = global_batch(next(train_data), mesh)
+        with jax.set_mesh(mesh):
+          state, metrics = step_fn(state, setup.frozen, batch, ret_norm)
+        is_last = step == config.total_steps
+        log_step = step % config.log_every_steps == 0 or is_last
+        if multihost:
+          stop = any_process(preemption.requested()) if log_step else False
+        else:
+          stop = preemption.requested()
+        if log_step or stop:
+          metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}  # the only sync point
+          now = time.time()
+          rate = (step - last_step) / max(now - last_time, 1e-9)
+          last_time, last_step = now, step
+          metrics.update(steps_per_s=rate, samples_per_s=rate * samples_per_step,
+                         skipped_total=int(state.nonfinite_total))
+          writer.write(step, metrics, prefix="train/")
+          progress.set_postfix(loss=f"{metrics['loss']:.3f}", cap=f"{metrics['caption_loss']:.3f}",
+                               ret=f"{metrics['contrastive_loss']:.3f}", samples_s=f"{rate * samples_per_step:.1f}")
+          if int(state.nonfinite_max_run) >= config.max_nonfinite_steps:
+            checkpointer.wait()
+            raise NonFiniteLossError(
+                f"{int(state.nonfinite_max_run)} consecutive steps had a non-finite loss or gradient (by step "
+                f"{step}); updates were skipped. Lower optim.lr, check the data, or use float32 compute "
+                f"(--config.compute_dtype=float32). The last good checkpoint is in {checkpointer.directory}.")
+        progress.update(1)
+        if evaluate is not None and (step % config.eval_every_steps == 0 or is_last):
+          val = evaluate(setup, state.params, step)
+          writer.write(step, val, prefix="val/")
+          summary["val"] = val
+          value = float(validation_score(val, best_metric)) if best_metric else None
+          if best_metric and is_better(value, best, best_metric):
+            best = {"metric": best_metric, "value": value, "step": step}
+            checkpointer.save_best(step, state.params, best)
+            if jax.process_index() == 0:
+              progress.write(f"step {step}: best {best_metric} so far, {value:.4f} (kept in {checkpointer.best_directory})")
+        checkpointer.save(step, state, train_data, force=is_last or stop)
+        if stop:
+          logging.warning("SIGTERM: saved step %d and stopped", step)
+          break
+    finally:
+      progress.close()
+      checkpointer.wait()
+      checkpointer.close()
+      if own_writer:
+        writer.close()
   summary.update(step=int(state.step), preempted=stop, skipped_steps=int(state.nonfinite_total),
                  train={k: float(v) for k, v in jax.device_get(metrics).items()})
   if best is not None:
