@@ -201,6 +201,20 @@ def test_compose_eval_without_the_mapping_network_ranks_the_bridge_queries():
   ranks = np.asarray([p["rank"] for p in result.predictions])
   assert result.metrics["R@1"] == pytest.approx(100 * np.mean(ranks <= 1))
   assert result.metrics["R@10"] == pytest.approx(100 * np.mean(ranks <= 10))
+  # Pic2Word's baselines: the reference's own embedding, the modification's text embedding, their sum
+  unit = lambda x: x / np.linalg.norm(x)
+  tok, ret = setup.tokenizer, setup.model.ret_id
+  baselines = {"image_only": [], "text_only": [], "image_plus_text": []}
+  for p in result.predictions:
+    ids = tok.encode(split[p["index"]]["modification"], add_bos=True) + [ret]
+    row, mask = pad_rows([ids], 16, tok.pad_id)
+    image, text = gallery[p["reference_index"]], unit(engine.text_embedding(row, mask)[0])
+    for name, q in (("image_only", image), ("text_only", text), ("image_plus_text", unit(image + text))):
+      order = [g for g in np.argsort(-(gallery @ q), kind="stable") if g != p["reference_index"]]
+      baselines[name].append(order.index(p["target_index"]) + 1)
+  for name, got in baselines.items():
+    for k in (1, 5, 10):
+      assert result.metrics[f"{name}_R@{k}"] == pytest.approx(100 * np.mean(np.asarray(got) <= k), abs=1e-6), name
 
 
 def test_train_eval_and_predict_compose_with_pic2word(tmp_path, capsys, monkeypatch):

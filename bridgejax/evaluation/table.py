@@ -33,7 +33,8 @@ COLUMNS = {
                 ("mean_rank", "VD rank"), ("t2i_R@1", "VD t2i R@1"), ("t2i_R@5", "VD t2i R@5"),
                 ("t2i_R@10", "VD t2i R@10"), ("i2t_R@1", "VD i2t R@1"), ("i2t_R@5", "VD i2t R@5"),
                 ("i2t_R@10", "VD i2t R@10")],
-    "compose": [("R@1", "CIR R@1"), ("R@5", "CIR R@5"), ("R@10", "CIR R@10")],
+    "compose": [("R@1", "CIR R@1"), ("R@5", "CIR R@5"), ("R@10", "CIR R@10"), ("image_only_R@1", "img-only R@1"),
+                ("text_only_R@1", "text-only R@1")],
 }
 TASK_ORDER = tuple(COLUMNS)
 UNSCALED = {"mean_rank"}

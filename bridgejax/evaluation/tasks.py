@@ -437,6 +437,15 @@ def compose(engine: Engine, data_dir: str, split: str, cfg) -> TaskResult:
   for attribute in sorted({q["attribute"] for q in queries}):
     mine = [i for i, q in enumerate(queries) if q["attribute"] == attribute]
     metrics[f"{attribute}_R@1"] = retrieval.recall_from_ranks(ranks[mine], (1,))[1]
+  # Pic2Word's baselines (its Table 1): the reference image's own embedding, the modification's
+  # text embedding alone, and their normalised sum. A composed query is worth its cost where it
+  # beats them.
+  image_only = gallery[references]
+  text_only = l2_normalize(_text_embeddings(engine, [q["modification"] for q in queries], cfg.batch_size))
+  for name, baseline in (("image_only", image_only), ("text_only", text_only),
+                         ("image_plus_text", l2_normalize(image_only + text_only))):
+    baseline_ranks = retrieval.composed_ranks(baseline, gallery, targets, references, cfg.chunk_size)
+    metrics.update({f"{name}_R@{k}": v for k, v in retrieval.recall_from_ranks(baseline_ranks).items()})
   top = top_k(embs, gallery, 6, cfg.chunk_size)  # 5 after the reference is left out
   predictions = [{"index": i, "id": q["id"], "modification": q["modification"], "attribute": q["attribute"],
                   "reference_index": int(references[i]), "target_index": int(targets[i]), "rank": int(ranks[i]),
@@ -444,6 +453,17 @@ def compose(engine: Engine, data_dir: str, split: str, cfg) -> TaskResult:
   template = pic2word.QUERY_TEMPLATE if engine.model.heads.pic2word_hidden else "[visual tokens] {}"
   return TaskResult(percent_recalls(metrics), predictions, {"queries": n, "gallery": gallery_size},
                     {"gallery_split": table, "query_template": template + " [RET]"})
+
+
+def _text_embeddings(engine: Engine, texts: list[str], batch_size: int) -> np.ndarray:
+  """W_t embeddings (N, E) of BOS + text + [RET], as retrieval embeds captions; not normalised."""
+  tok, out = engine.tokenizer, []
+  length = round_up(max(len(tok.encode(t, add_bos=True)) + 1 for t in texts), 16)  # one compiled shape
+  padded = texts + texts[-1:] * (-len(texts) % batch_size)  # and one batch size
+  for start in range(0, len(padded), batch_size):
+    ids, mask = tok.batch_encode(padded[start:start + batch_size], length, add_bos=True, append_ret=True)
+    out.append(engine.text_embedding(ids, mask))
+  return np.concatenate(out)[:len(texts)]
 
 
 # the types of bridgejax.data.splits.TASK_TYPES, which says what data each reads
