@@ -8,6 +8,7 @@
     pipe.caption("cat.jpg")                                    # 'a cat on a sofa'
     pipe.answer("cat.jpg", "what colour is the sofa?")         # 'red'
     index = pipe.build_index("photos/")                        # W_i embeddings of a folder of images
+                                                               # (unreadable ones skipped, with a warning)
     pipe.retrieve("a dog on a beach", index, k=5)              # [Hit(path, score), ...]
     pipe.retrieve_composed("cat.jpg", "but on the grass", index)
     pipe.generate("Q: what does a beach look like?\\nA:", index=index)   # ['sand and sea', Hit(...)]
@@ -26,6 +27,10 @@ prompt without an image) until EOS, letting [RET] be generated; the text is spli
 and each [RET]'s final hidden state (the same state the training's text pass embeds) goes through
 W_t to fetch the nearest image of the index. FROMAGe's optional boost of the [RET] logit is not
 applied.
+
+The new tokens (max_new_tokens) share the LM's context with the prompt and the image's visual tokens:
+check_new_tokens refuses a count that is not a positive integer or leaves no room for a prompt, and
+prompt_ids a prompt that does not fit next to them, each as one UserError line before any work.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -40,7 +46,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bridgejax.data.image import clip_preprocess, decode_image
+from bridgejax.data.image import ImageError, clip_preprocess, decode_image, read_image_file
 from bridgejax.evaluation.captioning import cut_caption
 from bridgejax.evaluation.engine import Engine, pad_rows, ret_embeddings_after, round_up
 from bridgejax.losses import l2_normalize
@@ -64,6 +70,7 @@ class ImageIndex:
   paths: list[str]
   embeddings: np.ndarray
   model: str = ""  # what made it (config name @ step): embeddings of another model do not compare
+  skipped: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # (path, why) left out; not saved
 
   def save(self, path: str) -> str:
     np.savez(path, embeddings=self.embeddings, paths=np.asarray(self.paths), model=np.asarray(self.model))
@@ -105,6 +112,25 @@ def list_images(folder: str) -> list[str]:
   if not paths:
     raise FileNotFoundError(f"{folder!r} holds no images ({', '.join(IMAGE_SUFFIXES)})")
   return paths
+
+
+def check_new_tokens(value, most: int | None = None, why: str = "", name: str = "max_new_tokens") -> int:
+  """`value` (an int, or a flag's text) as the number of tokens to generate: a positive integer, at
+  most `most` (what the LM's context leaves; `why` says how), else one UserError line."""
+  from bridgejax.errors import UserError  # pylint: disable=g-import-not-at-top
+  n = None
+  if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+    n = int(value)
+  elif isinstance(value, str):
+    try:
+      n = int(value.strip())
+    except ValueError:
+      pass
+  if n is None or n < 1:
+    raise UserError(f"{name} {value!r} is not a positive integer: pass how many tokens to generate, e.g. 32")
+  if most is not None and n > most:
+    raise UserError(f"{name}={n:,d} does not fit: {why}; ask for at most {max(most, 0):,d} new tokens")
+  return n
 
 
 def _pretrained_folder(path_or_id: str, revision, local_files_only: bool, cache_dir) -> str:
@@ -211,44 +237,67 @@ class Pipeline:
     out = []
     for image in images:
       if isinstance(image, (str, os.PathLike)):
-        with open(image, "rb") as f:
-          image = decode_image(f.read(), str(image))
+        image = decode_image(read_image_file(image), str(image))
       elif isinstance(image, bytes):
         image = decode_image(image)
       out.append(clip_preprocess(image, self.image_size, self.image_resize))
     return np.stack(out)
 
-  def _encode(self, images, *, keep_tokens: bool = True, progress: bool = False):
+  def _encode(self, images, *, keep_tokens: bool = True, progress: bool = False, skipped: list | None = None):
     """Visual tokens (B, K, D) (None unless keep_tokens: an index of many images keeps only the
     embeddings) and W_i embeddings (B, E), not normalised, of images as `pixels` takes them.
     batch_size at a time: more images than that are cut into batches padded to batch_size (one
-    compiled shape, one batch of pixels in memory); fewer are one batch of their own size."""
+    compiled shape, one batch of pixels in memory); fewer are one batch of their own size.
+    With a `skipped` list, an image that cannot be read is appended to it as (image, why) and left
+    out of the result (B counts the rest) instead of raising."""
     from tqdm import tqdm  # pylint: disable=g-import-not-at-top
     images = images if isinstance(images, (list, tuple)) else [images]
     size = min(len(images), self.batch_size)
     tokens, embs = [], []
     for start in tqdm(range(0, len(images), size), disable=not progress, desc="images", unit="batch"):
       chunk = images[start:start + size]
-      pixels = np.pad(self.pixels(chunk), [(0, size - len(chunk))] + [(0, 0)] * 3)
-      batch_tokens, batch_embs = self.engine.encode(pixels)
-      embs.append(batch_embs[:len(chunk)])
+      pixels = self.pixels(chunk) if skipped is None else self._readable_pixels(chunk, skipped)
+      if not len(pixels):
+        continue
+      batch_tokens, batch_embs = self.engine.encode(np.pad(pixels, [(0, size - len(pixels))] + [(0, 0)] * 3))
+      embs.append(batch_embs[:len(pixels)])
       if keep_tokens:
-        tokens.append(batch_tokens[:len(chunk)])
+        tokens.append(batch_tokens[:len(pixels)])
+    if not embs:
+      return None, None
     return (np.concatenate(tokens) if keep_tokens else None), np.concatenate(embs)
+
+  def _readable_pixels(self, images, skipped: list) -> np.ndarray:
+    """`pixels` of the images that can be read; the others go to `skipped` as (image, why)."""
+    out = []
+    for image in images:
+      try:
+        out.append(self.pixels([image])[0])
+      except (ImageError, OSError) as e:
+        why = f"{e.reason}: {e.detail}" if isinstance(e, ImageError) else f"{type(e).__name__}: {e}"
+        skipped.append((str(image), why))
+    return np.stack(out) if out else np.zeros((0, 3, self.image_size, self.image_size), np.float32)
 
   @property
   def context(self) -> int:
     """Positions the LM was trained on (max_position_embeddings): the whole sequence must fit."""
     return int(self.model.llm.config.max_position_embeddings)
 
-  def prompt_ids(self, text: str, *, reserve: int = 0, append_ret: bool = False) -> list[int]:
+  def prompt_ids(self, text: str, *, reserve: int = 0, new_tokens: int = 0, append_ret: bool = False) -> list[int]:
     """BOS + text (+ [RET]) ids, or UserError when they do not fit in the LM's context next to
-    `reserve` positions (visual tokens, new tokens). Too long a prompt is refused, not cut: cutting
+    `reserve` positions (visual tokens) and `new_tokens` (refused first, by check_new_tokens, when
+    they leave no room for even an empty prompt). Too long a prompt is refused, not cut: cutting
     either end of a question or a query changes what is asked. Only a prefix of a huge text is
     tokenised to find out, so a 1 MB prompt fails at once."""
     from bridgejax.errors import UserError  # pylint: disable=g-import-not-at-top
-    limit = self.context - reserve
     tail = [self.model.ret_id] if append_ret else []
+    if new_tokens:
+      least = 1 + len(tail)  # BOS (+ [RET]): the shortest prompt
+      check_new_tokens(new_tokens, self.context - reserve - least,
+                       f"the LM's context holds {self.context} positions (max_position_embeddings), {reserve} of "
+                       f"them for the image's visual tokens and at least {least} for the prompt")
+      reserve += new_tokens
+    limit = self.context - reserve
     head = text[:max(limit, 1) * _MAX_CHARS_PER_TOKEN]
     ids = self.tokenizer.encode(head, add_bos=True) + tail
     if len(head) < len(text) and len(ids) <= limit:  # tokens longer than the bound: tokenise it all
@@ -262,8 +311,8 @@ class Pipeline:
           + (" (or ask for fewer new tokens)" if reserve else ""))
     return ids
 
-  def _ids(self, texts: Sequence[str], *, reserve: int = 0, append_ret: bool = False):
-    rows = [self.prompt_ids(t, reserve=reserve, append_ret=append_ret) for t in texts]
+  def _ids(self, texts: Sequence[str], *, reserve: int = 0, new_tokens: int = 0, append_ret: bool = False):
+    rows = [self.prompt_ids(t, reserve=reserve, new_tokens=new_tokens, append_ret=append_ret) for t in texts]
     return pad_rows(rows, round_up(max(map(len, rows)), 16), self.tokenizer.pad_id)
 
   def _new_tokens(self, max_new_tokens: int | None) -> int:
@@ -277,7 +326,8 @@ class Pipeline:
 
   def captions(self, images, prompt: str = "", max_new_tokens: int | None = None) -> list[str]:
     tokens, _ = self._encode(images)
-    ids, mask = self._ids([prompt] * tokens.shape[0], reserve=tokens.shape[1] + self._new_tokens(max_new_tokens))
+    ids, mask = self._ids([prompt] * tokens.shape[0], reserve=tokens.shape[1],
+                          new_tokens=self._new_tokens(max_new_tokens))
     new = self.engine.generate(tokens, ids, mask, max_new_tokens=max_new_tokens)
     return [cut_caption(self.engine.decode_new(row)) for row in new]
 
@@ -285,17 +335,40 @@ class Pipeline:
     """The answer after "Q: {question}\\nA:", up to the first newline or period."""
     from bridgejax.evaluation.tasks import vqa_prompt  # pylint: disable=g-import-not-at-top
     tokens, _ = self._encode([image])
-    ids, mask = self._ids([vqa_prompt(question)], reserve=tokens.shape[1] + max_new_tokens)
+    ids, mask = self._ids([vqa_prompt(question)], reserve=tokens.shape[1], new_tokens=max_new_tokens)
     new = self.engine.generate(tokens, ids, mask, max_new_tokens=max_new_tokens)
     return cut_caption(self.engine.decode_new(new[0]), "first")
 
   # ------------------------------------------------------------------ retrieval
 
-  def build_index(self, folder_or_paths, *, progress: bool = False) -> ImageIndex:
-    """W_i embeddings of every image under a folder (recursively), or of a list of paths."""
-    paths = list_images(folder_or_paths) if isinstance(folder_or_paths, (str, os.PathLike)) else list(folder_or_paths)
-    _, embs = self._encode(paths, keep_tokens=False, progress=progress)
-    return ImageIndex(paths, l2_normalize(embs), self.name)
+  def build_index(self, folder_or_paths, *, progress: bool = False, report=None) -> ImageIndex:
+    """W_i embeddings of every image under a folder (recursively), or of a list of paths. An image
+    that cannot be read (missing, unreadable, corrupt) is left out and listed in the index's
+    `skipped`, and one line says so: report(line), or a warning. None readable is a UserError."""
+    from bridgejax.errors import UserError  # pylint: disable=g-import-not-at-top
+    folder = isinstance(folder_or_paths, (str, os.PathLike))
+    paths = list_images(folder_or_paths) if folder else [str(p) for p in folder_or_paths]
+    if not paths:
+      raise UserError("no images to index: pass a folder of images or a list of image paths")
+    skipped: list[tuple[str, str]] = []
+    _, embs = self._encode(paths, keep_tokens=False, progress=progress, skipped=skipped)
+    where = f"under {str(folder_or_paths)!r}" if folder else "given"
+    if embs is None:
+      first, why = skipped[0]
+      raise UserError(f"none of the {len(paths)} images {where} can be read (e.g. {first}: {why}); "
+                      "pass a folder of readable images")
+    bad = {p for p, _ in skipped}
+    index = ImageIndex([p for p in paths if p not in bad], l2_normalize(embs), self.name, skipped)
+    if skipped:
+      listed = ", ".join(f"{p} ({why})" for p, why in skipped[:5]) + (
+          f" and {len(skipped) - 5} more" if len(skipped) > 5 else "")
+      line = (f"skipped {len(skipped)} of {len(paths)} images {where} that cannot be read: {listed}; "
+              f"the index holds the other {len(index)}")
+      if report is not None:
+        report(line)
+      else:
+        warnings.warn(line, stacklevel=2)
+    return index
 
   def text_query(self, text: str) -> np.ndarray:
     """The normalised W_t embedding of BOS + text + [RET]."""
@@ -320,7 +393,6 @@ class Pipeline:
 
   def search(self, query: np.ndarray, index: ImageIndex, k: int = 5, exclude: Sequence[str] = ()) -> list[Hit]:
     if index.model and self.name and index.model != self.name:
-      import warnings  # pylint: disable=g-import-not-at-top
       warnings.warn(f"the index was built by {index.model}, this pipeline is {self.name}: rebuild it")
     scores = index.embeddings @ np.asarray(query, np.float32)
     skip = {os.path.abspath(p) for p in exclude}
@@ -349,7 +421,7 @@ class Pipeline:
     """FROMAGe's interleaved output: a list of text segments (str) and retrieved images (Hit) in
     order; without an index, [RET] positions are returned as the string "[RET]"."""
     tokens = None if image is None else self._encode([image])[0]
-    ids, mask = self._ids([prompt], reserve=(0 if tokens is None else tokens.shape[1]) + max_new_tokens)
+    ids, mask = self._ids([prompt], reserve=0 if tokens is None else tokens.shape[1], new_tokens=max_new_tokens)
     new = self.engine.generate(tokens, ids, mask, max_new_tokens=max_new_tokens, stop_at_ret=False)[0]
     generated = self.engine.until_stop(new, stop_at_ret=False)
     rets = [i for i, t in enumerate(generated) if t == self.model.ret_id]
@@ -371,4 +443,4 @@ class Pipeline:
     return out
 
 
-__all__ = ["Pipeline", "ImageIndex", "Hit", "load_config", "list_images"]
+__all__ = ["Pipeline", "ImageIndex", "Hit", "load_config", "list_images", "check_new_tokens"]

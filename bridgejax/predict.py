@@ -9,8 +9,11 @@
 
 --config FILE overrides the run's config.json (e.g. to point at moved backbones); --step picks a
 checkpoint (default: the latest; 'best': the best validation step); --json prints machine-readable
-output. A bad path or a prompt too long for the LM's context is reported on one line (`error: ...`,
-exit status 2) before any weight loads; --debug adds the traceback.
+output. A bad path or a --max-new-tokens that is not a positive integer is reported on one line
+(`error: ...`, exit status 2) before any weight loads; so is a prompt, or a --max-new-tokens, too long
+for the LM's context (once the model is read, before any generation); --debug adds the traceback.
+An --index folder's images that cannot be read are left out, with one `warning: ...` line naming
+them; none readable is an error.
 """
 
 from __future__ import annotations
@@ -20,6 +23,9 @@ import dataclasses
 import json
 import os
 import sys
+
+
+MAX_NEW_TOKENS_HELP = "tokens to generate at most: a positive integer that fits in the LM's context (default: 32)"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -35,7 +41,7 @@ def _parser() -> argparse.ArgumentParser:
   s = sub.add_parser("caption", help="caption image files")
   s.add_argument("images", nargs="+")
   s.add_argument("--prompt", default="", help='e.g. "A picture of" (FROMAGe)')
-  s.add_argument("--max-new-tokens", type=int, default=32)
+  s.add_argument("--max-new-tokens", default="32", help=MAX_NEW_TOKENS_HELP)
   s = sub.add_parser("answer", help="answer a question about an image")
   s.add_argument("image")
   s.add_argument("question")
@@ -50,17 +56,25 @@ def _parser() -> argparse.ArgumentParser:
       s.add_argument("image")
     if name == "generate":
       s.add_argument("--image", default=None, help="an image before the prompt")
-      s.add_argument("--max-new-tokens", type=int, default=32)
+      s.add_argument("--max-new-tokens", default="32", help=MAX_NEW_TOKENS_HELP)
     s.add_argument("text")
     if name != "generate":
       s.add_argument("-k", type=int, default=5)
   return p
 
 
+def warn(line: str) -> None:
+  """A note the user should see, as one line on stderr (build_index's skipped images)."""
+  print(f"warning: {line}", file=sys.stderr)
+
+
 def load_index(pipe, where: str):
-  """An index .npz, or the index of a folder of images (embedded now)."""
+  """An index .npz, or the index of a folder of images (embedded now; unreadable images skipped
+  with one warning line)."""
   from bridgejax.inference import ImageIndex  # pylint: disable=g-import-not-at-top
-  return ImageIndex.load(where) if where.endswith(".npz") and os.path.isfile(where) else pipe.build_index(where)
+  if where.endswith(".npz") and os.path.isfile(where):
+    return ImageIndex.load(where)
+  return pipe.build_index(where, report=warn)
 
 
 def load_pipeline(workdir: str, config=None, step=None, **kwargs):
@@ -85,8 +99,8 @@ def run(a) -> object:
   if a.command == "answer":
     return {"question": a.question, "answer": pipe.answer(a.image, a.question)}
   if a.command == "index":
-    index = pipe.build_index(a.folder, progress=True)
-    return {"index": index.save(a.out), "images": len(index)}
+    index = pipe.build_index(a.folder, progress=True, report=warn)
+    return {"index": index.save(a.out), "images": len(index), "skipped": len(index.skipped)}
   index = load_index(pipe, a.index)
   if a.command == "retrieve":
     return _hits(pipe.retrieve(a.text, index, a.k))
@@ -111,6 +125,9 @@ def main(argv=None) -> int:
   a = _parser().parse_args(argv)
 
   def go() -> int:
+    if "max_new_tokens" in a:  # before minutes of loading weights; the context's bound comes once the model is read
+      from bridgejax.inference import check_new_tokens  # pylint: disable=g-import-not-at-top
+      a.max_new_tokens = check_new_tokens(a.max_new_tokens, name="--max-new-tokens")
     result = run(a)
     if a.json:
       print(json.dumps(result, indent=1))

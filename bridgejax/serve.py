@@ -16,8 +16,11 @@ Each tab is one Pipeline call; the app only converts inputs and outputs:
 The index is --index (a folder, embedded at start, or an index.npz from `python -m
 bridgejax.predict index`). Without it a toy-world run indexes the held-out images its retrieval
 eval reads; for any other run Search says to pass --index and Chat shows [RET] without images.
-`build_app(pipeline, index)` makes the app without starting a server. Errors before the server
-starts are one line, as in the other CLIs (bridgejax.cli); in the app they show as a message.
+An index image that cannot be read is left out, with one warning line naming it. The server serves
+exactly the index's image files (and the uploads), never the folders that hold them, so --host
+0.0.0.0 exposes nothing else. `build_app(pipeline, index)` makes the app without starting a server.
+Errors before the server starts are one line, as in the other CLIs (bridgejax.cli); in the app they
+show as a message.
 """
 
 from __future__ import annotations
@@ -178,6 +181,12 @@ def toy_index_folder(config) -> str | None:
   return None
 
 
+def allowed_paths(index) -> list[str]:
+  """What Gradio may serve besides uploads: exactly the index's image files (absolute), never a folder:
+  with --host 0.0.0.0 a folder would serve every file under it that this process can read."""
+  return sorted({os.path.abspath(p) for p in index.paths}) if index is not None else []
+
+
 def _parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog="python -m bridgejax.serve", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -224,9 +233,8 @@ def main(argv=None) -> int:
     pipe, index = load(a)
     app = build_app(pipe, index)
     import gradio as gr  # pylint: disable=g-import-not-at-top
-    allowed = [os.path.commonpath([os.path.dirname(os.path.abspath(p)) for p in index.paths])] if index else []
     font, mono = SYSTEM_FONTS
-    app.launch(server_name=a.host, server_port=a.port, allowed_paths=allowed, show_error=True,
+    app.launch(server_name=a.host, server_port=a.port, allowed_paths=allowed_paths(index), show_error=True,
                theme=gr.themes.Default(font=font, font_mono=mono))
     return 0
   return cli.call(go, debug=debug)

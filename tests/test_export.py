@@ -159,13 +159,25 @@ def test_from_pretrained_hub_id_from_the_local_cache(exported, tmp_path, monkeyp
     np.testing.assert_array_equal(mine[name], want[name])
 
 
-def test_push_uploads_the_folder(exported, monkeypatch, capsys, run, tmp_path):
+@pytest.fixture
+def hub_login(monkeypatch, tmp_path):
+  """No Hub login but what a test sets: HF_TOKEN unset, no token file (get_token reads both)."""
+  import huggingface_hub.constants
+  for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_OIDC_RESOURCE"):
+    monkeypatch.delenv(name, raising=False)
+  monkeypatch.setattr(huggingface_hub.constants, "HF_TOKEN_PATH", str(tmp_path / "no_token"))
+  return lambda token: monkeypatch.setenv("HF_TOKEN", token)
+
+
+def test_push_uploads_the_folder(exported, monkeypatch, capsys, run, tmp_path, hub_offline, hub_login):
   import huggingface_hub
+  hub_login("hf_test_token")
   calls = []
-  monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", lambda self, repo_id, **kw: calls.append(("create", repo_id, kw)))
+  monkeypatch.setattr(huggingface_hub.HfApi, "create_repo",
+                      lambda self, repo_id, **kw: calls.append(("create", repo_id, kw, self.token)))
   monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", lambda self, **kw: calls.append(("upload", kw)))
   assert export.push(exported, "org/tiny-bridge", private=True) == "https://huggingface.co/org/tiny-bridge"
-  assert calls[0] == ("create", "org/tiny-bridge", {"repo_type": "model", "private": True, "exist_ok": True})
+  assert calls[0][:3] == ("create", "org/tiny-bridge", {"repo_type": "model", "private": True, "exist_ok": True})
   upload = calls[1][1]
   assert upload["folder_path"] == exported and upload["repo_id"] == "org/tiny-bridge" and upload["repo_type"] == "model"
   calls.clear()
@@ -173,6 +185,81 @@ def test_push_uploads_the_folder(exported, monkeypatch, capsys, run, tmp_path):
   out = str(tmp_path / "pushed")
   assert export.main(["--workdir", workdir, "--out", out, "--push", "org/other"]) == 0
   assert [c[0] for c in calls] == ["create", "upload"] and calls[1][1]["folder_path"] == out
+  assert calls[0][3] == "hf_test_token"  # the token the check found
   assert "pushed to https://huggingface.co/org/other" in capsys.readouterr().out
   with pytest.raises(ValueError, match="is not an exported bridge"):
     export.push(str(tmp_path), "org/x")
+
+
+def test_push_checks_the_repo_id_and_the_login_before_any_work(run, tmp_path, capsys, hub_offline, hub_login):
+  workdir, _, _ = run
+  out = str(tmp_path / "pushed")
+  hub_login("hf_test_token")
+  for bad in ("no-slash", "org/name/extra", "org/", "org/bad..name", "org/-name", "org/na me", "org/" + "x" * 100):
+    assert export.main(["--workdir", workdir, "--out", out, "--push", bad]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: --push {bad!r}: expected a Hub repo id, org/name (letters, digits, '-', '_', '.'; " \
+                  "no '--' or '..'; at most 96 characters)\n"
+  hub_login("")
+  assert export.main(["--workdir", workdir, "--out", out, "--push", "org/fine-name"]) == 2
+  err = capsys.readouterr().err
+  assert err.startswith("error: --push needs a Hugging Face login") and "hf auth login" in err and "HF_TOKEN" in err
+  assert len(err.splitlines()) == 1
+  assert not os.path.exists(out)  # nothing exported
+
+
+def _tree(path):
+  return {os.path.relpath(os.path.join(d, f), path): open(os.path.join(d, f), "rb").read()
+          for d, _, files in os.walk(path) for f in files}
+
+
+def test_overwrite_replaces_only_a_previous_export(run, exported, tmp_path, capsys):
+  workdir, _, _ = run
+  before = _tree(workdir)
+  outside = tmp_path / "other"
+  outside.mkdir()
+  (outside / "notes.txt").write_text("mine")
+  (outside / "data").mkdir()
+  not_export = tmp_path / "card_only"
+  not_export.mkdir()
+  (not_export / "README.md").write_text("# a model card, but no bridgejax.json")
+  stray = tmp_path / "stray_eval"
+  shutil.copytree(exported, stray)
+  (stray / "eval" / "plots").mkdir()
+  for out, message in [
+      (workdir, f"--out {workdir!r} is --workdir {workdir!r}; pass a folder outside the training run"),
+      (os.path.dirname(workdir), "contains --workdir"),  # `--out runs/`: every run in it was wiped
+      (os.path.join(workdir, "export"), "is inside --workdir"),
+      (str(outside), "holds data/, notes.txt, which export did not write; --overwrite replaces only a previous export"),
+      (str(not_export), "is not a previous export (no bridgejax.json with an export's \"format\")"),
+      (str(stray), "holds eval/plots/, which export did not write"),
+  ]:
+    assert export.main(["--workdir", workdir, "--out", out, "--overwrite"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and message in err, err
+  assert _tree(workdir) == before
+  assert sorted(os.listdir(outside)) == ["data", "notes.txt"] and os.listdir(not_export) == ["README.md"]
+  # a previous export is replaced, in one rename: nothing is left beside it
+  out = tmp_path / "again"
+  shutil.copytree(exported, out)
+  assert export.main(["--workdir", workdir, "--out", str(out), "--checkpoint", "best", "--overwrite"]) == 0
+  assert json.load(open(out / "bridgejax.json"))["step"] == BEST_STEP
+  assert sorted(os.listdir(tmp_path)) == ["again", "card_only", "other", "stray_eval"]
+
+
+def test_a_failed_export_leaves_the_old_one(run, exported, tmp_path, monkeypatch):
+  workdir, _, _ = run
+  out = tmp_path / "bridge"
+  shutil.copytree(exported, out)
+  before = _tree(out)
+
+  def card_fails(*args):
+    raise OSError("disk full")
+
+  monkeypatch.setattr(export, "model_card", card_fails)  # the last file: the others are written by then
+  with pytest.raises(OSError, match="disk full"):
+    export.export(workdir, str(out), "best", overwrite=True)
+  assert _tree(out) == before
+  with pytest.raises(OSError, match="disk full"):
+    export.export(workdir, str(tmp_path / "new"))
+  assert sorted(os.listdir(tmp_path)) == ["bridge"]  # no new folder, no temporary one

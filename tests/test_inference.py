@@ -125,3 +125,62 @@ def test_predict_refuses_a_prompt_longer_than_the_context_in_one_line(pipe_and_i
   assert predict.main(["--workdir", workdir, "answer", os.path.join(folder, "img0.png"), question]) == 2
   err = capsys.readouterr().err
   assert len(err.splitlines()) == 1 and err.startswith("error: the prompt is ") and "max_position_embeddings" in err
+
+
+def _folder_with_bad_images(folder, good, tmp_path):
+  """`good` readable images from `folder`, an empty file, a corrupt one and a truncated PNG, in a subfolder too."""
+  import shutil
+  mixed = tmp_path / "mixed"
+  (mixed / "sub").mkdir(parents=True)
+  for i in range(good):
+    shutil.copy(os.path.join(folder, f"img{i}.png"), mixed / ("sub" if i % 2 else "") / f"img{i}.png")
+  (mixed / "empty.jpg").write_bytes(b"")
+  (mixed / "sub" / "corrupt.png").write_bytes(b"not a png at all")
+  data = open(os.path.join(folder, "img0.png"), "rb").read()
+  (mixed / "truncated.png").write_bytes(data[:len(data) // 2])
+  return mixed
+
+
+def test_index_skips_unreadable_images_with_one_line(pipe_and_images, tmp_path):
+  pipe, folder = pipe_and_images
+  mixed = _folder_with_bad_images(folder, 5, tmp_path)
+  lines = []
+  index = pipe.build_index(str(mixed), report=lines.append)
+  assert len(index) == 5 and index.embeddings.shape == (5, 16)
+  assert sorted(os.path.basename(p) for p in index.paths) == [f"img{i}.png" for i in range(5)]
+  assert sorted(os.path.basename(p) for p, _ in index.skipped) == ["corrupt.png", "empty.jpg", "truncated.png"]
+  reference = pipe.build_index(sorted(index.paths))  # the same images, none skipped: the same embeddings
+  want = dict(zip(reference.paths, reference.embeddings))
+  np.testing.assert_allclose(index.embeddings, [want[p] for p in index.paths], atol=1e-5)
+  [line] = lines
+  assert line.startswith(f"skipped 3 of 8 images under {str(mixed)!r} that cannot be read: ")
+  assert f"{mixed / 'empty.jpg'} (empty: 0 bytes)" in line and line.endswith("; the index holds the other 5")
+  with pytest.warns(UserWarning, match="skipped 3 of 8 images"):  # the Python API's default: a warning
+    pipe.build_index(str(mixed))
+
+
+def test_index_of_no_readable_image_is_an_error(pipe_and_images, tmp_path):
+  pipe, folder = pipe_and_images
+  mixed = _folder_with_bad_images(folder, 0, tmp_path)
+  with pytest.raises(ValueError, match=r"none of the 3 images under .* can be read \(e\.g\. .*empty\.jpg: empty: 0 "
+                                       r"bytes\); pass a folder of readable images"):
+    pipe.build_index(str(mixed))
+
+
+def test_predict_index_warns_in_one_line_and_max_new_tokens_is_checked(pipe_and_images, tmp_path, capsys):
+  _, folder = pipe_and_images
+  workdir = tw.workdir_with_checkpoint()
+  mixed = _folder_with_bad_images(folder, 2, tmp_path)
+  assert predict.main(["--workdir", workdir, "index", str(mixed), "--out", str(tmp_path / "i.npz")]) == 0
+  captured = capsys.readouterr()
+  assert captured.out.splitlines()[1:] == ["images\t2", "skipped\t3"]
+  assert captured.err.splitlines()[-1].startswith("warning: skipped 3 of 5 images under ")
+  image = os.path.join(folder, "img0.png")
+  for value, message in [("1e5", "error: --max-new-tokens '1e5' is not a positive integer"),
+                         ("0", "error: --max-new-tokens '0' is not a positive integer"),
+                         ("100000", "error: max_new_tokens=100,000 does not fit: the LM's context holds 512 positions")]:
+    assert predict.main(["--workdir", workdir, "caption", image, "--max-new-tokens", value]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and err.startswith(message), err
+  assert predict.main(["--workdir", workdir, "generate", "--index", folder, "hi", "--max-new-tokens", "-2"]) == 2
+  assert "'-2' is not a positive integer" in capsys.readouterr().err

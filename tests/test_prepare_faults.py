@@ -1,4 +1,5 @@
-"""`python -m bridgejax.data.prepare` on bad input: bad rows are skipped and listed, an empty input
+"""`python -m bridgejax.data.prepare` on bad input: bad rows are skipped and listed (a line that is
+not UTF-8 and a CSV quote left open included), a byte-order mark costs no row, an empty input
 fails, a failed run leaves nothing half-made, --overwrite starts skipped.jsonl afresh for the
 split, and image paths may not leave the base folder. All in-process, no worker processes."""
 
@@ -150,3 +151,67 @@ def test_missing_source_is_one_line_and_debug_adds_the_traceback(tmp_path, capsy
   err = capsys.readouterr().err
   assert "Traceback" in err and err.strip().splitlines()[-1].startswith("error: --src")
   assert not (tmp_path / "out").exists()
+
+
+# --- encodings and quotes: one bad line is one skipped row, never the end of the run -------------
+
+def test_a_line_that_is_not_utf8_is_one_skipped_row(tmp_path, capsys):
+  _jpeg(tmp_path / "a.jpg")
+  jsonl = tmp_path / "d.jsonl"
+  jsonl.write_bytes(b'{"image": "a.jpg", "caption": "first"}\n'
+                    b'{"image": "a.jpg", "caption": "caf\xe9 latin-1"}\n'
+                    b'{"image": "a.jpg", "caption": "third"}\n')
+  csv_file = tmp_path / "d.csv"
+  csv_file.write_bytes(b"image,caption\na.jpg,first\na.jpg,na\xefve\na.jpg,third\n")
+  for src, line in ((jsonl, 2), (csv_file, 3)):
+    out = tmp_path / f"out_{src.suffix[1:]}"
+    assert _prepare("--src", src, "--out", out) == 0, capsys.readouterr().err
+    assert "2 written, 1 skipped of 3" in capsys.readouterr().out
+    assert [r["captions"] for r in records.open_split(out, "train")] == [["first"], ["third"]]
+    [skip] = _skipped(out)
+    assert skip["source"] == f"{src.name}:{line}" and skip["reason"] == "bad_row"
+    assert skip["detail"].startswith("not UTF-8 text (byte 0x") and "save the file as UTF-8" in skip["detail"]
+
+
+def test_a_header_that_is_not_utf8_is_one_line(tmp_path, capsys):
+  src = tmp_path / "d.csv"
+  src.write_bytes(b"im\xe4ge,caption\na.jpg,x\n")
+  assert _prepare("--src", src, "--out", tmp_path / "out") == 2
+  err = capsys.readouterr().err
+  assert err.startswith(f"error: {src}:1: cannot read the header line: not UTF-8 text") and err.count("\n") == 1
+  assert not (tmp_path / "out").exists()
+
+
+def test_a_byte_order_mark_keeps_the_first_row(tmp_path):
+  _jpeg(tmp_path / "a.jpg")
+  bom = b"\xef\xbb\xbf"
+  (tmp_path / "d.csv").write_bytes(bom + b"image,caption\r\na.jpg,one\r\na.jpg,two\r\n")  # Excel's "CSV UTF-8"
+  (tmp_path / "d.jsonl").write_bytes(bom + b'{"image": "a.jpg", "caption": "one"}\n{"image": "a.jpg", "caption": "two"}\n')
+  for name in ("d.csv", "d.jsonl"):
+    summary = prepare.prepare_jsonl(tmp_path / name, tmp_path / f"out_{name}")
+    assert summary["skipped"]["train"] == {}
+    assert [r["captions"] for r in records.open_split(tmp_path / f"out_{name}", "train")] == [["one"], ["two"]]
+
+
+def test_an_unterminated_quote_skips_its_row_not_the_rest(tmp_path):
+  _jpeg(tmp_path / "a.jpg")
+  (tmp_path / "d.csv").write_text('image,caption\na.jpg,"quoted, fine"\na.jpg,"never closed\n'
+                                  'a.jpg,after\na.jpg,"a ""quote"" inside"\n')
+  summary = prepare.prepare_jsonl(tmp_path / "d.csv", tmp_path / "out")
+  assert summary["skipped"]["train"] == {"bad_row": 1}
+  assert [r["captions"] for r in records.open_split(tmp_path / "out", "train")] == [
+      ["quoted, fine"], ["after"], ['a "quote" inside']]
+  [skip] = _skipped(tmp_path / "out")
+  assert skip["source"] == "d.csv:3" and "quoted field is not closed on this line" in skip["detail"]
+
+
+def test_old_mac_line_endings_and_tsv_lines(tmp_path):
+  _jpeg(tmp_path / "images" / "a.jpg")
+  (tmp_path / "mac.csv").write_bytes(b"image,caption\ra.jpg,one\ra.jpg,two\r")
+  summary = prepare.prepare_jsonl(tmp_path / "mac.csv", tmp_path / "out", images=tmp_path / "images")
+  assert summary["splits"]["train"]["num_examples"] == 2
+  # CC3M's TSV reads its lines alike: a non-UTF-8 line is one bad row
+  (tmp_path / "cc.tsv").write_bytes(b"\xef\xbb\xbfcaption\timage\na red thing\ta.jpg\nbad \xff\ta.jpg\nblue\ta.jpg\n")
+  summary = prepare.prepare_cc3m(tmp_path / "cc.tsv", tmp_path / "out_cc", images=tmp_path / "images")
+  assert summary["splits"]["train"]["num_examples"] == 2 and summary["skipped"]["train"] == {"bad_row": 1}
+  assert _skipped(tmp_path / "out_cc")[0]["source"] == "cc.tsv:3"

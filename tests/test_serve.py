@@ -83,6 +83,26 @@ def test_without_gradio_the_cli_says_how_to_install_it(monkeypatch, capsys):
       "error: the web demo needs gradio, which is not installed: pip install -e '.[demo]'"]
 
 
+def test_the_server_may_serve_the_index_images_and_nothing_else(pipe_and_images, tmp_path, monkeypatch):
+  """Images in folders far apart: Gradio gets exactly their files, never a folder above them (it was '/')."""
+  gr = pytest.importorskip("gradio", reason="gradio is not installed (pip install -e '.[demo]')")
+  pipe, folder = pipe_and_images
+  elsewhere = tmp_path / "far" / "away"
+  elsewhere.mkdir(parents=True)
+  shutil.copy(os.path.join(folder, "img0.png"), elsewhere / "x.png")
+  paths = [os.path.join(folder, "img1.png"), str(elsewhere / "x.png"), os.path.join(folder, "img2.png")]
+  index = pipe.build_index(paths)
+  monkeypatch.setattr(serve, "load", lambda a: (pipe, index))
+  launched = []
+  monkeypatch.setattr(gr.Blocks, "launch", lambda self, **kw: launched.append(kw))
+  assert serve.main(["--workdir", "unused", "--host", "0.0.0.0", "--index", "unused"]) == 0
+  [kw] = launched
+  assert kw["server_name"] == "0.0.0.0" and kw["allowed_paths"] == sorted(paths)
+  assert all(os.path.isfile(p) for p in kw["allowed_paths"])
+  monkeypatch.setattr(serve, "load", lambda a: (pipe, None))
+  assert serve.main(["--workdir", "unused"]) == 0 and launched[-1]["allowed_paths"] == []
+
+
 def test_load_takes_an_exported_folder_too(tmp_path):
   from bridgejax import export
   out = str(tmp_path / "bridge")

@@ -9,8 +9,9 @@
 
 Every image is decoded once here: a missing, empty, truncated or corrupt image (or a failed
 download) is skipped, counted and listed in DIR/skipped.jsonl, and never stops the run; so is a
-bad row of a JSONL/CSV/TSV (wrong types, null, no caption) and an image path outside the base
-folder (--images, else the data file's folder) unless --allow-outside-base is given.
+bad row of a JSONL/CSV/TSV (wrong types, null, no caption, a line that is not UTF-8, a CSV quote
+never closed: listed as FILE:LINE) and an image path outside the base folder (--images, else the
+data file's folder) unless --allow-outside-base is given. A UTF-8 byte-order mark is ignored.
 
 A new DIR is built in a temporary folder next to it and renamed into place at the end, so a
 failed or interrupted preparation leaves nothing behind; so does one that writes no example at

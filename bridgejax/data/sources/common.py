@@ -1,6 +1,7 @@
 """What every source shares: images that are loaded (and checked) later, in worker processes,
-the loop that writes examples and counts the ones whose image is unusable, and reading a
-source's JSON file."""
+the loop that writes examples and counts the ones whose image is unusable, reading a source's
+JSON file, and reading a text data file line by line (text_lines: a line that is not UTF-8 is one
+bad row, not the end of the run; a byte-order mark is not part of the first line)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 from bridgejax.data.image import ImageError, decode_image, read_image_file, resize_shortest_side
+from bridgejax.errors import UserError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
 
@@ -111,12 +113,37 @@ def _loaded(split, loader: ImageLoader, items: Iterable[tuple[Any, ImageSource]]
       yield key, result
 
 
+def text_lines(path: str | os.PathLike) -> Iterator[tuple[int, str | None, str]]:
+  """(line number from 1, the line's text with its line ending, "") for each line of a UTF-8 text
+  file, or (line number, None, why) for a line that is not UTF-8, so that the caller skips that one
+  row and goes on. A UTF-8 byte-order mark at the start is dropped (utf-8-sig), as spreadsheet
+  programs write one before the first column's name. Lines end at \\n, \\r\\n or a lone \\r (old Mac
+  files), as text mode reads them."""
+  number = 0
+  with open(path, "rb") as f:
+    for chunk in f:
+      if number == 0 and chunk.startswith(b"\xef\xbb\xbf"):
+        chunk = chunk[3:]
+      for raw in _LONE_CR.split(chunk) if b"\r" in chunk else [chunk]:
+        if not raw:
+          continue
+        number += 1
+        try:
+          yield number, raw.decode("utf-8"), ""
+        except UnicodeDecodeError as e:
+          yield number, None, (f"not UTF-8 text (byte 0x{raw[e.start]:02x} at byte {e.start + 1} of the line); "
+                               "save the file as UTF-8")
+
+
+_LONE_CR = re.compile(rb"(?<=\r)(?!\n)")  # after a \r that no \n follows: a line ends there too
+
+
 def load_json(path: str | os.PathLike, key: str, what: str) -> dict[str, Any]:
   """A source's JSON file, a dict with a top-level `key`; else one clear error naming the file."""
   with open(path, encoding="utf-8") as f:
     data = json.load(f)
   if not isinstance(data, dict) or key not in data:
-    raise ValueError(f"{path} is not a {what} file: no top-level {key!r} list")
+    raise UserError(f"{path} is not a {what} file: no top-level {key!r} list")
   return data
 
 

@@ -7,10 +7,12 @@ CSV/TSV need a header naming the columns: image (or file, path, filepath) and ca
 Relative image paths are taken from --images, else from the data file's folder (the base folder);
 a path outside it is refused unless allow_outside_base (--allow-outside-base).
 
-A bad row is skipped, counted and listed in skipped.jsonl with the reason, never stopping the
-run: not JSON or not an object (`bad_row`), an image or caption of the wrong type (a number, a
-JSON object, a list where a string belongs, null, a null or non-string inside a caption list:
-`bad_row`), no caption (`no_caption`), an image path outside the base folder (`outside_base`).
+A bad row is skipped, counted and listed in skipped.jsonl (as FILE:LINE) with the reason, never
+stopping the run: a line that is not UTF-8, not JSON or not an object (`bad_row`), a CSV/TSV line
+with a quote left open (`bad_row`: a row is one line, so it never swallows the rows after it), an
+image or caption of the wrong type (a number, a JSON object, a list where a string belongs, null,
+a null or non-string inside a caption list: `bad_row`), no caption (`no_caption`), an image path
+outside the base folder (`outside_base`). A UTF-8 byte-order mark before the first line is ignored.
 """
 
 from __future__ import annotations
@@ -21,35 +23,62 @@ import os
 from pathlib import Path
 from typing import Any, Iterator
 
-from bridgejax.data.sources.common import ImageSource, image_path, json_kind
+from bridgejax.data.sources.common import ImageSource, image_path, json_kind, text_lines
+from bridgejax.errors import UserError
 
 _IMAGE_FIELDS = ("image", "file", "path", "filepath", "file_name", "filename", "image_path")
 _CAPTION_FIELDS = ("caption", "text", "captions")
 
 
 def _rows(src: Path) -> Iterator[tuple[int, dict[str, Any] | str]]:
-  """(line number, row dict), or (line number, error message) for an unreadable line."""
-  with open(src, newline="", encoding="utf-8") as f:
-    if src.suffix in (".csv", ".tsv"):
-      reader = csv.DictReader(f, delimiter="\t" if src.suffix == ".tsv" else ",")
-      if not reader.fieldnames:
-        return
-      missing = [kind for kind, names in (("image", _IMAGE_FIELDS), ("caption", _CAPTION_FIELDS))
-                 if not set(n.strip().lower() for n in reader.fieldnames) & set(names)]
-      if missing:
-        raise ValueError(f"{src}: the header {reader.fieldnames} names no {' and no '.join(missing)} "
-                         f"column; name them e.g. 'image' and 'caption'")
-      for i, row in enumerate(reader, start=2):  # a short row's missing cells are None: empty
-        yield i, {k.strip().lower(): v if v is not None else "" for k, v in row.items() if k is not None}
-      return
-    for i, line in enumerate(f, start=1):
-      if not line.strip():
-        continue
+  """(line number, row dict), or (line number, why) for a line that is not a usable row."""
+  lines = text_lines(src)
+  if src.suffix in (".csv", ".tsv"):
+    yield from _table_rows(src, lines, "\t" if src.suffix == ".tsv" else ",")
+    return
+  for i, line, why in lines:
+    if line is None:
+      yield i, why
+    elif line.strip():
       try:
         row = json.loads(line)
         yield i, row if isinstance(row, dict) else f"line is a JSON {type(row).__name__}, not an object"
       except ValueError as e:
         yield i, f"not JSON ({e})"
+
+
+def _table_rows(src: Path, lines, delimiter: str) -> Iterator[tuple[int, dict[str, Any] | str]]:
+  """A CSV/TSV's rows as dicts keyed by the header's names (stripped, lower case): a short row's
+  missing cells are "", cells past the header are dropped, blank lines are skipped."""
+  header = None
+  for i, line, why in lines:
+    cells = why if line is None else _cells(line, delimiter)
+    if header is None:
+      if isinstance(cells, str):
+        raise UserError(f"{src}:{i}: cannot read the header line: {cells}")
+      if not cells:
+        continue
+      header = [c.strip().lower() for c in cells]
+      missing = [kind for kind, names in (("image", _IMAGE_FIELDS), ("caption", _CAPTION_FIELDS))
+                 if not set(header) & set(names)]
+      if missing:
+        raise UserError(f"{src}: the header {cells} names no {' and no '.join(missing)} "
+                         f"column; name them e.g. 'image' and 'caption'")
+    elif isinstance(cells, str):
+      yield i, cells
+    elif cells:
+      yield i, {**dict.fromkeys(header, ""), **dict(zip(header, cells))}
+
+
+def _cells(line: str, delimiter: str) -> list[str] | str:
+  """One line's cells, or why csv cannot read them. A row is one line: a quote still open at the
+  line's end is this row's error (csv's reader would read on into the next rows and merge them)."""
+  try:
+    return next(csv.reader([line], delimiter=delimiter, strict=True), [])
+  except csv.Error as e:
+    if "unexpected end of data" in str(e):
+      return "a quoted field is not closed on this line (a row is one line): close it, and write a quote inside one as \"\""
+    return f"not a {'TSV' if delimiter == chr(9) else 'CSV'} row ({e})"
 
 
 def _first(row: dict[str, Any], names: tuple[str, ...]) -> tuple[str | None, Any]:
