@@ -13,7 +13,7 @@ bridge does not fit the toy backbones is skipped with its reason.
 
 Each config trains and evaluates through bridgejax.sweep in WORKDIR/<config>/seed_<s>, so finished
 runs are skipped and the same command resumes; a SIGTERM stops it at the next safe point (exit
-status 1; bridgejax.preemption). Then WORKDIR/ablation.md (mean ± std over seeds, the
+status 143; bridgejax.preemption). Then WORKDIR/ablation.md (mean ± std over seeds, the
 trainable parameters at the config's real size from bridgejax.inspect), ablation.json and
 ablation.png (each headline metric against real-size trainable parameters, error bars = std).
 """
@@ -217,7 +217,7 @@ def main(argv=None) -> int:
     cli.quiet_library_logs()
     result = ablate(parse_configs(a.configs), sweep.parse_seeds(a.seeds), a.workdir, steps=a.steps,
                     max_examples=a.max_examples)
-    return 0 if result["complete"] else 1
+    return 0 if result["complete"] else preemption.EXIT_STATUS
   return cli.call(run, debug=debug)
 
 

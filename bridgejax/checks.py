@@ -3,6 +3,7 @@
     check_config_paths(config, for_training=True)    # train.py, before step 1
     check_config_paths(config, for_training=False)   # eval.py, before loading
     check_checkpoint(workdir, step)                  # eval.py / predict: a checkpoint to read
+    check_workdir(workdir)                           # train.py: a path bridgejax can write
 
 Each failure is a UserError on one line naming the config key, the bad value and what exists
 (the splits a dataset has, the folders next to a missing checkpoint), so a typo costs seconds
@@ -16,10 +17,13 @@ import difflib
 import json
 import os
 
+from bridgejax import paths
+from bridgejax.config_values import check_config_values
 from bridgejax.data.features import check_present
 from bridgejax.data.records import INFO_FILE
 from bridgejax.data.splits import TASK_TYPES, eval_tasks
 from bridgejax.errors import UserError
+from bridgejax.toy.prepare import toy_pending
 
 
 def _remote(path: str) -> bool:
@@ -100,16 +104,10 @@ def check_backbones(config) -> None:
     check_path("llm.tokenizer", tokenizer, "the Hugging Face folder holding the tokenizer (or a .gguf file)")
 
 
-def _toy_pending(config) -> bool:
-  """configs/demo.py generates the toy world into data.dir on first use (toy.prepare.ensure_toy_data)."""
-  data = config.data
-  return bool(data.get("toy")) and not os.path.exists(os.path.join(data.dir, INFO_FILE))
-
-
 def check_training_data(config) -> None:
   """data.dir, data.train_split, data.val_split ("" = no validation) and data.features (a cache of the
   train split; whether it fits the tower is checked once the tower is loaded)."""
-  if _toy_pending(config):
+  if toy_pending(config):
     return
   check_split("data.train_split", config.data.dir, config.data.train_split)
   if config.data.get("val_split"):
@@ -121,20 +119,27 @@ def check_eval_data(config, tasks=None) -> None:
   """Every entry of config.evals (or those named in `tasks`): its type and keys, dataset folder and
   split. The toy world the demo generates on first use is not there to check yet."""
   for name, cfg in eval_tasks(config, tasks).items():
-    if not (_toy_pending(config) and cfg.data == config.data.dir):
+    if not (toy_pending(config) and cfg.data == config.data.dir):
       check_split(f"evals.{name}.split", cfg.data, cfg.split, TASK_TYPES[cfg.type], dir_key=f"evals.{name}.data")
 
 
 def check_config_paths(config, *, for_training: bool, backbones: bool = True, tasks=None) -> None:
   """Every path and split the run will read: backbones; for training the train/val splits (and the
   eval data when eval_after_training); for evaluation the eval data (of the entries `tasks`, default
-  all of config.evals). Raises UserError."""
+  all of config.evals). Raises UserError. Every value's range is checked first (config_values)."""
+  check_config_values(config)
   if backbones:
     check_backbones(config)
   if for_training:
     check_training_data(config)
   if not for_training or config.get("eval_after_training"):
     check_eval_data(config, tasks)
+
+
+def check_workdir(workdir: str) -> None:
+  """A workdir bridgejax can reach: no URL with a slash missing (gs:/bucket), no remote scheme
+  whose package is absent (bridgejax.paths.path says which)."""
+  paths.path(workdir)
 
 
 def _steps(directory: str) -> list[int]:
@@ -145,6 +150,7 @@ def check_checkpoint(workdir: str, step: int | str | None = None) -> None:
   """WORKDIR/checkpoints holds a checkpoint (step `step` when given: a number, or "best")."""
   from bridgejax.train.checkpoint import BEST, checkpoint_step  # pylint: disable=g-import-not-at-top
   step = checkpoint_step(step)
+  check_workdir(workdir)
   if _remote(workdir):
     return
   directory = os.path.join(workdir, "checkpoints")

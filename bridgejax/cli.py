@@ -1,18 +1,19 @@
 """What the entry points share: one-line user errors, quiet library logs, starting a multi-host job.
 
-Errors. A *user error* is one the user fixes by changing a flag, a config value, a path or the
-input data: bridgejax.errors.UserError, and the classes the config, path and data checks raise
-(ValueError and its subclasses: RecordError, CheckpointError, ImageError; OSError: a missing
-file, a permission, a full disk; absl's flag errors; a non-finite training loss). train.py, eval.py,
-`python -m bridgejax.predict` and `python -m bridgejax.data.prepare` print those as one line,
-`error: <message>` (the message says what to fix), and exit with status 2. Anything else is
-taken for a bug: its traceback is printed, with a line asking to report it, and the status is 1.
-`--debug` prints the traceback of user errors too.
+Errors. A *user error* is one the user fixes by changing a flag, a config value, a path, the input
+data or the disk: bridgejax.errors.UserError and its subclasses (the config, path and data checks,
+RecordError, ImageError, the checkpoint errors, a non-finite training loss), absl's flag errors,
+and the OS errors that mean a path or the disk (a missing file, a permission, a full disk). train.py,
+eval.py, `python -m bridgejax.predict` and `python -m bridgejax.data.prepare` print those as one
+line, `error: <message>` (the message says what to fix), and exit with status 2. Anything else, a
+plain ValueError included, is taken for a bug: its traceback is printed, with a line asking to
+report it, and the status is 1. `--debug` prints the traceback of user errors too.
 """
 
 from __future__ import annotations
 
 import difflib
+import errno
 import importlib.util
 import os
 import re
@@ -24,13 +25,14 @@ from absl import app, flags, logging
 
 from bridgejax.errors import UserError
 
-USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, flags.Error, app.UsageError)
-# Raised deep in modules that import jax; matched by name so this module stays light to import.
-_USER_ERROR_NAMES = {"NonFiniteLossError"}
+USER_ERRORS: tuple[type[BaseException], ...] = (UserError, flags.Error, app.UsageError, FileNotFoundError,
+                                                 PermissionError, IsADirectoryError, NotADirectoryError)
+# OS errors about the disk rather than the code: full, over quota, read-only.
+USER_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.ENOENT}
 
 
 def is_user_error(e: BaseException) -> bool:
-  return isinstance(e, USER_ERRORS) or type(e).__name__ in _USER_ERROR_NAMES
+  return isinstance(e, USER_ERRORS) or (isinstance(e, OSError) and e.errno in USER_ERRNOS)
 
 
 def one_line(e: BaseException) -> str:

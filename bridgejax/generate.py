@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bridgejax.errors import UserError
 # Any decoder with the Gemma module's methods (models/gemma.py, models/llama.py): they are called
 # by name, and the cache layout is shared.
 from bridgejax.models.gemma import init_cache
@@ -106,11 +107,11 @@ def generate(
   prompt's layout (the bridge model's llm_hook); every prefill and step passes it to the decoder.
   """
   if method not in METHODS:
-    raise ValueError(f"method={method!r}; use one of {METHODS}")
+    raise UserError(f"method={method!r}; use one of {METHODS}")
   if (input_ids is None) == (inputs_embeds is None):
     raise ValueError("pass exactly one of input_ids and inputs_embeds")
   if max_new_tokens < 1:
-    raise ValueError(f"max_new_tokens={max_new_tokens} must be at least 1")
+    raise UserError(f"max_new_tokens={max_new_tokens} must be at least 1")
   c = module.config
   if inputs_embeds is None:
     input_ids = np.asarray(input_ids, np.int32)
@@ -118,7 +119,7 @@ def generate(
   lengths = _prompt_lengths(attention_mask, batch, length)
   cache_length = cache_length or round_up(_bucket(length) + max_new_tokens, _CACHE_MULTIPLE)
   if int(lengths.max()) + max_new_tokens > cache_length or length > cache_length:
-    raise ValueError(f"a prompt of {length} slots (longest row {lengths.max()}) plus {max_new_tokens} new "
+    raise UserError(f"a prompt of {length} slots (longest row {lengths.max()}) plus {max_new_tokens} new "
                      f"tokens does not fit cache_length={cache_length}")
   slots = min(_bucket(length), cache_length)  # pad the prompt to its bucket
   if inputs_embeds is None:

@@ -16,9 +16,10 @@ import os
 
 import jax
 import numpy as np
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
+from bridgejax.errors import UserError
 from bridgejax.model import BridgeModel
 from bridgejax.models.clip import CLIPVisionConfig
 from bridgejax.models.families import decoder_class, vision_class
@@ -59,7 +60,7 @@ def backbone_configs(config):
   elif config.vision.arch in VISION_ARCHS:
     vision = VISION_ARCHS[config.vision.arch]
   else:
-    raise ValueError(f"no {vision_json} and config.vision.arch={config.vision.arch!r} is not one of "
+    raise UserError(f"no {vision_json} and config.vision.arch={config.vision.arch!r} is not one of "
                      f"{sorted(VISION_ARCHS)}")
   llm_json = os.path.join(config.llm.path, "config.json")
   if os.path.isfile(llm_json):
@@ -67,7 +68,7 @@ def backbone_configs(config):
   elif config.llm.arch in LLM_ARCHS:
     llm = LLM_ARCHS[config.llm.arch]
   else:
-    raise ValueError(f"no {llm_json} and config.llm.arch={config.llm.arch!r} is not one of {sorted(LLM_ARCHS)}")
+    raise UserError(f"no {llm_json} and config.llm.arch={config.llm.arch!r} is not one of {sorted(LLM_ARCHS)}")
   return vision, llm
 
 
@@ -116,4 +117,5 @@ if __name__ == "__main__":  # flags only here: importing this module defines non
   config_flags.DEFINE_config_file("config", None, "experiment config (configs/*.py[:args])")
   flags.DEFINE_bool("json", False, "print one JSON object instead of a table")
   flags.mark_flags_as_required(["config"])
-  app.run(main)
+  from bridgejax import cli  # pylint: disable=g-import-not-at-top
+  cli.run_absl(main)  # a bad flag, key or config: one line, as train.py

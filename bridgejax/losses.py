@@ -44,6 +44,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bridgejax.errors import UserError
+
 Array = jax.Array
 
 # Loss weights. FROMAGe's code: loss = cap_loss_scale·CE_caption + ret_loss_scale·CE_text
@@ -181,13 +183,13 @@ def resolve_weights(weights: str | Mapping | None = "fromage") -> dict[str, floa
     weights = "fromage"
   if isinstance(weights, str):
     if weights not in WEIGHTS:
-      raise ValueError(f"unknown loss weighting {weights!r}; use one of {sorted(WEIGHTS)} or a mapping "
+      raise UserError(f"unknown loss weighting {weights!r}; use one of {sorted(WEIGHTS)} or a mapping "
                        f"with keys {sorted(WEIGHTS['fromage'])}")
     return dict(WEIGHTS[weights])
   weights = weights.to_dict() if hasattr(weights, "to_dict") else dict(weights)
   unknown = sorted(set(weights) - set(WEIGHTS["fromage"]))
   if unknown:
-    raise ValueError(f"unknown loss weight key(s) {unknown}; the keys are {sorted(WEIGHTS['fromage'])}")
+    raise UserError(f"unknown loss weight key(s) {unknown}; the keys are {sorted(WEIGHTS['fromage'])}")
   return {**WEIGHTS["fromage"], **{k: float(v) for k, v in weights.items()}}
 
 
@@ -321,7 +323,7 @@ def target_cmli_loss(student_image: Array, teacher_patches: Array, student_text:
   """
   teacher = jax.lax.stop_gradient(teacher_patches.astype(jnp.float32))
   if image_match is None and student_image.shape[1] != teacher.shape[1]:
-    raise ValueError(f"target_cmli_loss: {student_image.shape[1]} student image tokens against {teacher.shape[1]} "
+    raise UserError(f"target_cmli_loss: {student_image.shape[1]} student image tokens against {teacher.shape[1]} "
                      "teacher patches: pass image_match to match them")
   image_targets = teacher if image_match is None else matched_patches(image_match, patch_match, teacher)
   square = lambda student, target: jnp.mean(jnp.square(student.astype(jnp.float32) - target), axis=-1)  # (B, tokens)

@@ -13,6 +13,7 @@ import jax
 
 from bridgejax import paths
 from bridgejax.checks import check_split
+from bridgejax.config_values import check_config_values
 from bridgejax.evaluation.run import evaluate as evaluate_checkpoint
 from bridgejax.evaluation.tasks import quick_validation
 from bridgejax.experiment import build
@@ -24,6 +25,7 @@ from bridgejax.train.metric_writer import MetricWriter
 def run(config, workdir: str) -> dict:
   """Build, stream the data, train (with periodic validation), print a summary; then, with
   config.eval_after_training, evaluate the final checkpoint (eval/*.json, eval/report.html)."""
+  check_config_values(config)
   ensure_toy_data(config)
   check_val_split(config)  # before any weight loads, not 1000 steps in at the first validation
   lock = lock_workdir(workdir)  # and before minutes of loading backbones

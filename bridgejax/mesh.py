@@ -13,6 +13,8 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
+from bridgejax.errors import UserError
+
 AXES = ("data", "model")
 
 
@@ -21,13 +23,13 @@ def make_mesh(data: int = -1, model: int = 1, devices=None) -> jax.sharding.Mesh
   devices = jax.devices() if devices is None else devices
   n = len(devices)
   if data == -1 and model == -1:
-    raise ValueError("mesh.data and mesh.model cannot both be -1; set one of them")
+    raise UserError("mesh.data and mesh.model cannot both be -1; set one of them")
   if data == -1:
     data = n // model if model > 0 and n % model == 0 else 0
   if model == -1:
     model = n // data if data > 0 and n % data == 0 else 0
   if data <= 0 or model <= 0 or data * model != n:
-    raise ValueError(f"mesh.data={data} x mesh.model={model} does not use the {n} available devices "
+    raise UserError(f"mesh.data={data} x mesh.model={model} does not use the {n} available devices "
                      f"exactly; choose sizes whose product is {n} (or -1 for one of them)")
   return jax.make_mesh((data, model), AXES, axis_types=(AxisType.Auto,) * 2, devices=devices)
 
@@ -64,4 +66,4 @@ def frozen_shardings(tree, mesh, strategy: str):
     return jax.tree.map(lambda _: replicated(mesh), tree)
   if strategy == "fsdp":
     return jax.tree.map(lambda x: NamedSharding(mesh, fsdp_spec(np.shape(x), mesh)), tree)
-  raise ValueError(f"unknown frozen sharding {strategy!r}; use 'replicate' or 'fsdp'")
+  raise UserError(f"unknown frozen sharding {strategy!r}; use 'replicate' or 'fsdp'")

@@ -46,6 +46,7 @@ import jax.numpy as jnp
 from bridgejax import losses, pic2word
 from bridgejax.bridges import BridgeOutput, VisionFeatures, build_bridge
 from bridgejax.bridges.base import CLS_EQUIVALENTS
+from bridgejax.errors import UserError
 from bridgejax.models.clip import CLIPVisionConfig, CLIPVisionTransformer
 from bridgejax.models.families import decoder_class, vision_class
 from bridgejax.models.gemma import Gemma, GemmaConfig
@@ -189,10 +190,10 @@ class BridgeModel:
     kw = dict(dtype=compute_dtype, param_dtype=frozen_param_dtype)
     remat = config.get("remat", "none")
     if remat not in REMAT:
-      raise ValueError(f"config.remat={remat!r}: use one of {', '.join(REMAT)} (--config.remat=llm)")
+      raise UserError(f"config.remat={remat!r}: use one of {', '.join(REMAT)} (--config.remat=llm)")
     scale = config.get("visual_token_scale", "sqrt_d")
     if scale not in VISUAL_TOKEN_SCALES:
-      raise ValueError(f"config.visual_token_scale={scale!r}: use one of {', '.join(VISUAL_TOKEN_SCALES)}")
+      raise UserError(f"config.visual_token_scale={scale!r}: use one of {', '.join(VISUAL_TOKEN_SCALES)}")
     bridge = build_bridge(config.bridge, vision_width=vision_config.hidden_size,
                           vision_layers=vision_config.num_layers, grid_size=vision_config.grid_size,
                           llm_width=llm_config.hidden_size, llm_layers=llm_config.num_layers)
@@ -210,7 +211,7 @@ class BridgeModel:
     # a tower without a CLS token (SigLIP): what bridges read in its place (bridges.base.CLS_EQUIVALENTS)
     cls_equivalent = None if getattr(vision_config, "has_cls_token", True) else config.vision.get("cls_equivalent", "mean")
     if cls_equivalent not in (None, *CLS_EQUIVALENTS):
-      raise ValueError(f"config.vision.cls_equivalent={cls_equivalent!r}: use one of {', '.join(CLS_EQUIVALENTS)}")
+      raise UserError(f"config.vision.cls_equivalent={cls_equivalent!r}: use one of {', '.join(CLS_EQUIVALENTS)}")
     return cls(vision_class(vision_config)(vision_config, **kw), llm_class(llm_config, remat=remat != "none", **kw), bridge,
                heads, ret_id=llm_config.vocab_size, loss_weights=weights, concat_prob=config.concat_prob,
                remat=remat, matmul_precision=config.get("matmul_precision", ""), visual_token_scale=scale,
@@ -434,7 +435,7 @@ class BridgeModel:
     params = {**frozen, **trainable}
     ids, mask = batch["text_ids"], batch["text_mask"]
     if self.concat_prob > 0 and ids.shape[0] % 2:
-      raise ValueError(f"the concat trick pairs examples: batch_size must be even, got {ids.shape[0]} "
+      raise UserError(f"the concat trick pairs examples: batch_size must be even, got {ids.shape[0]} "
                        "(or set concat_prob=0)")
     features = batch["vision_features"] if "vision_features" in batch else self.vision_features(params, batch["image"])
     bridge_out = self.bridge_output(params, features)

@@ -19,6 +19,7 @@ import contextlib
 import datetime
 import json
 import os
+import re
 import socket
 import threading
 import time
@@ -34,15 +35,41 @@ def is_remote(p) -> bool:
   return "://" in os.fspath(p)
 
 
+# The package etils.epath reaches each remote scheme through: without it the first read or write
+# would fail minutes in, deep inside a save, so path() refuses the URL up front.
+BACKENDS = {"gs": "gcsfs", "s3": "s3fs"}
+_MALFORMED_URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):/*(?=[^/])")  # gs:/bucket, gs:bucket, s3:///b
+
+
+def _has_filesystem(scheme: str) -> bool:
+  """Whether fsspec (etils.epath's backend for URLs) can reach `scheme`: its package imports, or a
+  filesystem was registered for it."""
+  import fsspec  # pylint: disable=g-import-not-at-top
+  try:
+    fsspec.get_filesystem_class(scheme)
+  except (ImportError, ValueError):
+    return False
+  return True
+
+
 def path(p) -> epath.Path:
-  """`p` as an epath.Path: local paths made absolute, URLs kept (their scheme picks the backend)."""
+  """`p` as an epath.Path: local paths made absolute, URLs kept (their scheme picks the backend).
+  A URL with a slash missing (`gs:/bucket`) is refused rather than taken for a local folder `gs:`."""
   text = os.fspath(p)
   if not is_remote(text):
+    malformed = _MALFORMED_URL.match(text)
+    if malformed and malformed.group(1).lower() in BACKENDS:
+      scheme = malformed.group(1)
+      raise UserError(f"{text!r} looks like a {scheme}:// URL with a slash missing; write "
+                      f"{scheme}://{text[malformed.end():]} (or ./{text} for a local folder)")
     return epath.Path(os.path.abspath(os.path.expanduser(text)))
+  scheme = text.split("://", 1)[0]
+  backend = BACKENDS.get(scheme.lower())
+  if backend and not _has_filesystem(scheme):
+    raise UserError(f"{text!r}: {scheme}:// paths need the {backend} package; pip install {backend}")
   try:
     return epath.Path(text)
   except KeyError:
-    scheme = text.split("://", 1)[0]
     raise UserError(f"unsupported path scheme {scheme}:// in {text!r}; use a local path or gs://") from None
 
 
@@ -169,11 +196,13 @@ class WorkdirLock:
       return json.loads(self.path.read_text())
     except FileNotFoundError:
       return None
-    except (ValueError, OSError):  # half written (live) or left empty by a crash (stale once old)
-      modified = os.path.getmtime(self.path) if not is_remote(self.path) else time.time()
-      return {"pid": None, "host": "unknown", "started": "unknown", "heartbeat": modified}
+    except (ValueError, OSError):  # being written this instant, or left empty by a crash
+      modified = os.path.getmtime(self.path) if not is_remote(self.path) else 0.0
+      return {"unreadable": True, "pid": "unknown", "host": "unknown", "started": "unknown", "heartbeat": modified}
 
   def _live(self, holder: dict) -> bool:
+    if holder.get("unreadable"):  # a creator writes its record right after creating the file: an
+      return time.time() - holder["heartbeat"] < 5.0  # unreadable lock older than that was left by a crash
     if holder.get("host") == socket.gethostname() and isinstance(holder.get("pid"), int):
       try:
         os.kill(holder["pid"], 0)
@@ -215,8 +244,11 @@ class WorkdirLock:
             f"{self.path.parent} is in use by another training (pid {holder.get('pid')} on host "
             f"{holder.get('host')}, started {holder.get('started')}); wait for it to finish or use another "
             f"--workdir. If that process is gone, delete {self.path}")
-      logging.warning("taking over the stale lock %s of pid %s on host %s (started %s; that process is gone)",
-                      self.path, holder.get("pid"), holder.get("host"), holder.get("started"))
+      if holder.get("unreadable"):
+        logging.warning("taking over the lock %s: it is empty or unreadable (left by a crash)", self.path)
+      else:
+        logging.warning("taking over the stale lock %s of pid %s on host %s (started %s; that process is gone)",
+                        self.path, holder.get("pid"), holder.get("host"), holder.get("started"))
       with contextlib.suppress(FileNotFoundError):
         self.path.unlink()
     else:

@@ -40,6 +40,8 @@ from __future__ import annotations
 import flax.linen as nn
 import jax.numpy as jnp
 
+from bridgejax.errors import UserError
+
 WORD = "*"
 TRAIN_PROMPT = "a photo of *"
 QUERY_TEMPLATE = "a photo of * , {}"
@@ -67,7 +69,7 @@ def head_options(config, enabled: bool) -> dict:
     return {}
   options = {**DEFAULTS, **config.get("pic2word", {})}
   if options["hidden"] < 1 or options["layers"] < 1:
-    raise ValueError(f"config.pic2word needs hidden >= 1 and layers >= 1, got {options}")
+    raise UserError(f"config.pic2word needs hidden >= 1 and layers >= 1, got {options}")
   return {"pic2word_hidden": int(options["hidden"]), "pic2word_layers": int(options["layers"])}
 
 
@@ -81,7 +83,7 @@ def prompt_ids(tokenizer, prompt: str, ret_id: int) -> tuple[list[int], int]:
   the prompt's "*" is: (ids, the placeholder's position)."""
   before, star, after = prompt.partition(WORD)
   if not star:
-    raise ValueError(f"a Pic2Word prompt needs a {WORD!r} where the image's pseudo word goes, got {prompt!r}")
+    raise UserError(f"a Pic2Word prompt needs a {WORD!r} where the image's pseudo word goes, got {prompt!r}")
   head = tokenizer.encode(before.rstrip(), add_bos=True)
   tail = tokenizer.encode(after, add_bos=False) if after.strip() else []
   return head + [tokenizer.pad_id] + tail + [ret_id], len(head)

@@ -5,6 +5,9 @@ Inside `catch_sigterm()` a SIGTERM sets a flag instead of killing the process; t
 a sweep or an ablation between runs. The contexts nest and share one flag, so a SIGTERM that lands
 while a sweep evaluates, or between two trainings, is not lost when the next training starts: the
 outermost context restores the previous handler and clears the flag on exit.
+
+A command stopped this way exits with EXIT_STATUS (143, the shell's status for a SIGTERM), never 0,
+so `train.py ... && eval.py ...` never evaluates an unfinished model; the same command resumes.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import contextlib
 import signal
 import threading
 
+EXIT_STATUS = 128 + signal.SIGTERM  # 143: stopped by SIGTERM at a safe point; run the same command to resume
 _state = {"depth": 0, "requested": False, "previous": None}
 
 

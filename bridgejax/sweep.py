@@ -10,7 +10,7 @@ and is then evaluated (eval/*.json, as eval.py writes them) on its best validati
 A seed already trained to total_steps and evaluated on that checkpoint is skipped, so the same
 command resumes a stopped sweep. At the end, python -m bridgejax.evaluation.table over the seeds:
 one row, mean ± std. A SIGTERM stops it at the next safe point (a training saves its step; an
-evaluation stops between tasks; else it stops before the next seed), with exit status 1: run the
+evaluation stops between tasks; else it stops before the next seed), with exit status 143: run the
 same command to resume.
 Single-process only (on a pod, train each seed with train.py --multihost, then use the table).
 """
@@ -136,7 +136,7 @@ def main(argv):
   check_config_paths(FLAGS.config, for_training=True)
   check_config_paths(FLAGS.config, for_training=False, backbones=False)  # each seed is evaluated
   done = sweep(FLAGS.config, FLAGS.workdir, seeds, FLAGS.checkpoint)
-  return 0 if len(done) == len(seeds) else 1
+  return 0 if len(done) == len(seeds) else preemption.EXIT_STATUS
 
 
 if __name__ == "__main__":

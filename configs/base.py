@@ -8,6 +8,7 @@ import math
 import ml_collections
 
 from bridgejax.data.splits import THESIS_TASKS, eval_task
+from bridgejax.errors import UserError
 
 
 def get_config(arg=None):
@@ -115,7 +116,7 @@ def parse_arg(arg, **defaults) -> dict:
   for item in filter(None, (arg or "").split(",")):
     key, sep, value = item.partition("=")
     if not sep or key not in defaults:
-      raise ValueError(f"config argument {item!r}: expected key=value with key in {sorted(defaults)}")
+      raise UserError(f"config argument {item!r}: expected key=value with key in {sorted(defaults)}")
     kind = type(defaults[key])
     values[key] = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
   return values

@@ -28,8 +28,11 @@ def get_config(arg=None):
   config.compute_dtype = "float32"
   config.frozen_param_dtype = "float32"
   config.bridge = base.ml_collections.ConfigDict({"name": "crossatt", "k": 4, "layer": -2, "num_heads": 4})
+  # The toy world is generated into data.toy.dir on first use, and only there: a data.dir pointing
+  # elsewhere must be a prepared dataset (examples/own_data.md), never a folder the demo writes into.
   config.data.dir = "/tmp/bridgejax_toy_data"
-  config.data.toy = base.ml_collections.ConfigDict({"num_train": 10_000, "num_val": 500, "num_test": 500, "seed": 0})
+  config.data.toy = base.ml_collections.ConfigDict({"dir": "/tmp/bridgejax_toy_data", "num_train": 10_000,
+                                                    "num_val": 500, "num_test": 500, "seed": 0})
   config.data.max_caption_tokens = 40  # toy captions are long-winded; 24 would cut many
   config.data.num_workers = 0
   config.data.val_examples = 256

@@ -19,6 +19,7 @@ chapter-6 fork did), Adam's betas/eps, gradient clipping, caption length, the co
 tokens are scaled (GPT-Neo and LLaMA have no embedding normaliser, so "sqrt_d" multiplies them by 1).
 """
 
+from bridgejax.errors import UserError
 from configs import base
 
 LLMS = {  # llm= -> (llm.path default, inspect's arch name)
@@ -30,7 +31,7 @@ LLMS = {  # llm= -> (llm.path default, inspect's arch name)
 def get_config(arg=None):
   args = base.parse_arg(arg, llm="gloria", post_norm=True, eval="standard")
   if args["llm"] not in LLMS:
-    raise ValueError(f"config argument llm={args['llm']!r}: use one of {sorted(LLMS)}")
+    raise UserError(f"config argument llm={args['llm']!r}: use one of {sorted(LLMS)}")
   llm = args.pop("llm")
   config = base.bridge_config("cls_linear", f"vgloria_{llm}", k=1, layer=-1, **args)
   config.llm.path, config.llm.arch = LLMS[llm]

@@ -44,6 +44,30 @@ def test_user_errors_are_one_line_and_bugs_keep_their_traceback(capsys):
   assert cli.call(lambda: None) == 0
 
 
+def test_only_bridgejax_errors_and_path_or_disk_errors_are_the_users():
+  """A plain ValueError or OSError from deep inside a library is a bug (status 1, traceback), not `error:`."""
+  import errno
+
+  from bridgejax.data.records import RecordError
+  from bridgejax.train.loop import NonFiniteLossError
+  for e in (UserError("x"), RecordError("x"), NonFiniteLossError("x"), FileNotFoundError("x"), PermissionError("x"),
+            OSError(errno.ENOSPC, "No space left on device")):
+    assert cli.is_user_error(e), e
+  for e in (ValueError("x"), OSError(errno.EBADF, "bad fd"), RuntimeError("x"), TypeError("x")):
+    assert not cli.is_user_error(e), e
+
+
+def test_urls_with_a_slash_missing_or_without_their_package_are_refused(monkeypatch):
+  from bridgejax import paths
+  for bad, fixed in (("gs:/bucket/run", "gs://bucket/run"), ("gs:bucket", "gs://bucket"), ("s3:/b/k", "s3://b/k")):
+    with pytest.raises(UserError, match=f"looks like a .*:// URL with a slash missing; write {fixed} "):
+      paths.path(bad)
+  assert str(paths.path("./gs:/x")).endswith("/gs:/x") and str(paths.path("runs/a")).endswith("/runs/a")
+  monkeypatch.setattr(paths, "_has_filesystem", lambda scheme: False)
+  with pytest.raises(UserError, match=r"^'gs://b/run': gs:// paths need the gcsfs package; pip install gcsfs$"):
+    paths.path("gs://b/run")
+
+
 def test_unknown_config_keys_name_the_near_matches():
   argv = ["train.py", "--config", "configs/demo.py", "--workdir", "w"]
   e = cli.config_override_error(argv + ["--config.bridge.kk=3"])
@@ -245,4 +269,28 @@ def test_prompts_longer_than_the_context_are_refused_fast():
   pipe.prompt_ids("x " * 300, reserve=512 - n)  # exactly full
   with pytest.raises(UserError, match=r"at most 0 tokens \(or ask for fewer new tokens\)"):
     pipe.prompt_ids("x", reserve=512)
+
+
+def test_new_tokens_must_be_a_positive_integer_that_fits_the_context():
+  from bridgejax.inference import check_new_tokens
+  assert check_new_tokens("32", name="--max-new-tokens") == 32 and check_new_tokens(7) == 7
+  for bad in ("1e5", "0", "-3", "2.5", "", "ten"):
+    with pytest.raises(UserError, match=rf"^--max-new-tokens '{bad}' is not a positive integer: pass how many"):
+      check_new_tokens(bad, name="--max-new-tokens")
+  for bad in (0, -1, True, 2.0):
+    with pytest.raises(UserError, match="is not a positive integer"):
+      check_new_tokens(bad)
+  pipe = _pipeline()  # context 512: with 4 visual tokens and BOS, 507 new tokens at most
+  assert pipe.prompt_ids("", reserve=4, new_tokens=507) == [pipe.tokenizer.bos_id]
+  with pytest.raises(UserError) as e:
+    pipe.prompt_ids("a red circle", reserve=4, new_tokens=100_000)
+  assert str(e.value) == ("max_new_tokens=100,000 does not fit: the LM's context holds 512 positions "
+                          "(max_position_embeddings), 4 of them for the image's visual tokens and at least 1 for "
+                          "the prompt; ask for at most 507 new tokens")
+  with pytest.raises(UserError, match="at least 2 for the prompt; ask for at most 506 new tokens"):
+    pipe.prompt_ids("", reserve=4, new_tokens=507, append_ret=True)
+  n = len(pipe.tokenizer.encode("x " * 300))  # the new tokens fit, the prompt does not: the prompt's message
+  with pytest.raises(UserError, match=rf"shorten the prompt to at most {512 - 4 - 200} tokens \(or ask for fewer"):
+    pipe.prompt_ids("x " * 300, reserve=4, new_tokens=200)
+  assert n > 512 - 4 - 200
 

@@ -143,3 +143,33 @@ def test_inspect_cli_json():
   out = subprocess.run([sys.executable, "-m", "bridgejax.inspect", "--config", "configs/regions.py", "--json"],
                        capture_output=True, text=True, check=True).stdout
   assert json.loads(out)["trainable_params"] == 151_523_841  # thesis 7.1: "the Regions model trains 151M"
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_every_config_is_within_the_value_ranges(name):
+  from bridgejax.config_values import problems
+  assert problems(load(name)) == []
+
+
+def test_every_range_rule_names_a_real_key():
+  """The rules of bridgejax.config_values track configs/base.py: a renamed key would silently go unchecked."""
+  from bridgejax.cli import flat_keys
+  from bridgejax.config_values import RULES
+  from bridgejax.data.splits import COMMON_KEYS, TASK_KEYS
+  keys = set(flat_keys(load("base")))
+  eval_keys = set(COMMON_KEYS).union(*TASK_KEYS.values())
+  for rule in RULES:
+    assert (rule.removeprefix("evals.*.") in eval_keys) if rule.startswith("evals.*.") else rule in keys, rule
+
+
+def test_config_values_name_every_value_out_of_range():
+  from bridgejax.config_values import check_config_values
+  from bridgejax.errors import UserError
+  config = load("demo")
+  config.optim.lr, config.keep_checkpoints, config.evals.caption.max_examples = float("nan"), 0, -2
+  with pytest.raises(UserError) as e:
+    check_config_values(config)
+  assert str(e.value) == ("--config.keep_checkpoints=0 must be an integer >= 1 (0 would keep no checkpoint: the "
+                          "trained model would be thrown away); --config.optim.lr=nan must be a finite number > 0 (the "
+                          "peak learning rate); --config.evals.caption.max_examples=-2 must be an integer >= 0 (0 = "
+                          "the whole split)")

@@ -32,7 +32,8 @@ def word_agreement(captions: list[str], references: list[list[str]], vocabulary)
 def test_demo_learns_to_retrieve_and_to_caption_what_it_sees(tmp_path):
   workdir = tmp_path / "demo"
   result = subprocess.run([sys.executable, "train.py", "--config", "configs/demo.py", "--workdir", str(workdir),
-                           f"--config.data.dir={tmp_path / 'toy_data'}"], capture_output=True, text=True)
+                           f"--config.data.dir={tmp_path / 'toy_data'}", f"--config.data.toy.dir={tmp_path / 'toy_data'}"],
+                          capture_output=True, text=True)
   assert result.returncode == 0, result.stderr[-3000:]
   assert "trained to step 400" in result.stdout and "sample captions (generated | true):" in result.stdout
 

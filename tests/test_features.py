@@ -13,6 +13,7 @@ import tiny_world
 
 from bridgejax import bridges, experiment
 from bridgejax.checks import check_training_data
+from bridgejax.data.records import split_fingerprint
 from bridgejax.data import Split, clip_preprocess, decode_image, features
 from bridgejax.errors import UserError
 from bridgejax.train import loop
@@ -39,7 +40,8 @@ def test_the_manifest_and_records_hold_what_the_bridge_reads(world):
   assert manifest["vision"]["path"] == paths["vision.path"] and len(manifest["vision"]["weights_hash"]) == 24
   assert manifest["vision"]["weights_hash"] == features.tower_hash(jax.tree.map(lambda x: x.astype(jnp.bfloat16),
                                                                                 setup.frozen["vision"]))
-  assert manifest["dataset"] == {"dir": paths["data.dir"], "split": "train", "num_records": 32}
+  assert manifest["dataset"] == {"dir": paths["data.dir"], "split": "train", "num_records": 32,
+                                 "fingerprint": split_fingerprint(paths["data.dir"], "train")}
   assert (manifest["image_size"], manifest["image_resize"], manifest["dtype"]) == (112, "clip", "bfloat16")
   assert manifest["num_hidden_states"] == 3 and manifest["bytes"] >= 32 * 257 * 32 * 2
   folder = os.path.join(paths["data.dir"], "features", "train")
@@ -136,3 +138,19 @@ def test_a_stale_cache_is_refused_in_one_line_naming_what_differs(world, tmp_pat
   missing = tiny_world.config(paths, **{"data.features": str(tmp_path / "nowhere")})
   with pytest.raises(UserError, match="holds no cached features .* build it with: python -m bridgejax.data.features"):
     check_training_data(missing)
+
+
+def test_a_split_prepared_again_with_other_images_has_another_fingerprint(tmp_path):
+  from bridgejax.data.records import load_info
+  from bridgejax.toy.prepare import prepare_toy
+  prepare_toy(tmp_path / "a", num_train=4, num_val=2, num_test=2)
+  prepare_toy(tmp_path / "b", num_train=4, num_val=2, num_test=2)
+  prepare_toy(tmp_path / "c", num_train=4, num_val=2, num_test=2, seed=1)
+  fingerprint = lambda d, split="train": split_fingerprint(tmp_path / d, split)
+  assert fingerprint("a") == fingerprint("b") != fingerprint("c")
+  assert fingerprint("a", "val") != fingerprint("c", "val")  # through its image table
+  info_path = tmp_path / "a" / "dataset_info.json"  # a dataset from before fingerprints: its files are hashed
+  info = load_info(tmp_path / "a")
+  del info["splits"]["train"]["fingerprint"]
+  info_path.write_text(json.dumps(info))
+  assert fingerprint("a") != fingerprint("b") and fingerprint("a") == fingerprint("a")

@@ -83,7 +83,8 @@ def test_frozen_untouched_and_optimizer_holds_only_trainable(paths, tmp_path):
 
 def test_nonfinite_losses_are_skipped_then_stop(paths, tmp_path):
   config = tiny_world.config(paths, total_steps=5, max_nonfinite_steps=3)
-  config.optim.lr = float("nan")  # every update is NaN: skipped, counted, then a clear stop
+  config.optim.lr = 1e30  # (a NaN one is refused up front) the first update overflows: every later loss is
+  # non-finite, its update skipped and counted, then a clear stop
   setup = experiment.build(config)
   with pytest.raises(loop.NonFiniteLossError, match="3 consecutive steps had a non-finite"):
     loop.train(config, str(tmp_path), loop.train_iterator(config, setup), setup=setup)

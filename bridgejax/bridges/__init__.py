@@ -34,6 +34,7 @@ import jax.numpy as jnp
 from bridgejax.bridges import alltokens, cls, crossatt, epalm, flamingo, projector, querying  # noqa: F401  (they fill the registry)
 from bridgejax.bridges.base import (REGISTRY, AttentionPool, BridgeOutput, BridgeSpec, MultiHeadCrossAttention,
                                     VisionFeatures)
+from bridgejax.errors import UserError
 
 __all__ = ["REGISTRY", "AttentionPool", "BridgeOutput", "BridgeSpec", "MultiHeadCrossAttention", "VisionFeatures",
            "build_bridge", "describe", "names", "num_params", "num_tokens", "resolve"]
@@ -61,19 +62,19 @@ def resolve(cfg, *, vision_width: int, vision_layers: int, grid_size: int, llm_w
   raw = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
   name = raw.pop("name", None)
   if name not in REGISTRY:
-    raise ValueError(f"unknown bridge name {name!r}; set config.bridge.name to one of {names()}")
+    raise UserError(f"unknown bridge name {name!r}; set config.bridge.name to one of {names()}")
   spec = REGISTRY[name]
   unknown = sorted(set(raw) - set(spec.defaults))
   if unknown:
     valid = ", ".join(f"{k} (default {v!r})" for k, v in spec.defaults.items())
-    raise ValueError(f"bridge {name!r} has no config key(s) {unknown}; its keys are: {valid}")
+    raise UserError(f"bridge {name!r} has no config key(s) {unknown}; its keys are: {valid}")
   keys = {**spec.defaults, **{k: _plain(v) for k, v in raw.items()}}
   dims = dict(vision_width=vision_width, vision_layers=vision_layers, grid_size=grid_size, llm_width=llm_width)
   if llm_layers is not None:  # the LLM's depth: only bridges acting inside it (inllm.py) read it
     dims["llm_layers"] = llm_layers
   for key, value in dims.items():
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-      raise ValueError(f"build_bridge: {key}={value!r} must be a positive integer")
+      raise UserError(f"build_bridge: {key}={value!r} must be a positive integer")
   if spec.check is not None:
     spec.check(name, dims, **keys, **spec.fixed)
   return spec, keys

@@ -70,6 +70,7 @@ import jax.numpy as jnp
 
 from bridgejax.bridges import base
 from bridgejax.bridges.base import AttentionPool, BridgeOutput
+from bridgejax.errors import UserError
 
 RETRIEVAL_FEATURES = ("mean", "attention_pool")  # what W_i reads (module docstring)
 
@@ -215,7 +216,7 @@ def _check_groups(name, dims, *, k, **kw):
   patches = dims["grid_size"] ** 2
   if patches % k:
     valid = [d for d in range(1, patches + 1) if patches % d == 0]
-    raise ValueError(f"bridge {name!r}: the {dims['grid_size']}x{dims['grid_size']} grid has {patches} patches, "
+    raise UserError(f"bridge {name!r}: the {dims['grid_size']}x{dims['grid_size']} grid has {patches} patches, "
                      f"which cannot be split into k={k} equal groups; use k in {valid}")
   _check_common(name, dims, **kw)
 
@@ -223,7 +224,7 @@ def _check_groups(name, dims, *, k, **kw):
 def _check_regions(name, dims, **kw):
   g = dims["grid_size"]
   if g % 4:
-    raise ValueError(f"bridge 'regions' needs a patch grid whose side is divisible by 4 (quadrants of g/2 "
+    raise UserError(f"bridge 'regions' needs a patch grid whose side is divisible by 4 (quadrants of g/2 "
                      f"and a centre window at g/4), got a {g}x{g} grid; use an image_size/patch_size "
                      f"ratio divisible by 4 (e.g. 224/14 = 16) or the 'grouped'/'crossatt' bridge")
   _check_common(name, dims, **kw)

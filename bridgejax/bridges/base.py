@@ -25,6 +25,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from bridgejax.errors import UserError
+
 Array = jax.Array
 
 
@@ -99,9 +101,9 @@ CLS_EQUIVALENTS = ("mean", "pooled")
 def with_cls_equivalent(hidden_states: tuple, cls_equivalent: str, pooled: Array | None = None) -> tuple:
   """Each (B, N, D) of hidden_states -> (B, 1 + N, D), the CLS_EQUIVALENTS stand-in first."""
   if cls_equivalent not in CLS_EQUIVALENTS:
-    raise ValueError(f"cls_equivalent={cls_equivalent!r} is not one of {', '.join(map(repr, CLS_EQUIVALENTS))}")
+    raise UserError(f"cls_equivalent={cls_equivalent!r} is not one of {', '.join(map(repr, CLS_EQUIVALENTS))}")
   if cls_equivalent == "pooled" and pooled is None:
-    raise ValueError('cls_equivalent="pooled" needs the tower\'s pooled output (a SigLIP tower with its head)')
+    raise UserError('cls_equivalent="pooled" needs the tower\'s pooled output (a SigLIP tower with its head)')
   last = len(hidden_states) - 1
   stand_ins = [pooled if cls_equivalent == "pooled" and i == last else x.astype(jnp.float32).mean(1)
                for i, x in enumerate(hidden_states)]
@@ -160,7 +162,7 @@ class MultiHeadCrossAttention(nn.Module):
   def __call__(self, queries, tokens):
     width = tokens.shape[-1]
     if width % self.num_heads:
-      raise ValueError(f"num_heads={self.num_heads} does not divide the vision width {width}")
+      raise UserError(f"num_heads={self.num_heads} does not divide the vision width {width}")
     head_dim = width // self.num_heads
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     proj = lambda name, bias: nn.DenseGeneral((self.num_heads, head_dim), use_bias=bias,
@@ -259,7 +261,7 @@ def check_layer(name: str, key: str, layer, vision_layers: int) -> None:
   """A hidden_states index: -1 = layer L ... -(L+1) = the embeddings (after the pre-LayerNorm)."""
   lo = -(vision_layers + 1)
   if isinstance(layer, bool) or not isinstance(layer, numbers.Integral) or not lo <= layer <= -1:
-    raise ValueError(
+    raise UserError(
         f"bridge {name!r}: {key}={layer!r} is not a valid layer for a vision tower with {vision_layers} "
         f"layers; use a negative index into hidden_states from -1 (layer L) to {lo} (the embeddings), "
         f"e.g. -2 for L-1")
@@ -267,24 +269,24 @@ def check_layer(name: str, key: str, layer, vision_layers: int) -> None:
 
 def check_positive_int(name: str, key: str, value) -> None:
   if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-    raise ValueError(f"bridge {name!r}: {key}={value!r} must be a positive integer")
+    raise UserError(f"bridge {name!r}: {key}={value!r} must be a positive integer")
 
 
 def check_bool(name: str, key: str, value) -> None:
   if not isinstance(value, bool):
-    raise ValueError(f"bridge {name!r}: {key}={value!r} must be True or False")
+    raise UserError(f"bridge {name!r}: {key}={value!r} must be True or False")
 
 
 def check_choice(name: str, key: str, value, choices) -> None:
   if value not in choices:
-    raise ValueError(f"bridge {name!r}: {key}={value!r} is not one of {', '.join(map(repr, choices))}")
+    raise UserError(f"bridge {name!r}: {key}={value!r} is not one of {', '.join(map(repr, choices))}")
 
 
 def check_heads(name: str, num_heads, vision_width: int) -> None:
   check_positive_int(name, "num_heads", num_heads)
   if vision_width % num_heads:
     divisors = [h for h in range(1, min(vision_width, 64) + 1) if vision_width % h == 0]
-    raise ValueError(f"bridge {name!r}: num_heads={num_heads} does not divide the vision width "
+    raise UserError(f"bridge {name!r}: num_heads={num_heads} does not divide the vision width "
                      f"{vision_width}; use one of {divisors}")
 
 
@@ -293,6 +295,6 @@ def check_tokens(name: str, features: VisionFeatures, grid_size: int, vision_wid
   expected = (1 + grid_size**2, vision_width)
   shape = tuple(features.hidden_states[-1].shape)
   if shape[1:] != expected:
-    raise ValueError(f"bridge {name!r} was built for {expected[0]} tokens (CLS + {grid_size}x{grid_size} "
+    raise UserError(f"bridge {name!r} was built for {expected[0]} tokens (CLS + {grid_size}x{grid_size} "
                      f"patches) of width {expected[1]}, got hidden states of shape {shape}; build it with "
                      f"the tower's grid_size and width")

@@ -44,6 +44,7 @@ import jax.numpy as jnp
 
 from bridgejax.bridges import base
 from bridgejax.bridges.base import BridgeOutput
+from bridgejax.errors import UserError
 
 
 class CLSLinear(nn.Module):
@@ -135,17 +136,17 @@ def _check_cls_linear(name, dims, *, k, layer, post_norm):
 
 def _check_multi(name, dims, *, layers, copies, compare, post_norm, n_layers=None):
   if isinstance(layers, (str, bytes)) or not hasattr(layers, "__len__") or not len(layers):
-    raise ValueError(f"bridge {name!r}: layers={layers!r} must be a non-empty tuple of negative "
+    raise UserError(f"bridge {name!r}: layers={layers!r} must be a non-empty tuple of negative "
                      f"hidden_states indices, e.g. (-1, -2)")
   if n_layers is not None and len(layers) != n_layers:
-    raise ValueError(f"bridge {name!r} takes exactly {n_layers} layers, got layers={tuple(layers)}")
+    raise UserError(f"bridge {name!r} takes exactly {n_layers} layers, got layers={tuple(layers)}")
   for l in layers:
     base.check_layer(name, "layers", l, dims["vision_layers"])
   base.check_positive_int(name, "copies", copies)
   base.check_bool(name, "compare", compare)
   base.check_bool(name, "post_norm", post_norm)
   if compare and len(layers) != 2:
-    raise ValueError(f"bridge {name!r}: compare=True needs exactly two layers (Y^a - Y^b and Y^a ⊙ Y^b), "
+    raise UserError(f"bridge {name!r}: compare=True needs exactly two layers (Y^a - Y^b and Y^a ⊙ Y^b), "
                      f"got layers={tuple(layers)}")
 
 

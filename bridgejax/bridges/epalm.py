@@ -49,6 +49,7 @@ import jax.numpy as jnp
 
 from bridgejax.bridges import base, inllm
 from bridgejax.bridges.base import BridgeOutput
+from bridgejax.errors import UserError
 
 
 class Adapter(nn.Module):
@@ -184,12 +185,12 @@ def _check(name, dims, *, num_cls, inject_layers, shared_projection, post_norm, 
   for key, value in dict(num_cls=num_cls, inject_layers=inject_layers, adapter_reduction=adapter_reduction).items():
     base.check_positive_int(name, key, value)
   if isinstance(prompt_tokens, bool) or not isinstance(prompt_tokens, int) or prompt_tokens < 0:
-    raise ValueError(f"bridge {name!r}: prompt_tokens={prompt_tokens!r} must be 0 (no soft prompt) or more")
+    raise UserError(f"bridge {name!r}: prompt_tokens={prompt_tokens!r} must be 0 (no soft prompt) or more")
   for key, value in dict(shared_projection=shared_projection, post_norm=post_norm, prompt_mlp=prompt_mlp,
                          adapters=adapters).items():
     base.check_bool(name, key, value)
   if adapters and dims["llm_width"] % adapter_reduction:
-    raise ValueError(f"bridge {name!r}: adapter_reduction={adapter_reduction} does not divide the LLM width "
+    raise UserError(f"bridge {name!r}: adapter_reduction={adapter_reduction} does not divide the LLM width "
                      f"{dims['llm_width']}")
 
 

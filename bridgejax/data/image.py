@@ -19,6 +19,8 @@ import struct
 import numpy as np
 from PIL import Image
 
+from bridgejax.errors import UserError
+
 CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
 CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
 
@@ -59,7 +61,7 @@ def clip_preprocess(image: Image.Image | np.ndarray, size: int = 224, resize: st
   elif resize in ("squash", "siglip"):
     image = to_rgb(image).resize((size, size), resample=Image.Resampling.BICUBIC)
   else:
-    raise ValueError(f"image resize {resize!r}: use one of {', '.join(RESIZES)} (config.data.image_resize)")
+    raise UserError(f"image resize {resize!r}: use one of {', '.join(RESIZES)} (config.data.image_resize)")
   pixels = np.asarray(image, dtype=np.float32) / 255.0
   if resize == "siglip":
     return ((pixels - 0.5) / 0.5).transpose(2, 0, 1)
@@ -70,7 +72,7 @@ def clip_preprocess(image: Image.Image | np.ndarray, size: int = 224, resize: st
 # Web-scraped data (CC3M: about 18% of the links are dead or broken) must never crash a run, so
 # every way an image can fail is turned into one catchable error that says which image and why.
 
-class ImageError(ValueError):
+class ImageError(UserError):
   """An image cannot be used. `reason` is a short tag for the skip summary, `source` names it."""
 
   REASONS = ("missing", "empty", "truncated", "corrupt", "too_large", "download_failed")

@@ -39,6 +39,7 @@ import numpy as np
 
 from bridgejax.data.image import clip_preprocess, decode_image
 from bridgejax.data.records import RecordError, Split
+from bridgejax.errors import UserError
 
 
 class Tokenizer(Protocol):
@@ -202,7 +203,7 @@ def train_dataset(data_dir: str | os.PathLike, split: str, tokenizer: Tokenizer,
   features: a bridgejax.data.features.FeatureCache of this split, read instead of the images.
   """
   if batch_size <= 0:
-    raise ValueError(f"batch_size {batch_size} must be positive")
+    raise UserError(f"batch_size {batch_size} must be positive")
   records = Split(data_dir, split)
   if records.kind != "image_text":
     raise RecordError(f"split {split!r} of {data_dir} holds {records.kind} records; training "

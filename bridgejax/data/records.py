@@ -2,7 +2,8 @@
 
 A prepared dataset is one directory:
 
-    dataset_info.json              # format, source, splits {name: kind, files, num_examples}, skips
+    dataset_info.json              # format, source, splits {name: kind, files, num_examples,
+                                   #   fingerprint}, skips
     skipped.jsonl                  # one line per skipped image: split, source, reason, detail
     train-00000-of-00004.array_record ...
 
@@ -28,12 +29,15 @@ Record kinds (every string is str, every id of the original format is kept as in
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
 from typing import Any, Iterator
 
 import msgpack
+
+from bridgejax.errors import UserError
 
 FORMAT, VERSION = "bridgejax-records", 1
 INFO_FILE, SKIPPED_FILE = "dataset_info.json", "skipped.jsonl"
@@ -53,7 +57,7 @@ SCHEMAS: dict[str, dict[str, type | tuple[type, ...]]] = {
 ANSWER_TYPES = ("yes/no", "number", "other")
 
 
-class RecordError(ValueError):
+class RecordError(UserError):
   """A dataset directory or record is not what bridgejax.data expects."""
 
 
@@ -99,6 +103,7 @@ class SplitWriter:
     self.shard_bytes, self.num_examples, self.dataset = shard_bytes, 0, dataset
     self._tmp_paths: list[Path] = []
     self._writer, self._bytes = None, 0
+    self._digest = hashlib.blake2b(digest_size=16)  # of every record written, in order: the split's identity
 
   def write(self, example: dict[str, Any]) -> int:
     check(example, self.kind, has_table=self.image_table is not None)
@@ -106,6 +111,8 @@ class SplitWriter:
     if self._writer is None or self._bytes + len(data) > self.shard_bytes and self._bytes:
       self._roll()
     self._writer.write(data)
+    self._digest.update(len(data).to_bytes(8, "little"))
+    self._digest.update(data)
     self._bytes += len(data)
     self.num_examples += 1
     return self.num_examples - 1
@@ -133,7 +140,7 @@ class SplitWriter:
       os.replace(tmp, self.out_dir / final)
       files.append(final)
     return {"kind": self.kind, "files": files, "num_examples": self.num_examples,
-            "image_table": self.image_table}
+            "image_table": self.image_table, "fingerprint": self._digest.hexdigest()}
 
 
 class DatasetWriter:
@@ -241,6 +248,26 @@ def load_info(data_dir: str | os.PathLike) -> dict[str, Any]:
     raise RecordError(f"{path}: format {info.get('format')!r} v{info.get('version')} is not "
                       f"{FORMAT} v<={VERSION}; prepare the dataset again with this bridgejax")
   return info
+
+
+def split_fingerprint(data_dir: str | os.PathLike, name: str) -> str:
+  """The identity of split `name`'s records and of its image table's: a hash of every record, kept
+  in dataset_info.json when the split was written (for a split written before it was kept, a hash
+  of its shard files). Re-preparing a split with other images gives another fingerprint, whatever
+  its count; caches built from a split (bridgejax.data.features) record it."""
+  info = load_info(data_dir)["splits"]
+  digest = hashlib.blake2b(digest_size=16)
+  while name:
+    split = info[name]
+    if split.get("fingerprint"):
+      digest.update(split["fingerprint"].encode())
+    else:
+      for file in split["files"]:
+        with open(Path(data_dir) / file, "rb") as f:
+          for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+    name = split.get("image_table")
+  return digest.hexdigest()
 
 
 class Split:

@@ -16,6 +16,7 @@ decoding, scoring); the eval JSON records which one a task's numbers follow.
 from __future__ import annotations
 
 from bridgejax.data.records import RecordError, load_info
+from bridgejax.errors import UserError
 
 # type -> the kind of prepared split it reads; bridgejax.evaluation.tasks.TASKS runs the same names.
 TASK_TYPES = {"caption": "image_text", "retrieval": "image_text", "vqa": "vqa", "visdial": "visdial",
@@ -88,7 +89,7 @@ CUSTOM = "custom"
 
 def _choices(what: str, value, known) -> None:
   if value not in known:
-    raise ValueError(f"{what}={value!r} is unknown; choose from {sorted(known)}")
+    raise UserError(f"{what}={value!r} is unknown; choose from {sorted(known)}")
 
 
 def eval_task(task_type: str, protocol: str = "standard", **keys) -> dict:
@@ -99,7 +100,7 @@ def eval_task(task_type: str, protocol: str = "standard", **keys) -> dict:
          "protocol": protocol}
   unknown = sorted(set(keys) - set(out))
   if unknown:
-    raise ValueError(f"eval task type {task_type!r} has no key(s) {unknown}; its keys: {sorted(out)}")
+    raise UserError(f"eval task type {task_type!r} has no key(s) {unknown}; its keys: {sorted(out)}")
   return {**out, **keys}
 
 
@@ -111,7 +112,7 @@ def eval_tasks(config, names=None) -> dict:
       t.strip() for t in (names.split(",") if isinstance(names, str) else names) if t.strip()]
   unknown = [t for t in wanted if t not in evals]
   if unknown or not wanted:
-    raise ValueError(f"unknown eval task(s) {unknown or wanted!r}; config.evals has {list(evals)} "
+    raise UserError(f"unknown eval task(s) {unknown or wanted!r}; config.evals has {list(evals)} "
                      "(eval.py --tasks=NAME,...)")
   out = {}
   for name in dict.fromkeys(wanted):
@@ -120,7 +121,7 @@ def eval_tasks(config, names=None) -> dict:
     want = set(COMMON_KEYS) | set(TASK_KEYS[cfg.type])
     missing, extra = sorted(want - set(cfg)), sorted(set(cfg) - want)
     if missing or extra:
-      raise ValueError(f"--config.evals.{name} (type {cfg.type!r}) " + (f"lacks {missing}" if missing else "")
+      raise UserError(f"--config.evals.{name} (type {cfg.type!r}) " + (f"lacks {missing}" if missing else "")
                        + (" and " if missing and extra else "") + (f"has unknown key(s) {extra}" if extra else "")
                        + "; build it with bridgejax.data.splits.eval_task")
     _choices(f"--config.evals.{name}.protocol", cfg.protocol, set(PROTOCOLS) | {CUSTOM})
@@ -142,7 +143,7 @@ def task_data(name: str, cfg) -> tuple[str, str]:
   kind. Errors name the key and list the splits the directory has."""
   kind = TASK_TYPES[cfg.type]
   if not cfg.data:
-    raise ValueError(f"--config.evals.{name}.data is empty; set it to a prepared dataset folder "
+    raise UserError(f"--config.evals.{name}.data is empty; set it to a prepared dataset folder "
                      "(python -m bridgejax.data.prepare ...)")
   info = load_info(cfg.data)["splits"]
   if cfg.split in info and info[cfg.split]["kind"] == kind:

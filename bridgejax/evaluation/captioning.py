@@ -46,6 +46,7 @@ from pycocoevalcap.meteor import meteor as _pycoco_meteor
 from pycocoevalcap.rouge.rouge import Rouge
 from pycocoevalcap.tokenizer import ptbtokenizer as _pycoco_ptb
 
+from bridgejax.errors import UserError
 from bridgejax.evaluation import check_same_ids
 
 METRICS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr")
@@ -85,13 +86,13 @@ def cut_caption(text: str, rule: str = "fromage") -> str:
     return text.strip()
   if rule == "first":
     return re.split(r"[.\n]", text, maxsplit=1)[0].strip()
-  raise ValueError(f"unknown cut rule {rule!r}; use 'fromage' or 'first'")
+  raise UserError(f"unknown cut rule {rule!r}; use 'fromage' or 'first'")
 
 
 def _java() -> str:
   java = shutil.which("java")
   if java is None:
-    raise RuntimeError("the PTB tokenizer and METEOR need Java (8 or newer) on PATH; none was found")
+    raise UserError("the PTB tokenizer and METEOR need Java (8 or newer) on PATH; none was found")
   return java
 
 

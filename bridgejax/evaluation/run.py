@@ -42,10 +42,25 @@ def load_params(setup, workdir: str, step: int | None = None) -> tuple[int, dict
     step, trainable = checkpointer.load_params(step)
   finally:
     checkpointer.close()
+  check_fits(setup, trainable, workdir, step)
   # restored on the first device; one host hop puts it on the mesh, on every process alike
   trainable = jax.device_put(jax.tree.map(lambda x: np.asarray(x, np.float32), trainable),
                              mesh_lib.replicated(setup.mesh))
   return int(step), {**setup.frozen, **trainable}
+
+
+def check_fits(setup, trainable: dict, workdir: str, step: int) -> None:
+  """The checkpoint's trainable parameters have the shapes this config's model makes, else one
+  line naming the config keys that differ from the run's config.json (or the parameters)."""
+  from bridgejax.errors import UserError  # pylint: disable=g-import-not-at-top
+  from bridgejax.train.checkpoint import param_differences  # pylint: disable=g-import-not-at-top
+  from bridgejax.train.loop import changed_keys  # pylint: disable=g-import-not-at-top
+  wanted = jax.eval_shape(setup.model.init_trainable, jax.random.key(0), setup.frozen)
+  differences = param_differences(trainable, wanted)
+  if differences:
+    what = "; ".join(changed_keys(setup.config, workdir) or differences[:6])
+    raise UserError(f"checkpoint {step} in {workdir} does not fit this config: {what}. Evaluate with the run's "
+                    "own config (its config.json)")
 
 
 def evaluate(config, workdir: str, step: int | None = None, *, tasks=None, setup=None,

@@ -44,6 +44,7 @@ from bridgejax import mesh as mesh_lib, pic2word
 from bridgejax.data.image import RESIZES
 from bridgejax.data.pipeline import eval_dataset
 from bridgejax.data.records import RecordError, open_split
+from bridgejax.errors import UserError
 from bridgejax.evaluation import captioning, retrieval, visdial as visdial_metrics, vqa as vqa_metrics
 from bridgejax.evaluation.engine import Engine, cached_encoder, pad_rows, place_on_mesh, round_up, shard_rows
 from bridgejax.losses import l2_normalize
@@ -285,7 +286,7 @@ VISDIAL_SCORINGS = {
 
 def visdial_scoring(cfg, name: str = "visdial") -> VisdialScoring:
   if cfg.scoring not in VISDIAL_SCORINGS:
-    raise ValueError(f"--config.evals.{name}.scoring={cfg.scoring!r} is unknown; choose from {sorted(VISDIAL_SCORINGS)}")
+    raise UserError(f"--config.evals.{name}.scoring={cfg.scoring!r} is unknown; choose from {sorted(VISDIAL_SCORINGS)}")
   return VISDIAL_SCORINGS[cfg.scoring]
 
 
@@ -473,7 +474,7 @@ TASKS = {"caption": caption, "retrieval": retrieval_task, "vqa": vqa, "visdial":
 def check_task(name: str, cfg) -> None:
   """What a runner would reject only when its turn comes, checked before any weights load."""
   if cfg.image_resize not in RESIZES:
-    raise ValueError(f"--config.evals.{name}.image_resize={cfg.image_resize!r} is unknown; choose from {list(RESIZES)}")
+    raise UserError(f"--config.evals.{name}.image_resize={cfg.image_resize!r} is unknown; choose from {list(RESIZES)}")
   if cfg.type == "visdial":
     visdial_scoring(cfg, name)
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 import re
 from collections.abc import Hashable, Mapping, Sequence
 
+from bridgejax.errors import UserError
 from bridgejax.evaluation import check_same_ids
 
 CONTRACTIONS = {
@@ -119,7 +120,7 @@ def accuracy(prediction: str, human_answers: Sequence[str], *, processing: str =
     if len(set(humans)) > 1:
       humans = [process_punctuation(a) for a in humans]
   else:
-    raise ValueError(f"unknown processing {processing!r}; use 'official' or 'legacy'")
+    raise UserError(f"unknown processing {processing!r}; use 'official' or 'legacy'")
   matches = sum(a == predicted for a in humans)
   total = 0.0
   for a in humans:  # leave this human out: the other humans match `matches - (a matched)` times

@@ -2,7 +2,7 @@
 
     prepare_toy(out, num_train=10000, num_val=1000, num_test=1000, seed=0)
     python -m bridgejax.data.prepare toy --out DIR [--num-train 10000 --num-val 1000 --num-test 1000 --seed 0]
-    ensure_toy_data(config)    # configs/demo.py (data.toy): generated into data.dir when not there yet
+    ensure_toy_data(config)    # configs/demo.py (data.toy): generated into data.dir (= data.toy.dir) when not there yet
 
 Built on bridgejax.data's writers; COMMAND is the `toy` subcommand that the prepare CLI's
 entry point adds to the data sources' table.
@@ -15,7 +15,8 @@ from collections.abc import Iterable
 from typing import Any
 
 from bridgejax.data.prepare import Command, dataset_writer, progress_bar
-from bridgejax.data.records import INFO_FILE, load_info
+from bridgejax.data.records import INFO_FILE, SKIPPED_FILE, load_info
+from bridgejax.errors import UserError
 from bridgejax.toy import world
 
 
@@ -90,25 +91,58 @@ TOY_SPLITS = tuple(f"{task}{split}" for split in ("val", "test")
                    for task in ("", "vqa_", "visdial_", "compose_")) + ("train",)
 
 
+def _own_leftovers(name: str) -> bool:
+  """What an interrupted toy preparation leaves: the skip log and hidden temporary shards."""
+  return name == SKIPPED_FILE or name.startswith(".")
+
+
+def toy_pending(config) -> bool:
+  """Whether ensure_toy_data(config) will generate the toy world into data.dir (so its splits are
+  not there to check yet): the config sets data.toy, and data.dir is data.toy.dir with no dataset."""
+  toy = config.data.get("toy")
+  return bool(toy) and (os.path.abspath(config.data.dir) == os.path.abspath(toy.get("dir") or config.data.dir)
+                        and not os.path.exists(os.path.join(config.data.dir, INFO_FILE)))
+
+
 def ensure_toy_data(config) -> None:
   """configs/demo.py sets data.toy: the toy world is generated into data.dir when not there yet, or
   generated again when a toy world there lacks a split this version writes (a folder made by an
   older bridgejax: its other splits come out byte-identical, since every example is a pure function
-  of its index). Any other dataset in data.dir (the demo's setup on your data) is left alone."""
+  of its index). Any other dataset in data.dir (the demo's setup on your data) is left alone.
+
+  It writes only into its own folder, data.toy.dir (the config's data.dir unless you move it), and
+  only while that folder is new or empty: a data.dir with a typo, or a folder of your photos that
+  is not a prepared dataset yet, is refused with one line instead of receiving the toy world."""
   import jax  # pylint: disable=g-import-not-at-top
   toy = config.data.get("toy")
   if not toy:
     return
+  data_dir = config.data.dir
   missing = TOY_SPLITS
-  if os.path.exists(os.path.join(config.data.dir, INFO_FILE)):
-    info = load_info(config.data.dir)
+  if os.path.exists(os.path.join(data_dir, INFO_FILE)):
+    info = load_info(data_dir)
     missing = [s for s in TOY_SPLITS if s not in info["splits"]]
     if info.get("source") != "toy" or not missing:
       return
+  else:
+    home = toy.get("dir") or data_dir
+    prepare = "prepare your data with python -m bridgejax.data.prepare ... --out DIR and point --config.data.dir at it"
+    if os.path.abspath(data_dir) != os.path.abspath(home):
+      state = "does not exist" if not os.path.exists(data_dir) else "is not a prepared dataset (no dataset_info.json)"
+      raise UserError(f"--config.data.dir={data_dir!r} {state}; the demo generates its toy world only into "
+                      f"--config.data.toy.dir={home!r}: {prepare}, or pass --config.data.toy.dir={data_dir} to "
+                      "generate the toy world there")
+    foreign = sorted(e for e in os.listdir(data_dir) if not _own_leftovers(e)) if os.path.isdir(data_dir) else []
+    if os.path.exists(data_dir) and (not os.path.isdir(data_dir) or foreign):
+      what = f"holds {len(foreign)} entries ({', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''})" \
+          if foreign else "is a file"
+      raise UserError(f"--config.data.dir={data_dir!r} {what} but no prepared dataset: the demo generates its toy "
+                      f"world only into a new or empty folder, and never writes among your files; {prepare}, or "
+                      "choose another --config.data.dir and --config.data.toy.dir")
   if jax.process_index() == 0:
     why = "" if missing is TOY_SPLITS else f" again (it lacks {', '.join(missing)})"
-    print(f"preparing the toy world in {config.data.dir}{why} ...")
-    prepare_toy(config.data.dir, num_train=toy.num_train, num_val=toy.num_val, num_test=toy.num_test,
+    print(f"preparing the toy world in {data_dir}{why} ...")
+    prepare_toy(data_dir, num_train=toy.num_train, num_val=toy.num_val, num_test=toy.num_test,
                 seed=toy.seed, quiet=False, overwrite=missing is not TOY_SPLITS)
 
 

@@ -24,7 +24,11 @@ reads it.
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import logging as logging_lib
 import sys
+import threading
 
 import jax
 import orbax.checkpoint as ocp
@@ -65,9 +69,64 @@ def _reason(error: BaseException) -> str:
   return text if len(text) <= 160 else text[:157] + "..."
 
 
+class DiskFullError(UserError):
+  """No space left where the checkpoints go."""
+
+
+def _disk_full(exc) -> bool:
+  """Whether `exc` (or what caused it) is a write that ran out of space: ENOSPC / EDQUOT, or
+  TensorStore's RESOURCE_EXHAUSTED for the same."""
+  seen = set()
+  while exc is not None and id(exc) not in seen:
+    seen.add(id(exc))
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+      return True
+    if "No space left on device" in str(exc) or "Disk quota exceeded" in str(exc):
+      return True
+    exc = exc.__cause__ or exc.__context__
+  return False
+
+
+class _DiskFullReports(logging_lib.Filter):
+  """Orbax's background save threads log a full disk with a traceback from each of them (hundreds
+  of lines); bridgejax reports it once, as a DiskFullError: drop those."""
+
+  def filter(self, record) -> bool:
+    exc = record.exc_info[1] if record.exc_info else None
+    return not (_disk_full(exc) or "No space left on device" in str(record.msg))
+
+
+def _quiet_disk_full_reports() -> None:
+  if getattr(threading.excepthook, "bridgejax", False):
+    return
+  previous = threading.excepthook
+
+  def hook(args):
+    if not _disk_full(args.exc_value):
+      previous(args)
+
+  hook.bridgejax = True
+  threading.excepthook = hook
+  logging_lib.getLogger("absl").addFilter(_DiskFullReports())
+
+
+def _tensorstore_read_error(exc) -> bool:
+  return isinstance(exc, ValueError) and any(w in str(exc) for w in ("OCDBT", "tensorstore", "zarr"))
+
+
+class _UnretrievedReadErrors(logging_lib.Filter):
+  """asyncio's 'Task exception was never retrieved' for the sibling reads of a failed restore."""
+
+  def filter(self, record) -> bool:
+    exc = record.exc_info[1] if record.exc_info else None
+    return not (str(record.msg).startswith("Task exception was never retrieved") and _tensorstore_read_error(exc))
+
+
 def _drop_closed_loop_noise() -> None:
-  """After a failed read, TensorStore's pending callbacks reach Orbax's already closed event loop
-  and Python prints 'Event loop is closed' tracebacks for them; harmless, so drop just those."""
+  """A failed read (a damaged checkpoint, which the fallback handles) makes TensorStore's pending
+  callbacks reach Orbax's already closed event loop, and asyncio report the sibling reads' errors
+  as never retrieved: hundreds of lines of tracebacks around the one warning that matters. Drop
+  just those two. Installed before any read, since the callbacks print from other threads."""
   previous = sys.unraisablehook
   if getattr(previous, "bridgejax", False):
     return
@@ -78,6 +137,7 @@ def _drop_closed_loop_noise() -> None:
 
   hook.bridgejax = True
   sys.unraisablehook = hook
+  logging_lib.getLogger("asyncio").addFilter(_UnretrievedReadErrors())
 
 
 def _shapes(tree) -> dict[str, tuple]:
@@ -99,6 +159,8 @@ def param_differences(saved, target) -> list[str]:
 class Checkpointer:
 
   def __init__(self, workdir: str, *, keep: int = 3, every_steps: int = 1000):
+    if keep < 1:  # Orbax would keep none: the run's model would be thrown away at its end
+      raise UserError(f"keep_checkpoints={keep}: keep at least 1 checkpoint")
     self.directory = paths.path(workdir) / "checkpoints"
     if paths.is_remote(self.directory) and not str(self.directory).startswith("gs://"):
       raise UserError(f"cannot keep checkpoints in {self.directory}: Orbax writes local paths and gs:// only; "
@@ -106,6 +168,8 @@ class Checkpointer:
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=every_steps, create=True)
     handlers = {"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler()}
     self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
+    _drop_closed_loop_noise()
+    _quiet_disk_full_reports()
     self.damaged: list[tuple[int, str]] = []  # (step, why) skipped by the last fallback
     self.best_directory = self.directory / BEST
     self._best_manager = None  # opened on first use: a run without validation has no best/ folder
@@ -121,7 +185,21 @@ class Checkpointer:
     items = {"state": ocp.args.StandardSave(state)}
     if hasattr(data_iterator, "get_state"):
       items["data"] = ocp.args.JsonSave(data_iterator.get_state())
-    return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+    with self._writing(step):
+      return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+
+  @contextlib.contextmanager
+  def _writing(self, step: int | None = None):
+    """A full disk while a checkpoint is written (or finished in the background): one DiskFullError."""
+    try:
+      yield
+    except Exception as e:  # pylint: disable=broad-except
+      if not _disk_full(e):
+        raise
+      what = f"checkpoint {step}" if step is not None else "a checkpoint"
+      raise DiskFullError(f"no space left on the disk of {self.directory} while writing {what}: free space or "
+                          "use another --workdir, then run the same command to resume from the last checkpoint "
+                          "saved") from None
 
   def best_manager(self, create: bool = False) -> ocp.CheckpointManager | None:
     """The manager of checkpoints/best/ (one step); None if it does not exist and not `create`."""
@@ -152,8 +230,9 @@ class Checkpointer:
     for old in manager.all_steps():  # a resumed run that fell back before the old best re-reaches it
       if old >= step:
         manager.delete(old)
-    manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave({"params": params}),
-                                               best=ocp.args.JsonSave(record)), force=True)
+    with self._writing(step):
+      manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave({"params": params}),
+                                                 best=ocp.args.JsonSave(record)), force=True)
 
   def _check_fits(self, step: int, abstract_state) -> None:
     target = abstract_state.get("params") if isinstance(abstract_state, dict) else getattr(abstract_state, "params",
@@ -184,7 +263,10 @@ class Checkpointer:
       items["data"] = ocp.args.JsonRestore()
     restored = self.manager.restore(step, args=ocp.args.Composite(**items))
     if data_iterator is not None:
-      data_iterator.set_state(restored["data"])
+      try:
+        data_iterator.set_state(restored["data"])
+      except ValueError as e:  # read fine, but another data stream (seed, batch size, dataset): a mismatch, not damage
+        raise CheckpointMismatchError(f"checkpoint {step} in {self.directory}: {e}", [" ".join(str(e).split())]) from None
     return restored["state"]
 
   def _newest_intact(self, read, step: int | None, manager=None):
@@ -276,8 +358,9 @@ class Checkpointer:
     return [m for m in (self.manager, self._best_manager) if m is not None]
 
   def wait(self):
-    for manager in self._managers():
-      manager.wait_until_finished()
+    with self._writing():
+      for manager in self._managers():
+        manager.wait_until_finished()
 
   def close(self):
     for manager in self._managers():

@@ -17,18 +17,19 @@ from absl import logging
 from tqdm import tqdm
 
 from bridgejax import mesh as mesh_lib, paths, preemption
+from bridgejax.config_values import check_config_values
 from bridgejax.data import features as feature_cache
 from bridgejax.errors import UserError
 from bridgejax.experiment import Setup, build
 from bridgejax.model import frozen_row_norm
-from bridgejax.train.checkpoint import CheckpointMismatchError, Checkpointer, abstract_like
+from bridgejax.train.checkpoint import CheckpointError, CheckpointMismatchError, Checkpointer, abstract_like
 from bridgejax.train.metric_writer import MetricWriter
 from bridgejax.train.optimizer import make_optimizer
 from bridgejax.train.step import TrainState, make_train_step
 
 
-class NonFiniteLossError(RuntimeError):
-  pass
+class NonFiniteLossError(UserError):
+  """Too many consecutive non-finite steps: the message says what to change."""
 
 
 class ConfigMismatchError(UserError):
@@ -49,10 +50,10 @@ def check_batch_size(config, mesh) -> int:
   """The per-process batch size; the global one must split evenly over processes and 'data'."""
   data_size, processes = mesh.shape["data"], jax.process_count()
   if config.batch_size % data_size or config.batch_size % processes:
-    raise ValueError(f"batch_size={config.batch_size} must be divisible by mesh.data={data_size} and by the "
+    raise UserError(f"batch_size={config.batch_size} must be divisible by mesh.data={data_size} and by the "
                      f"{processes} processes; change --config.batch_size or --config.mesh.data")
   if config.concat_prob > 0 and config.batch_size % 2:
-    raise ValueError(f"batch_size={config.batch_size} must be even for the concat trick (or set concat_prob=0)")
+    raise UserError(f"batch_size={config.batch_size} must be even for the concat trick (or set concat_prob=0)")
   return config.batch_size // processes
 
 
@@ -169,16 +170,24 @@ def config_differences(saved: dict, config) -> list[str]:
           for k in sorted(saved.keys() | now.keys()) if k not in saved or k not in now or saved[k] != now[k]]
 
 
+def changed_keys(config, workdir: str) -> list[str]:
+  """The config keys that differ from the run's saved config.json and change what its checkpoints
+  hold (not HARMLESS_KEYS), as 'key: saved (saved) -> now (now)'; [] without a config.json."""
+  saved_path = paths.path(workdir) / "config.json"
+  saved = paths.read_json(saved_path) if saved_path.exists() else None
+  return [d for d in config_differences(saved, config) if not d.startswith(HARMLESS_KEYS)] if saved else []
+
+
+def _resume_hint(workdir: str) -> str:
+  return (f"Resume with the run's own config (its config.json) or use another --workdir; nothing in {workdir} "
+          "was changed")
+
+
 def mismatch_error(error: CheckpointMismatchError, config, workdir: str) -> ConfigMismatchError:
   """The one-line error for a config that does not fit the run's checkpoint: the config keys that
   differ from the saved config.json (else the parameters that differ)."""
-  saved_path = paths.path(workdir) / "config.json"
-  saved = paths.read_json(saved_path) if saved_path.exists() else None
-  keys = [d for d in config_differences(saved, config) if not d.startswith(HARMLESS_KEYS)] if saved else []
-  what = "; ".join(keys) if keys else "; ".join(error.differences[:6])
-  return ConfigMismatchError(
-      f"the config does not fit the checkpoints in {workdir}: {what}. Resume with the run's own config (its "
-      "config.json) or use another --workdir; nothing in the workdir was changed")
+  what = "; ".join(changed_keys(config, workdir) or error.differences[:6])
+  return ConfigMismatchError(f"the config does not fit the checkpoints in {workdir}: {what}. {_resume_hint(workdir)}")
 
 
 def train(config, workdir: str, train_data: Iterator[dict], *, setup: Setup | None = None,
@@ -196,6 +205,7 @@ def train(config, workdir: str, train_data: Iterator[dict], *, setup: Setup | No
   `writer`: the caller's MetricWriter, left open (main.run logs the final evaluation into it too);
   by default training opens and closes its own (MetricWriter.for_run).
   """
+  check_config_values(config)
   lock = None if locked else lock_workdir(workdir)
   try:
     return _train(config, workdir, train_data, setup or build(config), evaluate, writer)
@@ -213,6 +223,12 @@ def _restore(checkpointer: Checkpointer, state, train_data, config, workdir: str
     state = checkpointer.restore(abstract_like(state), train_data)
   except CheckpointMismatchError as e:
     raise mismatch_error(e, config, workdir) from None
+  except CheckpointError:
+    changed = changed_keys(config, workdir)  # e.g. another batch size: the data position no longer fits
+    if changed:
+      raise ConfigMismatchError(f"no checkpoint in {workdir} restores with this config, which differs from the "
+                                f"run's: {'; '.join(changed)}. {_resume_hint(workdir)}") from None
+    raise
   if checkpointer.damaged:
     if jax.process_index() == 0:
       checkpointer.set_aside(step for step, _ in checkpointer.damaged)
@@ -272,6 +288,7 @@ def _train(config, workdir: str, train_data, setup: Setup, evaluate, writer: Met
                     donate_argnums=(0,), out_shardings=(replicated, replicated))
   own_writer = writer is None
   writer = writer or MetricWriter.for_run(config, workdir)
+  writer.rewind(start)  # rows of steps after the restored one (a fallback, a hard kill) are logged again
   # One process decides alone when to stop at any step; several agree at log steps (any_process).
   multihost = jax.process_count() > 1
   samples_per_step = config.batch_size

@@ -61,6 +61,13 @@ class MetricWriter:
     for sink in self._sinks:
       sink.write_table(int(step), name, columns, rows)
 
+  def rewind(self, step: int) -> None:
+    """A run resumed at `step` (a checkpoint fallback, or a hard kill after the last save) logs the
+    steps after it again: their old rows leave metrics.jsonl for metrics_rewound.jsonl, so each step
+    appears once and nothing logged is lost."""
+    for sink in self._sinks:
+      sink.rewind(int(step))
+
   def close(self):
     for sink in self._sinks:
       sink.close()
@@ -76,8 +83,22 @@ class _Sink:
   def write_table(self, step: int, name: str, columns: list[str], rows: list[list]) -> None:
     del step, name, columns, rows
 
+  def rewind(self, step: int) -> None:
+    del step
+
   def close(self) -> None:
     pass
+
+
+REWOUND_FILE = "metrics_rewound.jsonl"
+
+
+def _logged_after(line: str, step: int) -> bool:
+  """Whether a metrics.jsonl line is of a step after `step` (a line cut short by a crash counts too)."""
+  try:
+    return int(json.loads(line)["step"]) > step
+  except (ValueError, KeyError, TypeError):
+    return True
 
 
 class _JsonlSink(_Sink):
@@ -87,6 +108,21 @@ class _JsonlSink(_Sink):
 
   def write(self, step, values):
     self._file.write(json.dumps({"step": step, **{k: _jsonable(v) for k, v in values.items()}}) + "\n")
+
+  def rewind(self, step):
+    path = self._file.path
+    self._file.close()
+    lines = paths.read_text(path).splitlines(keepends=True) if path.exists() else []
+    later = [_logged_after(line, step) for line in lines]
+    if any(later):
+      aside = path.parent / REWOUND_FILE
+      kept_aside = paths.read_text(aside) if aside.exists() else ""
+      moved = "".join(line if line.endswith("\n") else line + "\n" for line, l in zip(lines, later) if l)
+      paths.write_text(aside, kept_aside + moved)  # first, so a crash between the two loses no row
+      paths.write_text(path, "".join(line for line, l in zip(lines, later) if not l))
+      logging.warning("resumed at step %d: %d rows of later steps moved from %s to %s", step, sum(later),
+                      path.name, REWOUND_FILE)
+    self._file = paths.AppendFile(path)
 
   def close(self):
     self._file.close()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import optax
 
+from bridgejax.errors import UserError
+
 
 def learning_rate_schedule(cfg) -> optax.Schedule:
   """Linear warm-up from 0, then constant (FROMAGe) or cosine decay to `final_lr_fraction`."""
@@ -13,7 +15,7 @@ def learning_rate_schedule(cfg) -> optax.Schedule:
   elif cfg.schedule == "cosine":
     after = optax.cosine_decay_schedule(cfg.lr, max(cfg.decay_steps, 1), alpha=cfg.final_lr_fraction)
   else:
-    raise ValueError(f"optim.schedule={cfg.schedule!r} is not known; use 'constant' or 'cosine'")
+    raise UserError(f"optim.schedule={cfg.schedule!r} is not known; use 'constant' or 'cosine'")
   return optax.join_schedules([warmup, after], [cfg.warmup_steps])
 
 

@@ -1,7 +1,9 @@
 """Errors raised while reading checkpoints: each names the problem and how to fix it."""
 
+from bridgejax.errors import UserError
 
-class CheckpointError(ValueError):
+
+class CheckpointError(UserError):
   """A checkpoint cannot be turned into a parameter tree (wrong architecture, tensors, shapes)."""
 
 

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from bridgejax.errors import UserError
 from bridgejax.weights.errors import CheckpointError, MissingCheckpointError
 
 RET_TOKEN = "[RET]"
@@ -115,7 +116,7 @@ class Tokenizer:
     append_ret every row ends with [RET], also a cut one (FROMAGe)."""
     room = max_length - int(append_ret)
     if room < int(add_bos and self.uses_bos):
-      raise ValueError(f"max_length={max_length} leaves no room for the text")
+      raise UserError(f"max_length={max_length} leaves no room for the text")
     ids = np.full((len(texts), max_length), self.pad_id, np.int32)
     mask = np.zeros((len(texts), max_length), np.int32)
     for row, text in enumerate(texts):

@@ -15,11 +15,13 @@ The folder (by default DATA/features/SPLIT, what data.features="auto" reads):
 
     manifest.json                 tower identity (its path and a hash of its weights as bfloat16),
                                   the hidden states held (`reads`: tokens and shape each), image
-                                  size and resize, dtype, split, record count, seconds, bytes
+                                  size and resize, dtype, split, record count and fingerprint (a
+                                  hash of the split's records: which images), seconds, bytes
     SPLIT-00000-of-00001.array_record   record i = record i of the split: {id, hidden_<i>: bytes}
 
 Training checks before step 1 that the manifest covers what the config reads from this tower, at
-this image size and resize, for this split (check_cache), and refuses a stale cache with one line
+this image size and resize, for this split as it is now (its fingerprint: a split prepared again
+with other images of the same count is another split), that the shard is whole (check_cache), and refuses a stale cache with one line
 naming what differs and the command that rebuilds it. The step then rebuilds VisionFeatures from
 the batch (vision_features): hidden states it does not read are NaN, so a wrong `reads` cannot pass
 silently, and XLA drops them unread.
@@ -37,7 +39,7 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
-from bridgejax.data.records import RecordError, decode, encode, load_info
+from bridgejax.data.records import RecordError, decode, encode, load_info, split_fingerprint
 from bridgejax.errors import UserError
 
 FORMAT, VERSION = "bridgejax-features", 1
@@ -171,6 +173,16 @@ def check_present(config) -> None:
     raise UserError(f"--config.data.features={config.data.features!r} caches split {cached['split']!r} "
                     f"({cached['num_records']} records), not {config.data.train_split!r} of {config.data.dir} "
                     f"({split.get('num_examples')} records); {rebuild}")
+  if cached.get("fingerprint") != split_fingerprint(config.data.dir, config.data.train_split):
+    why = ("was built before caches recorded which images they hold" if not cached.get("fingerprint") else
+           f"was built from other images: split {config.data.train_split!r} of {config.data.dir} was prepared "
+           "again since")
+    raise UserError(f"--config.data.features={config.data.features!r} {why}; {rebuild}")
+  missing = [f for f in manifest["files"] if not os.path.exists(os.path.join(path, f))]
+  size = sum(os.path.getsize(os.path.join(path, f)) for f in manifest["files"] if f not in missing)
+  if missing or size != manifest["bytes"]:  # a copy cut short, a full disk: not silently shorter records
+    state = f"lacks {', '.join(missing)}" if missing else f"holds {size} bytes of shards, not the {manifest['bytes']} written"
+    raise UserError(f"--config.data.features={config.data.features!r} {state} (truncated or damaged); {rebuild}")
 
 
 def differences(manifest: dict, wanted: dict) -> list[str]:
@@ -319,7 +331,8 @@ def write_cache(config, setup, data_dir: str, split: str, out: str, *, batch_siz
               "reads": {k: {"tokens": t, "shape": shapes[k]} for k, t in wanted["reads"].items()},
               "dtype": "bfloat16",
               "compute_dtype": str(config.compute_dtype),
-              "dataset": {"dir": str(data_dir), "split": split, "num_records": count},
+              "dataset": {"dir": str(data_dir), "split": split, "num_records": count,
+                          "fingerprint": split_fingerprint(data_dir, split)},
               "files": [file], "bytes": (tmp / file).stat().st_size, "seconds": round(time.time() - start, 2)}
   (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1))
   shutil.rmtree(out_dir, ignore_errors=True)  # a cache this replaces (checked above)

@@ -21,7 +21,9 @@ import tarfile
 from pathlib import Path
 from typing import Any, Iterator
 
-from bridgejax.data.sources.common import IMAGE_EXTENSIONS, ImageSource, image_path, index_images, json_kind
+from bridgejax.data.sources.common import (IMAGE_EXTENSIONS, ImageSource, image_path, index_images, json_kind,
+                                           text_lines)
+from bridgejax.errors import UserError
 
 _IMAGE_KEYS = tuple(e.lstrip(".") for e in IMAGE_EXTENSIONS)
 _PATH_COLUMNS = ("image", "filepath", "file", "filename", "path", "image_path")
@@ -166,32 +168,50 @@ def parquet_examples(parquets: list[Path]) -> Iterator[dict[str, Any]]:
 def tsv_examples(tsv: Path, images: str | os.PathLike | None, *,
                  allow_outside_base: bool = False) -> Iterator[dict[str, Any]]:
   if images is None:
-    raise ValueError(f"{tsv}: a CC3M TSV needs the folder of downloaded images (--images DIR)")
+    raise UserError(f"{tsv}: a CC3M TSV needs the folder of downloaded images (--images DIR)")
   images = Path(images)
-  with open(tsv, newline="", encoding="utf-8") as f:
-    rows = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
-    first = next(rows, None)
-    if first is None:
-      return
-    header = [c.strip().lower() for c in first]
-    path_col = next((header.index(c) for c in _PATH_COLUMNS if c in header), None)
-    if "caption" in header and path_col is not None:  # FROMAGe's format: caption <TAB> image
-      cap_col = header.index("caption")
-      for line, row in enumerate(rows, start=2):
-        if len(row) <= max(cap_col, path_col):
-          continue
-        image = image_path(images, row[path_col], f"{tsv.name}:{line}", allow_outside_base=allow_outside_base)
-        yield _example(row[path_col], image, row[cap_col], {})
-      return
-    # The original Google TSV: caption <TAB> url, no header; images named by row number.
-    index = index_images(images)
-    data_rows = rows if "caption" in header else _chain([first], rows)
-    for i, row in enumerate(data_rows):
-      caption, url = (row + ["", ""])[:2]
-      path = index.get(i)
-      image = (ImageSource(path, path=path) if path else
-               ImageSource(f"row {i} ({url})", error=("missing", f"no image numbered {i} in {images}")))
-      yield _example(str(i), image, caption, {"url": url})
+  lines = text_lines(tsv)  # a line that is not UTF-8 is one bad row; a byte-order mark is dropped
+  rows = ((n, why if text is None else _cells(text)) for n, text, why in lines)
+  first = next(rows, None)
+  if first is None:
+    return
+  header = [c.strip().lower() for c in first[1]] if isinstance(first[1], list) else []
+  path_col = next((header.index(c) for c in _PATH_COLUMNS if c in header), None)
+  if "caption" in header and path_col is not None:  # FROMAGe's format: caption <TAB> image
+    cap_col = header.index("caption")
+    for line, row in rows:
+      if isinstance(row, str):
+        yield _bad_line(tsv, line, row)
+        continue
+      if len(row) <= max(cap_col, path_col):
+        continue
+      image = image_path(images, row[path_col], f"{tsv.name}:{line}", allow_outside_base=allow_outside_base)
+      yield _example(row[path_col], image, row[cap_col], {})
+    return
+  # The original Google TSV: caption <TAB> url, no header; images named by row number.
+  index = index_images(images)
+  data_rows = rows if "caption" in header else _chain([first], rows)
+  for i, (line, row) in enumerate(data_rows):
+    if isinstance(row, str):
+      yield _bad_line(tsv, line, row, key=str(i))
+      continue
+    caption, url = (row + ["", ""])[:2]
+    path = index.get(i)
+    image = (ImageSource(path, path=path) if path else
+             ImageSource(f"row {i} ({url})", error=("missing", f"no image numbered {i} in {images}")))
+    yield _example(str(i), image, caption, {"url": url})
+
+
+def _cells(line: str) -> list[str] | str:
+  try:
+    return next(csv.reader([line], delimiter="\t", quoting=csv.QUOTE_NONE), [])
+  except csv.Error as e:  # a NUL byte
+    return f"not a TSV row ({e})"
+
+
+def _bad_line(tsv: Path, line: int, why: str, key: str | None = None) -> dict[str, Any]:
+  name = f"{tsv.name}:{line}"
+  return {"id": key or name, "image": ImageSource(name, error=("bad_row", why)), "captions": [""], "meta": {}}
 
 
 def _chain(*iterables):

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from bridgejax.data.sources.common import ImageSource, image_path, load_json, split_name
+from bridgejax.errors import UserError
 
 
 def load(src: str | os.PathLike) -> dict[str, Any]:
@@ -75,7 +76,7 @@ def examples(src: str | os.PathLike, images: str | os.PathLike | None = None, *,
     splits = karpathy_examples(data, images, restval_into_train=restval_into_train,
                                allow_outside_base=allow_outside_base)
     if split and split not in splits:
-      raise ValueError(f"{src} has no Karpathy split {split!r}; it has {sorted(splits)}")
+      raise UserError(f"{src} has no Karpathy split {split!r}; it has {sorted(splits)}")
     return {split: splits[split]} if split else splits
   # captions_val2017.json -> "val"; the name can be overridden with --split.
   name = split or split_name(Path(src).stem.removeprefix("captions_"))

@@ -16,6 +16,7 @@ import os
 from typing import Any, Iterator
 
 from bridgejax.data.sources.common import image_source, index_images, split_name
+from bridgejax.errors import UserError
 
 
 def examples(dialogs: str | os.PathLike, images: list[str | os.PathLike], *,
@@ -25,7 +26,7 @@ def examples(dialogs: str | os.PathLike, images: list[str | os.PathLike], *,
     top = json.load(f)
   data = top.get("data") if isinstance(top, dict) else None
   if not data or "dialogs" not in data:
-    raise ValueError(f"{dialogs} is not a VisDial v1.0 file: no data.dialogs")
+    raise UserError(f"{dialogs} is not a VisDial v1.0 file: no data.dialogs")
   questions, answers = data["questions"], data["answers"]
   relevance = {}
   if dense is not None:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from bridgejax.data.sources.common import ImageSource, image_source, index_images, load_json, split_name
+from bridgejax.errors import UserError
 
 
 def read(questions: str | os.PathLike, annotations: str | os.PathLike | None,
@@ -32,7 +33,7 @@ def read(questions: str | os.PathLike, annotations: str | os.PathLike | None,
   for q in qdata["questions"]:
     a = anns.get(q["question_id"])
     if annotations is not None and a is None:
-      raise ValueError(f"question {q['question_id']} has no annotation in {annotations}: "
+      raise UserError(f"question {q['question_id']} has no annotation in {annotations}: "
                        "questions and annotations files of different splits?")
     answers = [x["answer"] for x in a["answers"]] if a else []
     image_order.setdefault(q["image_id"], None)
