@@ -53,8 +53,13 @@ def get_config(arg=None):
   # Optional, off by default (bridgejax.model.RetrievalHeads): token-type embeddings through a LayerScale
   # initialised at 1e-5 on every LLM input; loss.cmli / loss.target_cmli > 0 build the per-token heads
   # of width cmli.dim and score cmli.chunk images at a time (0 = all; bridgejax.losses.cmli_scores).
+  # Which states are the student's tokens (BridgeModel._token_wise_losses): CMLI's image tokens
+  # "bridge" (its visual tokens), "llm" (the LLM's states at them) or "tower" (the frozen patches:
+  # trains the heads only); Target-CMLI's text tokens "caption" (the captioning pass's, which see the
+  # image) or "text" (the text pass's), and its i2t pairing "auto", "per_patch" (eq. 7) or "matched".
   config.token_type_embeddings = False
-  config.cmli = ml_collections.ConfigDict({"dim": 256, "chunk": 0})
+  config.cmli = ml_collections.ConfigDict({"dim": 256, "chunk": 0, "image_tokens": "bridge", "target_text": "caption",
+                                          "target_image": "auto"})
   # loss.pic2word > 0 builds Pic2Word's mapping network f_M (bridgejax/pic2word.py): `layers` hidden
   # ReLU layers of width `hidden` from the tower's CLS to one pseudo word (configs/pic2word.py).
   config.pic2word = ml_collections.ConfigDict({"hidden": 512, "layers": 2})
@@ -64,6 +69,10 @@ def get_config(arg=None):
       "lr": 3e-4, "b1": 0.9, "b2": 0.95, "eps": 1e-8, "weight_decay": 0.0, "grad_clip": 1.0,
       "warmup_steps": 100, "schedule": "constant", "decay_steps": 20_000, "final_lr_fraction": 0.0,
       "grad_accum_steps": 1,
+      "init_lr_fraction": 0.0,  # the warm-up starts at lr * this (FROMAGe: 0)
+      # Per-group settings (bridgejax/train/optimizer.py): {name: {"params": regex on "bridge/prompt_in/kernel"-style
+      # paths, and any of lr, schedule, warmup_steps, ...}}; unmatched parameters keep the keys above.
+      "groups": {},
   })
 
   config.data = ml_collections.ConfigDict({

@@ -73,7 +73,8 @@ THESIS_CONFIGS = [n for n in CONFIGS if n != "demo"]
 @pytest.mark.parametrize("name", THESIS_CONFIGS)
 def test_eval_protocol_argument(name):
   """`:eval=thesis`: COCO val2017 (5k images) squashed to 224x224, greedy, 32 tokens for captioning
-  and retrieval, as the thesis's fork; the default stays the standard Karpathy-test protocol. The
+  and retrieval, as the thesis's fork, and FROMAGe's VisDial scoring on squashed images; the default
+  stays the standard Karpathy-test protocol. The
   bridge and the rest of the config do not change."""
   from bridgejax.data.splits import protocol_of
   thesis, standard = load(name, "eval=thesis"), load(name)
@@ -82,6 +83,9 @@ def test_eval_protocol_argument(name):
     assert (standard.evals[task].split, standard.evals[task].image_resize) == ("test", "clip")
   assert (thesis.evals.caption.num_beams, thesis.evals.caption.max_new_tokens) == (1, 32)
   assert thesis.evals.vqa.to_dict() == {**standard.evals.vqa.to_dict(), "protocol": "thesis"}
+  # VisDial as FROMAGe's eval_visdial_generation.py, which the thesis follows (§5.5.3)
+  assert thesis.evals.visdial.to_dict() == {**standard.evals.visdial.to_dict(), "protocol": "thesis",
+                                            "scoring": "fromage", "image_resize": "squash"}
   assert {t: protocol_of(c) for t, c in thesis.evals.items()} == dict.fromkeys(thesis.evals, "thesis")
   assert {t: protocol_of(c) for t, c in standard.evals.items()} == dict.fromkeys(standard.evals, "standard")
   thesis.evals = standard.evals
@@ -156,10 +160,12 @@ def test_every_range_rule_names_a_real_key():
   from bridgejax.cli import flat_keys
   from bridgejax.config_values import RULES
   from bridgejax.data.splits import COMMON_KEYS, TASK_KEYS
+  from bridgejax.train.optimizer import GROUP_KEYS
   keys = set(flat_keys(load("base")))
-  eval_keys = set(COMMON_KEYS).union(*TASK_KEYS.values())
+  wildcards = {"evals.*.": set(COMMON_KEYS).union(*TASK_KEYS.values()), "optim.groups.*.": set(GROUP_KEYS)}
   for rule in RULES:
-    assert (rule.removeprefix("evals.*.") in eval_keys) if rule.startswith("evals.*.") else rule in keys, rule
+    prefix = next((p for p in wildcards if rule.startswith(p)), None)
+    assert rule.removeprefix(prefix) in wildcards[prefix] if prefix else rule in keys, rule
 
 
 def test_config_values_name_every_value_out_of_range():
