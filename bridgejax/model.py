@@ -78,6 +78,12 @@ def _with_precision(method):
   return wrapper
 
 
+# The CMLI options (config.cmli, BridgeModel._token_wise_losses): the first of each is the default.
+CMLI_IMAGE_TOKENS = ("bridge", "llm", "tower")
+TARGET_TEXT = ("caption", "text")
+TARGET_IMAGE = ("auto", "per_patch", "matched")
+
+
 class RetrievalHeads(nn.Module):
   """The `ret` subtree: the [RET] row, W_t, W_i and the logit scale, and the optional heads below
   (off: the subtree is exactly those four).
@@ -89,9 +95,11 @@ class RetrievalHeads(nn.Module):
     at the frozen rows' mean norm (BridgeModel.init_trainable, as the [RET] row), so λ is the type
     embedding's size relative to a token: the LLM's inputs move by about 1e-5 at initialisation.
     One λ for both modalities, as the report: no bias towards either. Parameters: 3·D.
-  cmli_dim d > 0 (the CMLI report, eq. 1-4; FILIP's d = 256): cmli_image_proj (W -> d) on the
-    vision tower's patch tokens, cmli_text_proj (D -> d) on the text pass's token states, and
-    cmli_logit_scale. Parameters: W·d + d + D·d + d + 1.
+  cmli_dim d > 0 (the CMLI report, eq. 1-4; FILIP's d = 256): cmli_text_proj (D -> d) on the
+    text pass's token states and cmli_logit_scale, always; cmli_visual_proj (D -> d) on the student's
+    image tokens (the bridge's visual tokens or the LLM's states at them) when `cmli_visual`;
+    cmli_image_proj (W -> d) on the frozen tower's patches when `cmli_patches` (the CMLI term on
+    the tower, or Target-CMLI's matching). Parameters: D·d + d + 1, + D·d + d, + W·d + d.
   target_width > 0 (the CMLI report's Target-CMLI, eq. 5-10): target_image_proj and
     target_text_proj (D -> the teacher's width W) map the student's visual tokens and text token
     states into the teacher's space. Parameters: 2·(D·W + W), plus the CMLI heads for the matching.
@@ -104,6 +112,8 @@ class RetrievalHeads(nn.Module):
   logit_scale_init: float = math.log(1 / 0.07)
   token_types: bool = False
   cmli_dim: int = 0
+  cmli_visual: bool = False
+  cmli_patches: bool = False
   target_width: int = 0
   pic2word_hidden: int = 0
   pic2word_layers: int = 2
@@ -118,8 +128,11 @@ class RetrievalHeads(nn.Module):
       self.token_type_image = self.param("token_type_image", nn.initializers.normal(1.0), width)
       self.token_type_text = self.param("token_type_text", nn.initializers.normal(1.0), width)
       self.token_type_scale = self.param("token_type_scale", nn.initializers.constant(TOKEN_TYPE_SCALE_INIT), width)
-    if self.cmli_dim:
+    if self.cmli_dim and self.cmli_patches:
       self.cmli_image_proj = nn.Dense(self.cmli_dim, name="cmli_image_proj")
+    if self.cmli_dim and self.cmli_visual:
+      self.cmli_visual_proj = nn.Dense(self.cmli_dim, name="cmli_visual_proj")
+    if self.cmli_dim:
       self.cmli_text_proj = nn.Dense(self.cmli_dim, name="cmli_text_proj")
       self.cmli_logit_scale = self.param("cmli_logit_scale", nn.initializers.constant(self.logit_scale_init), ())
     if self.target_width:
@@ -133,7 +146,9 @@ class RetrievalHeads(nn.Module):
     if self.token_types:
       out.append(self.type_offsets())
     if self.cmli_dim:
-      out += [self.cmli_image(patches), self.cmli_text(ret_hidden), self.cmli_logit_scale]
+      out += [self.cmli_text(ret_hidden), self.cmli_logit_scale]
+      out += [self.cmli_image(patches)] if self.cmli_patches else []
+      out += [self.cmli_visual_tokens(ret_hidden)] if self.cmli_visual else []
     if self.target_width:
       out += [self.target_image(ret_hidden), self.target_text(ret_hidden)]
     if self.pic2word_hidden:
@@ -154,6 +169,9 @@ class RetrievalHeads(nn.Module):
 
   def cmli_text(self, hidden):  # (B, T, D) -> (B, T, d)
     return self.cmli_text_proj(hidden.astype(jnp.float32))
+
+  def cmli_visual_tokens(self, tokens):  # (B, K, D) -> (B, K, d)
+    return self.cmli_visual_proj(tokens.astype(jnp.float32))
 
   def target_image(self, visual_tokens):  # (B, K, D) -> (B, K, W)
     return self.target_image_proj(visual_tokens.astype(jnp.float32))
@@ -181,6 +199,9 @@ class BridgeModel:
   visual_token_scale: str = "sqrt_d"  # VISUAL_TOKEN_SCALES
   cls_equivalent: str | None = None  # None: the tower has a CLS token; else bridges.base.CLS_EQUIVALENTS
   cmli_chunk: int = 0  # images scored at once by the CMLI loss (losses.cmli_scores); 0 = all
+  cmli_image_tokens: str = "bridge"  # CMLI_IMAGE_TOKENS: the student's image tokens of the CMLI term
+  target_text: str = "caption"  # TARGET_TEXT: the student's text tokens of Target-CMLI's t2i term
+  target_image: str = "auto"  # TARGET_IMAGE: Target-CMLI's i2t pairing (eq. 7 per patch, or matched)
   pic2word_prompt: tuple = ()  # pic2word.prompt_ids(TRAIN_PROMPT): BOS "a photo of" * [RET], from the tokenizer
 
   @classmethod
@@ -200,9 +221,17 @@ class BridgeModel:
     weights = losses.resolve_weights(config.loss)
     cmli = config.get("cmli", {})
     token_wise = weights["cmli"] > 0 or weights["target_cmli"] > 0  # Target-CMLI matches in the CMLI space
+    choices = {"image_tokens": CMLI_IMAGE_TOKENS, "target_text": TARGET_TEXT, "target_image": TARGET_IMAGE}
+    cmli_options = {key: cmli.get(key, values[0]) for key, values in choices.items()}
+    for key, value in cmli_options.items():
+      if value not in choices[key]:
+        raise UserError(f"--config.cmli.{key}={value!r}: use one of {', '.join(choices[key])}")
+    on_tower = cmli_options["image_tokens"] == "tower"
     heads = RetrievalHeads(llm_config.hidden_size, config.ret.embed_dim, config.ret.logit_scale_init,
                            token_types=config.get("token_type_embeddings", False),
                            cmli_dim=cmli.get("dim", 256) if token_wise else 0,
+                           cmli_visual=weights["cmli"] > 0 and not on_tower,
+                           cmli_patches=(weights["cmli"] > 0 and on_tower) or weights["target_cmli"] > 0,
                            target_width=vision_config.hidden_size if weights["target_cmli"] > 0 else 0,
                            **pic2word.head_options(config, weights["pic2word"] > 0))
     prompt = () if weights["pic2word"] <= 0 or tokenizer is None else tuple(
@@ -215,7 +244,9 @@ class BridgeModel:
     return cls(vision_class(vision_config)(vision_config, **kw), llm_class(llm_config, remat=remat != "none", **kw), bridge,
                heads, ret_id=llm_config.vocab_size, loss_weights=weights, concat_prob=config.concat_prob,
                remat=remat, matmul_precision=config.get("matmul_precision", ""), visual_token_scale=scale,
-               cls_equivalent=cls_equivalent, cmli_chunk=cmli.get("chunk", 0), pic2word_prompt=prompt)
+               cls_equivalent=cls_equivalent, cmli_chunk=cmli.get("chunk", 0), pic2word_prompt=prompt,
+               cmli_image_tokens=cmli_options["image_tokens"], target_text=cmli_options["target_text"],
+               target_image=cmli_options["target_image"])
 
   # ------------------------------------------------------------------ parameters
 
@@ -460,8 +491,13 @@ class BridgeModel:
     terms = {"caption": caption, "text": text, "contrastive": contrastive}
     if self.heads.pic2word_hidden:
       terms["pic2word"], _ = self.pic2word_loss(params, features, image_emb)
-    token_wise = self._token_wise_losses(params, features, bridge_out.tokens, text_hidden, ids, mask) \
-        if self.heads.cmli_dim else {}
+    if self.heads.cmli_dim:
+      unpaired = unpair(hidden) if self.concat_prob > 0 else hidden  # (B, S, D): a row per example again
+      prefix = unpaired.shape[1] - ids.shape[1]  # the visual positions come first (caption_inputs)
+      token_wise = self._token_wise_losses(params, features, bridge_out.tokens, unpaired[:, :prefix],
+                                           unpaired[:, prefix:], text_hidden, ids, mask)
+    else:
+      token_wise = {}
     terms.update({name: value for name, value in token_wise.items() if name in self.loss_weights})
     total = losses.total_loss(terms, self.loss_weights)
     metrics = {"loss": total, "caption_loss": caption, "text_loss": text, "contrastive_loss": contrastive,
@@ -470,34 +506,65 @@ class BridgeModel:
                **{f"{name}_loss": value for name, value in token_wise.items()}}
     return total, metrics
 
-  def _token_wise_losses(self, params, features, visual_tokens, text_hidden, ids, mask):
+  def _token_wise_losses(self, params, features, visual_tokens, visual_hidden, caption_hidden, text_hidden, ids,
+                         mask):
     """The CMLI report's terms: {"cmli": eq. 1-4 InfoNCE, "cmli_i2t", "cmli_t2i"} and, with the
     Target-CMLI heads, {"target_cmli": eq. 10, "target_cmli_i2t" (eq. 7), "target_cmli_t2i" (eq. 9)}.
 
-    Image side: the tower's layer-L patches, post-LayerNorm, CLS (or its stand-in) left out (B, N, W),
-    as FILIP uses the image encoder's last layer. Text side: the text pass's final-norm states of the
-    caption tokens (B, T, D), BOS, [RET] and padding left out (the report leaves out CLS, EOS and
-    PAD; [RET] is this model's global text token). The frozen LLM makes the text states functions of
-    frozen weights only (plus the TTE): CMLI trains its heads, not the bridge. Target-CMLI's teacher
-    is the frozen tower itself (its patches); its students are the bridge's visual tokens (gradient
-    to the bridge) and the text states, matched to patches in the CMLI space (trained by `cmli`).
+    visual_tokens (B, K, D) the bridge's; visual_hidden (B, K', D) and caption_hidden (B, T, D) the
+    captioning pass's final-norm states at its visual positions and at the ids' positions;
+    text_hidden (B, T, D) the text pass's (no image).
+
+    Which states stand for the report's student tokens. FILIP trains both encoders with CMLI; here
+    both backbones are frozen and the bridge is what trains, so a term trains it only if its student
+    states depend on it:
+    - CMLI image tokens (cmli_image_tokens): "bridge" (default) the bridge's visual tokens, "llm" the
+      LLM's states at them in the captioning pass (they precede the caption, so they see no text),
+      both through cmli_visual_proj; "tower" the frozen layer-L patches (post-LayerNorm, CLS left
+      out, as FILIP's last layer) through cmli_image_proj, which trains the heads only: the
+      matching space for Target-CMLI (configs/target_cmli.py). CMLI text tokens: the text pass's
+      caption-token states (BOS, [RET] and padding out, as the report leaves out CLS, EOS and PAD),
+      frozen functions of the caption: the text side of the matching.
+    - Target-CMLI's teacher: the frozen tower's layer-L patches. Its i2t students: the bridge's
+      visual tokens, regressing patch k for token k when K = N (eq. 7, target_image "per_patch"),
+      or each its best-matched patch ("matched"; "auto" picks by K). Its t2i students
+      (target_text): "caption" (default) the captioning pass's caption-token states, which see the
+      image, so regressing their matched patch moves the bridge; "text" the text pass's (frozen:
+      only the regression head learns). Matching is in the CMLI space: D-wide students through
+      cmli_text_proj, patches through cmli_image_proj; the argmax carries no gradient.
     """
     heads = lambda method, x: self.heads.apply({"params": params["ret"]}, x, method=method)
     patches = features.tokens(-1, post_norm=True)[:, 1:]  # (B, N, W)
     text_tokens = mask.astype(bool) & (ids != self.ret_id) & (jnp.arange(ids.shape[1]) > 0)[None, :]  # (B, T)
-    patch_match, text_match = heads(RetrievalHeads.cmli_image, patches), heads(RetrievalHeads.cmli_text, text_hidden)
-    cmli, parts = losses.cmli_contrastive_loss(patch_match, text_match, params["ret"]["cmli_logit_scale"],
-                                               text_mask=text_tokens, chunk=self.cmli_chunk)
-    out = {"cmli": cmli, "cmli_i2t": parts["loss_i2t"], "cmli_t2i": parts["loss_t2i"]}
+    out = {}
+    if self.loss_weights["cmli"] > 0:
+      image_match = {"tower": lambda: heads(RetrievalHeads.cmli_image, patches),
+                     "bridge": lambda: heads(RetrievalHeads.cmli_visual_tokens, visual_tokens),
+                     "llm": lambda: heads(RetrievalHeads.cmli_visual_tokens, visual_hidden)}[self.cmli_image_tokens]()
+      cmli, parts = losses.cmli_contrastive_loss(image_match, heads(RetrievalHeads.cmli_text, text_hidden),
+                                                 params["ret"]["cmli_logit_scale"], text_mask=text_tokens,
+                                                 chunk=self.cmli_chunk)
+      out.update(cmli=cmli, cmli_i2t=parts["loss_i2t"], cmli_t2i=parts["loss_t2i"])
     if self.heads.target_width:
-      # K = N (a bridge keeping the patch grid): token k regresses patch k (eq. 7); else each visual
-      # token regresses its best patch, matched by the same D -> d head as the text states
-      image_match = None if visual_tokens.shape[1] == patches.shape[1] else heads(RetrievalHeads.cmli_text, visual_tokens)
+      k, n = visual_tokens.shape[1], patches.shape[1]
+      per_patch = self.target_image == "per_patch" or (self.target_image == "auto" and k == n)
+      if per_patch and k != n:
+        raise UserError(f"--config.cmli.target_image=per_patch (eq. 7) pairs visual token k with patch k, but the "
+                        f"bridge gives {k} tokens for {n} patches: use 'matched' or 'auto'")
+      student_text = caption_hidden if self.target_text == "caption" else text_hidden
+      patch_match = heads(RetrievalHeads.cmli_image, patches)
+      image_match = None if per_patch else heads(RetrievalHeads.cmli_text, visual_tokens)
       target, parts = losses.target_cmli_loss(
-          heads(RetrievalHeads.target_image, visual_tokens), patches, heads(RetrievalHeads.target_text, text_hidden),
-          text_tokens, text_match, patch_match, image_match)
+          heads(RetrievalHeads.target_image, visual_tokens), patches, heads(RetrievalHeads.target_text, student_text),
+          text_tokens, heads(RetrievalHeads.cmli_text, student_text), patch_match, image_match)
       out.update(target_cmli=target, target_cmli_i2t=parts["loss_i2t"], target_cmli_t2i=parts["loss_t2i"])
     return out
+
+
+def unpair(x):
+  """pair_up's inverse: (B/2, 2S, ...) -> (B, S, ...)."""
+  b, s = x.shape[:2]
+  return x.reshape(b, 2, s // 2, *x.shape[2:]).reshape(2 * b, s // 2, *x.shape[2:])
 
 
 def pair_up(x):

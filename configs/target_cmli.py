@@ -1,8 +1,11 @@
 """crossatt_k12 plus Target-CMLI (the CMLI report, eq. 5-10): the frozen vision tower is the teacher;
-the bridge's visual tokens and the text pass's caption-token states (the student) regress its
-layer-L patch features with an MSE, each text token against the patch it matches best in the CMLI
-space (bridgejax.losses.target_cmli_loss). CMLI's InfoNCE stays on (weight `cmli`) so that the
-matching space is learned; cmli=0 leaves it at its random initialisation.
+the bridge's 12 visual tokens and the captioning pass's caption-token states (the student: both
+depend on the bridge, the latter through the frozen LLM, since they see the image) regress its
+layer-L patch features with an MSE, each token against the patch it matches best in the CMLI space
+(bridgejax.losses.target_cmli_loss; K = 12 != N = 256, so eq. 7's per-patch pairing does not apply).
+CMLI's InfoNCE stays on (weight `cmli`) on the tower's patches (`cmli.image_tokens="tower"`) so that
+the matching space is learned: it trains those heads, not the bridge; cmli=0 leaves the matching
+space at its random initialisation.
 
 Parameters: the CMLI heads (786,945) + two Linear(D, W) regression heads 2 · (2048 · 1024 + 1024)
 = 4,196,352, so 4,983,297 more at CLIP ViT-L/14 + Gemma-2B.
@@ -20,4 +23,5 @@ def get_config(arg=None):
   config.loss.target_cmli = args["weight"]
   config.loss.cmli = args["cmli"]
   config.cmli.chunk = args["chunk"]
+  config.cmli.image_tokens = "tower"  # the matching space; the Target-CMLI terms train the bridge
   return config

@@ -30,11 +30,12 @@ def _size(tree):
 
 def test_heads_shapes_and_parameter_formulas():
   d_llm, e, w, d = 24, 16, 12, 8
-  heads = RetrievalHeads(d_llm, e, token_types=True, cmli_dim=d, target_width=w)
+  heads = RetrievalHeads(d_llm, e, token_types=True, cmli_dim=d, cmli_visual=True, cmli_patches=True, target_width=w)
   params = heads.init(jax.random.key(0), jnp.zeros((1, d_llm)), jnp.zeros((1, w)), jnp.zeros((1, 1, w)))["params"]
   assert {k: _size(params[k]) for k in set(params) - RET_KEYS} == {
       "token_type_image": d_llm, "token_type_text": d_llm, "token_type_scale": d_llm,  # 3·D
       "cmli_image_proj": w * d + d, "cmli_text_proj": d_llm * d + d, "cmli_logit_scale": 1,
+      "cmli_visual_proj": d_llm * d + d,
       "target_image_proj": d_llm * w + w, "target_text_proj": d_llm * w + w}
   np.testing.assert_array_equal(params["token_type_scale"], np.full((d_llm,), TOKEN_TYPE_SCALE_INIT, np.float32))
   apply = lambda method, *x: heads.apply({"params": params}, *x, method=method)
@@ -43,6 +44,7 @@ def test_heads_shapes_and_parameter_formulas():
   np.testing.assert_allclose(text_type, 1e-5 * params["token_type_text"], rtol=1e-6)
   assert apply(RetrievalHeads.cmli_image, jnp.ones((2, 5, w))).shape == (2, 5, d)
   assert apply(RetrievalHeads.cmli_text, jnp.ones((2, 7, d_llm))).shape == (2, 7, d)
+  assert apply(RetrievalHeads.cmli_visual_tokens, jnp.ones((2, 3, d_llm))).shape == (2, 3, d)
   assert apply(RetrievalHeads.target_image, jnp.ones((2, 3, d_llm))).shape == (2, 3, w)
   assert apply(RetrievalHeads.target_text, jnp.ones((2, 7, d_llm))).shape == (2, 7, w)
   plain = RetrievalHeads(d_llm, e).init(jax.random.key(0), jnp.zeros((1, d_llm)), jnp.zeros((1, w)), None)
@@ -50,12 +52,13 @@ def test_heads_shapes_and_parameter_formulas():
 
 
 D, W = 2048, 1024  # Gemma-2B, CLIP ViT-L/14
-CMLI_HEADS = W * 256 + 256 + D * 256 + 256 + 1
+CMLI_HEADS = W * 256 + 256 + D * 256 + 256 + 1  # on the tower's patches (configs/target_cmli.py)
+CMLI_BRIDGE_HEADS = 2 * (D * 256 + 256) + 1  # on the bridge's visual tokens (configs/cmli.py)
 
 
 @pytest.mark.parametrize("module,extra,total", [
     (tte, 3 * D, 9_203_201),
-    (cmli, CMLI_HEADS, 9_984_002),
+    (cmli, CMLI_BRIDGE_HEADS, 9_984_002 - CMLI_HEADS + CMLI_BRIDGE_HEADS),
     (target_cmli, CMLI_HEADS + 2 * (D * W + W), 14_180_354),
 ])
 def test_inspect_counts_the_new_heads_at_real_size(module, extra, total):
@@ -224,13 +227,16 @@ def test_target_cmli_equals_the_loop_reference(visual_tokens):
       losses.target_cmli_loss(student_image[:, :3], teacher, student_text, text_mask, text_match, patch_match)
 
 
-def test_model_wires_cmli_and_target_cmli_into_the_loss(tiny):  # noqa: F811
+@pytest.mark.parametrize("image_tokens", ["tower", "bridge", "llm"])
+def test_model_wires_cmli_and_target_cmli_into_the_loss(tiny, image_tokens):  # noqa: F811
   """The model's terms equal the loss functions on independently taken pieces: the tower's layer-L
-  patches through the post-LayerNorm without CLS, the text pass's states of the caption tokens
-  (BOS, [RET], padding out), the heads as plain matrix products."""
+  patches through the post-LayerNorm without CLS, the bridge's visual tokens, the captioning pass's
+  states at the visual and caption positions, the text pass's states of the caption tokens (BOS,
+  [RET], padding out), the heads as plain matrix products."""
   config, vision_config, llm_config, frozen, _ = tiny
   config = config.copy_and_resolve_references()
   config.loss.cmli, config.loss.target_cmli, config.cmli.chunk = 0.5, 0.25, 2
+  config.cmli.image_tokens, config.concat_prob = image_tokens, 0.0  # one row per example: a plain reference
   model = BridgeModel.create(config, vision_config, llm_config)
   trainable = model.init_trainable(jax.random.key(0), frozen)
   batch = _batch()
@@ -249,20 +255,30 @@ def test_model_wires_cmli_and_target_cmli_into_the_loss(tiny):  # noqa: F811
   patches = ((last - last.mean(-1, keepdims=True)) / np.sqrt(last.var(-1, keepdims=True) + vision_config.layer_norm_eps)
              * np.asarray(norm["scale"]) + np.asarray(norm["bias"]))
   hidden = np.asarray(jax.jit(model._text_pass)(params, batch["text_ids"], batch["text_mask"])[0], np.float64)
+  visual = np.asarray(jax.jit(model.encode_images)(params, batch["image"]).tokens, np.float64)  # K = 3 != N = 16
+
+  def caption_pass(params, tokens):
+    embeds, full_mask, _, _ = model.caption_inputs(params, tokens, batch["text_ids"], batch["text_mask"])
+    return model.llm_hidden(params, embeds, full_mask)
+  states = np.asarray(jax.jit(caption_pass)(params, jnp.asarray(visual, jnp.float32)), np.float64)
+  visual_states, caption_states = states[:, :3], states[:, 3:]
   lengths = batch["text_mask"].sum(1)
   caption = (np.arange(8)[None, :] >= 1) & (np.arange(8)[None, :] < lengths[:, None] - 1)
   patch_match, text_match = dense("cmli_image_proj", patches), dense("cmli_text_proj", hidden)
-  ref_i2t, ref_t2i = _np_cmli(patch_match, text_match, np.ones(patches.shape[:2], bool), caption,
+  image_side = {"tower": patch_match, "bridge": dense("cmli_visual_proj", visual) if image_tokens != "tower" else None,
+                "llm": dense("cmli_visual_proj", visual_states) if image_tokens != "tower" else None}[image_tokens]
+  ref_i2t, ref_t2i = _np_cmli(image_side, text_match, np.ones(image_side.shape[:2], bool), caption,
                               np.exp(ret["cmli_logit_scale"]))
   np.testing.assert_allclose(metrics["cmli_loss"], (ref_i2t + ref_t2i) / 2, rtol=2e-5)
 
-  visual = np.asarray(jax.jit(model.encode_images)(params, batch["image"]).tokens, np.float64)  # K = 3 != N = 16
-  ref_i2t, ref_t2i = _np_target_cmli(dense("target_image_proj", visual), patches, dense("target_text_proj", hidden),
-                                     caption, text_match, patch_match, dense("cmli_text_proj", visual))
+  ref_i2t, ref_t2i = _np_target_cmli(dense("target_image_proj", visual), patches,
+                                     dense("target_text_proj", caption_states), caption,
+                                     dense("cmli_text_proj", caption_states), patch_match, dense("cmli_text_proj", visual))
   np.testing.assert_allclose([metrics["target_cmli_i2t_loss"], metrics["target_cmli_t2i_loss"]], [ref_i2t, ref_t2i],
                              rtol=2e-5)
+  used = {"tower": "cmli_image_proj", "bridge": "cmli_visual_proj", "llm": "cmli_visual_proj"}[image_tokens]
   assert all(np.any(grads["ret"][name]["kernel"] != 0) for name in
-             ("cmli_image_proj", "cmli_text_proj", "target_image_proj", "target_text_proj"))
+             (used, "cmli_text_proj", "target_image_proj", "target_text_proj"))
 
 
 # ------------------------------------------------------------------ a run: train, save, load

@@ -67,8 +67,9 @@ TASK_KEYS = {
 
 # The protocol-defining keys of each protocol and type. "standard": COCO Karpathy test (5k images),
 # FROMAGe's crop, greedy, 32 tokens; VQAv2 val; VisDial v1.0 val. "thesis": the thesis's fork,
-# which captioned and retrieved on the 5,000 images of COCO val2017 squashed to 224x224; it states
-# nothing else for VQA and VisDial, so those follow the standard protocol.
+# which captioned and retrieved on the 5,000 images of COCO val2017 squashed to 224x224; its VisDial
+# follows FROMAGe's protocol (thesis §5.5.3): eval_visdial_generation.py's scoring on images squashed
+# to 224x224; it states nothing else for VQA, which follows the standard protocol.
 _STANDARD = {
     "caption": {"split": "test", "image_resize": "clip", "max_examples": 0, "num_beams": 1, "max_new_tokens": 32,
                 "cut_rule": "fromage", "caption_prompt": ""},
@@ -82,7 +83,8 @@ _COCO_VAL2017_SQUASHED = {"split": "val2017", "image_resize": "squash"}
 PROTOCOLS = {
     "standard": _STANDARD,
     "thesis": {**_STANDARD, "caption": {**_STANDARD["caption"], **_COCO_VAL2017_SQUASHED},
-               "retrieval": {**_STANDARD["retrieval"], **_COCO_VAL2017_SQUASHED}},
+               "retrieval": {**_STANDARD["retrieval"], **_COCO_VAL2017_SQUASHED},
+               "visdial": {**_STANDARD["visdial"], "scoring": "fromage", "image_resize": "squash"}},
 }
 CUSTOM = "custom"
 

@@ -115,11 +115,13 @@ def _tensorstore_read_error(exc) -> bool:
 
 
 class _UnretrievedReadErrors(logging_lib.Filter):
-  """asyncio's 'Task exception was never retrieved' for the sibling reads of a failed restore."""
+  """asyncio's '... exception was never retrieved' for the sibling reads of a failed restore, or the
+  sibling writes of a save that found the disk full (reported once, as DiskFullError)."""
 
   def filter(self, record) -> bool:
     exc = record.exc_info[1] if record.exc_info else None
-    return not (str(record.msg).startswith("Task exception was never retrieved") and _tensorstore_read_error(exc))
+    return not ("exception was never retrieved" in str(record.msg)
+                and (_tensorstore_read_error(exc) or _disk_full(exc)))
 
 
 def _drop_closed_loop_noise() -> None:
