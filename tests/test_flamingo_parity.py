@@ -11,6 +11,7 @@ test need neither, so open_flamingo/src is loaded as a package of its own (`_ope
 
 import importlib
 import importlib.util
+import os
 import pathlib
 import sys
 
@@ -47,6 +48,8 @@ def _open_flamingo():
 
 _MODULES, _REASON = _open_flamingo()
 if _MODULES is None:
+  if os.environ.get("CI"):  # .ci/run installs the reference: a skip there would hide the parity check
+    raise ImportError(_REASON)
   pytest.skip(_REASON, allow_module_level=True)
 helpers, flamingo_lm, of_utils = _MODULES
 

@@ -27,8 +27,8 @@ W (D, E), which makes the k visual-prefix tokens. FFN(Y) = GELU(Y W_1 + b_1) W_2
   post_norm=True. Differences from OpenFlamingo: heads of D/8 = 128 (it projects to 8 heads of 64,
   an inner width of 512, and back), biases on every projection (torch MHA and nn.Linear; it has
   none), no temporal embeddings (one image, not a video), and LL_O, as the tokens go in front of the
-  text here; Flamingo's tanh-gated cross-attention inside the LM reads the latents instead (the
-  `flamingo` bridge, flamingo.py, which reuses this one).
+  text here. The `flamingo` bridge (flamingo.py) does not reuse this one: it carries OpenFlamingo's
+  own resampler (8 heads of 64, no biases, no LL_O), read inside the LM by gated cross-attention.
   Parameters: K·D + num_layers·(3·2D + 4·(D² + D) + 2·D·M + M + D) + 2D + D·E + E (+ pool).
     ViT-L/14 + Gemma-2B, defaults: 77,756,416 (78,545,409 with W_i, W_t, [RET] and the logit scale).
 
