@@ -7,7 +7,8 @@ on the demo's setup, per seed, then one table and one plot.
 An ablation run of configs/X.py is toy_config("X"): X's bridge and the options that shape what is
 trained (TRANSPLANTED: loss weights, [RET] heads, CMLI, token-type embeddings, the concat trick)
 on configs/demo.py's everything else (toy backbones, toy data, optimiser, batch), for a bounded
-number of steps, evaluated on the toy test images: captioning, retrieval, VQA and VisDial, each on
+number of steps (a two-stage config, configs/blip2.py, spends its representation_share of them on
+stage 1), evaluated on the toy test images: captioning, retrieval, VQA and VisDial, each on
 its first `max_examples`. A config whose backbones are not CLIP + Gemma (SigLIP, Glória) or whose
 bridge does not fit the toy backbones is skipped with its reason.
 
@@ -35,7 +36,7 @@ from bridgejax.errors import UserError
 
 # What a config says about the bridge and its training signal; everything else is the demo's.
 TRANSPLANTED = ("bridge", "loss", "ret", "cmli", "token_type_embeddings", "concat_prob", "visual_token_scale",
-                "pic2word")
+                "pic2word", "stage", "representation_share")
 NOT_EXPERIMENTS = {"base", "demo"}
 STEPS = 200  # the default bounded run: README "Ablation on the toy world" has its time
 MAX_EXAMPLES = 100  # per eval task, on the toy test split

@@ -45,6 +45,7 @@ RULES: dict[str, tuple] = {
     "keep_checkpoints": (*_int_at_least(1), "0 would keep no checkpoint: the trained model would be thrown away"),
     "max_nonfinite_steps": _int_at_least(1),
     "concat_prob": _between(0, 1),
+    "representation_share": (*_between(0, 1, high_open=True), "stage 1's share of total_steps; 0 = no stage 1"),
     "optim.lr": (*_at_least(0, strict=True), "the peak learning rate"),
     "optim.b1": _between(0, 1, high_open=True),
     "optim.b2": _between(0, 1, high_open=True),

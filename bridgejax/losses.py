@@ -331,3 +331,58 @@ def target_cmli_loss(student_image: Array, teacher_patches: Array, student_text:
   loss_t2i = jnp.mean(_masked_mean(square(student_text, matched_patches(text_match, patch_match, teacher)),
                                    text_mask.astype(bool)))
   return (loss_i2t + loss_t2i) / 2, dict(loss_i2t=loss_i2t, loss_t2i=loss_t2i)
+
+
+# --- BLIP-2's stage 1 (representation learning), as LAVIS's blip2_qformer.py computes it -------------
+# B images and their texts; K queries; E the ITC width (256). Label smoothing 0.1 on ITC and ITG, none
+# on ITM, as LAVIS (blip2_qformer.py forward; Qformer.py BertLMHeadModel's CrossEntropyLoss).
+QFORMER_LABEL_SMOOTHING = 0.1
+
+
+def smoothed_ce(logits: Array, labels: Array, smoothing: float, mask: Array | None = None) -> Array:
+  """torch's cross_entropy(label_smoothing=smoothing): logits (..., C), int labels (...), the mean
+  over `mask` (default: all)."""
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  nll = -jnp.take_along_axis(logp, labels[..., None], axis=-1)[..., 0]
+  per_item = (1 - smoothing) * nll - smoothing * jnp.mean(logp, axis=-1)
+  mask = jnp.ones(labels.shape, bool) if mask is None else mask.astype(bool)
+  return jnp.sum(jnp.where(mask, per_item, 0.0)) / jnp.maximum(jnp.sum(mask), 1)
+
+
+def qformer_itc_loss(query_emb: Array, text_emb: Array, temperature: Array) -> tuple[Array, Array, Array]:
+  """ITC: query_emb (B, K, E), text_emb (B, E), both unit norm; an image-text similarity is the best of
+  its K queries', over the temperature. -> (loss, sim_i2t (B, B), sim_t2i (B, B))."""
+  sim = jnp.einsum("IKE,TE->ITK", query_emb, text_emb)  # (B images, B texts, K)
+  sim_i2t = jnp.max(sim, axis=-1) / temperature
+  sim_t2i = sim_i2t.T  # LAVIS's sim_t2q is the same products, the text's row first
+  targets = jnp.arange(sim.shape[0])
+  loss = (smoothed_ce(sim_i2t, targets, QFORMER_LABEL_SMOOTHING)
+          + smoothed_ce(sim_t2i, targets, QFORMER_LABEL_SMOOTHING)) / 2
+  return loss, sim_i2t, sim_t2i
+
+
+def hard_negatives(rng, sim_i2t: Array, sim_t2i: Array) -> tuple[Array, Array]:
+  """ITM's negatives, sampled as LAVIS samples them (no gradient): for each text an image drawn with
+  probability softmax(sim_t2i) over the other images, for each image a text likewise. -> (negative
+  image index per text (B,), negative text index per image (B,))."""
+  sim_i2t, sim_t2i = jax.lax.stop_gradient(sim_i2t), jax.lax.stop_gradient(sim_t2i)
+  off_diagonal = ~jnp.eye(sim_i2t.shape[0], dtype=bool)
+  image_rng, text_rng = jax.random.split(rng)
+  # LAVIS fills the diagonal with -10000 before its softmax; -inf draws the same (never the positive)
+  neg_image = jax.random.categorical(image_rng, jnp.where(off_diagonal, sim_t2i, -jnp.inf), axis=-1)
+  neg_text = jax.random.categorical(text_rng, jnp.where(off_diagonal, sim_i2t, -jnp.inf), axis=-1)
+  return neg_image, neg_text
+
+
+def itm_loss(logits: Array) -> Array:
+  """ITM: logits (3B, 2) of (image, its text), (negative image, text), (image, negative text):
+  CE against labels 1, 0, 0 (LAVIS's order)."""
+  b = logits.shape[0] // 3
+  labels = jnp.concatenate([jnp.ones((b,), jnp.int32), jnp.zeros((2 * b,), jnp.int32)])
+  return smoothed_ce(logits, labels, 0.0)
+
+
+def itg_loss(logits: Array, ids: Array, mask: Array) -> Array:
+  """ITG: logits (B, T, V) of the text positions under the multimodal causal mask; position t predicts
+  ids[t + 1] where mask[t + 1] (the first token, [DEC], is never a target)."""
+  return smoothed_ce(logits[:, :-1], ids[:, 1:], QFORMER_LABEL_SMOOTHING, mask[:, 1:])

@@ -14,6 +14,7 @@ import jax
 from bridgejax import paths
 from bridgejax.checks import check_split
 from bridgejax.config_values import check_config_values
+from bridgejax.errors import UserError
 from bridgejax.evaluation.run import evaluate as evaluate_checkpoint
 from bridgejax.evaluation.tasks import quick_validation
 from bridgejax.experiment import build
@@ -24,8 +25,13 @@ from bridgejax.train.metric_writer import MetricWriter
 
 def run(config, workdir: str) -> dict:
   """Build, stream the data, train (with periodic validation), print a summary; then, with
-  config.eval_after_training, evaluate the final checkpoint (eval/*.json, eval/report.html)."""
+  config.eval_after_training, evaluate the final checkpoint (eval/*.json, eval/report.html).
+  With config.representation_share > 0 (BLIP-2, configs/qformer.py:blip2), stage 1 runs first in
+  WORKDIR/representation and this run starts from it (`stages`)."""
   check_config_values(config)
+  first, config = stages(config, workdir)
+  if first is not None:
+    run(first, str(paths.path(workdir) / REPRESENTATION_DIR))
   ensure_toy_data(config)
   check_val_split(config)  # before any weight loads, not 1000 steps in at the first validation
   lock = lock_workdir(workdir)  # and before minutes of loading backbones
@@ -33,12 +39,13 @@ def run(config, workdir: str) -> dict:
   try:
     writer = MetricWriter.for_run(config, workdir)  # config.wandb without wandb fails here, before the backbones
     setup = build(config)
-    evaluate = quick_validation if config.data.val_split else None
+    representation = config.get("stage", "generative") == "representation"
+    evaluate = quick_validation if config.data.val_split and not representation else None
     summary = train(config, workdir, train_iterator(config, setup), setup=setup, evaluate=evaluate, locked=True,
                     writer=writer)
     if jax.process_index() == 0:
       print(format_summary(summary, workdir))
-    if config.get("eval_after_training") and not summary["preempted"]:
+    if config.get("eval_after_training") and not summary["preempted"] and not representation:
       summary["eval"] = evaluate_checkpoint(config, workdir, setup=setup)
       samples = caption_samples(workdir, 50)
       if samples:  # W&B shows them as a table (config.wandb)
@@ -51,6 +58,31 @@ def run(config, workdir: str) -> dict:
     if lock is not None:
       lock.release()
   return summary
+
+
+REPRESENTATION_DIR = "representation"  # stage 1's run, inside stage 2's workdir
+
+
+def stages(config, workdir: str):
+  """(stage 1's config or None, the config this run trains). representation_share s > 0 on a generative
+  config splits total_steps N: stage 1 (config.stage="representation", no validation or evaluation)
+  trains round(s·N) steps in WORKDIR/representation, stage 2 the other steps with init_from pointing
+  there. The same command derives the same two configs, so each stage resumes where it stopped."""
+  share = config.get("representation_share", 0.0)
+  if not share or config.get("stage", "generative") != "generative":
+    return None, config
+  first_steps = min(max(1, round(share * config.total_steps)), config.total_steps - 1)
+  if first_steps < 1:
+    raise UserError(f"representation_share={share} needs total_steps >= 2 to train both stages "
+                    f"(total_steps={config.total_steps})")
+  first, second = config.copy_and_resolve_references(), config.copy_and_resolve_references()
+  first.update(stage="representation", representation_share=0.0, total_steps=first_steps, eval_after_training=False,
+               best_metric="", evals={})
+  first.data.val_split = ""
+  first.checkpoint_every_steps = min(first.checkpoint_every_steps, first_steps)
+  second.update(total_steps=config.total_steps - first_steps,
+                init_from=str(paths.path(workdir) / REPRESENTATION_DIR))
+  return first, second
 
 
 def check_val_split(config) -> None:

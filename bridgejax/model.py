@@ -53,6 +53,9 @@ from bridgejax.models.gemma import Gemma, GemmaConfig
 from bridgejax.models.precision import matmul_precision
 
 TRAINABLE = ("bridge", "ret")
+# config.stage: "generative" trains the bridge through the LLM (every config); "representation" is
+# BLIP-2's stage 1, the Q-Former's text branch with ITC, ITM and ITG (BridgeModel.representation_loss).
+STAGES = ("generative", "representation")
 REMAT = ("none", "llm", "all")
 # How visual tokens enter the LLM relative to text embeddings (which Gemma scales by sqrt(D)).
 #   "sqrt_d": multiplied by the LLM's embedding normaliser (`embed_scale`: sqrt(D) for Gemma, 1 for
@@ -203,6 +206,7 @@ class BridgeModel:
   target_text: str = "caption"  # TARGET_TEXT: the student's text tokens of Target-CMLI's t2i term
   target_image: str = "auto"  # TARGET_IMAGE: Target-CMLI's i2t pairing (eq. 7 per patch, or matched)
   pic2word_prompt: tuple = ()  # pic2word.prompt_ids(TRAIN_PROMPT): BOS "a photo of" * [RET], from the tokenizer
+  stage: str = "generative"  # STAGES
 
   @classmethod
   def create(cls, config, vision_config: CLIPVisionConfig, llm_config: GemmaConfig, *,
@@ -218,6 +222,14 @@ class BridgeModel:
     bridge = build_bridge(config.bridge, vision_width=vision_config.hidden_size,
                           vision_layers=vision_config.num_layers, grid_size=vision_config.grid_size,
                           llm_width=llm_config.hidden_size, llm_layers=llm_config.num_layers)
+    stage = config.get("stage", "generative")
+    if stage not in STAGES:
+      raise UserError(f"config.stage={stage!r}: use one of {', '.join(STAGES)}")
+    if stage == "representation":  # the text branch reads the LLM's tokenizer; [DEC] is the id after it
+      if config.bridge.name != "qformer":
+        raise UserError(f"config.stage='representation' is BLIP-2's stage 1 and needs the qformer bridge, not "
+                        f"{config.bridge.name!r}: use configs/qformer.py:blip2")
+      bridge = bridge.clone(text_vocab=llm_config.vocab_size + 1)
     weights = losses.resolve_weights(config.loss)
     cmli = config.get("cmli", {})
     token_wise = weights["cmli"] > 0 or weights["target_cmli"] > 0  # Target-CMLI matches in the CMLI space
@@ -246,7 +258,7 @@ class BridgeModel:
                remat=remat, matmul_precision=config.get("matmul_precision", ""), visual_token_scale=scale,
                cls_equivalent=cls_equivalent, cmli_chunk=cmli.get("chunk", 0), pic2word_prompt=prompt,
                cmli_image_tokens=cmli_options["image_tokens"], target_text=cmli_options["target_text"],
-               target_image=cmli_options["target_image"])
+               target_image=cmli_options["target_image"], stage=stage)
 
   # ------------------------------------------------------------------ parameters
 
@@ -254,8 +266,13 @@ class BridgeModel:
     """Fresh {bridge, ret}; the [RET] row starts at the mean norm of the frozen rows (as FROMAGe keeps it)."""
     features = self._abstract_vision_features()
     bridge_rng, ret_rng = jax.random.split(rng)
-    bridge = self.bridge.init(bridge_rng, features)["params"]
-    feature = jax.eval_shape(lambda: self.bridge.apply({"params": bridge}, features)).image_feature
+    if self.stage == "representation":  # the Q-Former's query and text branches and heads, no LL_O
+      ids = jnp.zeros((1, 2), jnp.int32)
+      bridge = self.bridge.init(bridge_rng, features, ids, jnp.ones_like(ids), method="init_representation")["params"]
+      feature = jax.eval_shape(lambda: self.bridge.init_with_output(bridge_rng, features)[0]).image_feature
+    else:
+      bridge = self.bridge.init(bridge_rng, features)["params"]
+      feature = jax.eval_shape(lambda: self.bridge.apply({"params": bridge}, features)).image_feature
     patches = jnp.zeros((1, 1, features.hidden_states[-1].shape[-1]))  # what the CMLI image head reads
     ret = self.heads.init(ret_rng, jnp.zeros((1, self.heads.llm_width)), jnp.zeros(feature.shape, feature.dtype),
                           patches)
@@ -463,6 +480,8 @@ class BridgeModel:
   def loss(self, trainable, frozen, batch, rng):
     """Total loss and its parts for one batch {image (B,C,H,W), text_ids (B,T), text_mask (B,T)}; the
     tower's VisionFeatures in `vision_features` instead of `image` skip it (bridgejax.data.features)."""
+    if self.stage == "representation":
+      return self.representation_loss(trainable, frozen, batch, rng)
     params = {**frozen, **trainable}
     ids, mask = batch["text_ids"], batch["text_mask"]
     if self.concat_prob > 0 and ids.shape[0] % 2:
@@ -505,6 +524,33 @@ class BridgeModel:
                **({"pic2word_loss": terms["pic2word"]} if "pic2word" in terms else {}),
                **{f"{name}_loss": value for name, value in token_wise.items()}}
     return total, metrics
+
+  @_with_precision
+  def representation_loss(self, trainable, frozen, batch, rng):
+    """BLIP-2's stage 1 (LAVIS's blip2_qformer.py): ITC + ITM + ITG of the Q-Former on the batch's images
+    and texts, the LLM unused. The text branch reads the ids without [RET] (BOS first, BLIP-2's [CLS]);
+    ITG replaces the first token by [DEC] (the id after the LLM's vocabulary, whose [RET] never
+    reaches the text branch) and predicts the rest under the multimodal causal mask. ITM's
+    negatives are sampled from the global batch by ITC's similarities (losses.hard_negatives)."""
+    params = {**frozen, **trainable}
+    ids = jnp.asarray(batch["text_ids"])
+    mask = jnp.asarray(batch["text_mask"]) * (ids != self.ret_id)  # (B, T)
+    features = batch["vision_features"] if "vision_features" in batch else self.vision_features(params, batch["image"])
+    qformer = lambda method, *args: self.bridge.apply({"params": params["bridge"]}, *args, method=method)
+    _, tokens = qformer("vision_tokens", features)  # (B, N, D), after LN_v
+    query_emb, text_emb = qformer("itc_embeddings", qformer("query_states", tokens), qformer("text_states", ids, mask))
+    itc, sim_i2t, sim_t2i = losses.qformer_itc_loss(query_emb, text_emb, qformer("itc_temperature"))
+    neg_image, neg_text = losses.hard_negatives(rng, sim_i2t, sim_t2i)
+    joint = qformer("joint_states", jnp.concatenate([tokens, tokens[neg_image], tokens]),
+                    jnp.concatenate([ids, ids, ids[neg_text]]), jnp.concatenate([mask, mask, mask[neg_text]]), False)
+    itm = losses.itm_loss(qformer("itm_logits", joint))
+    decoder_ids = ids.at[:, 0].set(self.ret_id)  # [DEC]
+    k = self.bridge.num_tokens
+    itg = losses.itg_loss(qformer("itg_logits", qformer("joint_states", tokens, decoder_ids, mask, True)[:, k:]),
+                          ids, mask)
+    total = itc + itm + itg  # LAVIS sums the three
+    return total, {"loss": total, "itc_loss": itc, "itm_loss": itm, "itg_loss": itg,
+                   "itc_temperature": qformer("itc_temperature")}
 
   def _token_wise_losses(self, params, features, visual_tokens, visual_hidden, caption_hidden, text_hidden, ids,
                          mask):

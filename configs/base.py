@@ -64,6 +64,15 @@ def get_config(arg=None):
   # ReLU layers of width `hidden` from the tower's CLS to one pseudo word (configs/pic2word.py).
   config.pic2word = ml_collections.ConfigDict({"hidden": 512, "layers": 2})
   config.concat_prob = 0.5  # the concat trick's probability per step (batch_size must be even)
+  # Two-stage training (BLIP-2, configs/qformer.py:blip2). stage "generative" (every config): the bridge
+  # learns through the frozen LLM (the losses above). "representation": BLIP-2's stage 1, the Q-Former
+  # alone with its text branch and the ITC, ITM and ITG losses (bridgejax.losses; qformer bridge only).
+  # init_from: a run's workdir whose newest checkpoint starts the bridge (parameters of equal path and
+  # shape; the rest start fresh). representation_share > 0: train.py first runs stage 1 for that share
+  # of total_steps in WORKDIR/representation, then stage 2 from it for the rest, in one command.
+  config.stage = "generative"
+  config.init_from = ""
+  config.representation_share = 0.0
 
   config.optim = ml_collections.ConfigDict({
       "lr": 3e-4, "b1": 0.9, "b2": 0.95, "eps": 1e-8, "weight_decay": 0.0, "grad_clip": 1.0,
@@ -120,10 +129,13 @@ def get_config(arg=None):
 
 def parse_arg(arg, **defaults) -> dict:
   """big_vision-style config arguments: "layer=-2,k=8" -> {"layer": -2, "k": 8}, each value
-  converted to the type of its default; unknown keys are an error that lists the known ones."""
+  converted to the type of its default; a bare name sets a boolean key ("blip2" = "blip2=true");
+  unknown keys are an error that lists the known ones."""
   values = dict(defaults)
   for item in filter(None, (arg or "").split(",")):
     key, sep, value = item.partition("=")
+    if not sep and isinstance(defaults.get(key), bool):
+      sep, value = "=", "true"
     if not sep or key not in defaults:
       raise UserError(f"config argument {item!r}: expected key=value with key in {sorted(defaults)}")
     kind = type(defaults[key])

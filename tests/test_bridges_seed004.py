@@ -86,6 +86,11 @@ REAL_COUNTS = {  # ViT-L/14 + Gemma-2B: the figures in the module docstrings, fr
     "qformer_blip2_depth": (dict(name="qformer", num_layers=12, cross_attention_every=2),
                             32 * 1024 + 4 * 1024 + 12 * 16_796_672 - 6 * (4 * (1024**2 + 1024) + 2048) + 2_099_200),
     "mlp_projector": (dict(name="mlp_projector"), 2_099_200 + 4_196_352),
+    # configs/qformer.py:blip2 (width 768, 12 layers, cross-attention in 0, 2, ..., 10 reading the 1024-wide tokens)
+    "qformer_blip2": (dict(name="qformer", num_layers=12, cross_attention_every=2, num_heads=12, width=768,
+                           layer_norm_eps=1e-12),
+                      32 * 768 + 2 * 768 + 2 * 1024 + 12 * (4 * (768**2 + 768) + 2 * 768 * 3072 + 3072 + 768 + 4 * 768)
+                      + 6 * (2 * (768**2 + 768) + 2 * (1024 * 768 + 768) + 2 * 768) + 768 * 2048 + 2048),
 }
 
 
@@ -95,18 +100,19 @@ def test_parameter_counts_at_real_sizes(case):
   n, out = _abstract_count(cfg, THESIS)
   assert n == expected == bridges.num_params(cfg, **THESIS)
   assert out.tokens.shape[1:] == (bridges.num_tokens(cfg, **THESIS), 2048)
-  assert out.image_feature.shape == (1, 1024)
+  assert out.image_feature.shape == (1, cfg.get("width") or 1024)  # the Q-Former's mean query state
 
 
 # the totals `python -m bridgejax.inspect --config configs/X.py --json` prints (README table)
-INSPECT = {"resampler": 78_545_409, "qformer": 36_518_401, "mlp_projector": 7_084_545}
+INSPECT = {"resampler": 78_545_409, "qformer": 36_518_401, "mlp_projector": 7_084_545, "blip2": 103_923_713}
 
 
 @pytest.mark.parametrize("name", sorted(INSPECT))
 def test_inspect_counts_every_config_at_real_size(name):
   config = load(name)
   result = count(config)
-  heads = 1024 * 256 + 256 + 2048 * 256 + 256 + 2048 + 1  # W_i, W_t, [RET], logit scale
+  width = config.bridge.get("width") or 1024  # W_i reads the mean of the queries' states
+  heads = width * 256 + 256 + 2048 * 256 + 256 + 2048 + 1  # W_i, W_t, [RET], logit scale
   assert result["trainable_params"] == bridges.num_params(config.bridge, **THESIS) + heads == INSPECT[name]
   assert sum(result["by_module"].values()) == result["trainable_params"]
 
@@ -196,6 +202,8 @@ def test_mlp_projector_equation(case):
 
 ERRORS = {  # id: (config, message fragment)
     "unknown_key": (dict(name="qformer", depth=3), "bridge 'qformer' has no config key(s) ['depth']; its keys are: k"),
+    "eps_zero": (dict(name="qformer", layer_norm_eps=0.0), "layer_norm_eps=0.0 must be a number in (0, 1)"),
+    "width_heads": (dict(name="qformer", width=10, num_heads=4), "num_heads=4 does not divide the vision width 10"),
     "every_zero": (dict(name="qformer", cross_attention_every=0), "cross_attention_every=0 must be a positive integer"),
     "layers_zero": (dict(name="perceiver_resampler", num_layers=0), "num_layers=0 must be a positive integer"),
     "mlp_ratio": (dict(name="qformer", mlp_ratio=1.5), "mlp_ratio=1.5 must be a positive integer"),
@@ -222,6 +230,14 @@ def test_config_files_take_every_bridge_key():
     config = load(name)
     assert config.bridge.to_dict() == {"name": bridge, **bridges.REGISTRY[bridge].defaults}
   assert load("qformer", "num_layers=12,cross_attention_every=2").bridge.num_layers == 12
+  blip2 = load("qformer", "blip2")
+  assert (blip2.name, blip2.stage, blip2.representation_share) == ("blip2", "generative", 0.5)
+  assert {k: blip2.bridge[k] for k in ("width", "num_layers", "cross_attention_every", "num_heads",
+                                       "layer_norm_eps")} == dict(width=768, num_layers=12, cross_attention_every=2,
+                                                                  num_heads=12, layer_norm_eps=1e-12)
+  assert load("qformer", "blip2,num_layers=4").bridge.num_layers == 4  # a key given wins over the preset
+  assert load("qformer", "blip2,stage=representation").representation_share == 0.0  # stage 1 alone
+  assert load("blip2").to_dict() == blip2.to_dict()
   e = cli.config_override_error(["train.py", "--config", "configs/qformer.py", "--workdir", "w",
                                  "--config.bridge.cross_attention_evry=3"])
   assert str(e) == ("unknown config key --config.bridge.cross_attention_evry; "

@@ -32,24 +32,35 @@ W (D, E), which makes the k visual-prefix tokens. FFN(Y) = GELU(Y W_1 + b_1) W_2
   Parameters: K·D + num_layers·(3·2D + 4·(D² + D) + 2·D·M + M + D) + 2D + D·E + E (+ pool).
     ViT-L/14 + Gemma-2B, defaults: 77,756,416 (78,545,409 with W_i, W_t, [RET] and the logit scale).
 
-`qformer` (BLIP-2, Li et al. 2023)
+`qformer` (BLIP-2, Li et al. 2023; transformers' Blip2QFormerModel, LAVIS's Qformer.py)
   The lecture notes: the Q-Former's learned embeddings "are passed to the LLM through a projection
   layer" and "serve as a soft visual prompt"; its layers are not described. The paper: 32 learned
   queries of width 768 (a BERT-base initialised Q-Former, 12 layers, cross-attention to the frozen
   ViT's penultimate-layer features, all tokens with CLS, through a trainable LayerNorm `ln_vision`,
-  in every other layer). Each layer is post-LN (BERT):
-    Q ← LN(Q + SelfAttn(Q))                   (B, K, D)
-    Q ← LN(Q + CrossAttn(q = Q, kv = LN_v(X)))   in layers i with i % cross_attention_every == 0
-    Q ← LN(Q + FFN(Q))
-    Z = LL_O(Q)                               (B, K, E),  Q starts as LN_q(queries), queries ~ N(0, 0.02²)
-  bridgejax chooses: k=32 (BLIP-2's), width D (no BERT to start from, so the queries take the vision
-  width and no key/value width adapter is needed), num_layers=2 with cross-attention in every layer
-  (cross_attention_every=1; BLIP-2's is 12 and 2), 16 heads (64-wide like BERT's), mlp_ratio=4,
-  layer=-2 and every token of it, CLS included, through LN_v. No text branch: the Q-Former's
-  stage-1 losses (ITC, ITM, ITG) are replaced by this project's captioning and retrieval losses.
-  Parameters, C = len(range(0, num_layers, cross_attention_every)) cross-attention layers:
-    K·D + 2D (LN_q) + 2D (LN_v) + num_layers·(4·(D² + D) + 2·D·M + M + D + 2·2D) + C·(4·(D² + D) + 2D)
-    + D·E + E (+ pool). ViT-L/14 + Gemma-2B, defaults: 35,729,408 (36,518,401 with the heads).
+  in every other layer). Each layer is post-LN (BERT), over [queries; text] (QFormerLayer):
+    A ← LN(X + SelfAttn(X))                     (B, K + T, H), one softmax over queries and text
+    Q ← LN(A_q + CrossAttn(q = A_q, kv = LN_v(X_img)))   in layers i with i % cross_attention_every == 0
+    Q ← LN(Q + FFN_q(Q)),  T ← LN(A_t + FFN_t(A_t))       each branch its own FFN
+    Z = LL_O(Q)                               (B, K, E),  X starts as LN_q([queries; word + position])
+  The bridge (stage 2, and every stage of the default) is the query branch alone (T = 0). Stage 1
+  (config.stage="representation", BLIP-2's representation learning; text_vocab > 0) adds the text
+  branch: word and position embeddings, FFN_t per layer, and the heads of ITC (Linear(H, 256) on each
+  query and on the text's first token, a learned temperature), ITM (Linear(H, 2), the mean over the
+  queries of a joint pass) and ITG (BERT's LM head: Linear, GELU, LN, the decoder tied to the word
+  embeddings), under the masks of qformer_attention_mask; model.representation_loss joins them.
+  bridgejax chooses by default: k=32 (BLIP-2's), width H = D (no BERT to start from, so the queries take
+  the vision width), num_layers=2 with cross-attention in every layer (cross_attention_every=1), 16
+  heads (64-wide like BERT's), mlp_ratio=4, eps 1e-5, layer=-2 and every token of it, CLS included,
+  through LN_v, trained in one stage. configs/qformer.py:blip2 is BLIP-2's: H=768, 12 heads, 12 layers,
+  cross-attention every 2nd, eps 1e-12, both stages. Attention projections are torch-initialised
+  (BLIP-2 starts from BERT's weights, unavailable here).
+  Parameters of the query branch, C the cross-attention layers, W = H (width):
+    K·H + 2H (LN_q) + 2D (LN_v) + num_layers·(4·(H² + H) + 2·H·M + M + H + 2·2H)
+    + C·(2·(H² + H) + 2·(D·H + H) + 2H) + H·E + E (+ pool).
+    ViT-L/14 + Gemma-2B, defaults: 35,729,408 (36,518,401 with the heads); blip2: 103,200,256.
+  Stage 1's own (QFormer.text_params), V_t = the LLM's vocabulary + 1 ([DEC]):
+    V_t·H + 512·H + num_layers·(2·H·M + M + H + 2H) + 2·(256·H + 256) + 1 + (2H + 2) + (H² + H) + 2H + V_t;
+    blip2 at Gemma-2B: 254,932,996 (196.6M of it the word embeddings over 256,001 ids).
 
 image_feature (for W_i), `retrieval_feature` as in alltokens.py:
   "mean" (default): the mean of the K query outputs that LL_O consumes (D dims), thesis 6.3's rule
@@ -65,11 +76,16 @@ from __future__ import annotations
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from bridgejax.bridges import alltokens, base
 from bridgejax.bridges.base import BridgeOutput, MultiHeadCrossAttention
 from bridgejax.bridges.projector import GeluMLP
+from bridgejax.errors import UserError
+
+TEXT_POSITIONS = 512  # BERT's max_position_embeddings: the text branch's absolute positions
+ITC_WIDTH = 256  # BLIP-2's embed_dim of the ITC projections
 
 # MultiHeadCrossAttention shares its queries over the batch; vmapped over B with one parameter set
 # it takes per-example queries, which every layer after the first needs (and self-attention).
@@ -126,22 +142,77 @@ class ResamplerLayer(_QueryLayer):
     return 3 * ln_params(width) + _QueryLayer._block_params(width, mlp_ratio)
 
 
-class QFormerLayer(_QueryLayer):
-  """One BERT-style (post-LN) Q-Former layer: queries (B, K, D), tokens (B, N, D) -> queries (B, K, D)."""
+class QFormerAttention(nn.Module):
+  """BERT's multi-head attention (the Q-Former's, HF's Blip2QFormerMultiHeadAttention + SelfOutput's
+  dense): x (B, L, H) attends to y (B, M, C) under mask (B, L, M) (True = may attend) -> (B, L, H).
+  q_proj (H, heads, F), k_proj and v_proj (C, heads, F), out_proj (H, H), all with biases; F = H/heads.
+  Its parameter names and shapes are MultiHeadCrossAttention's when C = H, so checkpoints of the
+  default Q-Former load unchanged."""
 
-  cross_attention: bool = True
+  num_heads: int
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, queries, tokens):
-    h = self._norm("self_attn_norm", queries + self._attend("self_attn", queries, queries))
-    if self.cross_attention:
-      h = self._norm("cross_attn_norm", h + self._attend("cross_attn", h, tokens))
-    return self._norm("ffn_norm", h + self._ffn(h))
+  def __call__(self, x, y, mask=None):
+    width = x.shape[-1]
+    head_dim = width // self.num_heads
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    proj = lambda name: nn.DenseGeneral((self.num_heads, head_dim), kernel_init=base.torch_mha_in_kernel,
+                                        bias_init=nn.initializers.zeros, name=name, **kw)
+    q = proj("q_proj")(x) * head_dim**-0.5  # (B, L, heads, F)
+    k, v = proj("k_proj")(y), proj("v_proj")(y)  # (B, M, heads, F)
+    logits = jnp.einsum("BLHF,BMHF->BHLM", q, k).astype(jnp.float32)
+    if mask is not None:
+      logits = jnp.where(mask[:, None], logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
+    out = jnp.einsum("BHLM,BMHF->BLHF", probs, v).reshape(*x.shape[:2], width)
+    return nn.Dense(width, kernel_init=base.torch_linear_kernel, bias_init=nn.initializers.zeros,
+                    name="out_proj", **kw)(out)
+
+
+class QFormerLayer(nn.Module):
+  """One BERT-style (post-LN) Q-Former layer over [queries; text] (B, K + T, H), K = query_length:
+
+    A = LN(X + SelfAttn(X, X, mask))                      every position, one softmax (mask: ITC, ITM, ITG)
+    A_q = LN(A_q + CrossAttn(A_q, tokens))                the K query positions, if cross_attention
+    out = [LN(A_q + FFN_q(A_q)); LN(A_t + FFN_t(A_t))]    queries and text each through their own FFN
+
+  tokens (B, N, C) the normalised vision tokens. Text positions (T > 0) exist in stage 1 only, so
+  FFN_t ("text_ffn", HF's intermediate/output) is created only there; query_length = 0 is a text-only
+  pass (ITC's text side), as HF's Blip2QFormerLayer."""
+
+  num_heads: int
+  mlp_ratio: int
+  cross_attention: bool = True
+  eps: float = 1e-5
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, tokens, query_length: int, mask=None):
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    norm = lambda name, h: nn.LayerNorm(epsilon=self.eps, name=name, **kw)(h)
+    attend = lambda name, q, kv, m=None: QFormerAttention(self.num_heads, name=name, **kw)(q, kv, m)
+    ffn = lambda name, h: GeluMLP(self.mlp_ratio * h.shape[-1], h.shape[-1], name=name, **kw)(h)
+    a = norm("self_attn_norm", x + attend("self_attn", x, x, mask))
+    q, t = a[:, :query_length], a[:, query_length:]
+    out = []
+    if query_length:
+      if self.cross_attention:
+        q = norm("cross_attn_norm", q + attend("cross_attn", q, tokens))
+      out.append(norm("ffn_norm", q + ffn("ffn", q)))
+    if t.shape[1]:
+      out.append(norm("text_ffn_norm", t + ffn("text_ffn", t)))
+    return jnp.concatenate(out, axis=1) if len(out) > 1 else out[0]
 
   @staticmethod
-  def num_params(width: int, mlp_ratio: int, cross_attention: bool) -> int:
-    cross = MultiHeadCrossAttention.num_params(width) + ln_params(width) if cross_attention else 0
-    return 2 * ln_params(width) + _QueryLayer._block_params(width, mlp_ratio) + cross
+  def num_params(width: int, mlp_ratio: int, cross_attention: bool, vision_width: int | None = None) -> int:
+    """The query branch's parameters (no text FFN); cross-attention keys/values read vision_width."""
+    c = width if vision_width is None else vision_width
+    attention = 4 * (width * width + width)
+    cross = 2 * (width * width + width) + 2 * (c * width + width) + ln_params(width) if cross_attention else 0
+    return attention + GeluMLP.num_params(width, mlp_ratio * width, width) + 2 * ln_params(width) + cross
 
 
 class PerceiverResampler(alltokens._AllTokens):
@@ -196,6 +267,9 @@ class QFormer(alltokens._AllTokens):
   layer: int = -2  # BLIP-2: the ViT's penultimate layer
   post_norm: bool = False
   retrieval_feature: str = "mean"  # alltokens.RETRIEVAL_FEATURES
+  width: int = 0  # the Q-Former's width H; 0 = the vision width D (BLIP-2: 768, BERT-base's)
+  layer_norm_eps: float = 1e-5  # the Q-Former's LayerNorms (BLIP-2: BERT's 1e-12); LN_v keeps 1e-5
+  text_vocab: int = 0  # > 0: the stage-1 text branch and heads (set by config.stage="representation")
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -203,28 +277,139 @@ class QFormer(alltokens._AllTokens):
   def num_tokens(self) -> int:
     return self.k
 
+  @property
+  def query_width(self) -> int:
+    return self.width or self.vision_width
+
   def _cross_attends(self, i: int) -> bool:
     return i % self.cross_attention_every == 0
 
   @property
   def num_params(self) -> int:
-    d, e = self.vision_width, self.llm_width
-    layers = sum(QFormerLayer.num_params(d, self.mlp_ratio, self._cross_attends(i)) for i in range(self.num_layers))
-    return self.k * d + 2 * ln_params(d) + layers + d * e + e + self._pool_params
+    """The query branch (the bridge of stage 2); the text branch's are `text_params`."""
+    d, h, e = self.vision_width, self.query_width, self.llm_width
+    layers = sum(QFormerLayer.num_params(h, self.mlp_ratio, self._cross_attends(i), d) for i in range(self.num_layers))
+    return self.k * h + ln_params(h) + ln_params(d) + layers + h * e + e + self._pool_params
 
-  @nn.compact
-  def __call__(self, features: base.VisionFeatures) -> BridgeOutput:
+  @property
+  def text_params(self) -> int:
+    """Stage 1's own parameters: embeddings, a text FFN per layer, the ITC, ITM and ITG heads."""
+    h, v = self.query_width, self.text_vocab
+    embeddings = v * h + TEXT_POSITIONS * h
+    text_ffns = self.num_layers * (GeluMLP.num_params(h, self.mlp_ratio * h, h) + ln_params(h))
+    heads = 2 * (h * ITC_WIDTH + ITC_WIDTH) + 1 + (2 * h + 2) + (h * h + h) + ln_params(h) + v
+    return embeddings + text_ffns + heads
+
+  def setup(self):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    h = self.query_width
+    self.queries = self.param("queries", nn.initializers.normal(0.02), (self.k, h), self.param_dtype)
+    self.query_norm = nn.LayerNorm(epsilon=self.layer_norm_eps, **kw)  # BERT's embedding LN: queries and text
+    self.vision_norm = nn.LayerNorm(epsilon=1e-5, **kw)  # BLIP-2's ln_vision
+    self.layers = [QFormerLayer(self.num_heads, self.mlp_ratio, cross_attention=self._cross_attends(i),
+                                eps=self.layer_norm_eps, name=f"layer_{i}", **kw) for i in range(self.num_layers)]
+    self.proj = base.dense(self.llm_width, h, **kw)  # LL_O
+    if self.retrieval_feature == "attention_pool":
+      self.feature_pool = base.AttentionPool(self.num_heads, **kw)
+    if self.text_vocab:  # stage 1 (BLIP-2's representation learning)
+      init = nn.initializers.normal(0.02)  # BERT's initializer_range
+      self.word_embeddings = nn.Embed(self.text_vocab, h, embedding_init=init, **kw)
+      self.position_embeddings = nn.Embed(TEXT_POSITIONS, h, embedding_init=init, **kw)
+      self.itc_image_proj = base.dense(ITC_WIDTH, h, **kw)  # BLIP-2's vision_proj
+      self.itc_text_proj = base.dense(ITC_WIDTH, h, **kw)  # text_proj
+      self.itc_temp = self.param("itc_temp", nn.initializers.constant(0.07), ())
+      self.itm_head = base.dense(2, h, **kw)
+      self.itg_transform = base.dense(h, h, **kw)  # BERT's LM head: dense, GELU, LN, then the tied decoder
+      self.itg_norm = nn.LayerNorm(epsilon=self.layer_norm_eps, **kw)
+      self.itg_bias = self.param("itg_bias", nn.initializers.zeros, (self.text_vocab,), self.param_dtype)
+
+  # ----------------------------------------------------------------- the query branch (the bridge)
+
+  def vision_tokens(self, features: base.VisionFeatures):
+    """-> (the layer's tokens (B, N, D), LN_v of them: what cross-attention reads)."""
     x = self._tokens(features)  # (B, N, D), CLS included
-    tokens = layer_norm("vision_norm", **kw)(x)  # BLIP-2's ln_vision
-    queries = self.param("queries", nn.initializers.normal(0.02), (self.k, self.vision_width), self.param_dtype)
-    h = layer_norm("query_norm", **kw)(queries.astype(self.dtype))  # (K, D)
-    h = jnp.broadcast_to(h, (x.shape[0], *h.shape))  # (B, K, D)
-    for i in range(self.num_layers):
-      layer = QFormerLayer(self.num_heads, self.mlp_ratio, cross_attention=self._cross_attends(i), name=f"layer_{i}", **kw)
-      h = layer(h, tokens)
-    z = base.dense(self.llm_width, self.vision_width, name="proj", **kw)(h)  # LL_O: (B, K, E)
-    return BridgeOutput(z, self._feature(x, h))
+    return x, self.vision_norm(x)
+
+  def query_states(self, tokens):
+    """tokens (B, N, D) after LN_v -> the queries' last states (B, K, H): query_length = K, no text."""
+    h = self.query_norm(self.queries.astype(self.dtype))  # (K, H)
+    h = jnp.broadcast_to(h, (tokens.shape[0], *h.shape))  # (B, K, H)
+    for layer in self.layers:
+      h = layer(h, tokens, self.k)
+    return h
+
+  def __call__(self, features: base.VisionFeatures) -> BridgeOutput:
+    x, tokens = self.vision_tokens(features)
+    h = self.query_states(tokens)
+    z = self.proj(h)  # LL_O: (B, K, E)
+    if self.retrieval_feature == "mean":
+      return BridgeOutput(z, jnp.mean(h.astype(jnp.float32), axis=1).astype(self.dtype))
+    return BridgeOutput(z, self.feature_pool(x))
+
+  # ----------------------------------------------------------------- stage 1: the text branch
+
+  def text_states(self, ids, mask):
+    """ITC's text side: ids (B, T) alone, bidirectional over real tokens -> (B, T, H)."""
+    x = self.query_norm(self._embed_text(ids))
+    attend = jnp.broadcast_to(mask.astype(bool)[:, None, :], (*ids.shape, ids.shape[1]))  # (B, T, T)
+    for layer in self.layers:
+      x = layer(x, None, 0, attend)
+    return x
+
+  def joint_states(self, tokens, ids, mask, causal: bool):
+    """[queries; text] (B, K + T, H) through every layer, queries cross-attending to tokens (B, N, D):
+    causal=False ITM's mask (every position sees every real one); causal=True ITG's (the queries see
+    only the queries, text position t the queries and text up to t): losses.qformer_attention_mask."""
+    b = ids.shape[0]
+    q = jnp.broadcast_to(self.queries.astype(self.dtype), (b, self.k, self.query_width))
+    x = self.query_norm(jnp.concatenate([q, self._embed_text(ids)], axis=1))
+    attend = qformer_attention_mask(self.k, mask, causal)
+    for layer in self.layers:
+      x = layer(x, tokens, self.k, attend)
+    return x
+
+  def _embed_text(self, ids):  # (B, T) -> (B, T, H): word + absolute position (BERT's; HF Blip2TextEmbeddings)
+    return self.word_embeddings(ids) + self.position_embeddings(jnp.arange(ids.shape[1]))[None]
+
+  def itc_embeddings(self, query_states, text_states):
+    """-> (the queries' ITC embeddings (B, K, 256), the text's from its first token (B, 256)), unit norm."""
+    normalize = lambda x: x / jnp.linalg.norm(x, axis=-1, keepdims=True)
+    return (normalize(self.itc_image_proj(query_states).astype(jnp.float32)),
+            normalize(self.itc_text_proj(text_states[:, 0]).astype(jnp.float32)))
+
+  def itc_temperature(self):
+    """BLIP-2 clamps its temp to [0.001, 0.5] in place before each step, so it keeps learning at a
+    bound; a plain clip would stop its gradient there: the clipped value, the identity's gradient."""
+    return self.itc_temp + jax.lax.stop_gradient(jnp.clip(self.itc_temp, 0.001, 0.5) - self.itc_temp)
+
+  def itm_logits(self, joint_states):  # (B, K + T, H) -> (B, 2): the mean over the query positions
+    return jnp.mean(self.itm_head(joint_states[:, :self.k]).astype(jnp.float32), axis=1)
+
+  def itg_logits(self, text_states):  # (B, T, H) -> (B, T, V_t): the decoder tied to word_embeddings
+    h = self.itg_norm(nn.gelu(self.itg_transform(text_states), approximate=False))
+    return self.word_embeddings.attend(h).astype(jnp.float32) + self.itg_bias
+
+  def init_representation(self, features, ids, mask):
+    """Touches every stage-1 parameter (init): the query branch without LL_O, the text branch, the heads."""
+    _, tokens = self.vision_tokens(features)
+    q, t = self.query_states(tokens), self.text_states(ids, mask)
+    return (self.itc_embeddings(q, t), self.itc_temperature(), self.itm_logits(self.joint_states(tokens, ids, mask, False)),
+            self.itg_logits(self.joint_states(tokens, ids, mask, True)[:, self.k:]))
+
+
+def qformer_attention_mask(num_queries: int, mask, causal: bool):
+  """Who sees whom in [queries; text] (B, K + T, K + T), mask (B, T) the text's real tokens.
+  ITM (causal=False): every position sees the queries and the real text. ITG (causal=True, BLIP-2's
+  multimodal causal mask): the queries see only the queries; text t sees the queries and real text <= t."""
+  b, t = mask.shape
+  real = jnp.concatenate([jnp.ones((b, num_queries), bool), mask.astype(bool)], axis=1)  # (B, K + T)
+  attend = jnp.broadcast_to(real[:, None, :], (b, num_queries + t, num_queries + t))
+  if not causal:
+    return attend
+  pos = jnp.arange(num_queries + t)
+  is_text = pos >= num_queries
+  allowed = jnp.where(is_text[:, None], ~is_text[None, :] | (pos[None, :] <= pos[:, None]), ~is_text[None, :])
+  return attend & allowed[None]
 
 
 # --- registry ----------------------------------------------------------------------------------------
@@ -236,12 +421,22 @@ def _check_resampler(name, dims, *, k, num_layers, num_heads, mlp_ratio, **kw):
   alltokens._check_common(name, dims, num_heads=num_heads, **kw)
 
 
-def _check_qformer(name, dims, *, cross_attention_every, **kw):
+def _check_qformer(name, dims, *, cross_attention_every, width, layer_norm_eps, text_vocab, num_heads, **kw):
   base.check_positive_int(name, "cross_attention_every", cross_attention_every)
-  _check_resampler(name, dims, **kw)
+  if width:  # 0: the vision width
+    base.check_positive_int(name, "width", width)
+  base.check_heads(name, num_heads, width or dims["vision_width"])
+  if isinstance(layer_norm_eps, bool) or not isinstance(layer_norm_eps, (int, float)) or not 0 < layer_norm_eps < 1:
+    raise UserError(f"bridge {name!r}: layer_norm_eps={layer_norm_eps!r} must be a number in (0, 1), e.g. 1e-12")
+  if text_vocab:
+    base.check_positive_int(name, "text_vocab", text_vocab)
+  for key, value in dict(k=kw["k"], num_layers=kw["num_layers"], mlp_ratio=kw["mlp_ratio"]).items():
+    base.check_positive_int(name, key, value)
+  alltokens._check_common(name, dims, num_heads=num_heads,
+                          **{key: kw[key] for key in ("layer", "post_norm", "retrieval_feature")})
 
 
 base.register("perceiver_resampler", PerceiverResampler, check=_check_resampler,
               doc="Flamingo: k latents attend to [patches; latents], num_layers pre-LN blocks, Linear(D, E)")
-base.register("qformer", QFormer, check=_check_qformer,
+base.register("qformer", QFormer, check=_check_qformer, fixed=("text_vocab",),
               doc="BLIP-2 Q-Former: k queries, self-attention + cross-attention to all tokens + FFN, Linear(D, E)")

@@ -24,6 +24,7 @@ import numpy as np
 
 from bridgejax import mesh as mesh_lib, paths, preemption
 from bridgejax.data.splits import eval_tasks, protocol_of, task_data
+from bridgejax.errors import UserError
 from bridgejax.evaluation import tasks as tasks_lib
 from bridgejax.evaluation.engine import Engine
 from bridgejax.experiment import build
@@ -67,6 +68,9 @@ def evaluate(config, workdir: str, step: int | None = None, *, tasks=None, setup
              report: bool = True, quiet: bool = False) -> dict[str, dict]:
   """Runs every entry of config.evals (or those named in `tasks`) on checkpoint `step` (default:
   the latest) of `workdir`. Inside a sweep's catch_sigterm() a SIGTERM stops it between tasks."""
+  if config.get("stage", "generative") == "representation":
+    raise UserError(f"{workdir} is a stage-1 run (config.stage='representation'): its Q-Former has not met the LLM "
+                    "yet; evaluate the stage-2 run that starts from it (config.init_from)")
   evals = eval_tasks(config, tasks)
   for name, cfg in evals.items():  # a missing dataset or a bad setting fails before any weights load
     tasks_lib.check_task(name, cfg)

@@ -372,3 +372,40 @@ class Checkpointer:
 def abstract_like(tree):
   """ShapeDtypeStructs (with shardings) describing `tree`, the target layout for a restore."""
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), tree)
+
+
+def warm_start(params: dict, workdir: str) -> tuple[dict, str]:
+  """params {bridge, ret} with every bridge parameter that `workdir`'s newest checkpoint holds at the same
+  path and shape taken from it (config.init_from: BLIP-2's stage 2 from stage 1), and a one-line
+  report of what was taken, what starts fresh and what was left behind. Reads `workdir`, writes nothing."""
+  if not (paths.path(workdir) / "checkpoints").is_dir():
+    raise UserError(f"config.init_from={workdir!r} has no checkpoints/ folder: point it at a trained run's workdir")
+  source = Checkpointer(workdir)
+  try:
+    if not source.all_steps():
+      raise UserError(f"config.init_from={workdir!r} has no checkpoint yet: train that run first")
+    step, saved = source.load_params()
+  finally:
+    source.close()
+  flat = lambda tree: {jax.tree_util.keystr(k, simple=True, separator="/"): v
+                       for k, v in jax.tree_util.tree_leaves_with_path(tree)}
+  saved_bridge = flat(saved.get("bridge", {}))
+  taken, fresh = [], []
+
+  def take(path, value):
+    name = jax.tree_util.keystr(path, simple=True, separator="/")
+    if name in saved_bridge and tuple(saved_bridge[name].shape) == tuple(value.shape):
+      taken.append(name)
+      return jax.numpy.asarray(saved_bridge[name], value.dtype)
+    fresh.append(name)
+    return value
+
+  bridge = jax.tree_util.tree_map_with_path(take, params["bridge"])
+  if not taken:
+    raise UserError(f"config.init_from={workdir!r}: its bridge shares no parameter (same name and shape) with this "
+                    "config's bridge; start from a run of the same bridge settings")
+  left = sorted(set(saved_bridge) - set(taken))
+  report = (f"bridge initialised from {workdir} (step {step}): {len(taken)} of {len(taken) + len(fresh)} arrays"
+            + (f"; fresh: {', '.join(fresh[:6])}{' ...' if len(fresh) > 6 else ''}" if fresh else "")
+            + (f"; not used: {len(left)} ({', '.join(left[:3])}{' ...' if len(left) > 3 else ''})" if left else ""))
+  return {**params, "bridge": bridge}, report

@@ -22,7 +22,8 @@ from bridgejax.data import features as feature_cache
 from bridgejax.errors import UserError
 from bridgejax.experiment import Setup, build
 from bridgejax.model import frozen_row_norm
-from bridgejax.train.checkpoint import CheckpointError, CheckpointMismatchError, Checkpointer, abstract_like
+from bridgejax.train.checkpoint import (CheckpointError, CheckpointMismatchError, Checkpointer, abstract_like,
+                                       warm_start)
 from bridgejax.train.metric_writer import MetricWriter
 from bridgejax.train.optimizer import make_optimizer
 from bridgejax.train.step import TrainState, make_train_step
@@ -36,7 +37,10 @@ class ConfigMismatchError(UserError):
   """A restart whose config does not fit the run's checkpoints."""
 
 
-MODEL_INPUTS = ("image", "text_ids", "text_mask")  # or, with data.features, hidden_<i> for image
+MODEL_INPUTS = ("image", "text_ids", "text_mask")
+# the progress bar's losses: (shown as, metric), each where the stage logs it
+PROGRESS_METRICS = (("loss", "loss"), ("cap", "caption_loss"), ("ret", "contrastive_loss"), ("itc", "itc_loss"),
+                    ("itm", "itm_loss"), ("itg", "itg_loss"))  # or, with data.features, hidden_<i> for image
 
 
 def global_batch(batch: dict, mesh) -> dict:
@@ -108,7 +112,8 @@ def format_summary(summary: dict, workdir: str) -> str:
   lines = [f"trained to step {summary['step']} in {workdir}"
            + (" (stopped by SIGTERM; run again to resume)" if summary["preempted"] else "")]
   train_metrics = summary.get("train", {})
-  for key in ("loss", "caption_loss", "text_loss", "contrastive_loss", "i2t_top1", "t2i_top1"):
+  for key in ("loss", "caption_loss", "text_loss", "contrastive_loss", "i2t_top1", "t2i_top1", "itc_loss", "itm_loss",
+              "itg_loss"):
     if key in train_metrics:
       lines.append(f"  train {key:18s} {train_metrics[key]:.4f}")
   for key, value in sorted(summary.get("val", {}).items()):
@@ -270,6 +275,16 @@ def _train(config, workdir: str, train_data, setup: Setup, evaluate, writer: Met
     checkpointer.close()
     raise
   start = int(state.step)
+  if not start and config.get("init_from"):  # a fresh run starts its bridge from another run (BLIP-2's stage 2)
+    try:
+      params, report = warm_start(jax.device_get(state.params), config.init_from)
+    except BaseException:
+      checkpointer.close()
+      raise
+    with jax.set_mesh(mesh):
+      state = jax.jit(lambda p: TrainState.create(p, optimizer), out_shardings=replicated)(params)
+    if jax.process_index() == 0:
+      print(report)
   best = _best_so_far(checkpointer, best_metric)
   if start and start >= config.total_steps:  # keep the finished run's summary and config.json
     checkpointer.close()
@@ -316,8 +331,9 @@ def _train(config, workdir: str, train_data, setup: Setup, evaluate, writer: Met
           metrics.update(steps_per_s=rate, samples_per_s=rate * samples_per_step,
                          skipped_total=int(state.nonfinite_total))
           writer.write(step, metrics, prefix="train/")
-          progress.set_postfix(loss=f"{metrics['loss']:.3f}", cap=f"{metrics['caption_loss']:.3f}",
-                               ret=f"{metrics['contrastive_loss']:.3f}", samples_s=f"{rate * samples_per_step:.1f}")
+          shown = {name: metrics[key] for name, key in PROGRESS_METRICS if key in metrics}
+          progress.set_postfix(**{name: f"{value:.3f}" for name, value in shown.items()},
+                               samples_s=f"{rate * samples_per_step:.1f}")
           if int(state.nonfinite_max_run) >= config.max_nonfinite_steps:
             checkpointer.wait()
             raise NonFiniteLossError(
