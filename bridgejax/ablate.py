@@ -8,7 +8,7 @@ An ablation run of configs/X.py is toy_config("X"): X's bridge and the options t
 trained (TRANSPLANTED: loss weights, [RET] heads, CMLI, token-type embeddings, the concat trick)
 on configs/demo.py's everything else (toy backbones, toy data, optimiser, batch), for a bounded
 number of steps (a two-stage config, configs/blip2.py, spends its representation_share of them on
-stage 1), evaluated on the toy test images: captioning, retrieval, VQA and VisDial, each on
+stage 1; an absolute bridge width, blip2's 768, keeps its ratio to the tower: _scale_absolute_width), evaluated on the toy test images: captioning, retrieval, VQA and VisDial, each on
 its first `max_examples`. A config whose backbones are not CLIP + Gemma (SigLIP, Glória) or whose
 bridge does not fit the toy backbones is skipped with its reason.
 
@@ -85,6 +85,7 @@ def toy_config(name: str, steps: int = STEPS, *, toy=None, max_examples: int = M
   for key in TRANSPLANTED:
     config[key] = experiment[key]
   config.name = name
+  _scale_absolute_width(config)
   config.total_steps = config.checkpoint_every_steps = config.eval_every_steps = steps
   config.evals = ml_collections.ConfigDict({
       task: eval_task(task, data=config.data.dir, split=split, batch_size=config.data.val_batch_size,
@@ -93,6 +94,23 @@ def toy_config(name: str, steps: int = STEPS, *, toy=None, max_examples: int = M
   for task in ("caption", "vqa"):
     config.evals[task].max_new_tokens = max_new_tokens or config.evals[task].max_new_tokens
   return config
+
+
+REAL_VISION_WIDTH = 1024  # ViT-L/14's, the tower a config's absolute widths are chosen against
+
+
+def _scale_absolute_width(config) -> None:
+  """A bridge whose `width` is absolute (configs/qformer.py:blip2's 768, BLIP-2's BERT) keeps its ratio to
+  the tower on the toy one: 768 / 1024 of the toy CLIP's 64 is 48, rounded down to a multiple of its
+  heads. At 768 it would dwarf the toy world (93M parameters, ~45 s a step on 2 cores); every other
+  bridge's widths already follow the towers'."""
+  width = config.bridge.get("width", 0)
+  if not width:
+    return
+  from bridgejax import inspect  # pylint: disable=g-import-not-at-top
+  toy_width = inspect.backbone_configs(config)[0].hidden_size
+  heads = config.bridge.get("num_heads", 1)
+  config.bridge.width = max(heads, width * toy_width // REAL_VISION_WIDTH // heads * heads)
 
 
 def unrunnable(name: str, config) -> str | None:

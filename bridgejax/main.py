@@ -31,7 +31,9 @@ def run(config, workdir: str) -> dict:
   check_config_values(config)
   first, config = stages(config, workdir)
   if first is not None:
-    run(first, str(paths.path(workdir) / REPRESENTATION_DIR))
+    summary = run(first, str(paths.path(workdir) / REPRESENTATION_DIR))
+    if summary["preempted"]:  # SIGTERM in stage 1: the same command resumes it
+      return summary
   ensure_toy_data(config)
   check_val_split(config)  # before any weight loads, not 1000 steps in at the first validation
   lock = lock_workdir(workdir)  # and before minutes of loading backbones

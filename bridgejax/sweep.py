@@ -92,25 +92,26 @@ def sweep(config, workdir: str, seeds: list[int], checkpoint: str = "best") -> l
 def _sweep(config, workdir: str, seeds: list[int], checkpoint: str) -> list[str]:
   from bridgejax.evaluation import table  # pylint: disable=g-import-not-at-top
   from bridgejax.evaluation.run import evaluate  # pylint: disable=g-import-not-at-top
-  from bridgejax.main import run  # pylint: disable=g-import-not-at-top
+  from bridgejax.main import run, stages  # pylint: disable=g-import-not-at-top
   done, report = [], []
   for i, seed in enumerate(seeds):
     run_config = config.copy_and_resolve_references()
     run_config.seed = seed
     run_config.eval_after_training = False  # evaluated below, on the chosen checkpoint
     where = seed_workdir(workdir, seed)
-    target, did = trained_step(where, run_config, checkpoint), []
+    final = stages(run_config, where)[1]  # what WORKDIR itself trains: stage 2 of a two-stage config
+    target, did = trained_step(where, final, checkpoint), []
     print(f"[{i + 1}/{len(seeds)}] seed {seed} in {where}: " + ("trained" if target else "training"), flush=True)
     if target is None:
       summary = run(run_config, where)
       if summary["preempted"]:
         print(f"seed {seed} stopped at step {summary['step']} (SIGTERM); run the same command to resume")
         break
-      target = trained_step(where, run_config, checkpoint)
+      target = trained_step(where, final, checkpoint)
       did.append(f"trained to step {summary['step']}")
     step, load = target
     if evaluated_step(where, list(run_config.evals)) != step:
-      evaluate(run_config, where, load)
+      evaluate(final, where, load)
       if preemption.requested() and evaluated_step(where, list(run_config.evals)) != step:
         print(f"seed {seed}: evaluation stopped (SIGTERM); run the same command to resume")
         break

@@ -36,6 +36,9 @@ def test_toy_config_transplants_the_bridge_and_keeps_the_toy_setup(world):
   assert config.evals.caption.max_new_tokens == config.evals.vqa.max_new_tokens == 4
   assert "siglip" in ablate.unrunnable("siglip_crossatt", ablate.toy_config("siglip_crossatt", toy=toy))
   assert ablate.unrunnable("fromage", ablate.toy_config("fromage", toy=toy)) is None
+  blip2 = ablate.toy_config("blip2", toy=toy)  # both stages; BLIP-2's 768 in proportion to the 32-wide tower
+  assert (blip2.stage, blip2.representation_share, blip2.bridge.num_layers) == ("generative", 0.5, 12)
+  assert blip2.bridge.width == 24 == 768 * 32 // 1024 and ablate.unrunnable("blip2", blip2) is None
 
 
 def test_unknown_config_is_one_line_listing_the_known_ones():

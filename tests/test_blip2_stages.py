@@ -107,3 +107,19 @@ def test_init_from_refuses_what_it_cannot_use(tiny, tmp_path):  # noqa: F811
   with pytest.raises(UserError, match="has no checkpoints/ folder"):
     warm_start(params, str(tmp_path / "nowhere"))
   assert not (tmp_path / "nowhere").exists()
+
+
+def test_a_sweep_counts_a_two_stage_run_done_at_stage_2s_last_step(tmp_path):
+  """sweep/ablate read WORKDIR's train_summary.json, stage 2's: 3 of 6 steps when stage 1 took the other 3."""
+  import json
+  from bridgejax.main import stages
+  from bridgejax.sweep import trained_step
+  from configs import blip2
+  config = blip2.get_config()
+  config.total_steps = 6
+  first, second = stages(config, str(tmp_path))
+  assert (first.total_steps, first.stage, second.total_steps, second.init_from) == (
+      3, "representation", 3, str(tmp_path / "representation"))
+  (tmp_path / "train_summary.json").write_text(json.dumps({"step": 3, "preempted": False}))
+  assert trained_step(str(tmp_path), second, "last") == (3, 3)
+  assert trained_step(str(tmp_path), config, "last") is None  # the whole run's 6 steps: never done
