@@ -26,10 +26,6 @@ from bridgejax.errors import UserError
 from bridgejax.toy.prepare import toy_pending
 
 
-def _remote(path: str) -> bool:
-  return "://" in str(path)
-
-
 def _nearby(path: str, n: int = 6) -> str:
   """What is next to a missing path: the entries of its folder named like it (or all, if few)."""
   parent = os.path.dirname(os.path.abspath(path))
@@ -50,7 +46,7 @@ def check_path(key: str, value: str, what: str) -> None:
   """`--config.KEY=value` must name an existing file or folder (`what` says which kind of thing)."""
   if not value:
     raise UserError(f"--config.{key} is empty; set it to {what}")
-  if _remote(value) or os.path.exists(value):
+  if paths.is_remote(value) or os.path.exists(value):
     return
   raise UserError(f"--config.{key}={value!r} does not exist ({_nearby(value)}); set it to {what}")
 
@@ -60,7 +56,7 @@ def _dataset_info(key: str, data_dir: str) -> dict | None:
   if not data_dir:
     raise UserError(f"--config.{key} is empty; set it to a prepared dataset folder "
                     "(python -m bridgejax.data.prepare ... --out DIR)")
-  if _remote(data_dir):
+  if paths.is_remote(data_dir):
     return None
   if not os.path.isdir(data_dir):
     raise UserError(f"--config.{key}={data_dir!r} does not exist ({_nearby(data_dir)}); "
@@ -151,7 +147,7 @@ def check_checkpoint(workdir: str, step: int | str | None = None) -> None:
   from bridgejax.train.checkpoint import BEST, checkpoint_step  # pylint: disable=g-import-not-at-top
   step = checkpoint_step(step)
   check_workdir(workdir)
-  if _remote(workdir):
+  if paths.is_remote(workdir):
     return
   directory = os.path.join(workdir, "checkpoints")
   if not os.path.isdir(workdir):

@@ -42,7 +42,9 @@ def run(config, workdir: str) -> dict:
     writer = MetricWriter.for_run(config, workdir)  # config.wandb without wandb fails here, before the backbones
     setup = build(config)
     representation = config.get("stage", "generative") == "representation"
-    evaluate = quick_validation if config.data.val_split and not representation else None
+    evaluate = None
+    if config.data.val_split and not representation:
+      evaluate = lambda setup, params, step: quick_validation(setup, params)  # the loop's callback gets the step too
     summary = train(config, workdir, train_iterator(config, setup), setup=setup, evaluate=evaluate, locked=True,
                     writer=writer)
     if jax.process_index() == 0:

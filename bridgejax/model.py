@@ -12,8 +12,8 @@ The concat trick (FROMAGe: with probability concat_prob, pairs of examples are j
 caption sequence [img_a, cap_a, img_b, cap_b]) runs the LLM once whatever the coin says: with
 concat_prob > 0 the captioning pass always lays pairs out as (B/2, 2S) rows, and a segment mask
 decides whether the second half sees the first. Positions restart when the halves are kept
-apart, so each half is then exactly its own sequence. (A `lax.cond` between two layouts kept
-both branches' buffers: 73.7 GiB instead of 35.0 GiB for crossatt_k12 at batch 180 on an H200.)
+apart, so each half is then exactly its own sequence. (One program rather than a `lax.cond`
+between the two layouts, which would keep both branches' buffers alive.)
 
 `config.remat` trades memory for compute in the backward pass: "llm" recomputes each frozen LLM
 layer (keeping only its input), "all" also recomputes the LM head with its cross-entropy (the

@@ -93,3 +93,35 @@ def make_tiny_gemma(name: str, path, seed: int = 0, **overrides) -> TinyGemma:
 def tiny_gemmas(tmp_path_factory) -> dict[str, TinyGemma]:
   root = tmp_path_factory.mktemp("tiny_gemmas")
   return {name: make_tiny_gemma(name, root / name) for name in TINY_GEMMAS}
+
+
+# ------------------------------------------------------------------------------------------------
+# The tiny CLIP + Gemma BridgeModel of the model and loss tests (test_model.py, test_loss_gradients.py,
+# test_token_types_and_cmli.py, test_blip2_stages.py); its geometry and a caption batch are in model_helper.py.
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+  """Random tiny HF checkpoints (CLIP 28 px / patch 7, Gemma MQA), loaded: (config with a cls_linear
+  bridge of k=K, vision config, LLM config, frozen params, the transformers Gemma)."""
+  import ml_collections
+  import torch
+  import transformers
+
+  from bridgejax import weights
+  from configs import base
+  from model_helper import K, VOCAB
+  root = tmp_path_factory.mktemp("tiny")
+  torch.manual_seed(0)
+  transformers.CLIPVisionModel(transformers.CLIPVisionConfig(
+      image_size=28, patch_size=7, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+      num_attention_heads=4)).save_pretrained(root / "clip")
+  gemma = transformers.GemmaForCausalLM(transformers.GemmaConfig(
+      vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+      num_key_value_heads=1, head_dim=8, pad_token_id=0, bos_token_id=2, eos_token_id=1)).eval()
+  gemma.save_pretrained(root / "gemma")
+  vision = weights.load_vision_tower(str(root / "clip"))
+  lm = weights.load_language_model(str(root / "gemma"))
+  config = base.get_config()
+  config.bridge = ml_collections.ConfigDict({"name": "cls_linear", "k": K, "layer": -1, "post_norm": True})
+  frozen = {"vision": vision.params, "llm": lm.params}
+  return config, vision.config, lm.config, frozen, gemma

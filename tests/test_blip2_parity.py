@@ -23,10 +23,10 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import Blip2Config, Blip2ForImageTextRetrieval, Blip2QFormerConfig, Blip2VisionConfig
 
+from bridge_helper import random_hidden_states
 from bridgejax import bridges, losses
 from bridgejax.bridges import VisionFeatures
 from bridgejax.bridges.querying import qformer_attention_mask
-from test_bridges import _hidden_states
 
 # The vision width D (24) differs from the Q-Former width H (16): cross-attention keys/values read D.
 DIMS = dict(vision_width=24, vision_layers=2, grid_size=2, llm_width=8)  # 5 tokens (CLS + 2x2)
@@ -174,7 +174,7 @@ def world():
   assert hf.qformer.config._attn_implementation == "eager"
 
   bridge = bridges.build_bridge(QFORMER, **DIMS).clone(text_vocab=VOCAB)
-  features = VisionFeatures(_hidden_states(DIMS, B))
+  features = VisionFeatures(random_hidden_states(DIMS, B))
   rng = np.random.default_rng(0)
   mask = (np.arange(T)[None] < np.array(LENGTHS)[:, None]).astype(np.int32)  # (B, T)
   ids = np.where(mask, rng.integers(1, VOCAB - 1, (B, T)), 0).astype(np.int32)  # pad id 0

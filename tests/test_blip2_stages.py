@@ -8,26 +8,26 @@ import numpy as np
 import pytest
 
 from bridgejax.model import BridgeModel
-from test_model import VOCAB, _batch, tiny  # noqa: F401  (the tiny CLIP + Gemma fixture)
+from model_helper import caption_batch
 
 QFORMER = dict(name="qformer", k=3, num_layers=2, cross_attention_every=2, num_heads=2, width=16, mlp_ratio=2,
                layer=-1, layer_norm_eps=1e-12)
 
 
-def _model(tiny, stage):  # noqa: F811
-  config, vision_config, llm_config, frozen, _ = tiny
+def _model(tiny_model, stage):
+  config, vision_config, llm_config, frozen, _ = tiny_model
   config = config.copy_and_resolve_references()
   config.bridge = ml_collections.ConfigDict(QFORMER)
   config.stage = stage
   return BridgeModel.create(config, vision_config, llm_config), frozen
 
 
-def test_stage1_losses_train_the_query_branch(tiny):  # noqa: F811
-  model, frozen = _model(tiny, "representation")
+def test_stage1_losses_train_the_query_branch(tiny_model):
+  model, frozen = _model(tiny_model, "representation")
   trainable = model.init_trainable(jax.random.key(0), frozen)
   assert "proj" not in trainable["bridge"] and "word_embeddings" in trainable["bridge"]
   assert "text_ffn" in trainable["bridge"]["layer_0"]
-  batch = _batch()
+  batch = caption_batch()
 
   def term(bridge, name):
     return model.loss({**trainable, "bridge": bridge}, frozen, batch, jax.random.key(1))[1][name]
@@ -99,10 +99,10 @@ def json_config(workdir):
   return ml_collections.ConfigDict(json.load(open(workdir / "config.json")))
 
 
-def test_init_from_refuses_what_it_cannot_use(tiny, tmp_path):  # noqa: F811
+def test_init_from_refuses_what_it_cannot_use(tiny_model, tmp_path):
   from bridgejax.errors import UserError
   from bridgejax.train.checkpoint import warm_start
-  model, frozen = _model(tiny, "generative")
+  model, frozen = _model(tiny_model, "generative")
   params = model.init_trainable(jax.random.key(0), frozen)
   with pytest.raises(UserError, match="has no checkpoints/ folder"):
     warm_start(params, str(tmp_path / "nowhere"))

@@ -14,14 +14,10 @@ import optax
 import pytest
 import torch
 
+from bridge_helper import (BATCH, DIMS, THESIS, abstract_count, abstract_features, np64, np_hidden, np_post_norm,
+                           param_count, random_hidden_states, torch_mha, torch_pool, tower_features)
 from bridgejax import bridges
 from bridgejax.bridges import MultiHeadCrossAttention, VisionFeatures
-
-# Tiny backbone geometry: width 16, 4 layers (5 hidden states), a 4x4 grid (17 tokens), LLM width 8.
-DIMS = dict(vision_width=16, vision_layers=4, grid_size=4, llm_width=8)
-BATCH = 3
-# ViT-L/14 at 224 + Gemma-2B, only through jax.eval_shape.
-THESIS = dict(vision_width=1024, vision_layers=24, grid_size=16, llm_width=2048)
 
 CONFIGS = {  # id: (config, number of output tokens)
     "cls_linear": (dict(name="cls_linear"), 1),
@@ -56,44 +52,9 @@ def _feature_width(cfg, dims=DIMS):
   return dims["vision_width"]
 
 
-def _hidden_states(dims=DIMS, batch=BATCH, seed=0):
-  rng = np.random.default_rng(seed)
-  n = 1 + dims["grid_size"] ** 2
-  return tuple(jnp.asarray(rng.standard_normal((batch, n, dims["vision_width"])), jnp.float32)
-               for _ in range(dims["vision_layers"] + 1))
-
-
-def _post_norm_params(width=DIMS["vision_width"], seed=1):
-  rng = np.random.default_rng(seed)
-  return {"scale": jnp.asarray(1 + 0.1 * rng.standard_normal(width), jnp.float32),
-          "bias": jnp.asarray(0.1 * rng.standard_normal(width), jnp.float32)}
-
-
-def _feats(hs, params=None, eps=1e-5):
-  """The tower's features: hidden states plus a (random) post-LayerNorm."""
-  p = _post_norm_params() if params is None else params
-  return VisionFeatures(hs, p["scale"], p["bias"], eps)
-
-
 def _bare(hs):
   """Hidden states only, no post-LayerNorm: enough for every bridge with post_norm=False."""
   return VisionFeatures(hs)
-
-
-def _abstract_feats(hs, width):
-  norm = jax.ShapeDtypeStruct((width,), jnp.float32)
-  return VisionFeatures(hs, norm, norm)
-
-
-def _np_post_norm(x, eps=1e-5):
-  p = jax.tree.map(np.asarray, _post_norm_params())
-  mean = x.mean(-1, keepdims=True)
-  var = ((x - mean) ** 2).mean(-1, keepdims=True)
-  return (x - mean) / np.sqrt(var + eps) * p["scale"] + p["bias"]
-
-
-def _count(tree):
-  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
 
 
 def _init(cfg, dims=DIMS):
@@ -105,8 +66,8 @@ def _init(cfg, dims=DIMS):
 def _init_cached(cfg, dims):
   cfg, dims = dict(cfg), dict(dims)
   bridge = bridges.build_bridge(cfg, **dims)
-  hs = _hidden_states(dims)
-  params = bridge.init(jax.random.key(0), _feats(hs))["params"]
+  hs = random_hidden_states(dims)
+  params = bridge.init(jax.random.key(0), tower_features(hs))["params"]
   return bridge, params, hs
 
 
@@ -116,22 +77,12 @@ def _init_cached(cfg, dims):
 def test_shapes_and_parameter_formula(case):
   cfg, k = CONFIGS[case]
   bridge, params, hs = _init(cfg)
-  out = bridge.apply({"params": params}, _feats(hs))
+  out = bridge.apply({"params": params}, tower_features(hs))
   assert out.tokens.shape == (BATCH, k, DIMS["llm_width"])
   assert out.image_feature.shape == (BATCH, _feature_width(cfg))
   assert out.tokens.dtype == jnp.float32 and np.all(np.isfinite(out.tokens))
   assert bridges.num_tokens(cfg, **DIMS) == k
-  assert _count(params) == bridges.num_params(cfg, **DIMS)
-
-
-def _abstract_count(cfg, dims):
-  bridge = bridges.build_bridge(cfg, **dims)
-  n = 1 + dims["grid_size"] ** 2
-  hs = tuple(jax.ShapeDtypeStruct((1, n, dims["vision_width"]), jnp.float32) for _ in range(dims["vision_layers"] + 1))
-  feats = _abstract_feats(hs, dims["vision_width"])
-  shapes = jax.eval_shape(lambda f: bridge.init(jax.random.key(0), f)["params"], feats)
-  out = jax.eval_shape(lambda p, f: bridge.apply({"params": p}, f), shapes, feats)
-  return _count(shapes), out
+  assert param_count(params) == bridges.num_params(cfg, **DIMS)
 
 
 POOL = 1024 + 4 * (1024 * 1024 + 1024)  # AttentionPool: the 1-query attention for W_i
@@ -156,7 +107,7 @@ THESIS_COUNTS = {  # the numbers written in the module docstrings, at ViT-L/14 +
 @pytest.mark.parametrize("case", sorted(THESIS_COUNTS))
 def test_parameter_counts_at_thesis_sizes(case):
   cfg, expected = THESIS_COUNTS[case]
-  count, out = _abstract_count(cfg, THESIS)
+  count, out = abstract_count(cfg, THESIS)
   assert count == expected == bridges.num_params(cfg, **THESIS)
   assert out.tokens.shape[1:] == (bridges.num_tokens(cfg, **THESIS), 2048)
   assert out.image_feature.shape == (1, _feature_width(cfg, THESIS))
@@ -189,27 +140,19 @@ def test_thesis_reported_totals():
 
 # --- each equation against an independent recomputation ---------------------------------------------
 
-def _np(tree):
-  return jax.tree.map(lambda x: np.asarray(x, np.float64), tree)
-
-
-def _np_hidden(hs):
-  return [np.asarray(h, np.float64) for h in hs]
-
-
 def test_cls_linear_equation():
   cfg = dict(name="cls_linear", k=4, layer=-1, post_norm=True)
   bridge, params, hs = _init(cfg)
-  out = bridge.apply({"params": params}, _feats(hs))
-  p, h = _np(params), _np_hidden(hs)
-  y = _np_post_norm(h[-1][:, 0])  # pooler_output
+  out = bridge.apply({"params": params}, tower_features(hs))
+  p, h = np64(params), np_hidden(hs)
+  y = np_post_norm(h[-1][:, 0])  # pooler_output
   z = (y @ p["proj"]["kernel"] + p["proj"]["bias"]).reshape(BATCH, 4, 8)
   np.testing.assert_allclose(out.tokens, z, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(out.image_feature, y, rtol=1e-5, atol=1e-5)
   # the thesis fork: hidden_states[l][:, 0] without the post-LayerNorm
   bridge, params, hs = _init(dict(name="cls_linear", k=2, layer=-3, post_norm=False))
   out = bridge.apply({"params": params}, _bare(hs))
-  p = _np(params)
+  p = np64(params)
   z = (h[-3][:, 0] @ p["proj"]["kernel"] + p["proj"]["bias"]).reshape(BATCH, 2, 8)
   np.testing.assert_allclose(out.tokens, z, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(out.image_feature, h[-3][:, 0], rtol=1e-6)
@@ -219,9 +162,9 @@ def test_cls_linear_equation():
 @pytest.mark.parametrize("post_norm", [False, True])
 def test_multi_cls_equations(name, post_norm):
   bridge, params, hs = _init(dict(name=name, post_norm=post_norm))
-  out = bridge.apply({"params": params}, _feats(hs))
-  p, h = _np(params), _np_hidden(hs)
-  y = {l: (_np_post_norm(h[l][:, 0]) if post_norm else h[l][:, 0]) for l in (-1, -2, -3, -4)}
+  out = bridge.apply({"params": params}, tower_features(hs))
+  p, h = np64(params), np_hidden(hs)
+  y = {l: (np_post_norm(h[l][:, 0]) if post_norm else h[l][:, 0]) for l in (-1, -2, -3, -4)}
   inputs = {  # eq. 6.5-6.8, in the thesis's token order
       "l4l": [y[-1], y[-2], y[-3], y[-4]],
       "l2l": [y[-1], y[-2]],
@@ -235,49 +178,24 @@ def test_multi_cls_equations(name, post_norm):
                              rtol=1e-5, atol=1e-6)
 
 
-def _torch_mha(p, width, heads, out_proj=True):
-  """torch.nn.MultiheadAttention carrying our q/k/v/out weights (Flax kernels are (in, out))."""
-  mha = torch.nn.MultiheadAttention(width, heads, batch_first=True).double()
-  to_t = lambda a: torch.from_numpy(np.asarray(a, np.float64))
-  with torch.no_grad():
-    mha.in_proj_weight.copy_(to_t(np.concatenate(
-        [p[n]["kernel"].reshape(width, width).T for n in ("q_proj", "k_proj", "v_proj")], axis=0)))
-    mha.in_proj_bias.copy_(to_t(np.concatenate([p[n]["bias"].reshape(width) for n in ("q_proj", "k_proj", "v_proj")])))
-    if out_proj:
-      mha.out_proj.weight.copy_(to_t(p["out_proj"]["kernel"].T))
-      mha.out_proj.bias.copy_(to_t(p["out_proj"]["bias"]))
-    else:  # identity out-projection: the concatenated heads themselves
-      mha.out_proj.weight.copy_(torch.eye(width, dtype=torch.float64))
-      mha.out_proj.bias.zero_()
-  return mha
-
-
-def _torch_pool(p, tokens, heads):
-  mha = _torch_mha(p["attn"], tokens.shape[-1], heads)
-  q = torch.from_numpy(np.broadcast_to(p["query"], (tokens.shape[0], 1, tokens.shape[-1])).copy())
-  t = torch.from_numpy(tokens)
-  with torch.no_grad():
-    return mha(q, t, t, need_weights=False)[0][:, 0].numpy()
-
-
 @pytest.mark.parametrize("cfg", [dict(name="crossatt", k=5, layer=-2), dict(name="crossatt", k=3, num_heads=8),
                                  dict(name="crossatt", k=2, attention="mha_no_out", post_norm=True)],
                          ids=["k5_l2", "k3_h8", "no_out_postnorm"])
 def test_crossatt_equals_torch_multihead_attention(cfg):
   full = {**bridges.REGISTRY["crossatt"].defaults, **cfg}
   bridge, params, hs = _init(cfg)
-  out = bridge.apply({"params": params}, _feats(hs))
-  p, h = _np(params), _np_hidden(hs)
+  out = bridge.apply({"params": params}, tower_features(hs))
+  p, h = np64(params), np_hidden(hs)
   y = h[full["layer"]]
-  y = _np_post_norm(y) if full["post_norm"] else y
-  mha = _torch_mha(p["attn"], 16, full["num_heads"], out_proj=full["attention"] == "mha")
+  y = np_post_norm(y) if full["post_norm"] else y
+  mha = torch_mha(p["attn"], 16, full["num_heads"], out_proj=full["attention"] == "mha")
   q = torch.from_numpy(np.broadcast_to(p["queries"], (BATCH, full["k"], 16)).copy())
   t = torch.from_numpy(y)
   with torch.no_grad():
     heads = mha(q, t, t, need_weights=False)[0].numpy()
   z = heads @ p["proj"]["kernel"] + p["proj"]["bias"]
   np.testing.assert_allclose(out.tokens, z, rtol=1e-5, atol=1e-5)
-  np.testing.assert_allclose(out.image_feature, _torch_pool(p["feature_pool"], y, full["num_heads"]),
+  np.testing.assert_allclose(out.image_feature, torch_pool(p["feature_pool"], y, full["num_heads"]),
                              rtol=1e-5, atol=1e-5)
 
 
@@ -292,9 +210,9 @@ def test_crossatt_equation_is_eq_7_15_to_7_17(heads, layer, post_norm):
   cfg = dict(name="crossatt", k=3, num_heads=heads, layer=layer, post_norm=post_norm, attention="equation")
   bridge, params, hs = _init(cfg)
   assert set(params["attn"]) == {"k_proj", "v_proj"} and set(params["attn"]["k_proj"]) == {"kernel"}
-  out = bridge.apply({"params": params}, _feats(hs))
-  p, h = _np(params), _np_hidden(hs)
-  y = _np_post_norm(h[layer]) if post_norm else h[layer]  # Y_v (B, N, D)
+  out = bridge.apply({"params": params}, tower_features(hs))
+  p, h = np64(params), np_hidden(hs)
+  y = np_post_norm(h[layer]) if post_norm else h[layer]  # Y_v (B, N, D)
   f = 16 // heads
   w_k = p["attn"]["k_proj"]["kernel"].reshape(16, 16)  # [W_0^K ... W_{H-1}^K], each (D, F)
   w_v = p["attn"]["v_proj"]["kernel"].reshape(16, 16)
@@ -306,7 +224,7 @@ def test_crossatt_equation_is_eq_7_15_to_7_17(heads, layer, post_norm):
     head.append(_np_softmax(q_i @ k_i.transpose(0, 2, 1) / np.sqrt(f)) @ v_i)  # (7.16)
   z = np.concatenate(head, axis=-1) @ p["proj"]["kernel"] + p["proj"]["bias"]  # (7.15)
   np.testing.assert_allclose(out.tokens, z, rtol=1e-5, atol=1e-5)
-  np.testing.assert_allclose(out.image_feature, _torch_pool(p["feature_pool"], y, heads), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(out.image_feature, torch_pool(p["feature_pool"], y, heads), rtol=1e-5, atol=1e-5)
 
 
 def _groups(h, k):
@@ -320,24 +238,24 @@ def _groups(h, k):
 def test_grouped_equation(k):
   bridge, params, hs = _init(dict(name="grouped", k=k, layer=-2))
   out = bridge.apply({"params": params}, _bare(hs))
-  p, h = _np(params), _np_hidden(hs)
+  p, h = np64(params), np_hidden(hs)
   groups = [g.reshape(BATCH, -1) for g in _groups(h[-2], k)]  # Y_v^0 .. Y_v^{k-1} (eq. 7.2-7.5)
   z = np.stack([g @ p["proj"]["kernel"] + p["proj"]["bias"] for g in groups], 1)
   np.testing.assert_allclose(out.tokens, z, rtol=1e-5, atol=1e-5)
   assert "feature_pool" not in p  # retrieval_feature="mean": W_i reads the mean of the concatenated groups
   np.testing.assert_allclose(out.image_feature, sum(groups) / k, rtol=1e-6, atol=1e-6)
   bridge, params, hs = _init(dict(name="grouped", k=k, layer=-2, retrieval_feature="attention_pool"))
-  out, p = bridge.apply({"params": params}, _bare(hs)), _np(params)
+  out, p = bridge.apply({"params": params}, _bare(hs)), np64(params)
   np.testing.assert_allclose(out.tokens, np.stack([g @ p["proj"]["kernel"] + p["proj"]["bias"] for g in groups], 1),
                              rtol=1e-5, atol=1e-5)
-  np.testing.assert_allclose(out.image_feature, _torch_pool(p["feature_pool"], h[-2], 4), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(out.image_feature, torch_pool(p["feature_pool"], h[-2], 4), rtol=1e-5, atol=1e-5)
 
 
 def test_regions_equation_on_an_8x8_grid():
   dims = dict(DIMS, grid_size=8)
   bridge, params, hs = _init(dict(name="regions"), dims=dims)
   out = bridge.apply({"params": params}, _bare(hs))
-  p, h = _np(params), _np_hidden(hs)
+  p, h = np64(params), np_hidden(hs)
   # token index of patch (row, col) is 1 + 8·row + col; quadrants 4x4 and the centre rows/cols 2..5
   idx = lambda rows, cols: [1 + 8 * r + c for r in rows for c in cols]
   regions = [idx(range(0, 4), range(0, 4)), idx(range(0, 4), range(4, 8)), idx(range(4, 8), range(0, 4)),
@@ -354,8 +272,8 @@ def test_regions_equation_on_an_8x8_grid():
 def test_regions_attention_pool_feature():
   bridge, params, hs = _init(dict(name="regions", layer=-2, retrieval_feature="attention_pool"))
   out = bridge.apply({"params": params}, _bare(hs))
-  p, h = _np(params), _np_hidden(hs)
-  np.testing.assert_allclose(out.image_feature, _torch_pool(p["feature_pool"], h[-2], 4), rtol=1e-5, atol=1e-5)
+  p, h = np64(params), np_hidden(hs)
+  np.testing.assert_allclose(out.image_feature, torch_pool(p["feature_pool"], h[-2], 4), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("use_bias", [False, True])
@@ -364,7 +282,7 @@ def test_wavg_equation(use_bias):
   params = jax.tree.map(lambda x: x, params)
   params["weights"] = params["weights"] + jnp.arange(4.0) / 10  # off the uniform init, to see W_a
   out = bridge.apply({"params": params}, _bare(hs))
-  p, h = _np(params), _np_hidden(hs)
+  p, h = np64(params), np_hidden(hs)
   assert ("bias" in p["proj"]) == use_bias
   pooled = [np.einsum("s,bsd->bd", p["weights"], g) for g in _groups(h[-1], 4)]  # W_a [y^n .. y^n+S-1]
   z = np.stack([x @ p["proj"]["kernel"] + p["proj"].get("bias", 0) for x in pooled], 1)
@@ -375,8 +293,8 @@ def test_wavg_equation(use_bias):
 def test_wavg_attention_pool_feature():
   bridge, params, hs = _init(dict(name="wavg", retrieval_feature="attention_pool"))
   out = bridge.apply({"params": params}, _bare(hs))
-  p, h = _np(params), _np_hidden(hs)
-  np.testing.assert_allclose(out.image_feature, _torch_pool(p["feature_pool"], h[-1], 4), rtol=1e-5, atol=1e-5)
+  p, h = np64(params), np_hidden(hs)
+  np.testing.assert_allclose(out.image_feature, torch_pool(p["feature_pool"], h[-1], 4), rtol=1e-5, atol=1e-5)
 
 
 def test_wavg_starts_as_the_group_mean():
@@ -388,10 +306,10 @@ def test_mha_param_layout_and_count():
   _, params, _ = _init(dict(name="crossatt", k=2))
   assert set(params) == {"queries", "attn", "proj", "feature_pool"}
   assert set(params["attn"]) == {"q_proj", "k_proj", "v_proj", "out_proj"}
-  assert _count(params["attn"]) == MultiHeadCrossAttention.num_params(16)
+  assert param_count(params["attn"]) == MultiHeadCrossAttention.num_params(16)
   _, params, _ = _init(dict(name="crossatt", k=2, attention="equation"))
   assert jax.tree.map(np.shape, params["attn"]) == {"k_proj": {"kernel": (16, 4, 4)}, "v_proj": {"kernel": (16, 4, 4)}}
-  assert _count(params["attn"]) == MultiHeadCrossAttention.num_params(16, False, False, False) == 2 * 16 * 16
+  assert param_count(params["attn"]) == MultiHeadCrossAttention.num_params(16, False, False, False) == 2 * 16 * 16
 
 
 # --- config handling and errors -------------------------------------------------------------------
@@ -400,14 +318,14 @@ def test_config_dict_and_list_layers():
   cfg = ml_collections.ConfigDict(dict(name="l2l", layers=[-2, -3]))
   bridge = bridges.build_bridge(cfg, **DIMS)
   assert bridge.layers == (-2, -3)
-  feats = _bare(_hidden_states())
+  feats = _bare(random_hidden_states())
   out = bridge.apply(bridge.init(jax.random.key(0), feats), feats)
   assert out.tokens.shape == (BATCH, 2, 8)
 
 
 def test_bf16_compute_keeps_float32_params():
   bridge = bridges.build_bridge(dict(name="crossatt", k=2), **DIMS, dtype=jnp.bfloat16)
-  feats = _bare(tuple(h.astype(jnp.bfloat16) for h in _hidden_states()))
+  feats = _bare(tuple(h.astype(jnp.bfloat16) for h in random_hidden_states()))
   variables = bridge.init(jax.random.key(0), feats)
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(variables))
   out = bridge.apply(variables, feats)
@@ -452,9 +370,9 @@ def test_config_errors(case):
 def test_call_time_errors():
   bridge = bridges.build_bridge(dict(name="cls_linear", post_norm=True), **DIMS)
   with pytest.raises(ValueError, match="has post_norm=True but its VisionFeatures carry no post-LayerNorm"):
-    bridge.init(jax.random.key(0), _bare(_hidden_states()))
+    bridge.init(jax.random.key(0), _bare(random_hidden_states()))
   bridge = bridges.build_bridge(dict(name="crossatt"), **DIMS)  # built for a 4x4 grid
-  wrong = _hidden_states(dict(DIMS, grid_size=3))
+  wrong = random_hidden_states(dict(DIMS, grid_size=3))
   with pytest.raises(ValueError, match=r"built for 17 tokens \(CLS \+ 4x4 patches\) of width 16"):
     bridge.init(jax.random.key(0), _bare(wrong))
 
@@ -499,11 +417,11 @@ def test_num_tokens_and_params_of_every_registered_bridge(name):
   cfg = dict(name=name)
   bridge = bridges.build_bridge(cfg, **DIMS)
   hs = tuple(jax.ShapeDtypeStruct((BATCH, 17, 16), jnp.float32) for _ in range(5))
-  feats = _abstract_feats(hs, 16)
+  feats = abstract_features(hs, 16)
   params = jax.eval_shape(lambda f: bridge.init(jax.random.key(0), f)["params"], feats)
   out = jax.eval_shape(lambda p, f: bridge.apply({"params": p}, f), params, feats)
   assert out.tokens.shape == (BATCH, bridges.num_tokens(cfg, **DIMS), DIMS["llm_width"])
-  assert _count(params) == bridges.num_params(cfg, **DIMS)
+  assert param_count(params) == bridges.num_params(cfg, **DIMS)
 
 
 # --- each bridge learns: a tiny fixed batch overfits ---------------------------------------------
@@ -522,7 +440,7 @@ def test_overfits_a_tiny_batch(case):
   feature_target = jnp.asarray(rng.standard_normal((BATCH, 16)), jnp.float32)
 
   def loss_fn(p):
-    out = bridge.apply({"params": p}, _feats(hs))
+    out = bridge.apply({"params": p}, tower_features(hs))
     loss = jnp.mean(jnp.square(out.tokens - target))
     if has_pool:  # the W_i feature of all-token bridges is trainable too
       loss = loss + jnp.mean(jnp.square(out.image_feature - feature_target))
@@ -570,7 +488,7 @@ def test_linear_init_matches_torch_scale(cfg, path, fan_in):
   dims = dict(vision_width=256, vision_layers=4, grid_size=8, llm_width=64)
   bridge = bridges.build_bridge(cfg, **dims)
   hs = tuple(jnp.zeros((1, 65, 256)) for _ in range(5))
-  feats = _feats(hs, {"scale": jnp.ones(256), "bias": jnp.zeros(256)})
+  feats = tower_features(hs, {"scale": jnp.ones(256), "bias": jnp.zeros(256)})
   params = jax.jit(lambda key, f: bridge.init(key, f)["params"])(jax.random.key(0), feats)
   kernel = np.asarray(functools.reduce(lambda tree, key: tree[key], path, params))
   bound = 1 / np.sqrt(fan_in)

@@ -15,19 +15,11 @@ from ml_collections import config_flags  # noqa: F401  (configs are loaded like 
 from bridgejax import bridges
 from bridgejax.inspect import count
 from bridgejax.model import BridgeModel
-from bridgejax.models.clip import CLIPVisionConfig, CLIPVisionTransformer
-from bridgejax.models.gemma import Gemma, GemmaConfig
+from bridgejax.models.clip import CLIPVisionTransformer
+from bridgejax.models.gemma import Gemma
+from model_helper import TINY_LLM, TINY_VISION, experiment_config
 
 CONFIGS = sorted(os.path.basename(p)[:-3] for p in glob.glob("configs/*.py") if not p.endswith("__init__.py"))
-TINY_VISION = CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_layers=4, num_heads=2, image_size=28,
-                               patch_size=7)
-TINY_LLM = GemmaConfig(vocab_size=30, hidden_size=24, intermediate_size=32, num_layers=1, num_heads=2,
-                       num_kv_heads=1, head_dim=8, query_pre_attn_scalar=8)
-
-
-def load(name: str, arg: str | None = None):
-  module = __import__(f"configs.{name}", fromlist=["get_config"])
-  return module.get_config(arg)
 
 
 def test_every_config_file_is_covered():
@@ -37,7 +29,7 @@ def test_every_config_file_is_covered():
 
 @pytest.mark.parametrize("name", CONFIGS)
 def test_config_builds_and_gives_k_tokens(name):
-  config = load(name)
+  config = experiment_config(name)
   for key in ("total_steps", "batch_size", "seed", "log_every_steps", "checkpoint_every_steps",
               "eval_every_steps"):
     assert isinstance(config[key], int), key
@@ -57,12 +49,12 @@ def test_config_builds_and_gives_k_tokens(name):
 @pytest.mark.parametrize("arg,bridge", [("layer=-2,k=8", dict(layer=-2, k=8, post_norm=False)),
                                         ("k=20,post_norm=true", dict(layer=-1, k=20, post_norm=True))])
 def test_cls_sweep_arguments(arg, bridge):
-  config = load("cls", arg)
+  config = experiment_config("cls", arg)
   assert {k: config.bridge[k] for k in bridge} == bridge and config.bridge.name == "cls_linear"
 
 
 def test_crossatt_k12_is_the_thesis_best():
-  config = load("crossatt_k12")
+  config = experiment_config("crossatt_k12")
   assert (config.bridge.name, config.bridge.k, config.bridge.layer) == ("crossatt", 12, -2)
   assert config.bridge.attention == "equation"  # eq. 7.15-7.17 as written: the count that fits 7.4
 
@@ -77,7 +69,7 @@ def test_eval_protocol_argument(name):
   stays the standard Karpathy-test protocol. The
   bridge and the rest of the config do not change."""
   from bridgejax.data.splits import protocol_of
-  thesis, standard = load(name, "eval=thesis"), load(name)
+  thesis, standard = experiment_config(name, "eval=thesis"), experiment_config(name)
   for task in ("caption", "retrieval"):
     assert (thesis.evals[task].split, thesis.evals[task].image_resize) == ("val2017", "squash")
     assert (standard.evals[task].split, standard.evals[task].image_resize) == ("test", "clip")
@@ -91,18 +83,18 @@ def test_eval_protocol_argument(name):
   thesis.evals = standard.evals
   assert thesis.to_dict() == standard.to_dict()
   with pytest.raises(ValueError, match="config argument eval='karpathy' is unknown; choose from \\['standard', 'thesis'\\]"):
-    load(name, "eval=karpathy")
+    experiment_config(name, "eval=karpathy")
 
 
 @pytest.mark.parametrize("name", ["grouped", "regions", "wavg"])
 def test_all_token_configs_take_the_retrieval_feature(name):
-  assert load(name).bridge.retrieval_feature == "mean"
-  assert load(name, "retrieval_feature=attention_pool").bridge.retrieval_feature == "attention_pool"
+  assert experiment_config(name).bridge.retrieval_feature == "mean"
+  assert experiment_config(name, "retrieval_feature=attention_pool").bridge.retrieval_feature == "attention_pool"
 
 
 def test_bad_config_argument_is_a_clear_error():
   with pytest.raises(ValueError, match=r"config argument 'depth=3': expected key=value with key in"):
-    load("cls", "depth=3")
+    experiment_config("cls", "depth=3")
 
 
 def _ret_heads(feature_width, llm_width, embed=256):
@@ -129,7 +121,7 @@ COUNTS = [
 
 @pytest.mark.parametrize("name,arg,feature_width,total", COUNTS)
 def test_inspect_counts_equal_the_formulas_at_real_sizes(name, arg, feature_width, total):
-  config = load(name, arg)
+  config = experiment_config(name, arg)
   result = count(config)  # CLIP ViT-L/14 + Gemma-2B from config.*.arch: no weights needed
   dims = dict(vision_width=1024, vision_layers=24, grid_size=16, llm_width=2048)
   assert result["trainable_params"] == bridges.num_params(config.bridge, **dims) + _ret_heads(feature_width, 2048)
@@ -152,7 +144,7 @@ def test_inspect_cli_json():
 @pytest.mark.parametrize("name", CONFIGS)
 def test_every_config_is_within_the_value_ranges(name):
   from bridgejax.config_values import problems
-  assert problems(load(name)) == []
+  assert problems(experiment_config(name)) == []
 
 
 def test_every_range_rule_names_a_real_key():
@@ -161,7 +153,7 @@ def test_every_range_rule_names_a_real_key():
   from bridgejax.config_values import RULES
   from bridgejax.data.splits import COMMON_KEYS, TASK_KEYS
   from bridgejax.train.optimizer import GROUP_KEYS
-  keys = set(flat_keys(load("base")))
+  keys = set(flat_keys(experiment_config("base")))
   wildcards = {"evals.*.": set(COMMON_KEYS).union(*TASK_KEYS.values()), "optim.groups.*.": set(GROUP_KEYS)}
   for rule in RULES:
     prefix = next((p for p in wildcards if rule.startswith(p)), None)
@@ -171,7 +163,7 @@ def test_every_range_rule_names_a_real_key():
 def test_config_values_name_every_value_out_of_range():
   from bridgejax.config_values import check_config_values
   from bridgejax.errors import UserError
-  config = load("demo")
+  config = experiment_config("demo")
   config.optim.lr, config.keep_checkpoints, config.evals.caption.max_examples = float("nan"), 0, -2
   with pytest.raises(UserError) as e:
     check_config_values(config)

@@ -202,7 +202,7 @@ def test_vqa_truncates_and_scores(env):
 def test_quick_validation_matches_the_training_loss(env):
   setup, params, _, _, data = env
   trainable = {k: params[k] for k in ("bridge", "ret")}
-  out = tasks.quick_validation(setup, trainable, 1)  # 5 examples in batches of 4: the last one padded
+  out = tasks.quick_validation(setup, trainable)  # 5 examples in batches of 4: the last one padded
   assert set(out) == {"caption_loss", "text_loss", "contrastive_loss", "examples", "i2t_R@1", "i2t_R@5",
                       "t2i_R@1", "t2i_R@5"}
   assert all(isinstance(v, float) and np.isfinite(v) for v in out.values()) and out["examples"] == 5
@@ -213,7 +213,7 @@ def test_quick_validation_matches_the_training_loss(env):
   _, metrics = jax.jit(lambda t, f, b: model.loss(t, f, b, jax.random.key(0)))(trainable, setup.frozen, batch)
   assert out["caption_loss"] == pytest.approx(float(metrics["caption_loss"]), rel=1e-4)
   assert out["text_loss"] == pytest.approx(float(metrics["text_loss"]), rel=1e-4)
-  assert out == tasks.quick_validation(setup, trainable, 2)  # cached jit, same numbers
+  assert out == tasks.quick_validation(setup, trainable)  # cached jit, same numbers
 
 
 def test_errors_name_the_problem_and_the_fix(env):

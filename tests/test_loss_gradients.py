@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from bridgejax.model import BridgeModel
-from test_model import VOCAB, _batch, tiny  # noqa: F401  (the tiny CLIP + Gemma fixture)
+from model_helper import VOCAB, caption_batch
 
 TRAINS = {"caption": True, "text": False, "contrastive": True, "target_cmli_i2t": True, "pic2word": False}
 
@@ -32,8 +32,8 @@ class _Tokenizer:
     return ([2] if add_bos else []) + [3 + sum(map(ord, word)) % (VOCAB - 4) for word in text.split()]
 
 
-def _model(tiny, **cmli):  # noqa: F811
-  config, vision_config, llm_config, frozen, _ = tiny
+def _model(tiny_model, **cmli):
+  config, vision_config, llm_config, frozen, _ = tiny_model
   config = config.copy_and_resolve_references()
   config.bridge = ml_collections.ConfigDict({"name": "crossatt", "k": 3, "layer": -1, "num_heads": 4})
   config.concat_prob = 0.0
@@ -45,7 +45,7 @@ def _model(tiny, **cmli):  # noqa: F811
 
 def _bridge_grad_norms(model, frozen, names):
   trainable = model.init_trainable(jax.random.key(0), frozen)
-  batch = _batch()
+  batch = caption_batch()
 
   def term(bridge, name):
     return model.loss({**trainable, "bridge": bridge}, frozen, batch, jax.random.key(1))[1][f"{name}_loss"]
@@ -58,8 +58,8 @@ def _bridge_grad_norms(model, frozen, names):
 
 
 @pytest.mark.parametrize("image_tokens, target_text", [("bridge", "caption"), ("llm", "text"), ("tower", "caption")])
-def test_each_term_trains_the_bridge_where_its_method_says(tiny, image_tokens, target_text):  # noqa: F811
-  model, frozen = _model(tiny, image_tokens=image_tokens, target_text=target_text)
+def test_each_term_trains_the_bridge_where_its_method_says(tiny_model, image_tokens, target_text):
+  model, frozen = _model(tiny_model, image_tokens=image_tokens, target_text=target_text)
   expected = {**TRAINS, "cmli": image_tokens != "tower", "target_cmli_t2i": target_text == "caption"}
   norms = _bridge_grad_norms(model, frozen, expected)
   assert {name: norm > 0 for name, norm in norms.items()} == expected, norms

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from bridgejax import losses
+from model_helper import np_cmli
 
 B, T, V = 4, 7, 11
 
@@ -174,21 +175,6 @@ def test_infonce_on_8_sharded_devices_equals_single_device():
     assert err <= 1e-5, (key, err)
 
 
-def _np_cmli(v, w, vm, tm, scale):
-  """FILIP's CMLI with explicit loops over pairs (FILIP eq. 1-4)."""
-  v = v / np.linalg.norm(v, axis=-1, keepdims=True)
-  w = w / np.linalg.norm(w, axis=-1, keepdims=True)
-  n = len(v)
-  s_i2t, s_t2i = np.zeros((n, n)), np.zeros((n, n))
-  for i in range(n):
-    for t in range(n):
-      c = v[i][vm[i]] @ w[t][tm[t]].T  # (valid patches, valid tokens)
-      s_i2t[i, t] = c.max(axis=1).mean()
-      s_t2i[i, t] = c.max(axis=0).mean()
-  ce = lambda logits: np.mean([np.log(np.exp(row).sum()) - row[k] for k, row in enumerate(logits)])
-  return ce(scale * s_i2t), ce(scale * s_t2i.T)
-
-
 def test_cmli_equals_loop_reference_and_reduces_to_infonce():
   rng = np.random.default_rng(5)
   n, patches, tokens, d = 5, 6, 4, 8
@@ -198,7 +184,7 @@ def test_cmli_equals_loop_reference_and_reduces_to_infonce():
   vm[:, 0] = False  # CLS out
   tm = np.arange(tokens)[None, :] < np.array([4, 2, 3, 1, 4])[:, None]  # padding out
   log_scale = np.log(1 / 0.07)
-  ref_i2t, ref_t2i = _np_cmli(v.astype(np.float64), w.astype(np.float64), vm, tm, np.exp(log_scale))
+  ref_i2t, ref_t2i = np_cmli(v.astype(np.float64), w.astype(np.float64), vm, tm, np.exp(log_scale))
   (loss, parts), grads = jax.value_and_grad(
       lambda a, b: losses.cmli_contrastive_loss(a, b, log_scale, image_mask=jnp.asarray(vm),
                                                 text_mask=jnp.asarray(tm)), argnums=(0, 1), has_aux=True)(

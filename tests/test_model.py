@@ -5,50 +5,12 @@ import copy
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 import torch
-import transformers
 
-from configs import base
-from bridgejax import weights
 from bridgejax.model import BridgeModel, TRAINABLE, pair_up
-
-VOCAB, K = 40, 3
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-  """Random tiny HF checkpoints (CLIP 28 px / patch 7, Gemma MQA) and the assembled model."""
-  root = tmp_path_factory.mktemp("tiny")
-  torch.manual_seed(0)
-  transformers.CLIPVisionModel(transformers.CLIPVisionConfig(
-      image_size=28, patch_size=7, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-      num_attention_heads=4)).save_pretrained(root / "clip")
-  gemma = transformers.GemmaForCausalLM(transformers.GemmaConfig(
-      vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-      num_key_value_heads=1, head_dim=8, pad_token_id=0, bos_token_id=2, eos_token_id=1)).eval()
-  gemma.save_pretrained(root / "gemma")
-  vision = weights.load_vision_tower(str(root / "clip"))
-  lm = weights.load_language_model(str(root / "gemma"))
-  config = base.get_config()
-  config.bridge = ml_collections.ConfigDict({"name": "cls_linear", "k": K, "layer": -1, "post_norm": True})
-  frozen = {"vision": vision.params, "llm": lm.params}
-  return config, vision.config, lm.config, frozen, gemma
-
-
-def _batch(seed=0):
-  """Right-padded BOS + caption + [RET] rows of different lengths."""
-  rng = np.random.default_rng(seed)
-  lengths = [7, 4, 6, 3]
-  ids = np.zeros((4, 8), np.int32)
-  mask = np.zeros((4, 8), np.int32)
-  for row, n in enumerate(lengths):
-    ids[row, :n] = [2, *rng.integers(3, VOCAB, n - 2), VOCAB]  # BOS ... [RET]
-    mask[row, :n] = 1
-  images = rng.standard_normal((4, 3, 28, 28)).astype(np.float32)
-  return {"image": images, "text_ids": ids, "text_mask": mask}
+from model_helper import K, VOCAB, caption_batch
 
 
 def _torch_lm_with_ret(gemma, ret_row):
@@ -101,12 +63,12 @@ def _fromage_reference(model, params, gemma, batch, concat):
 
 
 @pytest.mark.parametrize("concat", [False, True])
-def test_loss_equals_fromage_reference(tiny, concat):
-  config, vision_config, llm_config, frozen, gemma = tiny
+def test_loss_equals_fromage_reference(tiny_model, concat):
+  config, vision_config, llm_config, frozen, gemma = tiny_model
   config.concat_prob = 1.0 if concat else 0.0
   model = BridgeModel.create(config, vision_config, llm_config)
   trainable = model.init_trainable(jax.random.key(0), frozen)
-  batch = _batch()
+  batch = caption_batch()
   loss, metrics = jax.jit(model.loss)(trainable, frozen, batch, jax.random.key(1))
   reference = _fromage_reference(model, {**frozen, **trainable}, gemma, batch, concat)
   for key, value in reference.items():
@@ -115,8 +77,8 @@ def test_loss_equals_fromage_reference(tiny, concat):
   assert float(loss) == pytest.approx(sum(reference.values()), rel=1e-4)
 
 
-def test_trainable_tree_and_gradients(tiny):
-  config, vision_config, llm_config, frozen, _ = tiny
+def test_trainable_tree_and_gradients(tiny_model):
+  config, vision_config, llm_config, frozen, _ = tiny_model
   model = BridgeModel.create(config, vision_config, llm_config)
   trainable = model.init_trainable(jax.random.key(0), frozen)
   assert tuple(sorted(trainable)) == TRAINABLE
@@ -125,18 +87,18 @@ def test_trainable_tree_and_gradients(tiny):
   table = np.asarray(frozen["llm"]["embedding"])
   assert np.linalg.norm(trainable["ret"]["ret_embedding"]) == pytest.approx(
       np.linalg.norm(table, axis=1).mean(), rel=1e-5)
-  grads = jax.grad(lambda t: model.loss(t, frozen, _batch(), jax.random.key(0))[0])(trainable)
+  grads = jax.grad(lambda t: model.loss(t, frozen, caption_batch(), jax.random.key(0))[0])(trainable)
   assert jax.tree.structure(grads) == jax.tree.structure(trainable)
   nonzero = jax.tree.map(lambda g: float(jnp.abs(g).max()) > 0, grads)
   assert all(jax.tree.leaves(nonzero)), nonzero
 
 
-def test_odd_batch_with_concat_trick_is_a_clear_error(tiny):
-  config, vision_config, llm_config, frozen, _ = tiny
+def test_odd_batch_with_concat_trick_is_a_clear_error(tiny_model):
+  config, vision_config, llm_config, frozen, _ = tiny_model
   config.concat_prob = 0.5
   model = BridgeModel.create(config, vision_config, llm_config)
   trainable = model.init_trainable(jax.random.key(0), frozen)
-  batch = {k: v[:3] for k, v in _batch().items()}
+  batch = {k: v[:3] for k, v in caption_batch().items()}
   with pytest.raises(ValueError, match="batch_size must be even, got 3"):
     model.loss(trainable, frozen, batch, jax.random.key(0))
 
@@ -147,14 +109,14 @@ def test_pair_up_joins_rows_2i_and_2i_plus_1():
 
 
 @pytest.mark.parametrize("coin", [False, True])
-def test_concat_prob_half_gives_fromage_loss_on_both_sides_of_the_coin(tiny, coin):
+def test_concat_prob_half_gives_fromage_loss_on_both_sides_of_the_coin(tiny_model, coin):
   """One program for both layouts: a segment mask keeps the pair apart when the coin says no."""
-  config, vision_config, llm_config, frozen, gemma = tiny
+  config, vision_config, llm_config, frozen, gemma = tiny_model
   config.concat_prob = 0.5
   model = BridgeModel.create(config, vision_config, llm_config)
   trainable = model.init_trainable(jax.random.key(0), frozen)
   rng = next(jax.random.key(i) for i in range(64) if bool(jax.random.bernoulli(jax.random.key(i), 0.5)) == coin)
-  batch = _batch()
+  batch = caption_batch()
   _, metrics = jax.jit(model.loss)(trainable, frozen, batch, rng)
   assert float(metrics["concat"]) == float(coin)
   reference = _fromage_reference(model, {**frozen, **trainable}, gemma, batch, coin)
@@ -163,15 +125,15 @@ def test_concat_prob_half_gives_fromage_loss_on_both_sides_of_the_coin(tiny, coi
 
 
 @pytest.mark.parametrize("scale", ["sqrt_d", "none"])
-def test_visual_tokens_enter_the_llm_at_the_configured_scale(tiny, scale):
+def test_visual_tokens_enter_the_llm_at_the_configured_scale(tiny_model, scale):
   """The LLM's input at the visual positions, recomputed from the bridge alone: transformers 4.x's
   GemmaModel.forward (the thesis's stack) multiplied all inputs_embeds by sqrt(hidden_size)."""
   from bridgejax.bridges import VisionFeatures
-  config, vision_config, llm_config, frozen, gemma = tiny
+  config, vision_config, llm_config, frozen, gemma = tiny_model
   config.concat_prob, config.visual_token_scale = 0.0, scale
   model = BridgeModel.create(config, vision_config, llm_config)
   params = {**frozen, **model.init_trainable(jax.random.key(0), frozen)}
-  batch = _batch()
+  batch = caption_batch()
   tokens = model.encode_images(params, jnp.asarray(batch["image"])).tokens
   embeds, *_ = model.caption_inputs(params, tokens, jnp.asarray(batch["text_ids"]), jnp.asarray(batch["text_mask"]))
   hidden_states = model.vision.apply({"params": params["vision"]}, jnp.asarray(batch["image"])).hidden_states

@@ -181,12 +181,7 @@ def main(argv=None) -> int:
   p.add_argument("--examples", type=int, default=None,
                  help="examples shown per task (default: each task's report_examples)")
   a = p.parse_args(argv)
-  try:
-    print(write_report(a.workdir, a.examples))
-  except FileNotFoundError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  return 0
+  return table_lib.print_or_fail(lambda: write_report(a.workdir, a.examples))
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ import json
 import os
 import statistics
 import sys
+from collections.abc import Callable
 
 # Display order and short headers; any other metric in a JSON follows its task's known ones.
 COLUMNS = {
@@ -197,8 +198,15 @@ def main(argv=None) -> int:
   fmt_group.add_argument("--json", action="store_true", help="JSON rows of raw (0-1) values")
   a = p.parse_args(argv)
   split = lambda s: None if s is None else [x.strip() for x in s.split(",") if x.strip()]
+  return print_or_fail(lambda: table(a.workdirs, tasks=split(a.tasks), metrics=split(a.metrics),
+                                     markdown=a.markdown, as_json=a.json))
+
+
+def print_or_fail(make: Callable[[], str]) -> int:
+  """The tail of this CLI and of bridgejax.evaluation.report's: print what `make` returns (status 0),
+  or, when an eval file is missing, the error on one line (status 2)."""
   try:
-    print(table(a.workdirs, tasks=split(a.tasks), metrics=split(a.metrics), markdown=a.markdown, as_json=a.json))
+    print(make())
   except FileNotFoundError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

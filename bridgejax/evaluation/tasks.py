@@ -20,7 +20,7 @@ per-example predictions. `bridgejax.evaluation.run.evaluate` (eval.py) calls the
              gallery; with max_examples, the rows the first queries use), its reference left out;
              R@1/5/10 of the target, overall and per changed attribute.
 
-`quick_validation(setup, params, step)` is the training loop's periodic check.
+`quick_validation(setup, params)` is the training loop's periodic check.
 
 `cfg` is the task's entry of config.evals (keys: bridgejax.data.splits); every rate is on the 0-1
 scale, except R@k (retrieval, VisDial, quick validation), which is in percent, as training logs its
@@ -512,7 +512,7 @@ def _ce_sum(logits, labels, mask, losses):
   return jnp.stack([jnp.sum(jnp.where(mask, nll, 0.0)), jnp.sum(mask).astype(jnp.float32)])
 
 
-def quick_validation(setup, params, step: int | None = None, *, max_examples: int | None = None,
+def quick_validation(setup, params, *, max_examples: int | None = None,
                      batch_size: int | None = None) -> dict[str, float]:
   """Validation loss parts and R@1 both ways on the first config.data.val_examples records of
   config.data.val_split: a flat dict of floats for the training loop's metric writer.
@@ -523,7 +523,6 @@ def quick_validation(setup, params, step: int | None = None, *, max_examples: in
   to 5 captions each (the COCO rule). One compiled shape; the last batch is padded. Batches are
   split over the mesh's 'data' axis (the batch size rounded up to a multiple of it).
   """
-  del step
   from bridgejax import losses  # pylint: disable=g-import-not-at-top
   config, model = setup.config, setup.model
   data_dir, split = config.data.dir, config.data.val_split

@@ -19,7 +19,7 @@ import numpy as np
 from bridgejax.models.gemma import FULL, SLIDING, Gemma, GemmaConfig
 from bridgejax.weights.bound import LanguageModel
 from bridgejax.weights import converted, safetensors_io
-from bridgejax.weights.errors import CheckpointError, MissingCheckpointError
+from bridgejax.weights.errors import CheckpointError, MissingCheckpointError, config_json_errors
 from bridgejax.weights.tree import Source, abstract_init, assemble, check_tree, place
 
 KIND = "gemma"
@@ -99,7 +99,7 @@ def config_from_hf(hf: dict) -> GemmaConfig:
   theta, local_theta, factor = _rope(hf, family)
   layer_types = _layer_types(hf, family, num_layers)
   softcaps = dict(attn_logit_softcapping=50.0, final_logit_softcapping=30.0) if family == "gemma2" else {}
-  try:
+  with config_json_errors():
     return GemmaConfig(
         family=family, vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
         intermediate_size=hf["intermediate_size"], num_layers=num_layers, num_heads=num_heads,
@@ -114,10 +114,6 @@ def config_from_hf(hf: dict) -> GemmaConfig:
         max_position_embeddings=hf.get("max_position_embeddings", 8192),
         bos_token_id=hf.get("bos_token_id", 2), eos_token_ids=_eos_ids(hf.get("eos_token_id", 1)),
         pad_token_id=hf.get("pad_token_id", 0) if hf.get("pad_token_id") is not None else 0)
-  except KeyError as e:
-    raise CheckpointError(f"config.json lacks {e}") from e
-  except ValueError as e:
-    raise CheckpointError(f"config.json describes a model bridgejax cannot build: {e}") from e
 
 
 def accepts(hf_config: dict) -> bool:

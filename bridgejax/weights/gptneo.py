@@ -13,7 +13,7 @@ from bridgejax.models.gemma import FULL, SLIDING
 from bridgejax.models.gptneo import GPTNeo, GPTNeoConfig
 from bridgejax.weights import converted, safetensors_io
 from bridgejax.weights.bound import LanguageModel
-from bridgejax.weights.errors import CheckpointError
+from bridgejax.weights.errors import CheckpointError, config_json_errors
 from bridgejax.weights.llama import special_token_ids
 from bridgejax.weights.tree import Source, abstract_init, assemble, check_tree, place
 
@@ -34,7 +34,7 @@ def _attention_layers(hf: dict) -> list[str]:
 
 def config_from_hf(hf: dict) -> GPTNeoConfig:
   """Our config from a HF config.json dict."""
-  try:
+  with config_json_errors():
     hidden, num_layers = hf["hidden_size"], hf["num_layers"]
     layers = _attention_layers(hf)
     if set(layers) - set(_LAYER_TYPE):
@@ -49,12 +49,6 @@ def config_from_hf(hf: dict) -> GPTNeoConfig:
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", True)),
         max_position_embeddings=hf.get("max_position_embeddings", 2048),
         bos_token_id=bos, eos_token_ids=eos, pad_token_id=pad)
-  except KeyError as e:
-    raise CheckpointError(f"config.json lacks {e}") from e
-  except ValueError as e:
-    if isinstance(e, CheckpointError):
-      raise
-    raise CheckpointError(f"config.json describes a model bridgejax cannot build: {e}") from e
 
 
 def accepts(hf_config: dict) -> bool:

@@ -26,7 +26,7 @@ from bridgejax.models.gemma import FULL, SLIDING
 from bridgejax.models.llama import Llama, LlamaConfig
 from bridgejax.weights import converted, safetensors_io
 from bridgejax.weights.bound import LanguageModel
-from bridgejax.weights.errors import CheckpointError
+from bridgejax.weights.errors import CheckpointError, config_json_errors
 from bridgejax.weights.gemma import LINEARS, LazyTensor, _eos_ids, gguf_field, gguf_header, gguf_reader, is_gguf
 from bridgejax.weights.tree import Source, abstract_init, assemble, check_tree, place
 
@@ -97,7 +97,7 @@ def special_token_ids(hf: dict, default_eos: int) -> tuple[int, tuple[int, ...],
 def config_from_hf(hf: dict) -> LlamaConfig:
   """Our config from a HF config.json dict (transformers 4.x or 5.x layout)."""
   family = _family(hf)
-  try:
+  with config_json_errors():
     num_layers, num_heads = hf["num_hidden_layers"], hf["num_attention_heads"]
     layer_types, window = _layer_types(hf, family, num_layers)
     bos, eos, pad = special_token_ids(hf, default_eos=2)
@@ -114,10 +114,6 @@ def config_from_hf(hf: dict) -> LlamaConfig:
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
         max_position_embeddings=hf.get("max_position_embeddings", 4096),
         bos_token_id=bos, eos_token_ids=eos, pad_token_id=pad)
-  except KeyError as e:
-    raise CheckpointError(f"config.json lacks {e}") from e
-  except ValueError as e:
-    raise CheckpointError(f"config.json describes a model bridgejax cannot build: {e}") from e
 
 
 def accepts(hf_config: dict) -> bool:

@@ -15,8 +15,7 @@ from bridgejax import losses
 from bridgejax.inspect import count
 from bridgejax.model import TOKEN_TYPE_SCALE_INIT, BridgeModel, RetrievalHeads
 from configs import cmli, crossatt_k12, target_cmli, tte
-from test_losses import _np_cmli
-from test_model import _batch, tiny  # noqa: F401  (the tiny CLIP + Gemma fixture)
+from model_helper import caption_batch, np_cmli
 
 RET_KEYS = {"ret_embedding", "text_proj", "image_proj", "logit_scale"}
 TYPE_KEYS = {"token_type_image", "token_type_text", "token_type_scale"}
@@ -70,10 +69,10 @@ def test_inspect_counts_the_new_heads_at_real_size(module, extra, total):
 
 # ------------------------------------------------------------------ options off: nothing changes
 
-def test_options_off_keep_the_parameter_tree_and_the_program(tiny):  # noqa: F811
+def test_options_off_keep_the_parameter_tree_and_the_program(tiny_model):
   """A config from before the options (no token_type_embeddings, cmli, loss.cmli/target_cmli keys)
   and today's base config with them off give the same tree and the same compiled program."""
-  config, vision_config, llm_config, frozen, _ = tiny
+  config, vision_config, llm_config, frozen, _ = tiny_model
   old = config.copy_and_resolve_references()
   del old["token_type_embeddings"], old["cmli"], old.loss["cmli"], old.loss["target_cmli"]
   runs = []
@@ -82,7 +81,7 @@ def test_options_off_keep_the_parameter_tree_and_the_program(tiny):  # noqa: F81
     trainable = model.init_trainable(jax.random.key(0), frozen)
     assert set(trainable["ret"]) == RET_KEYS
     loss_fn = jax.jit(model.loss)
-    args = (trainable, frozen, _batch(), jax.random.key(1))
+    args = (trainable, frozen, caption_batch(), jax.random.key(1))
     runs.append((jax.tree.structure(trainable), loss_fn.lower(*args).as_text(), np.asarray(loss_fn(*args)[0])))
   assert runs[0][0] == runs[1][0] and runs[0][1] == runs[1][1]
   assert runs[0][2].tobytes() == runs[1][2].tobytes()
@@ -98,12 +97,12 @@ def _tte_model(tiny_fixture, **overrides):
   return BridgeModel.create(config, vision_config, llm_config), frozen
 
 
-def test_token_types_start_as_identity_and_enter_as_eq_4_5(tiny):  # noqa: F811
-  on, frozen = _tte_model(tiny)
-  off = BridgeModel.create(tiny[0], tiny[1], tiny[2])
+def test_token_types_start_as_identity_and_enter_as_eq_4_5(tiny_model):
+  on, frozen = _tte_model(tiny_model)
+  off = BridgeModel.create(tiny_model[0], tiny_model[1], tiny_model[2])
   trainable = on.init_trainable(jax.random.key(0), frozen)
   plain = {**trainable, "ret": {k: v for k, v in trainable["ret"].items() if k not in TYPE_KEYS}}
-  batch = _batch()
+  batch = caption_batch()
   row_norm = np.mean(np.linalg.norm(np.asarray(frozen["llm"]["embedding"]), axis=-1))
   for name in ("token_type_image", "token_type_text"):  # they start at the frozen rows' norm, as [RET]
     np.testing.assert_allclose(np.linalg.norm(trainable["ret"][name]), row_norm, rtol=1e-5)
@@ -141,11 +140,11 @@ def test_token_types_start_as_identity_and_enter_as_eq_4_5(tiny):  # noqa: F811
   assert all(np.any(grads[name] != 0) for name in TYPE_KEYS)
 
 
-def test_generation_adds_the_text_type_to_every_token_it_embeds(tiny):  # noqa: F811
+def test_generation_adds_the_text_type_to_every_token_it_embeds(tiny_model):
   """Sampling with embed_offset equals recomputing the whole sequence through embed_text (which
   adds the text type) at every step, with the same keys; without the offset it samples otherwise."""
   from bridgejax.generate import Sampler, generate
-  model, frozen = _tte_model(tiny)
+  model, frozen = _tte_model(tiny_model)
   trainable = model.init_trainable(jax.random.key(0), frozen)
   trainable["ret"]["token_type_scale"] = jnp.ones_like(trainable["ret"]["token_type_scale"])
   params = {**frozen, **trainable}
@@ -174,7 +173,7 @@ def test_cmli_in_chunks_equals_the_loop_reference_and_all_at_once():
   vm = rng.random((n, patches)) < 0.8
   vm[:, 0] = True
   tm = np.arange(tokens)[None, :] < rng.integers(1, tokens + 1, n)[:, None]
-  ref_i2t, ref_t2i = _np_cmli(v.astype(np.float64), w.astype(np.float64), vm, tm, 10.0)
+  ref_i2t, ref_t2i = np_cmli(v.astype(np.float64), w.astype(np.float64), vm, tm, 10.0)
   runs = {}
   for chunk in (0, 4, 1):  # 4 -> chunks of 3 (the largest divisor of 6 not above 4)
     fn = lambda a, b, c=chunk: losses.cmli_contrastive_loss(a, b, np.log(10.0), image_mask=vm, text_mask=tm, chunk=c)
@@ -228,18 +227,18 @@ def test_target_cmli_equals_the_loop_reference(visual_tokens):
 
 
 @pytest.mark.parametrize("image_tokens", ["tower", "bridge", "llm"])
-def test_model_wires_cmli_and_target_cmli_into_the_loss(tiny, image_tokens):  # noqa: F811
+def test_model_wires_cmli_and_target_cmli_into_the_loss(tiny_model, image_tokens):
   """The model's terms equal the loss functions on independently taken pieces: the tower's layer-L
   patches through the post-LayerNorm without CLS, the bridge's visual tokens, the captioning pass's
   states at the visual and caption positions, the text pass's states of the caption tokens (BOS,
   [RET], padding out), the heads as plain matrix products."""
-  config, vision_config, llm_config, frozen, _ = tiny
+  config, vision_config, llm_config, frozen, _ = tiny_model
   config = config.copy_and_resolve_references()
   config.loss.cmli, config.loss.target_cmli, config.cmli.chunk = 0.5, 0.25, 2
   config.cmli.image_tokens, config.concat_prob = image_tokens, 0.0  # one row per example: a plain reference
   model = BridgeModel.create(config, vision_config, llm_config)
   trainable = model.init_trainable(jax.random.key(0), frozen)
-  batch = _batch()
+  batch = caption_batch()
   (total, metrics), grads = jax.jit(jax.value_and_grad(model.loss, has_aux=True))(trainable, frozen, batch,
                                                                                   jax.random.key(1))
   assert {"cmli_loss", "target_cmli_loss", "cmli_i2t_loss", "target_cmli_t2i_loss"} <= set(metrics)
@@ -267,7 +266,7 @@ def test_model_wires_cmli_and_target_cmli_into_the_loss(tiny, image_tokens):  # 
   patch_match, text_match = dense("cmli_image_proj", patches), dense("cmli_text_proj", hidden)
   image_side = {"tower": patch_match, "bridge": dense("cmli_visual_proj", visual) if image_tokens != "tower" else None,
                 "llm": dense("cmli_visual_proj", visual_states) if image_tokens != "tower" else None}[image_tokens]
-  ref_i2t, ref_t2i = _np_cmli(image_side, text_match, np.ones(image_side.shape[:2], bool), caption,
+  ref_i2t, ref_t2i = np_cmli(image_side, text_match, np.ones(image_side.shape[:2], bool), caption,
                               np.exp(ret["cmli_logit_scale"]))
   np.testing.assert_allclose(metrics["cmli_loss"], (ref_i2t + ref_t2i) / 2, rtol=2e-5)
 

@@ -10,16 +10,16 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from test_bridges import (BATCH, DIMS, THESIS, _abstract_count, _count, _feats, _hidden_states, _np, _np_hidden,
-                          _np_post_norm, _torch_mha, _torch_pool)
-from test_configs import TINY_LLM, TINY_VISION, load
 
+from bridge_helper import (BATCH, DIMS, THESIS, abstract_count, np64, np_hidden, np_post_norm, param_count,
+                           random_hidden_states, torch_mha, torch_pool, tower_features)
 from bridgejax import bridges, cli
 from bridgejax.bridges.querying import QFormerLayer, ResamplerLayer
 from bridgejax.inspect import count
 from bridgejax.model import BridgeModel
 from bridgejax.models.clip import CLIPVisionTransformer
 from bridgejax.models.gemma import Gemma
+from model_helper import TINY_LLM, TINY_VISION, experiment_config
 
 # The module defaults (64 latents, 6 layers) are counted at real size below and, at tiny size, by
 # test_bridges.py's test over every registered bridge; these smaller settings run for real.
@@ -41,9 +41,9 @@ def _run(case):
   """(config with defaults filled in, params, hidden states, output) of CONFIGS[case], jitted, once."""
   cfg, _ = CONFIGS[case]
   bridge = bridges.build_bridge(cfg, **DIMS)
-  hs = _hidden_states()
-  params = jax.jit(bridge.init)(jax.random.key(0), _feats(hs))["params"]
-  out = jax.jit(bridge.apply)({"params": params}, _feats(hs))
+  hs = random_hidden_states()
+  params = jax.jit(bridge.init)(jax.random.key(0), tower_features(hs))["params"]
+  out = jax.jit(bridge.apply)({"params": params}, tower_features(hs))
   return {**bridges.REGISTRY[cfg["name"]].defaults, **cfg}, params, hs, out
 
 
@@ -54,17 +54,17 @@ def test_shapes_and_parameter_formula(case):
   assert out.tokens.shape == (BATCH, k, DIMS["llm_width"]) and np.all(np.isfinite(out.tokens))
   assert out.image_feature.shape == (BATCH, DIMS["vision_width"])
   assert bridges.num_tokens(cfg, **DIMS) == k
-  assert _count(params) == bridges.num_params(cfg, **DIMS)
+  assert param_count(params) == bridges.num_params(cfg, **DIMS)
 
 
 def test_layer_formulas_and_cross_attention_placement():
   d = DIMS["vision_width"]
   _, params, _, _ = _run("qformer_every2")  # cross-attention in layers 0 and 2 of 3
   assert [("cross_attn" in params[f"layer_{i}"]) for i in range(3)] == [True, False, True]
-  assert _count(params["layer_0"]) == QFormerLayer.num_params(d, 4, True)
-  assert _count(params["layer_1"]) == QFormerLayer.num_params(d, 4, False) == 4 * (d * d + d) + 8 * d * d + 5 * d + 4 * d
+  assert param_count(params["layer_0"]) == QFormerLayer.num_params(d, 4, True)
+  assert param_count(params["layer_1"]) == QFormerLayer.num_params(d, 4, False) == 4 * (d * d + d) + 8 * d * d + 5 * d + 4 * d
   _, params, _, _ = _run("resampler_small_raw_pool")
-  assert _count(params["layer_1"]) == ResamplerLayer.num_params(d, 2) == 6 * d + 4 * (d * d + d) + 4 * d * d + 3 * d
+  assert param_count(params["layer_1"]) == ResamplerLayer.num_params(d, 2) == 6 * d + 4 * (d * d + d) + 4 * d * d + 3 * d
 
 
 @pytest.mark.parametrize("name", ["perceiver_resampler", "qformer", "mlp_projector"])
@@ -97,7 +97,7 @@ REAL_COUNTS = {  # ViT-L/14 + Gemma-2B: the figures in the module docstrings, fr
 @pytest.mark.parametrize("case", sorted(REAL_COUNTS))
 def test_parameter_counts_at_real_sizes(case):
   cfg, expected = REAL_COUNTS[case]
-  n, out = _abstract_count(cfg, THESIS)
+  n, out = abstract_count(cfg, THESIS)
   assert n == expected == bridges.num_params(cfg, **THESIS)
   assert out.tokens.shape[1:] == (bridges.num_tokens(cfg, **THESIS), 2048)
   assert out.image_feature.shape == (1, cfg.get("width") or 1024)  # the Q-Former's mean query state
@@ -109,7 +109,7 @@ INSPECT = {"resampler": 78_545_409, "qformer": 36_518_401, "mlp_projector": 7_08
 
 @pytest.mark.parametrize("name", sorted(INSPECT))
 def test_inspect_counts_every_config_at_real_size(name):
-  config = load(name)
+  config = experiment_config(name)
   result = count(config)
   width = config.bridge.get("width") or 1024  # W_i reads the mean of the queries' states
   heads = width * 256 + 256 + 2048 * 256 + 256 + 2048 + 1  # W_i, W_t, [RET], logit scale
@@ -137,16 +137,16 @@ def _mlp(x, p):
 
 def _attn(p, queries, tokens, heads):
   with torch.no_grad():
-    return _torch_mha(p, queries.shape[-1], heads)(queries, tokens, tokens, need_weights=False)[0]
+    return torch_mha(p, queries.shape[-1], heads)(queries, tokens, tokens, need_weights=False)[0]
 
 
 def _layer_tokens(hs, full):
-  y = _np_hidden(hs)[full["layer"]]
-  return _np_post_norm(y) if full["post_norm"] else y
+  y = np_hidden(hs)[full["layer"]]
+  return np_post_norm(y) if full["post_norm"] else y
 
 
 def _check_feature(out, full, p, y, h):
-  expected = h.mean(1) if full["retrieval_feature"] == "mean" else _torch_pool(p["feature_pool"], y,
+  expected = h.mean(1) if full["retrieval_feature"] == "mean" else torch_pool(p["feature_pool"], y,
                                                                                full["num_heads"])
   np.testing.assert_allclose(out.image_feature, np.asarray(expected), rtol=1e-5, atol=1e-5)
 
@@ -156,7 +156,7 @@ def test_resampler_equation(case):
   """Flamingo: L += Attn(LN(L), [LN(X); LN(L)]); L += FFN(LN(L)); Z = LL_O(LN(L)), X the patches."""
   full, params, hs, out = _run(case)
   k = CONFIGS[case][1]
-  p, y = _np(params), _layer_tokens(hs, full)
+  p, y = np64(params), _layer_tokens(hs, full)
   x = _t(y[:, 1:])
   h = _t(np.broadcast_to(p["latents"], (BATCH, k, DIMS["vision_width"])))
   for i in range(full["num_layers"]):
@@ -174,7 +174,7 @@ def test_qformer_equation(case):
   """BLIP-2 (post-LN): Q = LN(Q + SA(Q)); Q = LN(Q + CA(Q, LN_v(X))) every n-th layer; Q = LN(Q + FFN(Q))."""
   full, params, hs, out = _run(case)
   k = CONFIGS[case][1]
-  p, y = _np(params), _layer_tokens(hs, full)
+  p, y = np64(params), _layer_tokens(hs, full)
   tokens = _ln(_t(y), p["vision_norm"])  # every token, CLS included
   h = _ln(_t(np.broadcast_to(p["queries"], (BATCH, k, DIMS["vision_width"]))), p["query_norm"])
   heads = full["num_heads"]
@@ -192,7 +192,7 @@ def test_qformer_equation(case):
 def test_mlp_projector_equation(case):
   """LLaVA-1.5: Z = Linear(GELU(Linear(Y))) over the patches of layer L-1 (CLS dropped)."""
   full, params, hs, out = _run(case)
-  p, y = _np(params), _layer_tokens(hs, full)
+  p, y = np64(params), _layer_tokens(hs, full)
   patches = _t(y[:, 1:])
   np.testing.assert_allclose(out.tokens, np.asarray(_mlp(patches, p["mlp"])), rtol=1e-5, atol=1e-5)
   _check_feature(out, full, p, y, patches)
@@ -227,17 +227,17 @@ def test_config_errors_are_one_line(case, capsys):
 def test_config_files_take_every_bridge_key():
   """Every key of each bridge is in its config file, so --config.bridge.KEY overrides any of them."""
   for name, bridge in [("resampler", "perceiver_resampler"), ("qformer", "qformer"), ("mlp_projector", "mlp_projector")]:
-    config = load(name)
+    config = experiment_config(name)
     assert config.bridge.to_dict() == {"name": bridge, **bridges.REGISTRY[bridge].defaults}
-  assert load("qformer", "num_layers=12,cross_attention_every=2").bridge.num_layers == 12
-  blip2 = load("qformer", "blip2")
+  assert experiment_config("qformer", "num_layers=12,cross_attention_every=2").bridge.num_layers == 12
+  blip2 = experiment_config("qformer", "blip2")
   assert (blip2.name, blip2.stage, blip2.representation_share) == ("blip2", "generative", 0.5)
   assert {k: blip2.bridge[k] for k in ("width", "num_layers", "cross_attention_every", "num_heads",
                                        "layer_norm_eps")} == dict(width=768, num_layers=12, cross_attention_every=2,
                                                                   num_heads=12, layer_norm_eps=1e-12)
-  assert load("qformer", "blip2,num_layers=4").bridge.num_layers == 4  # a key given wins over the preset
-  assert load("qformer", "blip2,stage=representation").representation_share == 0.0  # stage 1 alone
-  assert load("blip2").to_dict() == blip2.to_dict()
+  assert experiment_config("qformer", "blip2,num_layers=4").bridge.num_layers == 4  # a key given wins over the preset
+  assert experiment_config("qformer", "blip2,stage=representation").representation_share == 0.0  # stage 1 alone
+  assert experiment_config("blip2").to_dict() == blip2.to_dict()
   e = cli.config_override_error(["train.py", "--config", "configs/qformer.py", "--workdir", "w",
                                  "--config.bridge.cross_attention_evry=3"])
   assert str(e) == ("unknown config key --config.bridge.cross_attention_evry; "
@@ -256,7 +256,7 @@ def frozen():
 @pytest.mark.parametrize("name,arg", [("resampler", "num_layers=1,k=3"), ("qformer", "num_layers=1,k=3"),
                                       ("mlp_projector", None)])
 def test_loss_and_gradients_through_the_tiny_model(frozen, name, arg):
-  config = load(name, arg)
+  config = experiment_config(name, arg)
   model = BridgeModel.create(config, TINY_VISION, TINY_LLM)
   trainable = model.init_trainable(jax.random.key(1), frozen)
   rng = np.random.default_rng(0)
