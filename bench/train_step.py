@@ -89,8 +89,8 @@ def load_config(spec: str):
 
 def backbone_sizes(config, size: str):
   """(vision config, LLM config) of the config at 'real' or 'reduced' size, of any family
-  (`bridgejax.inspect`'s names; config.json's architecture)."""
-  from bridgejax.inspect import LLM_ARCHS, VISION_ARCHS
+  (`bridgejax.param_count`'s names; config.json's architecture)."""
+  from bridgejax.param_count import LLM_ARCHS, VISION_ARCHS
   from bridgejax.weights import language, safetensors_io, vision
 
   if size == "real":

@@ -15,7 +15,7 @@ bridge does not fit the toy backbones is skipped with its reason.
 Each config trains and evaluates through bridgejax.sweep in WORKDIR/<config>/seed_<s>, so finished
 runs are skipped and the same command resumes; a SIGTERM stops it at the next safe point (exit
 status 143; bridgejax.preemption). Then WORKDIR/ablation.md (mean ± std over seeds, the
-trainable parameters at the config's real size from bridgejax.inspect), ablation.json and
+trainable parameters at the config's real size from bridgejax.param_count), ablation.json and
 ablation.png (each headline metric against real-size trainable parameters, error bars = std).
 """
 
@@ -107,22 +107,22 @@ def _scale_absolute_width(config) -> None:
   width = config.bridge.get("width", 0)
   if not width:
     return
-  from bridgejax import inspect  # pylint: disable=g-import-not-at-top
-  toy_width = inspect.backbone_configs(config)[0].hidden_size
+  from bridgejax import param_count  # pylint: disable=g-import-not-at-top
+  toy_width = param_count.backbone_configs(config)[0].hidden_size
   heads = config.bridge.get("num_heads", 1)
   config.bridge.width = max(heads, width * toy_width // REAL_VISION_WIDTH // heads * heads)
 
 
 def unrunnable(name: str, config) -> str | None:
   """Why configs/<name>.py cannot run on the toy backbones (its toy_config `config`), else None."""
-  from bridgejax import inspect  # pylint: disable=g-import-not-at-top
+  from bridgejax import param_count  # pylint: disable=g-import-not-at-top
   from configs import base  # pylint: disable=g-import-not-at-top
   experiment, reference = experiment_config(name), base.get_config()
   for tower in ("vision", "llm"):
     if experiment[tower].arch != reference[tower].arch:
       return f"its {tower} is {experiment[tower].arch}, the toy world has CLIP + Gemma only"
   try:
-    inspect.count(config)
+    param_count.count(config)
   except Exception as e:  # pylint: disable=broad-except
     return f"its bridge does not build on the toy backbones: {cli.one_line(e)}"
   return None
@@ -186,7 +186,7 @@ def ablate(names: list[str], seeds: list[int], workdir: str, *, steps: int = STE
            max_examples: int = MAX_EXAMPLES, max_new_tokens: int = 0, toy=None) -> dict:
   """Trains and evaluates each runnable config per seed (bridgejax.sweep: done runs are skipped),
   then writes the table, JSON and plot. {"rows", "skipped": {name: reason}, "complete"}."""
-  from bridgejax import inspect  # pylint: disable=g-import-not-at-top
+  from bridgejax import param_count  # pylint: disable=g-import-not-at-top
   from bridgejax.checks import check_config_paths  # pylint: disable=g-import-not-at-top
   from bridgejax.toy.prepare import ensure_toy_data  # pylint: disable=g-import-not-at-top
   start, rows, skipped, complete = time.time(), [], {}, True
@@ -207,8 +207,8 @@ def ablate(names: list[str], seeds: list[int], workdir: str, *, steps: int = STE
       complete = complete and len(done) == len(seeds)
       if done:
         rows.append({"config": name, "experiment": experiment_config(name).name, "steps": steps,
-                     "trainable_params": inspect.count(experiment_config(name))["trainable_params"],
-                     "toy_trainable_params": inspect.count(config)["trainable_params"], "workdirs": done})
+                     "trainable_params": param_count.count(experiment_config(name))["trainable_params"],
+                     "toy_trainable_params": param_count.count(config)["trainable_params"], "workdirs": done})
       if not complete or (preemption.requested() and i + 1 < len(names)):
         complete = False
         break

@@ -17,7 +17,7 @@ def get_config(arg=None):
   config.name = "base"
 
   # Frozen backbones: HF directories or bridgejax converted directories (python -m bridgejax.weights.convert).
-  # `arch` names the architecture for `python -m bridgejax.inspect` when `path` does not exist yet.
+  # `arch` names the architecture for `python -m bridgejax.param_count` when `path` does not exist yet.
   # cls_equivalent: what stands in for the CLS token on a tower without one (SigLIP): "mean" (the
   # patches' mean) or "pooled" (its attention-pool head); CLIP ignores it (bridgejax.bridges.base).
   config.vision = ml_collections.ConfigDict({"path": "clip-vit-large-patch14", "arch": "clip-vit-large-patch14",

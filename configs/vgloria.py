@@ -22,7 +22,7 @@ tokens are scaled (GPT-Neo and LLaMA have no embedding normaliser, so "sqrt_d" m
 from bridgejax.errors import UserError
 from configs import base
 
-LLMS = {  # llm= -> (llm.path default, inspect's arch name)
+LLMS = {  # llm= -> (llm.path default, param_count's arch name)
     "gloria": ("GlorIA-1.3B", "gloria-1.3b"),
     "gervasio": ("gervasio-7b-portuguese-ptpt-decoder", "gervasio-7b"),
 }

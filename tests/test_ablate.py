@@ -1,6 +1,6 @@
 """The ablation runner at a tiny size: 2 configs x 2 seeds on the tiny world, a handful of steps and
 a few eval examples. The table has a row per config over both seeds, its cells are the mean ± std
-of the seeds' own eval JSONs, the parameters are inspect's at real size, and a second run skips all."""
+of the seeds' own eval JSONs, the parameters are param_count's at real size, and a second run skips all."""
 
 import json
 import os
@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 import tiny_world
-from bridgejax import ablate, inspect
+from bridgejax import ablate, param_count
 from bridgejax.errors import UserError
 
 CONFIGS = ["fromage", "crossatt_k12"]
@@ -58,7 +58,7 @@ def test_ablation_trains_tabulates_plots_and_resumes(world, tmp_path, capsys):
   rows = json.load(open(os.path.join(workdir, "ablation.json")))
   assert [r["config"] for r in rows] == CONFIGS and [r["seeds"] for r in rows] == [2, 2]
   for row in rows:
-    assert row["trainable_params"] == inspect.count(ablate.experiment_config(row["config"]))["trainable_params"]
+    assert row["trainable_params"] == param_count.count(ablate.experiment_config(row["config"]))["trainable_params"]
     evals = [json.load(open(os.path.join(workdir, row["config"], f"seed_{s}", "eval", "vqa.json"))) for s in (0, 1)]
     values = [e["metrics"]["overall"] for e in evals]
     assert row["vqa/overall"] == pytest.approx(statistics.mean(values))

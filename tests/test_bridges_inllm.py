@@ -16,7 +16,7 @@ from bridgejax import bridges, experiment
 from bridgejax.bridges.base import VisionFeatures
 from bridgejax.bridges.epalm import EPALM
 from bridgejax.generate import generate
-from bridgejax.inspect import count
+from bridgejax.param_count import count
 from bridgejax.model import BridgeModel
 from bridgejax.models.clip import CLIPVisionConfig, CLIPVisionTransformer
 from bridgejax.models.gemma import FULL, Attention, Gemma, GemmaConfig, MLP, RMSNorm, attention_mask_for

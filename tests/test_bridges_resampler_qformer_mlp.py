@@ -15,7 +15,7 @@ from bridge_helper import (BATCH, DIMS, THESIS, abstract_count, np64, np_hidden,
                            random_hidden_states, torch_mha, torch_pool, tower_features)
 from bridgejax import bridges, cli
 from bridgejax.bridges.querying import QFormerLayer, ResamplerLayer
-from bridgejax.inspect import count
+from bridgejax.param_count import count
 from bridgejax.model import BridgeModel
 from bridgejax.models.clip import CLIPVisionTransformer
 from bridgejax.models.gemma import Gemma
@@ -103,7 +103,7 @@ def test_parameter_counts_at_real_sizes(case):
   assert out.image_feature.shape == (1, cfg.get("width") or 1024)  # the Q-Former's mean query state
 
 
-# the totals `python -m bridgejax.inspect --config configs/X.py --json` prints (README table)
+# the totals `python -m bridgejax.param_count --config configs/X.py --json` prints (README table)
 INSPECT = {"resampler": 78_545_409, "qformer": 36_518_401, "mlp_projector": 7_084_545, "blip2": 103_923_713}
 
 

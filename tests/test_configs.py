@@ -1,4 +1,4 @@
-"""Every experiment config builds and runs with tiny backbones; inspect counts parameters exactly."""
+"""Every experiment config builds and runs with tiny backbones; param_count counts parameters exactly."""
 
 import glob
 import json
@@ -13,7 +13,7 @@ import pytest
 from ml_collections import config_flags  # noqa: F401  (configs are loaded like train.py does)
 
 from bridgejax import bridges
-from bridgejax.inspect import count
+from bridgejax.param_count import count
 from bridgejax.model import BridgeModel
 from bridgejax.models.clip import CLIPVisionTransformer
 from bridgejax.models.gemma import Gemma
@@ -101,7 +101,7 @@ def _ret_heads(feature_width, llm_width, embed=256):
   return feature_width * embed + embed + llm_width * embed + embed + llm_width + 1  # W_i, W_t, [RET], scale
 
 
-# config, argument, W_i's input width, the total `inspect` prints (what the README table and the
+# config, argument, W_i's input width, the total `param_count` prints (what the README table and the
 # bridge docstrings quote; the thesis's own figures in the comments)
 COUNTS = [
     ("cls", "k=20", 1024, 42_772_993),  # thesis 7.1: "42M"
@@ -131,12 +131,12 @@ def test_inspect_counts_equal_the_formulas_at_real_sizes(name, arg, feature_widt
 
 
 def test_inspect_cli_json():
-  out = subprocess.run([sys.executable, "-m", "bridgejax.inspect", "--config", "configs/cls.py:k=20", "--json"],
+  out = subprocess.run([sys.executable, "-m", "bridgejax.param_count", "--config", "configs/cls.py:k=20", "--json"],
                        capture_output=True, text=True, check=True).stdout
   result = json.loads(out)
   assert result["trainable_params"] == 20 * 2048 * 1025 + _ret_heads(1024, 2048) == 42_772_993  # thesis: "42M"
   assert result["by_module"]["bridge/proj"] == 20 * 2048 * 1025
-  out = subprocess.run([sys.executable, "-m", "bridgejax.inspect", "--config", "configs/regions.py", "--json"],
+  out = subprocess.run([sys.executable, "-m", "bridgejax.param_count", "--config", "configs/regions.py", "--json"],
                        capture_output=True, text=True, check=True).stdout
   assert json.loads(out)["trainable_params"] == 151_523_841  # thesis 7.1: "the Regions model trains 151M"
 

@@ -90,9 +90,9 @@ def test_a_restart_with_another_seed_or_batch_size_names_the_keys(world, overrid
 
 
 def test_inspect_reports_bad_keys_and_configs_in_one_line():
-  run_probe(Probe(["-m", "bridgejax.inspect", "--config", "configs/demo.py", "--config.bridge.kk=3"], 2,
+  run_probe(Probe(["-m", "bridgejax.param_count", "--config", "configs/demo.py", "--config.bridge.kk=3"], 2,
                   r"^error: unknown config key --config\.bridge\.kk; did you mean --config\.bridge\.k\?$"))
-  run_probe(Probe(["-m", "bridgejax.inspect", "--config", "configs/demo.py", "--config.bridge.name=nope"], 2,
+  run_probe(Probe(["-m", "bridgejax.param_count", "--config", "configs/demo.py", "--config.bridge.name=nope"], 2,
                   r"^error: unknown bridge name 'nope'; set config\.bridge\.name to one of"))
 
 

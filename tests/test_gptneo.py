@@ -134,7 +134,7 @@ def test_config_reads_transformers_layouts(tiny):
   neo = {"architectures": ["GPTNeoForCausalLM"], "vocab_size": 50257, "hidden_size": 2048, "num_layers": 24,
          "num_heads": 16, "attention_types": [[["global", "local"], 12]], "window_size": 256,
          "intermediate_size": None, "max_position_embeddings": 2048, "bos_token_id": 50256, "eos_token_id": 50256}
-  assert config_from_hf(neo) == GPTNeoConfig()  # our defaults are its shapes (inspect's gloria-1.3b)
+  assert config_from_hf(neo) == GPTNeoConfig()  # our defaults are its shapes (param_count's gloria-1.3b)
 
 
 def test_bad_checkpoints_fail_clearly(tmp_path, tiny):

@@ -34,9 +34,9 @@ def test_mapping_network_count_at_real_size():
   # Pic2Word's IM2TEXT at CLIP ViT-L/14 (CLS width 1024) -> Gemma-2B (2048), middle 512, 2 hidden layers
   by_hand = (1024 * 512 + 512) + (512 * 512 + 512) + (512 * 2048 + 2048)
   assert pic2word.num_params(1024, 2048) == by_hand == 1_838_080
-  from bridgejax.inspect import count
+  from bridgejax.param_count import count
   from configs import pic2word as pic2word_config
-  result = count(pic2word_config.get_config())  # what `python -m bridgejax.inspect --json` prints
+  result = count(pic2word_config.get_config())  # what `python -m bridgejax.param_count --json` prints
   assert result["by_module"]["ret/pic2word"] == by_hand
   assert result["trainable_params"] == 9_197_057 + by_hand == 11_035_137  # crossatt_k12 + f_M
 

@@ -12,7 +12,7 @@ import pytest
 
 import tiny_eval_world
 from bridgejax import losses
-from bridgejax.inspect import count
+from bridgejax.param_count import count
 from bridgejax.model import TOKEN_TYPE_SCALE_INIT, BridgeModel, RetrievalHeads
 from configs import cmli, crossatt_k12, target_cmli, tte
 from model_helper import caption_batch, np_cmli
@@ -61,7 +61,7 @@ CMLI_BRIDGE_HEADS = 2 * (D * 256 + 256) + 1  # on the bridge's visual tokens (co
     (target_cmli, CMLI_HEADS + 2 * (D * W + W), 14_180_354),
 ])
 def test_inspect_counts_the_new_heads_at_real_size(module, extra, total):
-  result = count(module.get_config())  # what `python -m bridgejax.inspect --config ... --json` prints
+  result = count(module.get_config())  # what `python -m bridgejax.param_count --config ... --json` prints
   assert result["trainable_params"] == count(crossatt_k12.get_config())["trainable_params"] + extra == total
   new = {k: v for k, v in result["by_module"].items() if k.startswith(("ret/token_type", "ret/cmli", "ret/target"))}
   assert sum(new.values()) == extra

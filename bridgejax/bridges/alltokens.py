@@ -21,7 +21,7 @@ image_feature (for W_i), `retrieval_feature`:
 
 Why "mean". ViT-L/14 + Gemma-2B, embed 256; W_t (2048 -> 256), the [RET] row and the logit scale
 are 524,544 + 2,048 + 1 = 526,593, W_i is 65,536·256 + 256 = 16,777,472 on the 65,536-d mean and
-1024·256 + 256 = 262,400 on a D-vector. All trainable parameters, as `python -m bridgejax.inspect`
+1024·256 + 256 = 262,400 on a D-vector. All trainable parameters, as `python -m bridgejax.param_count`
 counts them:
   regions, "mean":            134,219,776 + 16,777,472 + 526,593             = 151,523,841
   regions, "attention_pool":  134,219,776 + 4,199,424 + 262,400 + 526,593    = 139,208,193

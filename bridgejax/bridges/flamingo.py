@@ -83,7 +83,7 @@ Parameters (Q = xattn_heads·xattn_head_dim, Q_r = num_heads·head_dim, m the FF
   total     R + E (the <image> row) + n_x·G
   ViT-L/14 (D 1024) + Gemma-2B (E 2048, 18 layers), defaults (n = 4: 4 blocks, before layers 3, 7,
   11, 15): R = 63,019,008, G = 36,708,354, total 63,019,008 + 2,048 + 4·36,708,354 = 209,854,472
-  (210,643,465 with W_i, W_t, [RET] and the logit scale, as `python -m bridgejax.inspect` prints).
+  (210,643,465 with W_i, W_t, [RET] and the logit scale, as `python -m bridgejax.param_count` prints).
   OpenFlamingo's modules for the same backbones (PerceiverResampler(dim=1024) and its 4
   GatedCrossAttentionBlock(dim=2048, dim_visual=1024)), counted by the parity test:
   63,019,008 + 4·36,708,354 = 209,852,424. The 2,048 more here are the <image> row (OpenFlamingo

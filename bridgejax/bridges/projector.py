@@ -22,7 +22,7 @@ image_feature (for W_i; LLaVA has no retrieval head), `retrieval_feature` as in 
 
 Parameters: D·E + E + E·E + E (+ D + 4·(D² + D) with the pool).
   CLIP ViT-L/14 + Gemma-2B: 2,099,200 + 4,196,352 = 6,295,552; with W_i, W_t, [RET] and the logit
-  scale (788,993) 7,084,545 trainable (`python -m bridgejax.inspect --config configs/mlp_projector.py`).
+  scale (788,993) 7,084,545 trainable (`python -m bridgejax.param_count --config configs/mlp_projector.py`).
 
 `GeluMLP` is also the feed-forward block of the resampler and the Q-Former (querying.py).
 """

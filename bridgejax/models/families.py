@@ -1,4 +1,4 @@
-"""Which Flax module runs a backbone config: one lookup for the multimodal model, `inspect`, the
+"""Which Flax module runs a backbone config: one lookup for the multimodal model, `param_count`, the
 benchmarks and the loaders, so a new family is added here once."""
 
 from __future__ import annotations

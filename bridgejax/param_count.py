@@ -1,6 +1,6 @@
 """Count a config's trainable parameters from abstract shapes, at its real sizes, with no weights.
 
-    python -m bridgejax.inspect --config configs/crossatt_k12.py [--json]
+    python -m bridgejax.param_count --config configs/crossatt_k12.py [--json]
 
 Backbone sizes come from config.json at config.vision.path / config.llm.path when it exists (any
 family load_vision_tower / load_language_model reads), else from the architecture named by
