@@ -54,22 +54,18 @@ def backbone_configs(config):
   """(vision config, LLM config) of an experiment config, of whichever families its backbones are."""
   from bridgejax.weights import language, safetensors_io
   from bridgejax.weights import vision as vision_weights
-  vision_json = os.path.join(config.vision.path, "config.json")
-  if os.path.isfile(vision_json):
-    vision = vision_weights.config_from_hf(safetensors_io.read_hf_config(config.vision.path))
-  elif config.vision.arch in VISION_ARCHS:
-    vision = VISION_ARCHS[config.vision.arch]
-  else:
-    raise UserError(f"no {vision_json} and config.vision.arch={config.vision.arch!r} is not one of "
-                     f"{sorted(VISION_ARCHS)}")
-  llm_json = os.path.join(config.llm.path, "config.json")
-  if os.path.isfile(llm_json):
-    llm = language.config_from_hf(safetensors_io.read_hf_config(config.llm.path))
-  elif config.llm.arch in LLM_ARCHS:
-    llm = LLM_ARCHS[config.llm.arch]
-  else:
-    raise UserError(f"no {llm_json} and config.llm.arch={config.llm.arch!r} is not one of {sorted(LLM_ARCHS)}")
-  return vision, llm
+
+  def one(tower, archs, from_hf):  # config.json at the path if there is one, else the named architecture
+    path, arch = config[tower].path, config[tower].arch
+    hf_json = os.path.join(path, "config.json")
+    if os.path.isfile(hf_json):
+      return from_hf(safetensors_io.read_hf_config(path))
+    if arch in archs:
+      return archs[arch]
+    raise UserError(f"no {hf_json} and config.{tower}.arch={arch!r} is not one of {sorted(archs)}")
+
+  return (one("vision", VISION_ARCHS, vision_weights.config_from_hf),
+          one("llm", LLM_ARCHS, language.config_from_hf))
 
 
 @functools.lru_cache(maxsize=8)
