@@ -27,7 +27,7 @@ def get_config(arg=None):
   config.frozen_param_dtype = "bfloat16"  # trainable params and optimizer state stay float32
   config.frozen_sharding = "replicate"  # or "fsdp": frozen weights split over the whole mesh
   # Memory against compute in the backward pass: "none", "llm" (recompute each frozen LLM layer),
-  # "all" ("llm" + the LM head with its cross-entropy + the bridge). README "Performance" has the trade-off.
+  # "all" ("llm" + the LM head with its cross-entropy + the bridge). docs/performance.md has the trade-off.
   config.remat = "none"
   # "" = float32 compute runs its matmuls at full float32 precision on every backend; any
   # jax.default_matmul_precision name (e.g. "tensorfloat32") overrides it.
@@ -146,7 +146,7 @@ def parse_arg(arg, **defaults) -> dict:
 def evals(protocol: str = "standard") -> ml_collections.ConfigDict:
   """config.evals for a protocol ("standard" or "thesis", bridgejax.data.splits.PROTOCOLS): caption,
   retrieval, vqa and visdial, each its own dict. Each task's `data` is left for you to point at a
-  prepared dataset (README "Evaluation")."""
+  prepared dataset (docs/evaluation.md)."""
   return ml_collections.ConfigDict({task: eval_task(task, protocol) for task in THESIS_TASKS})
 
 

@@ -3,6 +3,7 @@ LLaVA-1.5's MLP projector. Shapes, exact parameter formulas (tiny and real sizes
 of each equation, config errors in one line, and a jitted loss + gradient through the tiny BridgeModel."""
 
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -103,7 +104,8 @@ def test_parameter_counts_at_real_sizes(case):
   assert out.image_feature.shape == (1, cfg.get("width") or 1024)  # the Q-Former's mean query state
 
 
-# the totals `python -m bridgejax.param_count --config configs/X.py --json` prints (README table)
+# the totals `python -m bridgejax.param_count --config configs/X.py --json` prints (the table of
+# docs/experiments.md quotes them: test_docs_quote_the_inspect_counts)
 INSPECT = {"resampler": 78_545_409, "qformer": 36_518_401, "mlp_projector": 7_084_545, "blip2": 103_923_713}
 
 
@@ -115,6 +117,13 @@ def test_inspect_counts_every_config_at_real_size(name):
   heads = width * 256 + 256 + 2048 * 256 + 256 + 2048 + 1  # W_i, W_t, [RET], logit scale
   assert result["trainable_params"] == bridges.num_params(config.bridge, **THESIS) + heads == INSPECT[name]
   assert sum(result["by_module"].values()) == result["trainable_params"]
+
+
+def test_docs_quote_the_inspect_counts():
+  with open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "experiments.md")) as f:
+    rows = [line for line in f if line.startswith("| ")]
+  for name, total in INSPECT.items():
+    assert any(f"`configs/{name}.py" in row and f"| {total:,} |" in row for row in rows), (name, total)
 
 
 # --- each equation, recomputed in torch (float64) from the same parameters ---------------------------

@@ -3,6 +3,7 @@
 import glob
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -101,7 +102,7 @@ def _ret_heads(feature_width, llm_width, embed=256):
   return feature_width * embed + embed + llm_width * embed + embed + llm_width + 1  # W_i, W_t, [RET], scale
 
 
-# config, argument, W_i's input width, the total `param_count` prints (what the README table and the
+# config, argument, W_i's input width, the total `param_count` prints (what docs/experiments.md and the
 # bridge docstrings quote; the thesis's own figures in the comments)
 COUNTS = [
     ("cls", "k=20", 1024, 42_772_993),  # thesis 7.1: "42M"
@@ -128,6 +129,14 @@ def test_inspect_counts_equal_the_formulas_at_real_sizes(name, arg, feature_widt
   assert result["trainable_params"] == total
   assert result["by_module"]["ret/image_proj"] == feature_width * 256 + 256
   assert sum(result["by_module"].values()) == result["trainable_params"]
+
+
+def test_docs_quote_these_counts():
+  # docs/experiments.md (its table and the paragraphs under it) quotes every total above but l2l's
+  with open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "experiments.md")) as f:
+    text = f.read()
+  missing = sorted({f"{total:,}" for name, _, _, total in COUNTS if name != "l2l"} - set(re.findall(r"\d[\d,]*\d", text)))
+  assert not missing, f"docs/experiments.md does not quote {missing}"
 
 
 def test_inspect_cli_json():

@@ -1,4 +1,4 @@
-"""The README's main command, end to end and unshortened: train.py on configs/demo.py generates the
+"""The README's main command (its quick start; docs/demo.md has the figures below), end to end and unshortened: train.py on configs/demo.py generates the
 toy world, trains a bridge, evaluates it on held-out images and writes the metric JSON and the
 report. The bounds are what the demo measured here (about 4 minutes on 2 cores), with a margin."""
 

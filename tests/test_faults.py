@@ -2,7 +2,7 @@
 with the exit status and the one stderr line it must give, and the files it must leave byte for
 byte. One tiny trained run (4 steps, checkpoints at 2 and 4) is shared; a probe that could change a
 run works on its own copy. The data-preparation, export, serve and predict probes are in
-test_faults_io.py; README "What a run guarantees" lists what both prove."""
+test_faults_io.py; docs/guarantees.md ("What a run guarantees") lists what both prove."""
 
 import json
 import os

@@ -27,7 +27,7 @@ Config keys and defaults are the module fields below (`bridgejax.bridges.describ
   are fixed, `layers` moves the window (l4l takes any four, l2l/l2lx2/comp any two). `cls_multi`
   itself exposes every field.
   post_norm default False: these models exist only in the thesis fork, which reads
-  hidden_states[l][:, 0]. With post_norm=True each CLS is normalised before any difference/product.
+  `hidden_states[l][:, 0]`. With post_norm=True each CLS is normalised before any difference/product.
   image_feature: the mean of the *extracted* CLS tokens (4 for l4l, 2 for the others); for comp the
   difference and product are derived tokens, not extracted, so they are not averaged (thesis 6.3:
   "we use the average of these token embeddings as the retrieval token embedding").

@@ -3,7 +3,7 @@
 Axis legend: B batch, N tokens (1 + P), P patches (grid²), D vision width, E LLM width.
 
   Z = GELU(Y W_1 + b_1) W_2 + b_2    (B, P, E),   W_1 (D, E), W_2 (E, E)
-  Y = hidden_states[layer][:, 1:]    (B, P, D): the patches, CLS dropped
+  Y = `hidden_states[layer][:, 1:]`  (B, P, D): the patches, CLS dropped
 
 Source. The lecture notes on multimodal LLMs this family comes from cover BLIP-2 and Flamingo and
 say only that a module between a frozen encoder and a frozen LLM makes the LLM's input (BLIP-2:

@@ -21,7 +21,7 @@ W (D, E), which makes the k visual-prefix tokens. FFN(Y) = GELU(Y W_1 + b_1) W_2
     L ← L + Attn(q = L', kv = [X'; L'])       (B, K, D), kv (B, P + K, D)
     L ← L + FFN(LN_f(L))
     Z = LL_O(LN(L))                           (B, K, E)
-  X is hidden_states[layer][:, 1:] (the patches, CLS dropped, after the tower's post-LayerNorm with
+  X is `hidden_states[layer][:, 1:]` (the patches, CLS dropped, after the tower's post-LayerNorm with
   post_norm=True), as OpenFlamingo feeds CLIP ViT-L/14's patch tokens; Flamingo's NFNet has no CLS.
   bridgejax chooses: k=64, num_layers=6, 8 heads, mlp_ratio=4 with GELU (OpenFlamingo's), layer=-1,
   post_norm=True. Differences from OpenFlamingo: heads of D/8 = 128 (it projects to 8 heads of 64,
