@@ -12,6 +12,12 @@ stage 1; an absolute bridge width, blip2's 768, keeps its ratio to the tower: _s
 its first `max_examples`. A config whose backbones are not CLIP + Gemma (SigLIP, Glória) or whose
 bridge does not fit the toy backbones is skipped with its reason.
 
+The configs are files, found in --configs_dir: by default configs/ in the current directory (the
+repository root), else the configs/ beside the checkout bridgejax was installed from (an editable
+install). Each NAME there is NAME.py (base.py and demo.py are not experiments), loaded as
+`train.py --config NAME.py` loads it (bridgejax.cli.load_config_file); demo.py is the toy setup.
+An installed wheel has no configs/: point --configs_dir at a copy of the repository's.
+
 Each config trains and evaluates through bridgejax.sweep in WORKDIR/<config>/seed_<s>, so finished
 runs are skipped and the same command resumes; a SIGTERM stops it at the next safe point (exit
 status 143; bridgejax.preemption). Then WORKDIR/ablation.md (mean ± std over seeds, the
@@ -22,10 +28,8 @@ ablation.png (each headline metric against real-size trainable parameters, error
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
-import pkgutil
 import sys
 import time
 
@@ -33,11 +37,12 @@ import ml_collections
 
 from bridgejax import cli, preemption, sweep
 from bridgejax.errors import UserError
+from bridgejax.evaluation import table
 
 # What a config says about the bridge and its training signal; everything else is the demo's.
 TRANSPLANTED = ("bridge", "loss", "ret", "cmli", "token_type_embeddings", "concat_prob", "visual_token_scale",
                 "pic2word", "stage", "representation_share")
-NOT_EXPERIMENTS = {"base", "demo"}
+NOT_EXPERIMENTS = {"base", "demo", "__init__"}
 STEPS = 200  # the default bounded run: README "Ablation on the toy world" has its time
 MAX_EXAMPLES = 100  # per eval task, on the toy test split
 # The table's and plot's columns: (task, metric); headers as bridgejax.evaluation.table shows them.
@@ -48,40 +53,70 @@ TOY_SPLITS = {"caption": "test", "retrieval": "test", "vqa": "vqa_test", "visdia
 PIC2WORD_SPLITS = {"compose": "compose_test"}  # composed retrieval, for the configs that train Pic2Word's f_M
 
 
-def known_configs() -> list[str]:
-  """The experiment configs in configs/ (not base.py, not demo.py), sorted."""
-  import configs  # pylint: disable=g-import-not-at-top
-  return sorted(m.name for m in pkgutil.iter_modules(configs.__path__) if m.name not in NOT_EXPERIMENTS)
+def default_configs_dir() -> str:
+  """configs/ in the current directory if there is one, else the configs/ beside the checkout this
+  package was installed from (an editable install), else 'configs' (configs_dir() then says so)."""
+  if os.path.isdir("configs"):
+    return "configs"
+  beside = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+  return beside if os.path.isfile(os.path.join(beside, "demo.py")) else "configs"
 
 
-def experiment_config(name: str):
-  """configs/<name>.py's get_config(), as the thesis runs it."""
-  known = known_configs()
+def configs_dir(path: str | None = None) -> str:
+  """--configs_dir `path` (default_configs_dir() when None), checked to be a folder."""
+  path = default_configs_dir() if path is None else path
+  if not os.path.isdir(path):
+    raise UserError(f"--configs_dir {path!r} is not a folder: run from the repository root (where configs/ "
+                    "is) or pass --configs_dir path/to/configs")
+  # The configs import each other as a package (`from configs import base`), as they do from the
+  # repository root: the folder holding configs/ must be importable from anywhere else too.
+  parent = os.path.dirname(os.path.abspath(path))
+  if parent not in sys.path:
+    sys.path.append(parent)
+  return path
+
+
+def load_config(name: str, directory: str | None = None):
+  """<configs_dir>/<name>.py's get_config(), as `--config <name>.py` loads it."""
+  return cli.load_config_file(os.path.join(configs_dir(directory), f"{name}.py"))
+
+
+def known_configs(directory: str | None = None) -> list[str]:
+  """The experiment configs in the configs folder (its *.py but base.py and demo.py), sorted."""
+  path = configs_dir(directory)
+  return sorted(f[:-3] for f in os.listdir(path) if f.endswith(".py") and f[:-3] not in NOT_EXPERIMENTS)
+
+
+def experiment_config(name: str, directory: str | None = None):
+  """<configs_dir>/<name>.py's get_config(), as the thesis runs it."""
+  known = known_configs(directory)
   if name not in known:
-    raise UserError(f"--configs: unknown config {name!r}; known: {','.join(known)} (or 'all')")
-  return importlib.import_module(f"configs.{name}").get_config()
+    raise UserError(f"--configs: unknown config {name!r}; known: {','.join(known)} (or 'all') in "
+                    f"--configs_dir {configs_dir(directory)}")
+  return load_config(name, directory)
 
 
-def parse_configs(text: str) -> list[str]:
+def parse_configs(text: str, directory: str | None = None) -> list[str]:
   names = [n.strip() for n in text.split(",") if n.strip()]
   if names == ["all"]:
-    return known_configs()
+    if not known_configs(directory):
+      raise UserError(f"--configs all: --configs_dir {configs_dir(directory)} holds no experiment configs (NAME.py)")
+    return known_configs(directory)
   if not names or len(set(names)) < len(names):
     raise UserError(f"--configs {text!r}: expected 'all' or comma-separated config names, each once")
   for name in names:
-    experiment_config(name)  # an unknown name: one line listing the known ones
+    experiment_config(name, directory)  # an unknown name: one line listing the known ones
   return names
 
 
 def toy_config(name: str, steps: int = STEPS, *, toy=None, max_examples: int = MAX_EXAMPLES,
-               max_new_tokens: int = 0):
-  """configs/<name>.py's TRANSPLANTED keys on `toy` (configs/demo.py by default), trained `steps`
+               max_new_tokens: int = 0, directory: str | None = None):
+  """<configs_dir>/<name>.py's TRANSPLANTED keys on `toy` (demo.py there by default), trained `steps`
   steps (validated and checkpointed at the end) and evaluated on the toy test splits; max_new_tokens
   > 0 caps captioning's and VQA's decoding (tests), else each task's default."""
-  from bridgejax.data.splits import eval_task  # pylint: disable=g-import-not-at-top
-  from configs import demo  # pylint: disable=g-import-not-at-top
-  config = (toy if toy is not None else demo.get_config()).copy_and_resolve_references()
-  experiment = experiment_config(name)
+  from bridgejax.data.splits import eval_task  # lazy: bridgejax.data, ~0.1 s of CLI start
+  config = (toy if toy is not None else load_config("demo", directory)).copy_and_resolve_references()
+  experiment = experiment_config(name, directory)
   for key in TRANSPLANTED:
     config[key] = experiment[key]
   config.name = name
@@ -107,19 +142,18 @@ def _scale_absolute_width(config) -> None:
   width = config.bridge.get("width", 0)
   if not width:
     return
-  from bridgejax import param_count  # pylint: disable=g-import-not-at-top
+  from bridgejax import param_count  # lazy: jax and the models, ~1.3 s of CLI start
   toy_width = param_count.backbone_configs(config)[0].hidden_size
   heads = config.bridge.get("num_heads", 1)
   config.bridge.width = max(heads, width * toy_width // REAL_VISION_WIDTH // heads * heads)
 
 
-def unrunnable(name: str, config) -> str | None:
-  """Why configs/<name>.py cannot run on the toy backbones (its toy_config `config`), else None."""
-  from bridgejax import param_count  # pylint: disable=g-import-not-at-top
-  from configs import base  # pylint: disable=g-import-not-at-top
-  experiment, reference = experiment_config(name), base.get_config()
-  for tower in ("vision", "llm"):
-    if experiment[tower].arch != reference[tower].arch:
+def unrunnable(name: str, config, directory: str | None = None) -> str | None:
+  """Why <configs_dir>/<name>.py cannot run on the toy backbones (its toy_config `config`), else None."""
+  from bridgejax import param_count  # lazy: jax and the models, ~1.3 s of CLI start
+  experiment = experiment_config(name, directory)
+  for tower in ("vision", "llm"):  # the toy config's towers (demo.py's) keep base.py's CLIP + Gemma arch
+    if experiment[tower].arch != config[tower].arch:
       return f"its {tower} is {experiment[tower].arch}, the toy world has CLIP + Gemma only"
   try:
     param_count.count(config)
@@ -135,7 +169,6 @@ def _params(n: int) -> str:
 def summarize(rows: list[dict], workdir: str) -> str:
   """Writes WORKDIR/ablation.md, .json and .png from rows ({config, experiment, trainable_params,
   toy_trainable_params, workdirs}); returns the Markdown table."""
-  from bridgejax.evaluation import table  # pylint: disable=g-import-not-at-top
   headers = [h for task, metric in HEADLINE for m, h in table.COLUMNS[task] if m == metric]
   cells, records = [], []
   for row in rows:
@@ -160,10 +193,9 @@ def summarize(rows: list[dict], workdir: str) -> str:
 def plot(records: list[dict], path: str) -> None:
   """Each PLOTTED metric against real-size trainable parameters (log scale): a point per config,
   error bars one std over seeds; values as the table shows them."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
+  import matplotlib  # lazy: matplotlib, ~0.3 s of CLI start; the plot only
   matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  from bridgejax.evaluation import table  # pylint: disable=g-import-not-at-top
+  import matplotlib.pyplot as plt  # lazy: after matplotlib.use('Agg')
   fig, axes = plt.subplots(2, 2, figsize=(11, 8))
   for ax, (task, metric) in zip(axes.flat, PLOTTED):
     for r in records:
@@ -183,18 +215,20 @@ def plot(records: list[dict], path: str) -> None:
 
 
 def ablate(names: list[str], seeds: list[int], workdir: str, *, steps: int = STEPS,
-           max_examples: int = MAX_EXAMPLES, max_new_tokens: int = 0, toy=None) -> dict:
+           max_examples: int = MAX_EXAMPLES, max_new_tokens: int = 0, toy=None, directory: str | None = None) -> dict:
   """Trains and evaluates each runnable config per seed (bridgejax.sweep: done runs are skipped),
-  then writes the table, JSON and plot. {"rows", "skipped": {name: reason}, "complete"}."""
-  from bridgejax import param_count  # pylint: disable=g-import-not-at-top
-  from bridgejax.checks import check_config_paths  # pylint: disable=g-import-not-at-top
-  from bridgejax.toy.prepare import ensure_toy_data  # pylint: disable=g-import-not-at-top
+  then writes the table, JSON and plot. {"rows", "skipped": {name: reason}, "complete"}. `directory`
+  is --configs_dir (None: default_configs_dir())."""
+  from bridgejax import param_count  # lazy: jax and the models, ~1.3 s of CLI start
+  from bridgejax.checks import check_config_paths  # lazy: jax and orbax, seconds of CLI start
+  from bridgejax.toy.prepare import ensure_toy_data  # lazy: bridgejax.data, ~0.1 s of CLI start
   start, rows, skipped, complete = time.time(), [], {}, True
   with preemption.catch_sigterm():  # shared with each sweep and training: none loses it
     os.makedirs(workdir, exist_ok=True)
     for i, name in enumerate(names):
-      config = toy_config(name, steps, toy=toy, max_examples=max_examples, max_new_tokens=max_new_tokens)
-      reason = unrunnable(name, config)
+      config = toy_config(name, steps, toy=toy, max_examples=max_examples, max_new_tokens=max_new_tokens,
+                          directory=directory)
+      reason = unrunnable(name, config, directory)
       if reason:
         print(f"[{i + 1}/{len(names)}] {name}: skipped, {reason}", flush=True)
         skipped[name] = reason
@@ -206,8 +240,9 @@ def ablate(names: list[str], seeds: list[int], workdir: str, *, steps: int = STE
       done = sweep.sweep(config, os.path.join(workdir, name), seeds)
       complete = complete and len(done) == len(seeds)
       if done:
-        rows.append({"config": name, "experiment": experiment_config(name).name, "steps": steps,
-                     "trainable_params": param_count.count(experiment_config(name))["trainable_params"],
+        experiment = experiment_config(name, directory)
+        rows.append({"config": name, "experiment": experiment.name, "steps": steps,
+                     "trainable_params": param_count.count(experiment)["trainable_params"],
                      "toy_trainable_params": param_count.count(config)["trainable_params"], "workdirs": done})
       if not complete or (preemption.requested() and i + 1 < len(names)):
         complete = False
@@ -225,7 +260,9 @@ def main(argv=None) -> int:
   argv, debug = cli.pop_debug(sys.argv[1:] if argv is None else argv)
   p = argparse.ArgumentParser(prog="python -m bridgejax.ablate", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--configs", required=True, help="comma-separated configs/*.py names, or 'all'")
+  p.add_argument("--configs", required=True, help="comma-separated config names (NAME.py in --configs_dir), or 'all'")
+  p.add_argument("--configs_dir", default=None, help="the folder of the experiment configs (default: configs/ in "
+                 "the current directory, else the one beside the checkout bridgejax was installed from)")
   p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds, one run each")
   p.add_argument("--workdir", required=True, help="WORKDIR/<config>/seed_<s> per run; the table and plot here")
   p.add_argument("--steps", type=int, default=STEPS, help="training steps per run")
@@ -234,8 +271,8 @@ def main(argv=None) -> int:
 
   def run() -> int:
     cli.quiet_library_logs()
-    result = ablate(parse_configs(a.configs), sweep.parse_seeds(a.seeds), a.workdir, steps=a.steps,
-                    max_examples=a.max_examples)
+    result = ablate(parse_configs(a.configs, a.configs_dir), sweep.parse_seeds(a.seeds), a.workdir, steps=a.steps,
+                    max_examples=a.max_examples, directory=a.configs_dir)
     return 0 if result["complete"] else preemption.EXIT_STATUS
   return cli.call(run, debug=debug)
 

@@ -144,7 +144,7 @@ def _steps(directory: str) -> list[int]:
 
 def check_checkpoint(workdir: str, step: int | str | None = None) -> None:
   """WORKDIR/checkpoints holds a checkpoint (step `step` when given: a number, or "best")."""
-  from bridgejax.train.checkpoint import BEST, checkpoint_step  # pylint: disable=g-import-not-at-top
+  from bridgejax.train.checkpoint import BEST, checkpoint_step  # lazy: jax and orbax; checks fail fast, before them
   step = checkpoint_step(step)
   check_workdir(workdir)
   if paths.is_remote(workdir):

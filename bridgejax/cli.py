@@ -213,5 +213,5 @@ def start_distributed(multihost: bool, coordinator_address: str | None = None, n
   if any(v is not None for v in manual) and (not multihost or None in manual):
     raise app.UsageError("--coordinator_address, --num_processes and --process_id go together, with --multihost")
   if multihost:
-    import jax  # pylint: disable=g-import-not-at-top
+    import jax  # lazy: jax, seconds of every CLI's start
     jax.distributed.initialize(*manual)

@@ -36,10 +36,13 @@ import shutil
 import sys
 import tempfile
 
+import ml_collections
 import numpy as np
+from safetensors.numpy import save_file
 
-from bridgejax import paths
+from bridgejax import cli, paths
 from bridgejax.errors import UserError
+from bridgejax.evaluation import table
 
 CONFIG_FILE = "config.json"
 PARAMS_FILE = "model.safetensors"
@@ -162,11 +165,8 @@ def export(workdir: str, out: str, checkpoint: int | str | None = None, *, overw
   """Writes the folder (see the module doc) of `workdir`'s checkpoint (default: the latest; "best";
   a step) into `out`; returns bridgejax.json's record. Nothing is written before the checks pass,
   and `out` changes only once the new folder is complete (see the module doc on --overwrite)."""
-  import ml_collections  # pylint: disable=g-import-not-at-top
-  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
-
-  from bridgejax.checks import check_checkpoint  # pylint: disable=g-import-not-at-top
-  from bridgejax.train.checkpoint import Checkpointer, checkpoint_step  # pylint: disable=g-import-not-at-top
+  from bridgejax.checks import check_checkpoint  # lazy: jax and orbax, seconds of CLI start
+  from bridgejax.train.checkpoint import Checkpointer, checkpoint_step  # lazy: jax and orbax, seconds of CLI start
   check_checkpoint(workdir, checkpoint)
   config_path = paths.path(workdir) / CONFIG_FILE
   if not config_path.exists():
@@ -200,7 +200,6 @@ def export(workdir: str, out: str, checkpoint: int | str | None = None, *, overw
 
 
 def _eval_results(workdir: str) -> dict[str, dict]:
-  from bridgejax.evaluation import table  # pylint: disable=g-import-not-at-top
   try:
     return table.load_workdir(workdir)
   except FileNotFoundError:
@@ -215,7 +214,6 @@ def _describe_bridge(bridge) -> str:
 def _metrics_section(runs: dict[str, dict], step: int) -> list[str]:
   """A markdown table per task: the card's copy of eval/<task>.json (bridgejax.evaluation.table's
   columns and scaling: rates x100, R@k in percent)."""
-  from bridgejax.evaluation import table  # pylint: disable=g-import-not-at-top
   if not runs:
     return ["Not evaluated yet: run `python eval.py --config ... --workdir RUN`, then export again."]
   lines = []
@@ -266,7 +264,7 @@ def model_card(config, record: dict, runs: dict[str, dict]) -> str:
 
 def check_repo_id(repo_id: str) -> None:
   """`repo_id` is a Hub model repo id, org/name, as the Hub spells them (checked here, offline)."""
-  from huggingface_hub.utils import HFValidationError, validate_repo_id  # pylint: disable=g-import-not-at-top
+  from huggingface_hub.utils import HFValidationError, validate_repo_id  # lazy: huggingface_hub, ~0.05 s of CLI start
   try:
     validate_repo_id(repo_id)
     if repo_id.count("/") != 1 or not all(repo_id.split("/")):
@@ -279,7 +277,7 @@ def check_repo_id(repo_id: str) -> None:
 def hub_token() -> str:
   """The Hub token that --push uploads with (HF_TOKEN, else `hf auth login`'s), or a UserError saying how
   to log in. Read locally: no request is made."""
-  from huggingface_hub import get_token  # pylint: disable=g-import-not-at-top
+  from huggingface_hub import get_token  # lazy: huggingface_hub, ~0.05 s of CLI start; --push only
   token = get_token()
   if not token:
     raise UserError("--push needs a Hugging Face login and there is none: run `hf auth login` "
@@ -295,7 +293,7 @@ def check_push(repo_id: str) -> str:
 
 def push(out: str, repo_id: str, *, private: bool = False, token: str | None = None) -> str:
   """Uploads the exported folder `out` to the Hub model repo `repo_id` (created if missing); its URL."""
-  from huggingface_hub import HfApi  # pylint: disable=g-import-not-at-top
+  from huggingface_hub import HfApi  # lazy: HfApi, ~0.1 s of CLI start; --push only
   if not os.path.isfile(os.path.join(out, PARAMS_FILE)) or not os.path.isfile(os.path.join(out, MANIFEST_FILE)):
     raise UserError(f"{out!r} is not an exported bridge (no {PARAMS_FILE} / {MANIFEST_FILE}); "
                     "run python -m bridgejax.export --workdir RUN --out DIR first")
@@ -322,7 +320,6 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-  from bridgejax import cli  # pylint: disable=g-import-not-at-top
   argv, debug = cli.pop_debug(sys.argv[1:] if argv is None else argv)
   a = _parser().parse_args(argv)
 

@@ -44,12 +44,22 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
+from huggingface_hub import errors as hub_errors, snapshot_download
+from tqdm import tqdm
 
+from bridgejax import export, mesh as mesh_lib, paths as paths_lib
 from bridgejax.data.image import ImageError, clip_preprocess, decode_image, read_image_file
+from bridgejax.errors import UserError
 from bridgejax.evaluation.captioning import cut_caption
 from bridgejax.evaluation.engine import Engine, pad_rows, ret_embeddings_after, round_up
+from bridgejax.evaluation.run import load_params
+from bridgejax.evaluation.tasks import vqa_prompt
+from bridgejax.experiment import build
 from bridgejax.losses import l2_normalize
+from bridgejax.train.checkpoint import CheckpointMismatchError, param_differences
+from bridgejax.weights.safetensors_io import read_safetensors_file
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
 # A bound on characters per token (Gemma's longest pieces are runs of 31 spaces), so that only
@@ -87,15 +97,13 @@ class ImageIndex:
 
 def load_config(config=None, workdir: str | None = None):
   """A ConfigDict from: a ConfigDict, a config file path (configs/X.py[:arg]), or the workdir's config.json."""
-  import ml_collections  # pylint: disable=g-import-not-at-top
   if isinstance(config, ml_collections.ConfigDict):
     return config
   if config is None:
-    from bridgejax import paths  # pylint: disable=g-import-not-at-top  (the workdir may be gs://...)
-    path = paths.path(workdir or ".") / "config.json"
+    path = paths_lib.path(workdir or ".") / "config.json"
     if not path.exists():
       raise FileNotFoundError(f"{workdir} has no config.json (train.py writes it); pass the config file too")
-    return ml_collections.ConfigDict(paths.read_json(path))
+    return ml_collections.ConfigDict(paths_lib.read_json(path))
   path, _, arg = str(config).partition(":")
   spec = importlib.util.spec_from_file_location("bridgejax_user_config", path)
   if spec is None or not os.path.exists(path):
@@ -117,7 +125,6 @@ def list_images(folder: str) -> list[str]:
 def check_new_tokens(value, most: int | None = None, why: str = "", name: str = "max_new_tokens") -> int:
   """`value` (an int, or a flag's text) as the number of tokens to generate: a positive integer, at
   most `most` (what the LM's context leaves; `why` says how), else one UserError line."""
-  from bridgejax.errors import UserError  # pylint: disable=g-import-not-at-top
   n = None
   if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
     n = int(value)
@@ -135,13 +142,11 @@ def check_new_tokens(value, most: int | None = None, why: str = "", name: str = 
 
 def _pretrained_folder(path_or_id: str, revision, local_files_only: bool, cache_dir) -> str:
   """A local export folder, or the Hub repo `path_or_id`'s snapshot (downloaded or from the cache)."""
-  from bridgejax.errors import UserError  # pylint: disable=g-import-not-at-top
   if os.path.isdir(path_or_id):
     return str(path_or_id)
   if "/" not in str(path_or_id) or str(path_or_id).count("/") > 1 or os.path.exists(path_or_id):
     raise UserError(f"{path_or_id!r} is neither a folder nor a Hub repo id (org/name); pass the folder "
                     "python -m bridgejax.export wrote, or its Hub id")
-  from huggingface_hub import errors as hub_errors, snapshot_download  # pylint: disable=g-import-not-at-top
   try:
     return snapshot_download(str(path_or_id), revision=revision, local_files_only=local_files_only,
                              cache_dir=cache_dir)
@@ -153,18 +158,15 @@ def _pretrained_folder(path_or_id: str, revision, local_files_only: bool, cache_
 
 
 def _read_manifest(folder: str) -> dict:
-  from bridgejax import export, paths  # pylint: disable=g-import-not-at-top
-  from bridgejax.errors import UserError  # pylint: disable=g-import-not-at-top
   path = os.path.join(folder, export.MANIFEST_FILE)
   if not (os.path.isfile(path) and os.path.isfile(os.path.join(folder, export.PARAMS_FILE))):
     raise UserError(f"{folder} is not an exported bridge (no {export.MANIFEST_FILE} / {export.PARAMS_FILE}); "
                     "python -m bridgejax.export --workdir RUN --out DIR writes one")
-  return paths.read_json(path)
+  return paths_lib.read_json(path)
 
 
 def _check_backbone(part: str, path: str, recorded: dict) -> None:
   """The backbone folder exists, or one line naming what the bridge expects and how to pass it."""
-  from bridgejax.errors import UserError  # pylint: disable=g-import-not-at-top
   if not os.path.exists(path):
     hub = f", hub id {recorded['hub_id']}" if recorded.get("hub_id") else ""
     raise UserError(f"the {part} backbone folder {path!r} does not exist; the bridge was trained on "
@@ -173,9 +175,6 @@ def _check_backbone(part: str, path: str, recorded: dict) -> None:
 
 def _read_trainable(setup, path: str) -> dict:
   """The exported {bridge, ret} params, checked against the model's shapes, replicated on setup.mesh."""
-  from bridgejax import export, mesh as mesh_lib  # pylint: disable=g-import-not-at-top
-  from bridgejax.train.checkpoint import CheckpointMismatchError, param_differences  # pylint: disable=g-import-not-at-top
-  from bridgejax.weights.safetensors_io import read_safetensors_file  # pylint: disable=g-import-not-at-top
   trainable = export.unflatten(read_safetensors_file(path))
   expected = jax.eval_shape(lambda: setup.model.init_trainable(jax.random.key(0), setup.frozen))
   differences = param_differences(trainable, expected)
@@ -202,8 +201,6 @@ class Pipeline:
   def from_workdir(cls, workdir: str, config=None, step: int | str | None = None, **kwargs) -> "Pipeline":
     """The checkpoint `step` (default: latest; "best": the best validation step) of a training run;
     config: a ConfigDict, a config file, or None for the run's own config.json."""
-    from bridgejax.evaluation.run import load_params  # pylint: disable=g-import-not-at-top
-    from bridgejax.experiment import build  # pylint: disable=g-import-not-at-top
     config = load_config(config, workdir)
     setup = build(config)
     step, params = load_params(setup, workdir, step)
@@ -216,8 +213,6 @@ class Pipeline:
     """A bridge exported by `python -m bridgejax.export`: a folder, or a Hub repo id ("org/name",
     fetched with huggingface_hub.snapshot_download; `revision`, `local_files_only` and `cache_dir`
     go to it). vision / llm: the backbones' folders, overriding the paths the export recorded."""
-    from bridgejax import export  # pylint: disable=g-import-not-at-top
-    from bridgejax.experiment import build  # pylint: disable=g-import-not-at-top
     folder = _pretrained_folder(path_or_id, revision, local_files_only, cache_dir)
     config = load_config(None, folder)
     manifest = _read_manifest(folder)
@@ -250,7 +245,6 @@ class Pipeline:
     compiled shape, one batch of pixels in memory); fewer are one batch of their own size.
     With a `skipped` list, an image that cannot be read is appended to it as (image, why) and left
     out of the result (B counts the rest) instead of raising."""
-    from tqdm import tqdm  # pylint: disable=g-import-not-at-top
     images = images if isinstance(images, (list, tuple)) else [images]
     size = min(len(images), self.batch_size)
     tokens, embs = [], []
@@ -289,7 +283,6 @@ class Pipeline:
     they leave no room for even an empty prompt). Too long a prompt is refused, not cut: cutting
     either end of a question or a query changes what is asked. Only a prefix of a huge text is
     tokenised to find out, so a 1 MB prompt fails at once."""
-    from bridgejax.errors import UserError  # pylint: disable=g-import-not-at-top
     tail = [self.model.ret_id] if append_ret else []
     if new_tokens:
       least = 1 + len(tail)  # BOS (+ [RET]): the shortest prompt
@@ -333,7 +326,6 @@ class Pipeline:
 
   def answer(self, image, question: str, max_new_tokens: int = 10) -> str:
     """The answer after "Q: {question}\\nA:", up to the first newline or period."""
-    from bridgejax.evaluation.tasks import vqa_prompt  # pylint: disable=g-import-not-at-top
     tokens, _ = self._encode([image])
     ids, mask = self._ids([vqa_prompt(question)], reserve=tokens.shape[1], new_tokens=max_new_tokens)
     new = self.engine.generate(tokens, ids, mask, max_new_tokens=max_new_tokens)
@@ -345,7 +337,6 @@ class Pipeline:
     """W_i embeddings of every image under a folder (recursively), or of a list of paths. An image
     that cannot be read (missing, unreadable, corrupt) is left out and listed in the index's
     `skipped`, and one line says so: report(line), or a warning. None readable is a UserError."""
-    from bridgejax.errors import UserError  # pylint: disable=g-import-not-at-top
     folder = isinstance(folder_or_paths, (str, os.PathLike))
     paths = list_images(folder_or_paths) if folder else [str(p) for p in folder_or_paths]
     if not paths:

@@ -19,6 +19,7 @@ import numpy as np
 from absl import flags
 from ml_collections import config_flags
 
+from bridgejax import cli
 from bridgejax.errors import UserError
 from bridgejax.model import BridgeModel
 from bridgejax.models.clip import CLIPVisionConfig
@@ -52,8 +53,8 @@ LLM_ARCHS = {
 
 def backbone_configs(config):
   """(vision config, LLM config) of an experiment config, of whichever families its backbones are."""
-  from bridgejax.weights import language, safetensors_io
-  from bridgejax.weights import vision as vision_weights
+  from bridgejax.weights import language, safetensors_io  # lazy: orbax and the loaders, ~0.3 s of CLI start
+  from bridgejax.weights import vision as vision_weights  # lazy: orbax and the loaders, ~0.3 s of CLI start
 
   def one(tower, archs, from_hf):  # config.json at the path if there is one, else the named architecture
     path, arch = config[tower].path, config[tower].arch
@@ -113,5 +114,4 @@ if __name__ == "__main__":  # flags only here: importing this module defines non
   config_flags.DEFINE_config_file("config", None, "experiment config (configs/*.py[:args])")
   flags.DEFINE_bool("json", False, "print one JSON object instead of a table")
   flags.mark_flags_as_required(["config"])
-  from bridgejax import cli  # pylint: disable=g-import-not-at-top
   cli.run_absl(main)  # a bad flag, key or config: one line, as train.py

@@ -27,6 +27,7 @@ import uuid
 
 from absl import logging
 from etils import epath
+import fsspec
 
 from bridgejax.errors import UserError
 
@@ -44,7 +45,6 @@ _MALFORMED_URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):/*(?=[^/])")  # gs:/buc
 def _has_filesystem(scheme: str) -> bool:
   """Whether fsspec (etils.epath's backend for URLs) can reach `scheme`: its package imports, or a
   filesystem was registered for it."""
-  import fsspec  # pylint: disable=g-import-not-at-top
   try:
     fsspec.get_filesystem_class(scheme)
   except (ImportError, ValueError):

@@ -24,6 +24,7 @@ import json
 import os
 import sys
 
+from bridgejax import cli
 
 MAX_NEW_TOKENS_HELP = "tokens to generate at most: a positive integer that fits in the LM's context (default: 32)"
 
@@ -71,7 +72,7 @@ def warn(line: str) -> None:
 def load_index(pipe, where: str):
   """An index .npz, or the index of a folder of images (embedded now; unreadable images skipped
   with one warning line)."""
-  from bridgejax.inference import ImageIndex  # pylint: disable=g-import-not-at-top
+  from bridgejax.inference import ImageIndex  # lazy: jax and the models, seconds of CLI start
   if where.endswith(".npz") and os.path.isfile(where):
     return ImageIndex.load(where)
   return pipe.build_index(where, report=warn)
@@ -79,8 +80,8 @@ def load_index(pipe, where: str):
 
 def load_pipeline(workdir: str, config=None, step=None, **kwargs):
   """The run's Pipeline; a missing checkpoint or backbone is one line before any weight loads."""
-  from bridgejax.checks import check_backbones, check_checkpoint  # pylint: disable=g-import-not-at-top
-  from bridgejax.inference import Pipeline, load_config  # pylint: disable=g-import-not-at-top
+  from bridgejax.checks import check_backbones, check_checkpoint  # lazy: jax and orbax, seconds of CLI start
+  from bridgejax.inference import Pipeline, load_config  # lazy: jax and the models, seconds of CLI start
   check_checkpoint(workdir, step)
   config = load_config(config, workdir)
   check_backbones(config)
@@ -92,7 +93,7 @@ def _hits(hits) -> list[dict]:
 
 
 def run(a) -> object:
-  from bridgejax.inference import Hit  # pylint: disable=g-import-not-at-top
+  from bridgejax.inference import Hit  # lazy: jax and the models, seconds of CLI start
   pipe = load_pipeline(a.workdir, a.config, a.step)
   if a.command == "caption":
     return dict(zip(a.images, pipe.captions(a.images, a.prompt, a.max_new_tokens)))
@@ -120,13 +121,12 @@ def _print(result) -> None:
 
 
 def main(argv=None) -> int:
-  from bridgejax import cli  # pylint: disable=g-import-not-at-top
   argv, debug = cli.pop_debug(sys.argv[1:] if argv is None else argv)
   a = _parser().parse_args(argv)
 
   def go() -> int:
     if "max_new_tokens" in a:  # before minutes of loading weights; the context's bound comes once the model is read
-      from bridgejax.inference import check_new_tokens  # pylint: disable=g-import-not-at-top
+      from bridgejax.inference import check_new_tokens  # lazy: jax and the models, seconds of CLI start
       a.max_new_tokens = check_new_tokens(a.max_new_tokens, name="--max-new-tokens")
     result = run(a)
     if a.json:

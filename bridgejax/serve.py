@@ -36,7 +36,11 @@ import sys
 import tempfile
 import threading
 
+from PIL import Image
+
+from bridgejax import cli
 from bridgejax.errors import UserError
+from bridgejax.predict import load_index, load_pipeline
 
 NO_INDEX = "no image index: start the demo with --index FOLDER (or an index.npz from python -m bridgejax.predict index)"
 SYSTEM_FONTS = (["ui-sans-serif", "system-ui", "sans-serif"], ["ui-monospace", "monospace"])  # nothing fetched
@@ -70,7 +74,7 @@ class Demo:
 
   def chat(self, message: str, image, history: list | None) -> list[dict]:
     """The history with the user's turn and the answer, one message per text segment or image."""
-    from bridgejax.inference import Hit  # pylint: disable=g-import-not-at-top
+    from bridgejax.inference import Hit  # lazy: jax and the models, seconds of CLI start
     with self._lock:
       segments = self.pipeline.generate(_required_text(message), image=image, index=self.index)
     turn = [{"role": "user", "content": message}]
@@ -103,7 +107,7 @@ def require_gradio() -> None:
 def build_app(pipeline, index=None):
   """The Gradio Blocks app (not started): tabs Caption, Ask, Search and Chat over `pipeline`."""
   require_gradio()
-  import gradio as gr  # pylint: disable=g-import-not-at-top
+  import gradio as gr  # lazy: gradio is optional (.[demo])
   demo = Demo(pipeline, index)
 
   def shown(fn):
@@ -113,8 +117,7 @@ def build_app(pipeline, index=None):
       try:
         return fn(*args)
       except (ValueError, OSError) as e:
-        from bridgejax.cli import one_line  # pylint: disable=g-import-not-at-top
-        raise gr.Error(one_line(e)) from e
+        raise gr.Error(cli.one_line(e)) from e
     return call
 
   image = lambda label="Image": gr.Image(type="filepath", label=label, sources=["upload", "clipboard"])
@@ -158,7 +161,7 @@ def build_app(pipeline, index=None):
 def toy_index_folder(config) -> str | None:
   """A toy-world run's held-out images, written as files to a temporary folder (removed at exit):
   the image table its retrieval eval reads, else its dataset's test images; None for other data."""
-  from bridgejax.data.records import INFO_FILE, load_info, open_split  # pylint: disable=g-import-not-at-top
+  from bridgejax.data.records import INFO_FILE, load_info, open_split  # lazy: bridgejax.data, ~0.1 s of CLI start
   retrieval = [(t.get("data"), t.get("split")) for t in (config.get("evals") or {}).values()
                if t.get("type") == "retrieval"]
   for data, split in retrieval + [(config.data.get("dir"), "test")]:
@@ -171,7 +174,6 @@ def toy_index_folder(config) -> str | None:
     images = images.images or images
     folder = tempfile.mkdtemp(prefix="bridgejax-serve-toy-")
     atexit.register(shutil.rmtree, folder, ignore_errors=True)
-    from PIL import Image  # pylint: disable=g-import-not-at-top
     for i in range(len(images)):
       record = images[i]
       suffix = Image.open(io.BytesIO(record["image"])).format.lower()
@@ -206,8 +208,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def load(a):
   """(pipeline, index or None) as the flags say."""
-  from bridgejax.inference import Pipeline  # pylint: disable=g-import-not-at-top
-  from bridgejax.predict import load_index, load_pipeline  # pylint: disable=g-import-not-at-top
+  from bridgejax.inference import Pipeline  # lazy: jax and the models, seconds of CLI start
   if a.workdir is not None:
     if a.vision or a.llm:
       raise UserError("--vision and --llm go with --pretrained; a run's own config names its backbones")
@@ -224,7 +225,6 @@ def load(a):
 
 
 def main(argv=None) -> int:
-  from bridgejax import cli  # pylint: disable=g-import-not-at-top
   argv, debug = cli.pop_debug(sys.argv[1:] if argv is None else argv)
   a = _parser().parse_args(argv)
 
@@ -232,7 +232,7 @@ def main(argv=None) -> int:
     require_gradio()  # before minutes of loading weights
     pipe, index = load(a)
     app = build_app(pipe, index)
-    import gradio as gr  # pylint: disable=g-import-not-at-top
+    import gradio as gr  # lazy: gradio is optional (.[demo])
     font, mono = SYSTEM_FONTS
     app.launch(server_name=a.host, server_port=a.port, allowed_paths=allowed_paths(index), show_error=True,
                theme=gr.themes.Default(font=font, font_mono=mono))

@@ -4,6 +4,7 @@ of the seeds' own eval JSONs, the parameters are param_count's at real size, and
 
 import json
 import os
+import shutil
 import signal
 import statistics
 
@@ -15,6 +16,7 @@ from bridgejax import ablate, param_count
 from bridgejax.errors import UserError
 
 CONFIGS = ["fromage", "crossatt_k12"]
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +47,33 @@ def test_unknown_config_is_one_line_listing_the_known_ones():
   with pytest.raises(UserError, match="unknown config 'nope'; known: .*crossatt_k12.*fromage"):
     ablate.parse_configs("fromage,nope")
   assert ablate.parse_configs("all") == ablate.known_configs() and "demo" not in ablate.known_configs()
+
+
+def test_configs_are_files_in_configs_dir(world, tmp_path, monkeypatch, capsys):
+  """--configs_dir: a folder of config files anywhere (an installed wheel has no configs/), each
+  loaded as `--config FILE` loads it; by default configs/ here, else the checkout's."""
+  folder = tmp_path / "my_configs"
+  folder.mkdir()
+  shutil.copy(os.path.join(REPO, "configs", "fromage.py"), folder / "myfromage.py")  # only found there
+  directory = str(folder)
+  assert ablate.known_configs(directory) == ablate.parse_configs("all", directory) == ["myfromage"]
+  with pytest.raises(UserError, match=r"unknown config 'fromage'; known: myfromage \(or 'all'\) in --configs_dir .*my_"):
+    ablate.parse_configs("fromage", directory)
+  toy = tiny_world.config(world, batch_size=4)
+  result = ablate.ablate(["myfromage"], [0], str(tmp_path / "ablate"), steps=1, max_examples=1, max_new_tokens=2,
+                         toy=toy, directory=directory)
+  assert result["complete"] and [r["config"] for r in result["rows"]] == ["myfromage"]
+  assert result["rows"][0]["trainable_params"] == param_count.count(ablate.experiment_config("fromage"))[
+      "trainable_params"]
+  capsys.readouterr()
+
+  monkeypatch.chdir(tmp_path)  # no configs/ here: the checkout's (an editable install)
+  assert ablate.default_configs_dir() == os.path.join(REPO, "configs") and "fromage" in ablate.known_configs()
+  missing = str(tmp_path / "nowhere")
+  assert ablate.main(["--configs", "all", "--workdir", str(tmp_path / "w"), "--configs_dir", missing]) == 2
+  assert capsys.readouterr().err.splitlines() == [
+      f"error: --configs_dir {missing!r} is not a folder: run from the repository root (where configs/ is) "
+      "or pass --configs_dir path/to/configs"]
 
 
 def test_ablation_trains_tabulates_plots_and_resumes(world, tmp_path, capsys):

@@ -36,6 +36,7 @@ import os
 from typing import Any, Protocol
 
 import numpy as np
+from absl import flags
 
 from bridgejax.data.image import clip_preprocess, decode_image
 from bridgejax.data.records import RecordError, Split
@@ -52,7 +53,7 @@ class Tokenizer(Protocol):
 
 def _shard(shard_index: int | None, shard_count: int | None) -> tuple[int, int]:
   if shard_index is None or shard_count is None:
-    import jax  # pylint: disable=g-import-not-at-top
+    import jax  # lazy: jax, seconds of the data CLIs' start
     shard_index = jax.process_index() if shard_index is None else shard_index
     shard_count = jax.process_count() if shard_count is None else shard_count
   if not 0 <= shard_index < shard_count:
@@ -128,13 +129,12 @@ class LoaderIterator:
     self.loader, self.step, self._it = loader, step, None
 
   def _open(self):
-    import grain  # pylint: disable=g-import-not-at-top
+    import grain  # lazy: grain (with jax), seconds of the data CLIs' start
     ds = self.loader.batches[self.step:]
     # Elements are whole batches (a 180 x 224^2 batch is 108 MB): small buffers.
     ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=1 if self.loader.worker_count else 2,
                                               prefetch_buffer_size=2))
     if self.loader.worker_count > 0:
-      from absl import flags  # pylint: disable=g-import-not-at-top
       if not flags.FLAGS.is_parsed():
         # grain reads its absl flags when it starts workers and fails if nobody parsed them (a
         # notebook, a test, a script without absl.app). Marking them parsed keeps every default,
@@ -178,7 +178,7 @@ def epoch_order(num_records: int, *, seed: int, shard_index: int, shard_count: i
   Global shuffle of all records with (seed, epoch), cut to a multiple of shard_count, dealt
   round-robin: the processes' shards are disjoint and equally long in every epoch.
   """
-  import grain  # pylint: disable=g-import-not-at-top
+  import grain  # lazy: grain (with jax), seconds of the data CLIs' start
   if num_records < shard_count:
     raise RecordError(f"{num_records} records cannot feed {shard_count} processes")
   ds = grain.MapDataset.range(num_records)
@@ -261,7 +261,7 @@ def eval_dataset(data_dir: str | os.PathLike, split: str, *, batch_size: int, im
   caption_ids/caption_mask (B,C,T) and caption_valid (B,C): the retrieval text side, where an
   image-to-text hit is any of the image's captions. Process p reads records p, p+P, p+2P, ...
   """
-  import grain  # pylint: disable=g-import-not-at-top
+  import grain  # lazy: grain (with jax), seconds of the data CLIs' start
   records = Split(data_dir, split)
   if tokenizer is not None and records.kind != "image_text":
     raise RecordError(f"captions come from image_text splits; {split!r} holds {records.kind}")

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import msgpack
+from array_record.python.array_record_module import ArrayRecordWriter
 
 from bridgejax.errors import UserError
 
@@ -97,7 +98,6 @@ class SplitWriter:
 
   def __init__(self, out_dir: Path, name: str, kind: str, *, image_table: str | None = None,
                shard_bytes: int = 1 << 30, dataset: "DatasetWriter | None" = None):
-    from array_record.python.array_record_module import ArrayRecordWriter  # heavy; only when writing
     self._writer_cls = ArrayRecordWriter
     self.out_dir, self.name, self.kind, self.image_table = out_dir, name, kind, image_table
     self.shard_bytes, self.num_examples, self.dataset = shard_bytes, 0, dataset
@@ -292,7 +292,7 @@ class Split:
 
   def _records(self):
     if self._source is None:
-      import grain  # pylint: disable=g-import-not-at-top
+      import grain  # lazy: grain (with jax), seconds of the data CLIs' start
       paths = [str(self.data_dir / f) for f in self.info["files"]]
       self._source = grain.sources.ArrayRecordDataSource(paths)
     return self._source

@@ -25,16 +25,17 @@ import numpy as np
 from bridgejax import mesh as mesh_lib, paths, preemption
 from bridgejax.data.splits import eval_tasks, protocol_of, task_data
 from bridgejax.errors import UserError
-from bridgejax.evaluation import tasks as tasks_lib
+from bridgejax.evaluation import report as report_lib, table, tasks as tasks_lib
 from bridgejax.evaluation.engine import Engine
 from bridgejax.experiment import build
+from bridgejax.train.checkpoint import Checkpointer, param_differences
+from bridgejax.train.loop import changed_keys
 
 
 def load_params(setup, workdir: str, step: int | None = None) -> tuple[int, dict]:
   """(step, full parameter dict): the checkpoint's trainable subtree, replicated on setup.mesh,
   joined to the frozen backbones (already on the mesh).
   Without `step`, the newest intact checkpoint (a damaged newer one is skipped with a warning)."""
-  from bridgejax.train.checkpoint import Checkpointer
   if not (paths.path(workdir) / "checkpoints").is_dir():
     raise FileNotFoundError(f"{workdir} has no checkpoints/ directory; train first "
                             f"(python train.py --config ... --workdir {workdir}) or pass the run's --workdir")
@@ -53,9 +54,6 @@ def load_params(setup, workdir: str, step: int | None = None) -> tuple[int, dict
 def check_fits(setup, trainable: dict, workdir: str, step: int) -> None:
   """The checkpoint's trainable parameters have the shapes this config's model makes, else one
   line naming the config keys that differ from the run's config.json (or the parameters)."""
-  from bridgejax.errors import UserError  # pylint: disable=g-import-not-at-top
-  from bridgejax.train.checkpoint import param_differences  # pylint: disable=g-import-not-at-top
-  from bridgejax.train.loop import changed_keys  # pylint: disable=g-import-not-at-top
   wanted = jax.eval_shape(setup.model.init_trainable, jax.random.key(0), setup.frozen)
   differences = param_differences(trainable, wanted)
   if differences:
@@ -111,7 +109,6 @@ def evaluate(config, workdir: str, step: int | None = None, *, tasks=None, setup
                    "predictions": result.predictions})
     results[name] = summary
   if writer and results:
-    from bridgejax.evaluation import report as report_lib, table
     if not quiet:
       print(table.format_task_metrics(results, title=f"{config.get('name', '')} @ step {step} ({workdir})"))
     if report:

@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from bridgejax import mesh as mesh_lib, pic2word
+from bridgejax import losses, mesh as mesh_lib, pic2word
 from bridgejax.data.image import RESIZES
 from bridgejax.data.pipeline import eval_dataset
 from bridgejax.data.records import RecordError, open_split
@@ -489,7 +489,6 @@ VALIDATION_CAPTIONS_PER_IMAGE = 5  # the COCO rule's captions per image
 def _validation_fn(model, mesh):
   """One jitted function per model and mesh: caption/text CE sums and counts, and the embeddings,
   replicated so that every process reads them whole."""
-  from bridgejax import losses  # pylint: disable=g-import-not-at-top
 
   def fn(params, image, ids, mask, row_valid, caption_ids, caption_mask):
     out = model.encode_images(params, image)
@@ -523,7 +522,6 @@ def quick_validation(setup, params, *, max_examples: int | None = None,
   to 5 captions each (the COCO rule). One compiled shape; the last batch is padded. Batches are
   split over the mesh's 'data' axis (the batch size rounded up to a multiple of it).
   """
-  from bridgejax import losses  # pylint: disable=g-import-not-at-top
   config, model = setup.config, setup.model
   data_dir, split = config.data.dir, config.data.val_split
   mesh = setup.mesh

@@ -14,11 +14,13 @@ from collections.abc import Callable, Iterator
 import jax
 import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from bridgejax import mesh as mesh_lib, paths, preemption
 from bridgejax.config_values import check_config_values
 from bridgejax.data import features as feature_cache
+from bridgejax.data.pipeline import train_dataset
 from bridgejax.errors import UserError
 from bridgejax.experiment import Setup, build
 from bridgejax.model import frozen_row_norm
@@ -67,7 +69,6 @@ def train_iterator(config, setup: Setup, *, shard_index: int | None = None, shar
   shard_index/shard_count default to this process's; given, they read shard i of n (its share of
   the global batch), as process i of an n-process job would.
   """
-  from bridgejax.data.pipeline import train_dataset
   per_shard = check_batch_size(config, setup.mesh) if shard_count is None else config.batch_size // shard_count
   # cached tower features (data.features), checked against this run's tower before step 1
   features = feature_cache.check_cache(config, setup) if feature_cache.cache_dir(config) else None
@@ -132,7 +133,6 @@ def any_process(flag: bool) -> bool:
   they agree on here, so no host waits alone in a save."""
   if jax.process_count() == 1:
     return bool(flag)
-  from jax.experimental import multihost_utils
   return bool(np.any(multihost_utils.process_allgather(np.asarray([flag], np.int32))))
 
 
@@ -238,7 +238,6 @@ def _restore(checkpointer: Checkpointer, state, train_data, config, workdir: str
     if jax.process_index() == 0:
       checkpointer.set_aside(step for step, _ in checkpointer.damaged)
     if jax.process_count() > 1:
-      from jax.experimental import multihost_utils
       multihost_utils.sync_global_devices("bridgejax: damaged checkpoints set aside")
     checkpointer.reload()
   return state

@@ -151,7 +151,7 @@ class _WandbSink(_Sink):
 
   def _started(self):
     if self._run is None:
-      import wandb  # pylint: disable=g-import-not-at-top
+      import wandb  # lazy: wandb is optional (.[wandb])
       id_file = paths.path(self._workdir) / WANDB_ID_FILE
       run_id = paths.read_text(id_file).strip() if id_file.exists() else uuid.uuid4().hex[:12]
       paths.write_text(id_file, run_id + "\n")
@@ -165,7 +165,7 @@ class _WandbSink(_Sink):
     self._started().log(values, step=step)
 
   def write_table(self, step, name, columns, rows):
-    import wandb  # pylint: disable=g-import-not-at-top
+    import wandb  # lazy: wandb is optional (.[wandb])
     self._started().log({name: wandb.Table(columns=columns, data=rows)}, step=step)
 
   def close(self):
@@ -186,7 +186,7 @@ def _tensorboard(directory: str):
     logging.warning("no TensorBoard logs: tensorboardX cannot write to %s (it writes local, gs:// and s3:// "
                     "folders); metrics.jsonl has every metric", directory)
     return None
-  from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+  from tensorboardX import SummaryWriter  # lazy: tensorboardX, ~1.5 s; only where TensorBoard logs are written
   try:
     return SummaryWriter(directory)
   except Exception as e:  # pylint: disable=broad-except

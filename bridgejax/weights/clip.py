@@ -5,10 +5,13 @@ dispatches here."""
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from safetensors.numpy import save_file
 
 from bridgejax.models.clip import CLIPVisionConfig, CLIPVisionTransformer
 from bridgejax.weights import converted, safetensors_io
@@ -126,11 +129,6 @@ def _abstract(config: CLIPVisionConfig):
 def save_hf(path: str, config: CLIPVisionConfig, params) -> None:
   """Writes a Hugging Face directory (config.json + model.safetensors) that transformers'
   CLIPVisionModel (or ...WithProjection) loads, with the hub's `vision_model.` tensor names."""
-  import json
-  import os
-
-  from safetensors.numpy import save_file
-
   arch = "CLIPVisionModel" if config.projection_dim is None else "CLIPVisionModelWithProjection"
   hf_config = {
       "architectures": [arch], "model_type": "clip_vision_model", "hidden_size": config.hidden_size,

@@ -10,17 +10,21 @@ and `tree.assemble`, which reports missing/unexpected tensors and shape mismatch
 from __future__ import annotations
 
 import functools
+import json
 import os
 from collections.abc import Mapping
 
+import gguf
+import jax
 import jax.numpy as jnp
 import numpy as np
+from safetensors.numpy import save_file
 
 from bridgejax.models.gemma import FULL, SLIDING, Gemma, GemmaConfig
 from bridgejax.weights.bound import LanguageModel
 from bridgejax.weights import converted, safetensors_io
 from bridgejax.weights.errors import CheckpointError, MissingCheckpointError, config_json_errors
-from bridgejax.weights.tree import Source, abstract_init, assemble, check_tree, place
+from bridgejax.weights.tree import Source, abstract_init, assemble, check_tree, export, place
 
 KIND = "gemma"
 ARCHITECTURES = ("GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM")
@@ -187,8 +191,6 @@ def gguf_reader(path: str):
 
 @functools.lru_cache(maxsize=2)
 def _cached_reader(path: str, mtime_ns: int, size: int):
-  import gguf  # only needed for .gguf files
-
   try:
     return gguf.GGUFReader(path)
   except Exception as e:  # the reader raises ValueError/struct errors/... on a damaged file
@@ -227,8 +229,6 @@ class LazyTensor:
     self.shape = tuple(int(n) for n in reversed(tensor.shape))  # GGUF lists dims innermost first
 
   def __array__(self, dtype=None, copy=None):
-    import gguf
-
     values = gguf.quants.dequantize(self._tensor.data, self._tensor.tensor_type).reshape(self.shape)
     values = values.astype(np.float32) - self._shift
     values = values if self._transform is None else self._transform(values)
@@ -339,13 +339,6 @@ def _abstract(config: GemmaConfig):
 def save_hf(path: str, config: GemmaConfig, params) -> None:
   """Writes a Hugging Face directory (config.json + model.safetensors) that transformers'
   Gemma/Gemma2/Gemma3ForCausalLM loads: the inverse of the HF name map."""
-  import json
-
-  import jax
-  from safetensors.numpy import save_file
-
-  from bridgejax.weights.tree import export
-
   arch, model_type = {"gemma": ("GemmaForCausalLM", "gemma"), "gemma2": ("Gemma2ForCausalLM", "gemma2"),
                       "gemma3": ("Gemma3ForCausalLM", "gemma3_text")}[config.family]
   hf = {"architectures": [arch], "model_type": model_type, "vocab_size": config.vocab_size,

@@ -17,9 +17,13 @@ import os
 from collections.abc import Sequence
 
 import numpy as np
+import sentencepiece
+import tokenizers
+from sentencepiece import sentencepiece_model_pb2
 
 from bridgejax.errors import UserError
 from bridgejax.weights.errors import CheckpointError, MissingCheckpointError
+from bridgejax.weights.gemma import gguf_reader  # one reader (and one slow parse) per file
 
 RET_TOKEN = "[RET]"
 
@@ -137,12 +141,8 @@ def load_tokenizer(path: str) -> Tokenizer:
   if not os.path.isdir(path):
     raise MissingCheckpointError(f"tokenizer directory {path!r} does not exist")
   if os.path.isfile(os.path.join(path, "tokenizer.json")):
-    import tokenizers
-
     backend = _TokenizersBackend(tokenizers.Tokenizer.from_file(os.path.join(path, "tokenizer.json")))
   elif os.path.isfile(os.path.join(path, "tokenizer.model")):
-    import sentencepiece
-
     backend = _SentencePieceBackend(sentencepiece.SentencePieceProcessor(
         model_file=os.path.join(path, "tokenizer.model")))
   else:
@@ -183,11 +183,6 @@ def _json(directory: str, name: str) -> dict:
 
 
 def _from_gguf(path: str) -> Tokenizer:
-  import sentencepiece
-  from sentencepiece import sentencepiece_model_pb2
-
-  from bridgejax.weights.gemma import gguf_reader  # one reader (and one slow parse) per file
-
   reader = gguf_reader(path)
   field = lambda key, default=None: reader.fields[key].contents() if key in reader.fields else default
   kind = field("tokenizer.ggml.model")

@@ -38,7 +38,12 @@ from pathlib import Path
 
 import ml_dtypes
 import numpy as np
+from absl import flags
+from array_record.python.array_record_module import ArrayRecordWriter
+from ml_collections import config_flags
+from tqdm import tqdm
 
+from bridgejax.data.pipeline import eval_dataset
 from bridgejax.data.records import RecordError, decode, encode, load_info, split_fingerprint
 from bridgejax.errors import UserError
 
@@ -73,9 +78,9 @@ def bridge_reads(bridge, vision_config) -> dict[str, str]:
   freshly initialised bridge runs on one random image's features at the tower's real shapes, with
   a hidden state all NaN (is it read?), then with all its tokens but the CLS NaN (only the CLS?).
   """
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from bridgejax.bridges import VisionFeatures  # pylint: disable=g-import-not-at-top
+  import jax  # lazy: jax; the checks import this module before jax loads
+  import jax.numpy as jnp  # lazy: jax; the checks import this module before jax loads
+  from bridgejax.bridges import VisionFeatures  # lazy: jax; the checks import this module before jax loads
   c = vision_config
   rng = np.random.default_rng(0)
   hidden = [rng.standard_normal((1, 1 + c.grid_size**2, c.hidden_size)).astype(np.float32)
@@ -109,7 +114,7 @@ def model_reads(model) -> dict[str, str]:
 
 def _host(x) -> np.ndarray:
   if not x.is_fully_addressable:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    from jax.experimental import multihost_utils  # lazy: jax; the checks import this module before jax loads
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
   return np.asarray(x)
 
@@ -117,7 +122,7 @@ def _host(x) -> np.ndarray:
 def tower_hash(vision_params) -> str:
   """A hash of the tower's weights as bfloat16 (the cache's precision), so a tower loaded in
   float32 or bfloat16 is the same tower, and any other weights are not."""
-  import jax  # pylint: disable=g-import-not-at-top
+  import jax  # lazy: jax; the checks import this module before jax loads
   digest = hashlib.blake2b(digest_size=12)
   for path, leaf in jax.tree_util.tree_leaves_with_path(vision_params):
     digest.update(jax.tree_util.keystr(path).encode())
@@ -145,9 +150,7 @@ def load_manifest(path: str | os.PathLike) -> dict:
 
 def config_file_arg() -> str:
   """The --config this process was started with (absl), else a placeholder for messages."""
-  from absl import flags  # pylint: disable=g-import-not-at-top
   if "config" in flags.FLAGS and flags.FLAGS.is_parsed():
-    from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
     return config_flags.get_config_filename(flags.FLAGS["config"])
   return "CONFIG"
 
@@ -238,7 +241,7 @@ class FeatureCache:
 
   def __getitem__(self, index: int) -> dict:
     if self._source is None:
-      import grain  # pylint: disable=g-import-not-at-top
+      import grain  # lazy: grain, ~1 s even after jax; only a cache being read needs it
       self._source = grain.sources.ArrayRecordDataSource([str(self.path / f) for f in self.manifest["files"]])
     record = decode(self._source[int(index)])
     shapes = self.manifest["reads"]
@@ -252,8 +255,8 @@ def vision_features(model, frozen, batch):
   """The batch's cached hidden_<i> (B, 1 or N, W) -> the VisionFeatures the tower would give: its
   num_layers + 1 hidden states (B, N, W) in its compute dtype, what the cache does not hold NaN
   (never read: XLA drops it, and a wrong `reads` shows as a NaN loss, not a quietly different one)."""
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from bridgejax.bridges import VisionFeatures  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # lazy: jax; the checks import this module before jax loads
+  from bridgejax.bridges import VisionFeatures  # lazy: jax; the checks import this module before jax loads
   c = model.vision.config
   tokens, width, dtype = 1 + c.grid_size**2, c.hidden_size, model.vision.dtype
   size = batch["text_ids"].shape[0]
@@ -286,12 +289,8 @@ def write_cache(config, setup, data_dir: str, split: str, out: str, *, batch_siz
                 quiet: bool = False) -> dict:
   """Runs the tower over every record of `split` in order and writes the folder `out` (replaced
   whole: shards and manifest go to a temporary folder renamed into place). Returns the manifest."""
-  import jax  # pylint: disable=g-import-not-at-top
-  from array_record.python.array_record_module import ArrayRecordWriter  # pylint: disable=g-import-not-at-top
-  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
-
-  from bridgejax import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
-  from bridgejax.data.pipeline import eval_dataset  # pylint: disable=g-import-not-at-top
+  import jax  # lazy: jax; the checks import this module before jax loads
+  from bridgejax import mesh as mesh_lib  # lazy: jax; the checks import this module before jax loads
   model, mesh = setup.model, setup.mesh
   wanted = identity(config, model, setup.frozen)
   batch_size = -(-batch_size // mesh.shape["data"]) * mesh.shape["data"]

@@ -38,6 +38,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 from tqdm import tqdm
 
+from bridgejax import cli
 from bridgejax.data.records import SKIPPED_FILE, DatasetWriter
 from bridgejax.data.sources import cc3m, coco, jsonl, visdial, vqav2
 from bridgejax.data.sources.common import ImageLoader, write_examples, write_image_table
@@ -335,7 +336,6 @@ def _parser(commands: dict[str, Command]) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None, commands: dict[str, Command] | None = None) -> int:
   """The CLI over `commands` (default: COMMANDS, the data sources; __main__.py adds `toy`)."""
-  from bridgejax import cli  # pylint: disable=g-import-not-at-top
   commands = COMMANDS if commands is None else commands
   argv, debug = cli.pop_debug(sys.argv[1:] if argv is None else argv)
   a = _parser(commands).parse_args(argv)

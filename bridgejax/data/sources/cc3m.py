@@ -21,6 +21,8 @@ import tarfile
 from pathlib import Path
 from typing import Any, Iterator
 
+import pyarrow.parquet as pq
+
 from bridgejax.data.sources.common import (IMAGE_EXTENSIONS, ImageSource, image_path, index_images, json_kind,
                                            text_lines)
 from bridgejax.errors import UserError
@@ -94,7 +96,6 @@ def _tar_samples(path: Path) -> Iterator[tuple[str, dict[str, bytes]] | Exceptio
 
 def _failed_downloads(parquet: Path) -> Iterator[dict[str, Any]]:
   """Rows img2dataset could not download (they are in its parquet, never in the tar)."""
-  import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
   table = pq.read_table(parquet)
   names = set(table.column_names)
   if "status" not in names:
@@ -141,7 +142,6 @@ def webdataset_examples(tars: list[Path]) -> Iterator[dict[str, Any]]:
 # --- parquet (+ folders) -------------------------------------------------------------------------
 
 def parquet_examples(parquets: list[Path]) -> Iterator[dict[str, Any]]:
-  import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
   for parquet in parquets:
     folder = parquet.with_suffix("")  # img2dataset "files": 00000.parquet next to 00000/
     listing = {f: None for f in os.listdir(folder)} if folder.is_dir() else {}
