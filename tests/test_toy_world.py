@@ -8,6 +8,7 @@ import time
 import numpy as np
 from PIL import Image
 
+from bridgejax import pic2word
 from bridgejax.data import records
 from bridgejax.toy import world
 from bridgejax.toy.prepare import prepare_toy
@@ -146,3 +147,46 @@ def test_toy_data_made_by_an_older_version_gets_its_missing_splits(tmp_path, cap
   config.data.dir = str(own)
   ensure_toy_data(config)
   assert sorted(p.name for p in own.iterdir()) == [records.INFO_FILE]
+
+
+def test_relative_captions_are_true_and_in_the_composed_querys_form():
+  """'a photo of {the scene with one attribute changed} , but {the scene's value}': what comes
+  before 'but' names another value of the attribute, the modification is the benchmark's own text
+  for the scene's value, so the description is true of the scene, as a composed query is of its target."""
+  before, after = pic2word.QUERY_TEMPLATE.split(pic2word.WORD)
+  seen = set()
+  for i in range(60):
+    texts = world.composition_texts("train", i)
+    relative = [t for t in texts if " , but " in t]
+    assert len(relative) == 3 and all(t.startswith(before.rstrip()) for t in relative), texts
+    scene = world.make_scene(world.rng_for("train", i, 7))
+    s, background = scene.shapes[0], scene.background
+    own = {"color": s.color, "kind": s.kind, "background": background}
+    for t in relative:
+      described, modification = t.split(" , ", 1)
+      attribute = next(a for a, v in own.items() if modification == world.modification_text(a, v))
+      seen.add(attribute)
+      words = _words(described)
+      if attribute == "background":
+        assert f"on a {background} background" not in described and "background" in described, t
+      else:
+        assert own[attribute] not in words and words & set(world.COMPOSE_ATTRIBUTES[attribute]), t
+      for other in set(own) - {attribute}:  # the other attributes, where said, are the scene's
+        said = words & set(world.COMPOSE_ATTRIBUTES[other])
+        assert said <= {own[other]} or other == "background", t
+      assert after.format(modification).strip().endswith(modification)
+    captions = [t for t in texts if " , but " not in t and not t.startswith("Q:")]  # true of the scene
+    assert len(captions) == 4 and all(_words(t) & set(world.COLORS) <= {s.color} for t in captions), texts
+  assert seen == set(world.COMPOSE_ATTRIBUTES)
+
+
+def test_the_dataset_never_says_pic2words_words():
+  """'a photo of' and 'but' are the LM corpus's words only (pretrain.corpus): every prepared split
+  keeps the texts it had, and the composed benchmark's queries are the only place 'but' appears."""
+  for split in ("train", "val", "test"):
+    for ex in world.examples(split, 40, image=False):
+      texts = ex["captions"] + [q["question"] for q in ex["questions"]] + [ex["dialog"]["caption"]]
+      texts += [r["question"] + " " + r["answer"] for r in ex["dialog"]["rounds"]]
+      assert not any("photo" in _words(t) or "but" in _words(t) for t in texts), ex["id"]
+  photo = world.pic2word_texts(world.rng_for("train", 0, world.PHOTO), world.scene_of("train", 0))
+  assert len(photo) == 1 and photo[0].startswith(world.PHOTO_PREFIX)

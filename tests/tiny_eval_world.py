@@ -31,7 +31,7 @@ def _save_backbones(root: str) -> None:
   from bridgejax.toy import pretrain
   from bridgejax.weights.clip import save_hf
 
-  scene_texts, _ = pretrain.corpus(60, seed=0)
+  scene_texts = pretrain.corpus(60, seed=0)
   tokenizer = pretrain.train_tokenizer(scene_texts, VOCAB)
   assert tokenizer.get_vocab_size() <= VOCAB
   config = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2, image_size=28,

@@ -12,7 +12,7 @@ from bridgejax.toy import pretrain
 
 def make(root: str, *, num_train: int = 32, num_val: int = 16) -> dict:
   import torch
-  scene_texts, _ = pretrain.corpus(100)
+  scene_texts = pretrain.corpus(100)
   tokenizer = pretrain.train_tokenizer(scene_texts, 300)
   torch.manual_seed(0)
   transformers.CLIPVisionModel(transformers.CLIPVisionConfig(

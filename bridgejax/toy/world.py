@@ -612,3 +612,63 @@ def composed_example(split: str, index: int, *, seed: int = 0, image: bool = Tru
   return {"id": f"toy-compose-{split}-{index:06d}", "index": index, "attribute": attribute, "value": value,
           "modification": modification_text(attribute, value), "reference_scene": reference.to_dict(),
           "target_scene": target.to_dict(), "reference_image": pixels(reference), "target_image": pixels(target)}
+
+
+# --- Pic2Word's words, for the toy LM's corpus only ----------------------------------------------
+# Pic2Word prompts "a photo of *" in training and "a photo of * , but blue" at query time. For the
+# toy LM to read those prompts as sentences rather than letters, its corpus says them too: each
+# train scene once as "a photo of ..." and, in rows of their own, one-shape scenes described in the
+# composed query's form ("a photo of a red circle , but blue" for a blue circle) beside their
+# captions and questions. The dataset (example, composed_example) never says them: its bytes stay.
+
+PHOTO_PREFIX = "a photo of "
+_CAPTION_PREFIXES = ("a picture of ", "an image of ", "a drawing of ", "there is ", "there are ",
+                     "we can see ", "this image shows ")
+PHOTO, _COMPOSITION, _COMPOSITION_TEXT = 6, 7, 8  # rng purposes
+
+
+def photo_caption(rng: np.random.Generator, scene: Scene) -> str:
+  """A true caption said as Pic2Word's prompt says it: 'a photo of a red circle on the left'."""
+  text = caption(rng, scene)
+  for prefix in _CAPTION_PREFIXES:
+    if text.startswith(prefix):
+      text = text[len(prefix):]
+      break
+  return PHOTO_PREFIX + text
+
+
+def relative_caption(rng: np.random.Generator, scene: Scene, attribute: str) -> str:
+  """A true description of a one-shape `scene` in the composed query's form: a photo of the scene
+  with `attribute` set to another value, then ', but' the scene's own value."""
+  own = scene.background if attribute == "background" else getattr(scene.shapes[0], attribute)
+  other = str(rng.choice([v for v in COMPOSE_ATTRIBUTES[attribute] if v != own]))
+  changed = edit_scene(scene, attribute, other)
+  s = changed.shapes[0]
+  # the changed attribute is always said, so that the 'but' contradicts something named
+  said = noun_phrase(rng, s, p_color=1.0 if attribute == "color" else 0.9)
+  if attribute == "background":
+    said = f"{said} on a {changed.background} background"
+  return f"{PHOTO_PREFIX}{_a(said)} , {modification_text(attribute, own)}"
+
+
+def pic2word_texts(rng: np.random.Generator, scene: Scene, relative: int = 0) -> list[str]:
+  """What a train scene's LM row adds: one 'a photo of' caption and, for a one-shape scene,
+  `relative` descriptions in the composed query's form (0 in the shipped recipe: relative
+  descriptions inside scene rows cost the bridges most of their captioning, docs/toy_world.md)."""
+  texts = [photo_caption(rng, scene)]
+  if len(scene.shapes) == 1:
+    texts += [relative_caption(rng, scene, str(rng.choice(list(COMPOSE_ATTRIBUTES)))) for _ in range(relative)]
+  return texts
+
+
+def composition_texts(split: str, index: int, *, seed: int = 0, relative: int = 3) -> list[str]:
+  """One LM row's texts about one-shape scene `index` of its own (as composed queries draw theirs):
+  `relative` descriptions in the composed query's form, its captions, a photo caption and
+  questions with their answers, so that what follows 'but' agrees with the rest of the row."""
+  full = make_scene(rng_for(split, index, _COMPOSITION, seed))
+  scene = Scene(full.background, full.shapes[:1])
+  rng = rng_for(split, index, _COMPOSITION_TEXT, seed)
+  texts = [relative_caption(rng, scene, str(rng.choice(list(COMPOSE_ATTRIBUTES)))) for _ in range(relative)]
+  texts += captions(scene, rng, 3) + [photo_caption(rng, scene)]
+  texts += [f"Q: {q['question']}\nA: {q['multiple_choice_answer']}" for q in vqa(scene, rng, 3)]
+  return texts
