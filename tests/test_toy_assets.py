@@ -9,7 +9,7 @@ import transformers
 from PIL import Image
 import io
 
-from bridgejax import pic2word, weights
+from bridgejax import weights
 from bridgejax.data.image import clip_preprocess
 from bridgejax.toy import world
 from bridgejax.toy.pretrain import ASSETS
@@ -77,45 +77,10 @@ def test_toy_lm_speaks_the_toy_language():
   assert words and sum(w in vocabulary for w in words) >= len(words) // 2, words
 
 
-def _mean_nll(lm, tok, prefixes, targets):
-  """Per row: the mean NLL of `target` after `prefix <eos><bos>`."""
-  ids, mask = tok.batch_encode([p + "<eos><bos>" + t for p, t in zip(prefixes, targets)], 96)
-  prefix_lengths = tok.batch_encode([p + "<eos><bos>" for p in prefixes], 96)[1].sum(1)
-  logits = np.asarray(lm(input_ids=ids, attention_mask=mask).logits, np.float64)[:, :-1]
-  logp = logits - logits.max(-1, keepdims=True)
-  logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
-  scored = mask[:, 1:].astype(bool) & (np.arange(ids.shape[1] - 1)[None] >= prefix_lengths[:, None] - 1)
-  nll = -np.take_along_axis(logp, ids[:, 1:, None], -1)[..., 0] * scored
-  return nll.sum(1) / scored.sum(1)
-
-
-def test_toy_lm_reads_but_as_a_change_of_the_named_attribute():
-  """What a composed query asks of the LM: after "a photo of a red circle , but blue", a caption of a
-  blue circle is likelier than one of a red circle. Measured on 60 one-shape test scenes: colour
-  50/60 (mean margin 0.72 nats), kind 60/60 (1.23); background 29/60 (0.00), which the LM does not
-  read (README, the toy world); the assets before Pic2Word's words: 26/60, 13/60, 25/60."""
-  tok = weights.load_tokenizer(GEMMA)
-  lm = weights.load_language_model(GEMMA)
-  scenes = [s for s in (world.scene_of("test", i) for i in range(400)) if len(s.shapes) == 1][:60]
-  rng = np.random.default_rng(0)
-  wins = {}
-  for attribute in ("color", "kind"):
-    prefixes, changed, unchanged = [], [], []
-    for scene in scenes:
-      s = scene.shapes[0]
-      value = str(rng.choice([v for v in world.COMPOSE_ATTRIBUTES[attribute] if v != getattr(s, attribute)]))
-      prefixes.append(f"a photo of {world._a(f'{s.color} {s.kind}')} , {world.modification_text(attribute, value)}")
-      t = world.edit_scene(scene, attribute, value).shapes[0]
-      changed.append(world._a(f"{t.color} {t.kind}"))
-      unchanged.append(world._a(f"{s.color} {s.kind}"))
-    wins[attribute] = int((_mean_nll(lm, tok, prefixes, changed) < _mean_nll(lm, tok, prefixes, unchanged)).sum())
-  assert wins["color"] >= 45 and wins["kind"] >= 55, wins
-
-
 def test_toy_lm_reads_a_prefix_about_the_same_scene():
   """What a bridge relies on in a real LLM: text after <bos> agrees with what came before it. A
   caption is likelier after another caption of the same scene than after one of another scene
-  (measured on these 64 test scenes: NLL 1.03 against 2.05)."""
+  (measured on these 64 test scenes: NLL 1.04 against 2.06)."""
   tok = weights.load_tokenizer(GEMMA)
   lm = weights.load_language_model(GEMMA)
   examples = list(world.examples("test", 64, image=False, num_questions=0, dialog_rounds=0))
@@ -133,18 +98,3 @@ def test_toy_lm_reads_a_prefix_about_the_same_scene():
 
   matched, other = nll(same), nll(same[1:] + same[:1])
   assert matched < other - 0.5, (matched, other)
-
-
-def test_pic2words_words_are_toy_words():
-  """Pic2Word's prompt words and the composed queries' words are in the toy LM's vocabulary, one
-  token each, as "a photo of" is for a real LLM; the shipped tokenizer once spelled "photo" and "but"
-  letter by letter, so a composed query was out of distribution for the toy LM."""
-  tok = weights.load_tokenizer(GEMMA)
-  pieces = lambda text: [tok.decode([i]) for i in tok.encode(text)[1:]]  # [1:]: BOS
-  before, after = pic2word.QUERY_TEMPLATE.split(pic2word.WORD)
-  assert pieces(before.rstrip()) == ["a", " photo", " of"]  # pic2word.prompt_ids strips it so
-  for q in (world.composed_example("test", i, image=False) for i in range(30)):
-    words = pieces(after.format(q["modification"]))  # each side of the "*" is tokenised on its own
-    assert words[:2] == [" ,", " but"] and all(w.strip() in world.COMPOSE_ATTRIBUTES[q["attribute"]]
-                                               or w.strip() in {"a", "an", "on", "background"}
-                                               for w in words[2:]), (q["modification"], words)

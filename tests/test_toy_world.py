@@ -10,7 +10,7 @@ from PIL import Image
 
 from bridgejax import pic2word
 from bridgejax.data import records
-from bridgejax.toy import world
+from bridgejax.toy import pretrain, world
 from bridgejax.toy.prepare import prepare_toy
 
 
@@ -190,3 +190,13 @@ def test_the_dataset_never_says_pic2words_words():
       assert not any("photo" in _words(t) or "but" in _words(t) for t in texts), ex["id"]
   photo = world.pic2word_texts(world.rng_for("train", 0, world.PHOTO), world.scene_of("train", 0))
   assert len(photo) == 1 and photo[0].startswith(world.PHOTO_PREFIX)
+
+
+def test_pic2word_words_are_an_option_of_the_lm_corpus():
+  """The shipped recipe's corpus has none of them (so it rebuilds the shipped assets); with
+  pic2word=True every scene row gains a photo caption and each train index a composition row."""
+  plain, words = pretrain.corpus(20), pretrain.corpus(20, pic2word=True)
+  said = lambda rows: [t for row in rows for t in row if t.startswith(world.PHOTO_PREFIX)]
+  assert not said(plain) and len(words) == 2 * len(plain)
+  assert [row[:-1] for row in words[:20]] == plain and len(said(words[:20])) == 20
+  assert all(any(" , but " in t for t in row) for row in words[20:])

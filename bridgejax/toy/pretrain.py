@@ -47,23 +47,27 @@ def toy_lm_config(vocab_size: int) -> GemmaConfig:
 # --------------------------------------------------------------------------- the toy language
 
 
-def corpus(num_examples: int, seed: int = 0) -> list[list[str]]:
-  """The LM's rows of texts, each row about one scene: per train scene its captions, questions and
-  answers, dialog rounds and one "a photo of" caption; then per train index a one-shape scene of
-  its own said in Pic2Word's composed-query form ("a photo of a red circle , but blue") beside its
-  captions and questions (world.composition_texts). No images.
+def corpus(num_examples: int, seed: int = 0, *, pic2word: bool = False) -> list[list[str]]:
+  """The LM's rows of texts, each row about one train scene: its captions, questions and answers,
+  and dialog rounds. No images.
 
-  Relative descriptions go only into those composition rows: put into the scene rows too, they
-  cost every bridge most of its captioning (crossatt_k12's CIDEr 98.6 -> 35.8 on seed 0, the CLIP
-  held fixed; docs/toy_world.md)."""
+  pic2word=True (`--pic2word-words`; not the shipped assets' recipe) adds Pic2Word's words: one
+  "a photo of" caption per scene row, and per train index a row about a one-shape scene of its own
+  said in the composed query's form ("a photo of a red circle , but blue") beside its captions and
+  questions (world.composition_texts). The LM then reads "but" for colour and kind, but at one such
+  row per scene row it also captions in that form: 259 of the demo's 500 captions said "a photo of",
+  132 ", but", and its CIDEr fell from 1.19 to 0.82 (docs/toy_world.md)."""
   rows = []
   for ex in world.examples("train", num_examples, seed=seed, image=False, dialog_rounds=3):
-    scene = world.scene_of("train", ex["index"], seed)
-    rows.append(ex["captions"]
-                + [f"Q: {q['question']}\nA: {q['multiple_choice_answer']}" for q in ex["questions"]]
-                + [f"Q: {r['question']}\nA: {r['answer']}" for r in ex["dialog"]["rounds"]]
-                + world.pic2word_texts(world.rng_for("train", ex["index"], world.PHOTO, seed), scene))
-  rows += [world.composition_texts("train", i, seed=seed) for i in range(num_examples)]
+    texts = (ex["captions"]
+             + [f"Q: {q['question']}\nA: {q['multiple_choice_answer']}" for q in ex["questions"]]
+             + [f"Q: {r['question']}\nA: {r['answer']}" for r in ex["dialog"]["rounds"]])
+    if pic2word:
+      scene = world.scene_of("train", ex["index"], seed)
+      texts += world.pic2word_texts(world.rng_for("train", ex["index"], world.PHOTO, seed), scene)
+    rows.append(texts)
+  if pic2word:
+    rows += [world.composition_texts("train", i, seed=seed) for i in range(num_examples)]
   return rows
 
 
@@ -171,6 +175,8 @@ def main(argv=None) -> int:
   parser.add_argument("--clip-images", type=int, default=8000, help="train images for the toy CLIP")
   parser.add_argument("--vocab-size", type=int, default=512)
   parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--pic2word-words", action="store_true",
+                      help="add Pic2Word's 'a photo of' and composed-query rows to the LM's corpus (not the shipped recipe)")
   args = parser.parse_args(argv)
   parts = {p.strip() for p in args.parts.split(",") if p.strip()}
   if not parts or parts - {"lm", "clip"}:
@@ -178,7 +184,7 @@ def main(argv=None) -> int:
   from bridgejax.weights.clip import save_hf as save_clip
   from bridgejax.weights.gemma import save_hf as save_gemma
 
-  scene_texts = corpus(args.num_images, args.seed)
+  scene_texts = corpus(args.num_images, args.seed, pic2word=args.pic2word_words)
   tokenizer = train_tokenizer(scene_texts, args.vocab_size)  # deterministic: both parts share it
   print(f"toy language: {sum(map(len, scene_texts))} texts, BPE vocabulary {tokenizer.get_vocab_size()}")
   summary_path = os.path.join(args.out, "pretrain_summary.json")
@@ -186,7 +192,8 @@ def main(argv=None) -> int:
   if os.path.exists(summary_path):  # rebuilding one part keeps the other's record
     with open(summary_path) as f:
       summary = json.load(f)
-  common = {"num_images": args.num_images, "vocab_size": args.vocab_size, "seed": args.seed}
+  common = {"num_images": args.num_images, "vocab_size": args.vocab_size, "seed": args.seed,
+            **({"pic2word_words": True} if args.pic2word_words else {})}
 
   if "lm" in parts:
     start = time.time()
