@@ -31,9 +31,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from bridgejax.errors import UserError
-# Any decoder with the Gemma module's methods (models/gemma.py, models/llama.py): they are called
-# by name, and the cache layout is shared.
-from bridgejax.models.gemma import init_cache
+# Any decoder (models/decoder.CausalLM: Gemma, LLaMA family, GPT-Neo): its methods are called by
+# name, and the cache layout is shared.
+from bridgejax.models.decoder import init_cache
 
 Array = jax.Array
 METHODS = ("greedy", "sample", "beam")
@@ -103,7 +103,7 @@ def generate(
   method: "greedy", "sample" (temperature, top_p, top_k; rng a jax key) or "beam" (num_beams,
   length_penalty: a beam's final score is sum log p / length ** length_penalty).
   Rows stop at eos_token_ids (default: the config's) or stop_tokens.
-  hook: the decoder hook (models/gemma.DecoderHook) of a bridge acting inside the LLM, for the
+  hook: the decoder hook (models/decoder.DecoderHook) of a bridge acting inside the LLM, for the
   prompt's layout (the bridge model's llm_hook); every prefill and step passes it to the decoder.
   """
   if method not in METHODS:
@@ -172,7 +172,7 @@ def prefill(module, params, input_ids, inputs_embeds, lengths, extra, cache_leng
   """Right-padded prompts, input_ids (B, P) or (when those are None) inputs_embeds (B, P, D), of
   `lengths` (B,) real tokens -> logits (B, V) of each row's next token, and a cache of cache_length
   slots holding the prompt at positions 0..P-1. Callable inside another jit (the eval engine's).
-  `hook`: the decoder's (models/gemma.DecoderHook), or None."""
+  `hook`: the decoder's (models/decoder.DecoderHook), or None."""
   if inputs_embeds is None:
     inputs_embeds = _apply(module, params, input_ids, extra, method="embed")
   batch, slots = inputs_embeds.shape[:2]

@@ -21,7 +21,7 @@ layer (keeping only its input), "all" also recomputes the LM head with its cross
 
 Bridges that act inside the frozen LLM (eP-ALM, Flamingo: bridges/inllm.py) append context rows to
 their tokens; `split_visual` takes them off the sequence and `llm_hook` hands them, with the bridge's
-parameters, to the decoder's per-layer hook (models/gemma.DecoderHook). Every other bridge: no hook.
+parameters, to the decoder's per-layer hook (models/decoder.DecoderHook). Every other bridge: no hook.
 
 Options, all off by default (the parameter tree and the program are then exactly FROMAGe's):
 token-type embeddings added to every LLM input through a LayerScale (`config.token_type_embeddings`),
@@ -49,7 +49,7 @@ from bridgejax.bridges.base import CLS_EQUIVALENTS
 from bridgejax.errors import UserError
 from bridgejax.models.clip import CLIPVisionConfig, CLIPVisionTransformer
 from bridgejax.models.families import decoder_class, vision_class
-from bridgejax.models.gemma import Gemma, GemmaConfig
+from bridgejax.models.decoder import CausalLM, DecoderConfig
 from bridgejax.models.precision import matmul_precision
 
 TRAINABLE = ("bridge", "ret")
@@ -191,7 +191,7 @@ class BridgeModel:
   """Pure functions over the parameter dict; build with `BridgeModel.create`."""
 
   vision: CLIPVisionTransformer
-  llm: Gemma
+  llm: CausalLM  # Gemma, Llama or GPTNeo (models/families.py)
   bridge: nn.Module
   heads: RetrievalHeads
   ret_id: int
@@ -209,7 +209,7 @@ class BridgeModel:
   stage: str = "generative"  # STAGES
 
   @classmethod
-  def create(cls, config, vision_config: CLIPVisionConfig, llm_config: GemmaConfig, *,
+  def create(cls, config, vision_config: CLIPVisionConfig, llm_config: DecoderConfig, *,
              compute_dtype=jnp.float32, frozen_param_dtype=jnp.float32, tokenizer=None) -> "BridgeModel":
     """`tokenizer` is needed by the Pic2Word term's prompt only (parameter shapes need none)."""
     kw = dict(dtype=compute_dtype, param_dtype=frozen_param_dtype)
@@ -372,7 +372,7 @@ class BridgeModel:
   @_with_precision
   def lm_loss(self, params, hidden, labels, target_mask):
     """Token-mean next-token CE of the LM head: hidden (B, S, D) at position t predicts labels[t + 1]
-    where target_mask[t + 1]; the [RET] column is its own product (Gemma.split_logits)."""
+    where target_mask[t + 1]; the [RET] column is its own product (the decoder's split_logits)."""
     def ce(llm, ret_row, hidden):
       logits = self.llm.apply({"params": llm}, hidden[:, :-1], ret_row, method="split_logits")
       return losses.caption_loss(logits, labels[:, 1:], target_mask[:, 1:], shift=False)
@@ -466,7 +466,7 @@ class BridgeModel:
     return (visual_tokens, None) if not rows else (visual_tokens[:, :-rows], visual_tokens[:, -rows:])
 
   def llm_hook(self, params, visual_tokens, length: int):
-    """The decoder hook (models/gemma.DecoderHook) of an in-LLM bridge for rows that caption_inputs
+    """The decoder hook (models/decoder.DecoderHook) of an in-LLM bridge for rows that caption_inputs
     laid out from visual_tokens (B, K, D), `length` columns each; None for a prefix bridge."""
     context = self.split_visual(visual_tokens)[1]
     if context is None:

@@ -19,7 +19,8 @@ from bridgejax.generate import generate
 from bridgejax.param_count import count
 from bridgejax.model import BridgeModel
 from bridgejax.models.clip import CLIPVisionConfig, CLIPVisionTransformer
-from bridgejax.models.gemma import FULL, Attention, Gemma, GemmaConfig, MLP, RMSNorm, attention_mask_for
+from bridgejax.models.decoder import FULL, attention_mask_for
+from bridgejax.models.gemma import MLP, Attention, Gemma, GemmaConfig, RMSNorm
 from bridgejax.train import loop
 
 VISION = CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_layers=3, num_heads=2, image_size=28, patch_size=7)

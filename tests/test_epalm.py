@@ -18,7 +18,8 @@ from bridgejax.errors import UserError
 from bridgejax.generate import prefill
 from bridgejax.model import BridgeModel
 from bridgejax.models.clip import CLIPVisionConfig, CLIPVisionTransformer
-from bridgejax.models.gemma import FULL, MLP, Attention, Gemma, GemmaConfig, RMSNorm
+from bridgejax.models.decoder import FULL
+from bridgejax.models.gemma import MLP, Attention, Gemma, GemmaConfig, RMSNorm
 from bridgejax.train.optimizer import group_labels, groups, learning_rate_schedule
 
 VISION = CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_layers=3, num_heads=2, image_size=28, patch_size=7)

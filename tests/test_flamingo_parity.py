@@ -57,7 +57,8 @@ helpers, flamingo_lm, of_utils = _MODULES
 from bridgejax import bridges  # noqa: E402
 from bridgejax.bridges import flamingo  # noqa: E402
 from bridgejax.bridges.base import VisionFeatures  # noqa: E402
-from bridgejax.models.gemma import DecoderLayer, Gemma, GemmaConfig, RMSNorm, attention_mask_for  # noqa: E402
+from bridgejax.models.decoder import attention_mask_for  # noqa: E402
+from bridgejax.models.gemma import DecoderLayer, Gemma, GemmaConfig, RMSNorm  # noqa: E402
 
 D, E, GRID, K = 16, 24, 4, 4  # vision width, LLM width, patch grid, latents
 TOL = dict(rtol=1e-5, atol=1e-5)

@@ -13,7 +13,8 @@ import torch
 
 import backbone_helper
 from backbone_helper import batch, max_error, reference
-from bridgejax.models.gemma import FULL, SLIDING
+from bridgejax.models.decoder import FULL, SLIDING, CausalLM
+from bridgejax.models.families import DECODERS
 from bridgejax.weights import CheckpointError, MissingCheckpointError, load_language_model
 from bridgejax.weights.convert import main as convert_main
 from bridgejax.weights.gemma import config_from_hf
@@ -258,3 +259,10 @@ def test_gguf_that_is_not_gemma_or_not_gguf(tmp_path, tiny_gemmas):
   (tmp_path / "junk.gguf").write_bytes(b"not a gguf file at all")
   with pytest.raises(CheckpointError, match="not a readable GGUF file"):
     load_language_model(str(tmp_path / "junk.gguf"))
+
+
+def test_every_decoder_family_is_a_causal_lm():
+  """model.py, generate.py and weights.LanguageModel type the LLM by models/decoder.CausalLM."""
+  for config_class, module_class in DECODERS.items():
+    module = module_class(config_class())  # the default (full-size) config: nothing is initialised
+    assert isinstance(module, CausalLM), module_class.__name__

@@ -14,7 +14,7 @@ import torch
 
 from backbone_helper import (assert_decoder_parity, assert_greedy_equals_transformers, batch, bf16_relative_errors,
                              Tiny, copy_with, perturb_norms_and_biases, reference, with_rows_appended, train_bridge_steps)
-from bridgejax.models.gemma import FULL, SLIDING
+from bridgejax.models.decoder import FULL, SLIDING
 from bridgejax.models.gptneo import GPTNeo, GPTNeoConfig
 from bridgejax.weights import CheckpointError, load_language_model
 from bridgejax.weights.convert import main as convert_main

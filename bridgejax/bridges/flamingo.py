@@ -104,7 +104,7 @@ import jax.numpy as jnp
 from bridgejax.bridges import alltokens, base, inllm, querying
 from bridgejax.bridges.base import BridgeOutput
 from bridgejax.errors import UserError
-from bridgejax.models.gemma import attend
+from bridgejax.models.decoder import attend
 
 BLOCK_PLACEMENTS = ("openflamingo", "first")  # before layers l with (l + 1) % n == 0, or with l % n == 0
 MEDIA_ATTENTION = ("immediate", "all_previous")  # OpenFlamingo's only_attend_immediate_media True, False

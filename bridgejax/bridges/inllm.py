@@ -1,5 +1,5 @@
 """What the bridges that act inside the frozen LLM share (epalm.py, flamingo.py): the decoder hook
-(models/gemma.DecoderHook) that carries their trainable parameters and each row's visual context into
+(models/decoder.DecoderHook) that carries their trainable parameters and each row's visual context into
 the frozen decoder's layers, and the layout the assembled model (model.py) hands them.
 
 A prefix bridge gives the LLM k tokens in front of the text. An in-LLM bridge gives it
@@ -35,7 +35,7 @@ Array = jax.Array
 
 @struct.dataclass
 class InLLMHook:
-  """A DecoderHook (models/gemma.py) running an in-LLM bridge's `before_layer` and `after_sublayer`
+  """A DecoderHook (models/decoder.py) running an in-LLM bridge's `before_layer` and `after_sublayer`
   with its parameters on its rows' context."""
 
   params: Any  # the bridge's (trainable) parameters

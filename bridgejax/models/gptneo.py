@@ -29,8 +29,8 @@ import jax
 import jax.numpy as jnp
 
 from bridgejax.models.activations import ACTIVATIONS
-from bridgejax.models.gemma import FULL, SLIDING, LayerCache, LMOutput, attend, settle_decoder_config
-from bridgejax.models.gemma import init_cache as _init_cache
+from bridgejax.models.decoder import FULL, SLIDING, LayerCache, LMOutput, attend, settle_decoder_config
+from bridgejax.models.decoder import init_cache as _init_cache
 from bridgejax.models.llama import Llama
 
 __all__ = ["GPTNeo", "GPTNeoConfig", "LayerCache", "LMOutput", "init_cache"]
@@ -72,7 +72,7 @@ class GPTNeoConfig:
 
 
 def init_cache(config: GPTNeoConfig, batch: int, length: int, dtype=jnp.float32) -> tuple[LayerCache, ...]:
-  """An empty KV cache of `length` positions for every layer (the Gemma module's layout)."""
+  """An empty KV cache of `length` positions for every layer (the shared decoder's layout)."""
   return _init_cache(config, batch, length, dtype)
 
 
@@ -100,7 +100,7 @@ class Attention(nn.Module):
   @nn.compact
   def __call__(self, x, positions, mask, cache: LayerCache | None = None):
     """x (B, T, D), positions (B, T), mask (B, T, S) (global or local) -> ((B, T, D), updated cache
-    or None); the cache semantics are the Gemma module's."""
+    or None); the cache semantics are `decoder.attend`'s."""
     c = self.config
     dense = lambda bias, name: nn.Dense(c.hidden_size, use_bias=bias, dtype=self.dtype,
                                         param_dtype=self.param_dtype, name=name)
@@ -117,7 +117,7 @@ class DecoderLayer(nn.Module):
   param_dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x, positions, mask, cache: LayerCache | None = None, hook=None):  # hook: gemma.DecoderHook
+  def __call__(self, x, positions, mask, cache: LayerCache | None = None, hook=None):  # hook: decoder.DecoderHook
     c = self.config
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     norm = lambda name: LayerNorm(c.layer_norm_eps, self.param_dtype, name=name)

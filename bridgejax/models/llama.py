@@ -7,8 +7,8 @@ Axis legend (einsum letters):
   H query heads, K key/value heads, G query heads per key/value head (H = K * G), F head dim,
   M MLP width, V vocabulary rows (frozen table), X extra rows ([RET], trainable, outside the params).
 
-The interface is the Gemma module's (models/gemma.py), so generation and the multimodal model take
-either: `embed`, `decode(inputs_embeds, positions, attention_mask, cache, segment_ids)`,
+The interface is the shared decoder's (models/decoder.py: CausalLM), so generation and the multimodal
+model take any family: `embed`, `decode(inputs_embeds, positions, attention_mask, cache, segment_ids)`,
 `split_logits`, `logits`, `__call__`, `embed_scale`, the same `LayerCache`/`init_cache` layout.
 Differences from Gemma that callers may notice:
   * No embedding normaliser: `embed(ids) = table[ids]` and `embed_scale` is 1.
@@ -29,9 +29,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from bridgejax.models.activations import ACTIVATIONS
-from bridgejax.models import gemma
-from bridgejax.models.gemma import FULL, CausalDecoder, LayerCache, LMOutput, attend, settle_decoder_config
-from bridgejax.models.gemma import init_cache as _init_cache
+from bridgejax.models import decoder
+from bridgejax.models.decoder import FULL, CausalDecoder, LayerCache, LMOutput, attend, settle_decoder_config
+from bridgejax.models.decoder import init_cache as _init_cache
 from bridgejax.models.precision import matmul_precision
 
 Array = jax.Array
@@ -79,7 +79,7 @@ class LlamaConfig:
 
 
 def init_cache(config: LlamaConfig, batch: int, length: int, dtype=jnp.float32) -> tuple[LayerCache, ...]:
-  """An empty KV cache of `length` positions for every layer (the Gemma module's layout)."""
+  """An empty KV cache of `length` positions for every layer (the shared decoder's layout)."""
   return _init_cache(config, batch, length, dtype)
 
 
@@ -137,7 +137,7 @@ class Attention(nn.Module):
   @nn.compact
   def __call__(self, x, positions, mask, cache: LayerCache | None = None):
     """x (B, T, D), positions (B, T), mask (B, T, S) -> ((B, T, D), updated cache or None); the
-    cache semantics are the Gemma module's."""
+    cache semantics are `decoder.attend`'s."""
     c = self.config
     dense = lambda n, bias, name: _dense(n, bias, name, self.dtype, self.param_dtype)
     heads = lambda t, n: t.reshape(*t.shape[:-1], n, c.head_dim)
@@ -164,8 +164,8 @@ class MLP(nn.Module):
     return dense(c.hidden_size, "down_proj")(gate * dense(c.intermediate_size, "up_proj")(x))
 
 
-class DecoderLayer(gemma.DecoderLayer):
-  """Gemma's layer (pre-norm blocks) with LLaMA's attention (biases, RoPE scaling), SwiGLU and RMSNorm."""
+class DecoderLayer(decoder.DecoderLayer):
+  """The shared pre-norm layer with LLaMA's attention (biases, RoPE scaling), SwiGLU and RMSNorm."""
 
   config: LlamaConfig
   attention_class = Attention

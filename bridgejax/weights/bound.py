@@ -16,7 +16,7 @@ import jax.numpy as jnp
 
 from bridgejax import generate as generation
 from bridgejax.models.clip import CLIPVisionConfig, CLIPVisionTransformer, VisionOutput
-from bridgejax.models.gemma import Gemma, GemmaConfig, LMOutput
+from bridgejax.models.decoder import CausalLM, DecoderConfig, LMOutput
 from bridgejax.weights.tree import on_device
 
 
@@ -52,9 +52,9 @@ class LanguageModel:
   process's first device), so calls and `generate` never send the weights again.
   """
 
-  module: Gemma
+  module: CausalLM
   params: Any
-  config: GemmaConfig
+  config: DecoderConfig
 
   def __post_init__(self):
     self.params = on_device(self.params)
@@ -64,7 +64,7 @@ class LanguageModel:
 
     self._apply = jax.jit(apply)
     self._embed = jax.jit(lambda params, ids, extra: self.module.apply(
-        {"params": params}, ids, extra, method="embed"))  # by name: Gemma or Llama
+        {"params": params}, ids, extra, method="embed"))  # by name: any family
 
   def __call__(self, input_ids=None, attention_mask=None, inputs_embeds=None, extra_embeddings=None) -> LMOutput:
     as_array = lambda a: None if a is None else jnp.asarray(a)

@@ -20,7 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 from safetensors.numpy import save_file
 
-from bridgejax.models.gemma import FULL, SLIDING, Gemma, GemmaConfig
+from bridgejax.models.decoder import FULL, SLIDING
+from bridgejax.models.gemma import Gemma, GemmaConfig
 from bridgejax.weights.bound import LanguageModel
 from bridgejax.weights import converted, safetensors_io
 from bridgejax.weights.errors import CheckpointError, MissingCheckpointError, config_json_errors

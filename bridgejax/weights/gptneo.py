@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from bridgejax.models.gemma import FULL, SLIDING
+from bridgejax.models.decoder import FULL, SLIDING
 from bridgejax.models.gptneo import GPTNeo, GPTNeoConfig
 from bridgejax.weights import converted, safetensors_io
 from bridgejax.weights.bound import LanguageModel

@@ -22,7 +22,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
-from bridgejax.models.gemma import FULL, SLIDING
+from bridgejax.models.decoder import FULL, SLIDING
 from bridgejax.models.llama import Llama, LlamaConfig
 from bridgejax.weights import converted, safetensors_io
 from bridgejax.weights.bound import LanguageModel
