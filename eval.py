@@ -2,7 +2,7 @@
                                  [--checkpoint STEP|best] [--tasks=caption,vqa] [--config.evals.caption.data=...]
 
 Runs every entry of config.evals (--tasks picks some by name), each with its own keys
-(bridgejax/data/splits.py). Writes DIR/eval/<task>.json, DIR/eval/<task>_predictions.json and
+(bridgejax/evaluation/evaluators/). Writes DIR/eval/<task>.json, DIR/eval/<task>_predictions.json and
 DIR/eval/report.html, and prints a summary. The backbones, datasets, splits and checkpoint are
 checked before anything loads; a bad one is reported on one line (`error: ...`, exit status 2);
 --debug adds the traceback.

@@ -114,7 +114,7 @@ def toy_config(name: str, steps: int = STEPS, *, toy=None, max_examples: int = M
   """<configs_dir>/<name>.py's TRANSPLANTED keys on `toy` (demo.py there by default), trained `steps`
   steps (validated and checkpointed at the end) and evaluated on the toy test splits; max_new_tokens
   > 0 caps captioning's and VQA's decoding (tests), else each task's default."""
-  from bridgejax.data.splits import eval_task  # lazy: bridgejax.data, ~0.1 s of CLI start
+  from bridgejax.evaluation.evaluators import eval_task  # lazy: the records reader, ~0.3 s of CLI start
   config = (toy if toy is not None else load_config("demo", directory)).copy_and_resolve_references()
   experiment = experiment_config(name, directory)
   for key in TRANSPLANTED:
@@ -169,7 +169,8 @@ def _params(n: int) -> str:
 def summarize(rows: list[dict], workdir: str) -> str:
   """Writes WORKDIR/ablation.md, .json and .png from rows ({config, experiment, trainable_params,
   toy_trainable_params, workdirs}); returns the Markdown table."""
-  headers = [h for task, metric in HEADLINE for m, h in table.COLUMNS[task] if m == metric]
+  columns = table.task_columns()
+  headers = [h for task, metric in HEADLINE for m, h in columns[task] if m == metric]
   cells, records = [], []
   for row in rows:
     runs = [table.load_workdir(w) for w in row["workdirs"]]

@@ -21,8 +21,8 @@ from bridgejax import paths
 from bridgejax.config_values import check_config_values
 from bridgejax.data.features import check_present
 from bridgejax.data.records import INFO_FILE
-from bridgejax.data.splits import TASK_TYPES, eval_tasks
 from bridgejax.errors import UserError
+from bridgejax.evaluation.evaluators import REGISTRY, eval_tasks
 from bridgejax.toy.prepare import toy_pending
 
 
@@ -116,7 +116,7 @@ def check_eval_data(config, tasks=None) -> None:
   split. The toy world the demo generates on first use is not there to check yet."""
   for name, cfg in eval_tasks(config, tasks).items():
     if not (toy_pending(config) and cfg.data == config.data.dir):
-      check_split(f"evals.{name}.split", cfg.data, cfg.split, TASK_TYPES[cfg.type], dir_key=f"evals.{name}.data")
+      check_split(f"evals.{name}.split", cfg.data, cfg.split, REGISTRY[cfg.type].kind, dir_key=f"evals.{name}.data")
 
 
 def check_config_paths(config, *, for_training: bool, backbones: bool = True, tasks=None) -> None:

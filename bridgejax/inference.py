@@ -53,9 +53,9 @@ from bridgejax import export, mesh as mesh_lib, paths as paths_lib
 from bridgejax.data.image import ImageError, clip_preprocess, decode_image, read_image_file
 from bridgejax.errors import UserError
 from bridgejax.evaluation.captioning import cut_caption
-from bridgejax.evaluation.engine import Engine, pad_rows, ret_embeddings_after, round_up
+from bridgejax.engine import Engine, pad_rows, ret_embeddings_after, round_up
 from bridgejax.evaluation.run import load_params
-from bridgejax.evaluation.tasks import vqa_prompt
+from bridgejax.evaluation.evaluators import vqa as vqa_task
 from bridgejax.experiment import build
 from bridgejax.losses import l2_normalize
 from bridgejax.train.checkpoint import CheckpointMismatchError, param_differences
@@ -327,7 +327,7 @@ class Pipeline:
   def answer(self, image, question: str, max_new_tokens: int = 10) -> str:
     """The answer after "Q: {question}\\nA:", up to the first newline or period."""
     tokens, _ = self._encode([image])
-    ids, mask = self._ids([vqa_prompt(question)], reserve=tokens.shape[1], new_tokens=max_new_tokens)
+    ids, mask = self._ids([vqa_task.prompt(question)], reserve=tokens.shape[1], new_tokens=max_new_tokens)
     new = self.engine.generate(tokens, ids, mask, max_new_tokens=max_new_tokens)
     return cut_caption(self.engine.decode_new(new[0]), "first")
 

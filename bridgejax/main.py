@@ -16,7 +16,7 @@ from bridgejax.checks import check_split
 from bridgejax.config_values import check_config_values
 from bridgejax.errors import UserError
 from bridgejax.evaluation.run import evaluate as evaluate_checkpoint
-from bridgejax.evaluation.tasks import quick_validation
+from bridgejax.evaluation.validation import quick_validation
 from bridgejax.experiment import build
 from bridgejax.toy.prepare import ensure_toy_data
 from bridgejax.train.loop import format_summary, lock_workdir, train, train_iterator

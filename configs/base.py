@@ -7,7 +7,7 @@ import math
 
 import ml_collections
 
-from bridgejax.data.splits import THESIS_TASKS, eval_task
+from bridgejax.evaluation.evaluators import THESIS_TASKS, eval_task
 from bridgejax.errors import UserError
 
 
@@ -100,7 +100,7 @@ def get_config(arg=None):
       "features": "",
   })
 
-  # One dict per eval task, big_vision style (bridgejax.data.splits has every key and its default):
+  # One dict per eval task, big_vision style (bridgejax.evaluation.evaluators has every key and its default):
   #   --config.evals.caption.data=data/coco --config.evals.caption.max_new_tokens=16
   # eval.py runs every entry (--tasks=caption,vqa picks some). `eval=thesis` in a config's argument
   # (configs/fromage.py:eval=thesis) gives the thesis's protocol instead of the standard one.
@@ -144,7 +144,7 @@ def parse_arg(arg, **defaults) -> dict:
 
 
 def evals(protocol: str = "standard") -> ml_collections.ConfigDict:
-  """config.evals for a protocol ("standard" or "thesis", bridgejax.data.splits.PROTOCOLS): caption,
+  """config.evals for a protocol ("standard" or "thesis", bridgejax.evaluation.evaluators.protocols()): caption,
   retrieval, vqa and visdial, each its own dict. Each task's `data` is left for you to point at a
   prepared dataset (docs/evaluation.md)."""
   return ml_collections.ConfigDict({task: eval_task(task, protocol) for task in THESIS_TASKS})

@@ -14,7 +14,7 @@ import os
 import ml_collections
 
 import bridgejax.toy
-from bridgejax.data.splits import eval_task
+from bridgejax.evaluation.evaluators import eval_task
 from configs import base
 
 TOY_ASSETS = os.path.join(os.path.dirname(bridgejax.toy.__file__), "assets")

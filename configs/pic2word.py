@@ -14,7 +14,7 @@ parameters at CLIP ViT-L/14 + Gemma-2B.
 
 import ml_collections
 
-from bridgejax.data.splits import eval_task
+from bridgejax.evaluation.evaluators import eval_task
 from configs import base, crossatt_k12
 
 

@@ -2,6 +2,7 @@
 a few eval examples. The table has a row per config over both seeds, its cells are the mean ± std
 of the seeds' own eval JSONs, the parameters are param_count's at real size, and a second run skips all."""
 
+import dataclasses
 import json
 import os
 import shutil
@@ -115,23 +116,22 @@ def test_sigterm_stops_the_ablation_between_tasks_and_between_runs_and_it_resume
   """A SIGTERM while a run is evaluated used to kill the process (the trainer's handler was gone);
   now the evaluation stops after the task in flight, or, at the last task, the sweep stops before
   the next seed's training. Either way exit is 'incomplete' and the same call resumes."""
-  from bridgejax.evaluation import tasks as tasks_lib
+  from bridgejax.evaluation.evaluators import REGISTRY
   toy = tiny_world.config(world, batch_size=4)
   workdir = str(tmp_path / "ablate")
   run0 = os.path.join(workdir, "fromage", "seed_0")
   calls, kill_at = [], {"n": 1}
 
-  def signalling(fn):
+  def signalling(name, fn):
     def task(*args, **kwargs):
       result = fn(*args, **kwargs)
-      calls.append(fn.__name__)
+      calls.append(name)
       if len(calls) == kill_at["n"]:
         os.kill(os.getpid(), signal.SIGTERM)  # as `kill PID` or a cluster's time limit would
       return result
     return task
   for name in ablate.TOY_SPLITS:
-    monkeypatch.setitem(tasks_lib.TASKS, name, signalling(tasks_lib.TASKS[name]))
-  monkeypatch.setattr(tasks_lib, "retrieval_task", signalling(tasks_lib.retrieval_task))
+    monkeypatch.setitem(REGISTRY, name, dataclasses.replace(REGISTRY[name], run=signalling(name, REGISTRY[name].run)))
   before = signal.getsignal(signal.SIGTERM)
   run = lambda seeds=(0, 1): ablate.ablate(["fromage"], list(seeds), workdir, steps=2, max_examples=2,
                                          max_new_tokens=4, toy=toy)

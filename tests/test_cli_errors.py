@@ -176,33 +176,33 @@ def test_config_paths_and_splits_are_checked_with_key_value_and_what_exists(conf
 def test_eval_tasks_are_separate_dicts_and_bad_ones_fail_in_one_line(capsys):
   """--config.evals.caption.max_new_tokens=16 changes the caption task alone (and makes its protocol
   custom); an unknown task name, type or key is one error line (exit status 2)."""
-  from bridgejax.data import splits
+  from bridgejax.evaluation import evaluators
   config = _parsed_config("configs/fromage.py:eval=thesis", "--config.evals.caption.max_new_tokens=16")
   base_config = __import__("configs.fromage", fromlist=["get_config"]).get_config("eval=thesis")
   assert config.evals.caption.max_new_tokens == 16 and base_config.evals.caption.max_new_tokens == 32
   changed = {f"{t}.{k}" for t in config.evals for k in config.evals[t] if config.evals[t][k] != base_config.evals[t][k]}
   assert changed == {"caption.max_new_tokens"}
   assert config.evals.vqa.max_new_tokens == 10  # the vqa task's own key of the same name
-  assert splits.protocol_of(config.evals.caption) == "custom"
-  assert [splits.protocol_of(config.evals[t]) for t in ("retrieval", "vqa", "visdial")] == ["thesis"] * 3
+  assert evaluators.protocol_of(config.evals.caption) == "custom"
+  assert [evaluators.protocol_of(config.evals[t]) for t in ("retrieval", "vqa", "visdial")] == ["thesis"] * 3
 
   def status_and_error(fn):
     status = cli.call(fn)
     return status, capsys.readouterr().err
 
-  assert status_and_error(lambda: splits.eval_tasks(base_config, "caption,captioning")) == (
+  assert status_and_error(lambda: evaluators.eval_tasks(base_config, "caption,captioning")) == (
       2, "error: unknown eval task(s) ['captioning']; config.evals has ['caption', 'retrieval', 'visdial', 'vqa'] "
       "(eval.py --tasks=NAME,...)\n")
   base_config.evals.vqa.type = "vqa2"
   assert status_and_error(lambda: checks.check_eval_data(base_config)) == (
       2, "error: --config.evals.vqa.type='vqa2' is unknown; choose from ['caption', 'compose', 'retrieval', 'visdial', 'vqa']\n")
   base_config.evals.vqa.type = "caption"  # a vqa dict under the caption type: its keys do not fit
-  status, err = status_and_error(lambda: splits.eval_tasks(base_config))
+  status, err = status_and_error(lambda: evaluators.eval_tasks(base_config))
   assert status == 2 and err.count("\n") == 1 and err.startswith(
       "error: --config.evals.vqa (type 'caption') lacks ['caption_prompt', 'cut_rule', 'num_beams'] and has "
       "unknown key(s) ['processing']")
   with pytest.raises(ValueError, match=r"eval task type 'vqa' has no key\(s\) \['num_beams'\]"):
-    splits.eval_task("vqa", num_beams=2)
+    evaluators.eval_task("vqa", num_beams=2)
   # The demo's eval data follows data.dir; setting one task's moves neither the other's nor data.dir.
   demo = _parsed_config("configs/demo.py", "--config.data.dir=/d", "--config.evals.caption.data=/e")
   assert (demo.data.dir, demo.evals.caption.data, demo.evals.retrieval.data) == ("/d", "/e", "/d")

@@ -69,7 +69,7 @@ def test_eval_protocol_argument(name):
   and retrieval, as the thesis's fork, and FROMAGe's VisDial scoring on squashed images; the default
   stays the standard Karpathy-test protocol. The
   bridge and the rest of the config do not change."""
-  from bridgejax.data.splits import protocol_of
+  from bridgejax.evaluation.evaluators import protocol_of
   thesis, standard = experiment_config(name, "eval=thesis"), experiment_config(name)
   for task in ("caption", "retrieval"):
     assert (thesis.evals[task].split, thesis.evals[task].image_resize) == ("val2017", "squash")
@@ -160,10 +160,10 @@ def test_every_range_rule_names_a_real_key():
   """The rules of bridgejax.config_values track configs/base.py: a renamed key would silently go unchecked."""
   from bridgejax.cli import flat_keys
   from bridgejax.config_values import RULES
-  from bridgejax.data.splits import COMMON_KEYS, TASK_KEYS
+  from bridgejax.evaluation.evaluators import COMMON_KEYS, REGISTRY
   from bridgejax.train.optimizer import GROUP_KEYS
   keys = set(flat_keys(experiment_config("base")))
-  wildcards = {"evals.*.": set(COMMON_KEYS).union(*TASK_KEYS.values()), "optim.groups.*.": set(GROUP_KEYS)}
+  wildcards = {"evals.*.": set(COMMON_KEYS).union(*(e.keys for e in REGISTRY.values())), "optim.groups.*.": set(GROUP_KEYS)}
   for rule in RULES:
     prefix = next((p for p in wildcards if rule.startswith(p)), None)
     assert rule.removeprefix(prefix) in wildcards[prefix] if prefix else rule in keys, rule

@@ -174,7 +174,7 @@ def test_image_resize_reaches_training_and_eval_batches(data, tmp_path):
   """data.image_resize / an eval task's image_resize (the thesis protocol's): the squashed image,
   not the cropped one."""
   from bridgejax.data.image import clip_preprocess, decode_image
-  from bridgejax.evaluation.tasks import task_batches
+  from bridgejax.evaluation.evaluators.common import task_batches
   from configs import base
   _, tok = data
   lines = []

@@ -84,7 +84,7 @@ def test_sharding_argument_places_on_the_callers_sharding():
 
 def test_engine_places_params_once_and_sends_only_batches():
   import tiny_eval_world as tw
-  from bridgejax.evaluation.engine import Engine
+  from bridgejax.engine import Engine
   setup, trainable = tw.setup_and_params()
   host_trainable = jax.tree.map(np.asarray, trainable)  # e.g. a checkpoint read to host
   engine = Engine(setup.model, {**setup.frozen, **host_trainable}, setup.tokenizer, mesh=setup.mesh)

@@ -20,8 +20,10 @@ import tiny_eval_world as tw  # noqa: E402
 from bridgejax import losses  # noqa: E402
 from bridgejax.data.image import clip_preprocess, decode_image  # noqa: E402
 from bridgejax.data.records import RecordError, open_split  # noqa: E402
-from bridgejax.evaluation import captioning, retrieval, tasks, vqa  # noqa: E402
-from bridgejax.evaluation.engine import Engine, pad_rows  # noqa: E402
+from bridgejax.evaluation import captioning, retrieval, vqa  # noqa: E402
+from bridgejax.evaluation.evaluators import REGISTRY, check_task, visdial as visdial_task  # noqa: E402
+from bridgejax.evaluation.validation import quick_validation  # noqa: E402
+from bridgejax.engine import Engine, pad_rows  # noqa: E402
 from bridgejax.losses import l2_normalize  # noqa: E402
 from bridgejax.generate import generate  # noqa: E402
 
@@ -58,7 +60,7 @@ def test_candidate_nll_equals_full_forward_ce(env):
   split = open_split(data, "visdial_val")
   tokens, _ = engine.encode(_pixels(split, [0, 1]))
   dialogs = [split[0], split[1]]
-  ctx = [tok.encode(tasks.it2t_context(d, r, with_caption=c), add_bos=True)
+  ctx = [tok.encode(visdial_task.it2t_context(d, r, with_caption=c), add_bos=True)
          for d, r, c in ((dialogs[0], 3, False), (dialogs[1], 0, True))]
   cands = [[tok.encode(" " + o, add_bos=False) for o in d["rounds"][r]["options"][:5]]
            for d, r in ((dialogs[0], 3), (dialogs[1], 0))]
@@ -75,7 +77,7 @@ def test_candidate_nll_equals_full_forward_ce(env):
 def test_visdial_it2t_ranking_equals_direct_ce_and_t2i(env):
   setup, params, engine, cfg, data = env
   cfg = tw.config(max_examples=2, visdial={"rounds_per_step": 3}).evals.visdial
-  result = tasks.visdial(engine, data, "visdial_val", cfg)
+  result = REGISTRY["visdial"].run(engine, data, "visdial_val", cfg)
   assert result.counts["dialogs"] == 2 and result.counts["rounds"] == 20
   for key in ("R@1", "R@5", "R@10", "MRR", "mean_rank", "NDCG", "t2i_R@1", "i2t_R@1"):
     assert key in result.metrics and np.isfinite(result.metrics[key])
@@ -84,7 +86,7 @@ def test_visdial_it2t_ranking_equals_direct_ce_and_t2i(env):
   split = open_split(data, "visdial_val")
   dialog, r = split[1], 2
   tokens, image_emb = engine.encode(_pixels(split, [1]))
-  ctx = tok.encode(tasks.it2t_context(dialog, r, with_caption=False), add_bos=True)
+  ctx = tok.encode(visdial_task.it2t_context(dialog, r, with_caption=False), add_bos=True)
   options = dialog["rounds"][r]["options"]
   nll = _direct_nll(setup, params, np.repeat(np.asarray(tokens), len(options), 0), [ctx] * len(options),
                     [tok.encode(" " + o, add_bos=False) for o in options])
@@ -95,7 +97,7 @@ def test_visdial_it2t_ranking_equals_direct_ce_and_t2i(env):
   ranks[np.argsort(nll, kind="stable")] = np.arange(1, len(options) + 1)
   assert pred["gt_rank"] == ranks[gt]
   # T2I: the dialog embedding is the text pass over the FROMAGe dialog text + [RET].
-  ids, mask = tok.batch_encode([tasks.t2i_text(dialog, with_caption=False)], 512, append_ret=True)
+  ids, mask = tok.batch_encode([visdial_task.t2i_text(dialog, with_caption=False)], 512, append_ret=True)
   assert ids[0, int(mask.sum()) - 1] == setup.model.ret_id
   assert result.predictions[1]["t2i_rank"] in (1, 2)
 
@@ -106,7 +108,7 @@ def test_visdial_fromage_scoring_is_unshifted_ce_with_a_bos_per_answer(env):
   position's token, summed over the answer (its BOS included)."""
   setup, params, engine, _, data = env
   cfg = tw.config(visdial={"max_examples": 1, "rounds_per_step": 3, "scoring": "fromage"}).evals.visdial
-  result = tasks.visdial(engine, data, "visdial_val", cfg)
+  result = REGISTRY["visdial"].run(engine, data, "visdial_val", cfg)
   assert "unshifted" in result.notes["scoring"]
   tok, model = setup.tokenizer, setup.model
   split = open_split(data, "visdial_val")
@@ -116,8 +118,8 @@ def test_visdial_fromage_scoring_is_unshifted_ce_with_a_bos_per_answer(env):
     if i > 0:
       contexts.append("A: " + dialog["rounds"][i - 1]["answer"])
     contexts.append("Q: " + dialog["rounds"][i]["question"].rstrip("?") + "?")
-  fromage = tasks.VISDIAL_SCORINGS["fromage"]
-  assert tasks.it2t_context(dialog, r, with_caption=False) + fromage.answer_cue == "\n".join(contexts) + "\nA: "
+  fromage = visdial_task.SCORINGS["fromage"]
+  assert visdial_task.it2t_context(dialog, r, with_caption=False) + fromage.answer_cue == "\n".join(contexts) + "\nA: "
   assert fromage.candidate_prefix == "" and fromage.candidate_bos
   ctx = tok.encode("\n".join(contexts) + "\nA: ", add_bos=True)
   options = dialog["rounds"][r]["options"]
@@ -149,7 +151,7 @@ def test_visdial_fromage_scoring_is_unshifted_ce_with_a_bos_per_answer(env):
 def test_retrieval_uses_model_embeddings(env):
   setup, params, engine, _, data = env
   cfg = tw.config(max_examples=3).evals.retrieval
-  result = tasks.retrieval_task(engine, data, "val", cfg, max_caption_tokens=24)
+  result = REGISTRY["retrieval"].run(engine, data, "val", cfg)
   assert result.counts == {"images": 3, "texts": 15}
   split = open_split(data, "val")
   out = setup.model.encode_images(params, jnp.asarray(_pixels(split, range(3))))
@@ -167,7 +169,7 @@ def test_retrieval_uses_model_embeddings(env):
 def test_caption_is_generate_decoded_and_cut(env):
   setup, params, engine, _, data = env
   cfg = tw.config(max_examples=3, caption_prompt="a picture of").evals.caption
-  result = tasks.caption(engine, data, "val", cfg)
+  result = REGISTRY["caption"].run(engine, data, "val", cfg)
   assert set(result.metrics) >= set(captioning.METRICS) | {"SPICE", "empty_fraction"}
   assert result.metrics["SPICE"] is None and "SPICE" in result.notes
   assert result.counts["images"] == 3 and len(result.predictions) == 3
@@ -188,7 +190,7 @@ def test_caption_is_generate_decoded_and_cut(env):
 
 def test_vqa_truncates_and_scores(env):
   setup, params, engine, _, data = env
-  result = tasks.vqa(engine, data, "vqa_val", tw.config(max_examples=6).evals.vqa)
+  result = REGISTRY["vqa"].run(engine, data, "vqa_val", tw.config(max_examples=6).evals.vqa)
   assert set(result.metrics) == {"overall", "yes/no", "number", "other"}
   assert result.counts["questions"] == 6
   for p in result.predictions:
@@ -202,7 +204,7 @@ def test_vqa_truncates_and_scores(env):
 def test_quick_validation_matches_the_training_loss(env):
   setup, params, _, _, data = env
   trainable = {k: params[k] for k in ("bridge", "ret")}
-  out = tasks.quick_validation(setup, trainable)  # 5 examples in batches of 4: the last one padded
+  out = quick_validation(setup, trainable)  # 5 examples in batches of 4: the last one padded
   assert set(out) == {"caption_loss", "text_loss", "contrastive_loss", "examples", "i2t_R@1", "i2t_R@5",
                       "t2i_R@1", "t2i_R@5"}
   assert all(isinstance(v, float) and np.isfinite(v) for v in out.values()) and out["examples"] == 5
@@ -213,22 +215,22 @@ def test_quick_validation_matches_the_training_loss(env):
   _, metrics = jax.jit(lambda t, f, b: model.loss(t, f, b, jax.random.key(0)))(trainable, setup.frozen, batch)
   assert out["caption_loss"] == pytest.approx(float(metrics["caption_loss"]), rel=1e-4)
   assert out["text_loss"] == pytest.approx(float(metrics["text_loss"]), rel=1e-4)
-  assert out == tasks.quick_validation(setup, trainable)  # cached jit, same numbers
+  assert out == quick_validation(setup, trainable)  # cached jit, same numbers
 
 
 def test_errors_name_the_problem_and_the_fix(env):
-  from bridgejax.data import splits
+  from bridgejax.evaluation import evaluators
   from bridgejax.evaluation import run
   with pytest.raises(ValueError, match="unknown eval task.*'captioning'.*config.evals has .*'caption'"):
-    splits.eval_tasks(tw.config(), "caption,captioning")
+    evaluators.eval_tasks(tw.config(), "caption,captioning")
   with pytest.raises(RecordError, match="no vqa split named 'val'.*it has: .*vqa_val \\(vqa\\).*evals.vqa.split"):
-    splits.task_data("vqa", tw.config(vqa={"split": "val"}).evals.vqa)  # no vqa_<split> guess
-  assert splits.task_data("visdial", tw.config().evals.visdial) == (tw.world()["data"], "visdial_val")
+    evaluators.task_data("vqa", tw.config(vqa={"split": "val"}).evals.vqa)  # no vqa_<split> guess
+  assert evaluators.task_data("visdial", tw.config().evals.visdial) == (tw.world()["data"], "visdial_val")
   with pytest.raises(ValueError, match=r"^--config.evals.visdial.scoring='fromag' is unknown; choose from "
                                        r"\['fromage', 'next_token'\]$"):
     run.evaluate(tw.config(visdial={"scoring": "fromag"}), tempfile.mkdtemp())  # before any checkpoint is read
   with pytest.raises(ValueError, match=r"^--config.evals.caption.image_resize='crop' is unknown"):
-    tasks.check_task("caption", tw.config(caption={"image_resize": "crop"}).evals.caption)
+    check_task("caption", tw.config(caption={"image_resize": "crop"}).evals.caption)
   setup, _ = tw.setup_and_params()
   with pytest.raises(FileNotFoundError, match="available steps: \\[3\\]"):
     run.load_params(setup, tw.workdir_with_checkpoint(), 7)

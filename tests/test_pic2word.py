@@ -19,9 +19,10 @@ import tiny_eval_world as tw  # noqa: E402
 from bridgejax import pic2word, predict  # noqa: E402
 from bridgejax.data.image import clip_preprocess, decode_image  # noqa: E402
 from bridgejax.data.records import open_split  # noqa: E402
-from bridgejax.data.splits import eval_task  # noqa: E402
-from bridgejax.evaluation import retrieval, tasks  # noqa: E402
-from bridgejax.evaluation.engine import Engine, pad_rows  # noqa: E402
+from bridgejax.evaluation.evaluators import eval_task  # noqa: E402
+from bridgejax.evaluation import retrieval  # noqa: E402
+from bridgejax.evaluation.evaluators import REGISTRY  # noqa: E402
+from bridgejax.engine import Engine, pad_rows  # noqa: E402
 from bridgejax.experiment import build  # noqa: E402
 from bridgejax.inference import Pipeline  # noqa: E402
 from bridgejax.model import RetrievalHeads  # noqa: E402
@@ -183,7 +184,7 @@ def test_compose_eval_without_the_mapping_network_ranks_the_bridge_queries():
   engine = Engine(setup.model, {**setup.frozen, **trainable}, setup.tokenizer)
   cfg = ml_collections.ConfigDict(eval_task("compose", data=tw.world()["data"], split="compose_val", batch_size=4,
                                             max_examples=5, progress=False))
-  result = tasks.compose(engine, tw.world()["data"], "compose_val", cfg)
+  result = REGISTRY["compose"].run(engine, tw.world()["data"], "compose_val", cfg)
   assert result.counts == {"queries": 5, "gallery": 10} and result.settings["query_template"] == "[visual tokens] {} [RET]"
   # the ranks are the numpy ranking of the engine's own embeddings
   split = open_split(tw.world()["data"], "compose_val")

@@ -13,7 +13,7 @@ Ties are broken as a stable descending sort (`np.argsort(-sims, kind="stable")`)
 equal similarities the lower gallery index ranks first. Ranks are 1-based.
 
 Memory: only a (chunk_size, gallery) block of similarities exists at a time; the block is computed by
-one jitted function per (chunk shape, gallery shape), and the last chunk is padded rather than
+one jitted function (similarity.py) per (chunk shape, gallery shape), and the last chunk is padded rather than
 recompiled. COCO 5k test: 25,000 x 5,000 in chunks of 1,024 queries.
 """
 
@@ -21,35 +21,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import jax
-import jax.numpy as jnp
 import numpy as np
-
-
-@jax.jit
-def _best_positive_ranks(queries, gallery, query_keys, gallery_keys, left_out):
-  """1-based rank of each query's best-ranked positive, under the stable-descending tie rule.
-
-  queries (C, D), gallery (G, D); gallery item g is a positive of query c iff
-  gallery_keys[g] == query_keys[c]; item left_out[c] (-1: none) is not ranked for query c.
-  """
-  sims = jnp.einsum("cd,gd->cg", queries, gallery, precision=jax.lax.Precision.HIGHEST)
-  positives = gallery_keys[None, :] == query_keys[:, None]
-  # The best positive: highest similarity, lowest index among equals (what a stable sort puts first).
-  masked = jnp.where(positives, sims, -jnp.inf)
-  best = jnp.max(masked, axis=1, keepdims=True)
-  best_index = jnp.argmax(masked, axis=1)[:, None]  # argmax returns the first maximum
-  gallery_index = jnp.arange(gallery.shape[0])[None, :]
-  ahead = ((sims > best) | ((sims == best) & (gallery_index < best_index))) & (gallery_index != left_out[:, None])
-  return jnp.sum(ahead, axis=1) + 1
 
 
 def _chunked_ranks(queries: np.ndarray, gallery: np.ndarray, query_keys: np.ndarray,
                    gallery_keys: np.ndarray, chunk_size: int, left_out: np.ndarray | None = None) -> np.ndarray:
+  from bridgejax.evaluation import similarity  # lazy: jax, ~1-3 s; configs read the evaluators that import this
   n = queries.shape[0]
   left_out = np.full(n, -1) if left_out is None else np.asarray(left_out)
   chunk = min(chunk_size, n)
-  gallery, gallery_keys = jnp.asarray(gallery), jnp.asarray(gallery_keys, jnp.int32)
+  gallery, gallery_keys = similarity.on_device(gallery), similarity.on_device(gallery_keys.astype(np.int32))
   out = np.empty(n, np.int64)
   for start in range(0, n, chunk):
     stop = min(start + chunk, n)
@@ -57,7 +38,7 @@ def _chunked_ranks(queries: np.ndarray, gallery: np.ndarray, query_keys: np.ndar
     q = np.pad(queries[start:stop], ((0, pad), (0, 0)))
     keys = np.pad(query_keys[start:stop].astype(np.int32), (0, pad), constant_values=-1)
     skip = np.pad(left_out[start:stop].astype(np.int32), (0, pad), constant_values=-1)
-    out[start:stop] = np.asarray(_best_positive_ranks(q, gallery, keys, gallery_keys, skip))[:stop - start]
+    out[start:stop] = np.asarray(similarity.best_positive_ranks(q, gallery, keys, gallery_keys, skip))[:stop - start]
   return out
 
 

@@ -2,7 +2,7 @@
 
     results = evaluate(config, workdir, step=None)   # -> {task: the dict written to eval/<task>.json}
 
-Each entry of config.evals is one task (bridgejax.data.splits: its type, keys, data and protocol).
+Each entry of config.evals is one task (bridgejax.evaluation.evaluators: its type, keys, data and protocol).
 Writes WORKDIR/eval/<name>.json (metrics, type, protocol, config name, checkpoint step, dataset dir
 and split, counts, settings: the task's dict and what the runner derived, wall time),
 WORKDIR/eval/<name>_predictions.json (per-example outputs) and WORKDIR/eval/report.html, and prints
@@ -23,10 +23,10 @@ import jax
 import numpy as np
 
 from bridgejax import mesh as mesh_lib, paths, preemption
-from bridgejax.data.splits import eval_tasks, protocol_of, task_data
 from bridgejax.errors import UserError
-from bridgejax.evaluation import report as report_lib, table, tasks as tasks_lib
-from bridgejax.evaluation.engine import Engine
+from bridgejax.engine import Engine
+from bridgejax.evaluation import report as report_lib, table
+from bridgejax.evaluation.evaluators import REGISTRY, check_task, eval_tasks, protocol_of, task_data
 from bridgejax.experiment import build
 from bridgejax.train.checkpoint import Checkpointer, param_differences
 from bridgejax.train.loop import changed_keys
@@ -71,7 +71,7 @@ def evaluate(config, workdir: str, step: int | None = None, *, tasks=None, setup
                     "yet; evaluate the stage-2 run that starts from it (config.init_from)")
   evals = eval_tasks(config, tasks)
   for name, cfg in evals.items():  # a missing dataset or a bad setting fails before any weights load
-    tasks_lib.check_task(name, cfg)
+    check_task(name, cfg)
   data = {name: task_data(name, cfg) for name, cfg in evals.items()}
   if setup is None:
     setup = build(config)
@@ -87,11 +87,7 @@ def evaluate(config, workdir: str, step: int | None = None, *, tasks=None, setup
       break
     data_dir, split = data[name]
     start = time.time()
-    if cfg.type == "retrieval":
-      result = tasks_lib.retrieval_task(engine, data_dir, split, cfg,
-                                        max_caption_tokens=int(config.data.max_caption_tokens))
-    else:
-      result = tasks_lib.TASKS[cfg.type](engine, data_dir, split, cfg)
+    result = REGISTRY[cfg.type].run(engine, data_dir, split, cfg, config)
     summary = {
         "task": name, "type": cfg.type, "protocol": protocol_of(cfg), "metrics": result.metrics,
         "config": config.get("name", ""), "checkpoint_step": step,
@@ -106,7 +102,7 @@ def evaluate(config, workdir: str, step: int | None = None, *, tasks=None, setup
       _write_json(out_dir / f"{name}.json", summary)
       _write_json(out_dir / f"{name}_predictions.json",
                   {"task": name, "type": cfg.type, "checkpoint_step": step, "dataset": summary["dataset"],
-                   "predictions": result.predictions})
+                   "settings": summary["settings"], "predictions": result.predictions})
     results[name] = summary
   if writer and results:
     if not quiet:

@@ -80,7 +80,7 @@ def train_iterator(config, setup: Setup, *, shard_index: int | None = None, shar
   return iter(dataset)
 
 
-# config.best_metric: a key of the validation dict (bridgejax.evaluation.tasks.quick_validation) or
+# config.best_metric: a key of the validation dict (bridgejax.evaluation.validation.quick_validation) or
 # R@1_mean, and whether a higher value is better. FROMAGe keeps the best t2i R@1 (base.py's default).
 BEST_METRICS = {"t2i_R@1": True, "i2t_R@1": True, "R@1_mean": True, "t2i_R@5": True, "i2t_R@5": True,
                 "caption_loss": False, "text_loss": False, "contrastive_loss": False}

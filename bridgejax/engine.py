@@ -1,4 +1,4 @@
-"""The model-side pieces every eval task and the inference API share, each jitted once per Engine.
+"""The runtime evaluation and inference share: the model's pieces, each jitted once per Engine, on the mesh.
 
     engine = Engine(model, params, tokenizer, mesh=setup.mesh)   # params: the full {vision, llm, bridge, ret}
     tokens, image_emb = engine.encode(images)        # visual tokens (B, K, D), W_i embedding (B, E)
@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bridgejax import losses, mesh as mesh_lib, pic2word
-from bridgejax.generate import generate, prefill, round_up  # round_up: tasks and inference import it here
+from bridgejax.generate import generate, prefill, round_up  # round_up: evaluators and inference import it here
 
 
 def mesh_of(params) -> jax.sharding.Mesh:
