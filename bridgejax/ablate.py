@@ -35,13 +35,14 @@ import time
 
 import ml_collections
 
-from bridgejax import cli, preemption, sweep
+from bridgejax import cli, preemption, sweep, terms
 from bridgejax.errors import UserError
 from bridgejax.evaluation import table
 
-# What a config says about the bridge and its training signal; everything else is the demo's.
-TRANSPLANTED = ("bridge", "loss", "ret", "cmli", "token_type_embeddings", "concat_prob", "visual_token_scale",
-                "pic2word", "stage", "representation_share")
+# What a config says about the bridge and its training signal (the loss terms' sections too, e.g.
+# cmli, pic2word: bridgejax/terms/); everything else is the demo's.
+TRANSPLANTED = ("bridge", "loss", "ret", *terms.sections(), "token_type_embeddings", "concat_prob",
+                "visual_token_scale", "stage", "representation_share")
 NOT_EXPERIMENTS = {"base", "demo", "__init__"}
 STEPS = 200  # the default bounded run: README "Ablation on the toy world" has its time
 MAX_EXAMPLES = 100  # per eval task, on the toy test split

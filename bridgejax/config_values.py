@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
+from bridgejax import terms
 from bridgejax.errors import UserError
 
 
@@ -69,9 +70,7 @@ RULES: dict[str, tuple] = {
     "loss.caption": _at_least(0),
     "loss.text": _at_least(0),
     "loss.contrastive": _at_least(0),
-    "loss.cmli": _at_least(0),
-    "loss.target_cmli": _at_least(0),
-    "loss.pic2word": _at_least(0),
+    **{f"loss.{name}": _at_least(0) for name in terms.names()},  # the optional terms' weights
     "ret.embed_dim": _int_at_least(1),
     "data.max_caption_tokens": (*_int_at_least(3), "BOS, at least one caption token and [RET]"),
     "data.num_workers": _int_at_least(0),

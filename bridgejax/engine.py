@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bridgejax import losses, mesh as mesh_lib, pic2word
+from bridgejax.terms import pic2word as pic2word_term
 from bridgejax.generate import generate, prefill, round_up  # round_up: evaluators and inference import it here
 
 
@@ -146,14 +147,14 @@ class Engine:
     mapping network: pic2word.QUERY_TEMPLATE ("a photo of * , {modification}") + [RET], the pseudo
     word at "*". Without: BOS + modification + [RET] after the image's visual tokens (position -1)."""
     ret = self.model.ret_id
-    if self.model.heads.pic2word_hidden:
+    if self.model.has_term("pic2word"):
       return pic2word.prompt_ids(self.tokenizer, pic2word.query_text(modification), ret)
     return self.tokenizer.encode(modification, add_bos=True) + [ret], -1
 
   def _composed_fn(self, params, images, ids, mask, word_positions):
     model = self.model
-    if model.heads.pic2word_hidden:
-      words = model.pseudo_words(params, model.vision_features(params, images))
+    if model.has_term("pic2word"):
+      words = pic2word_term.pseudo_words(model, params, model.vision_features(params, images))
       return model.word_query_embedding(params, words, ids, mask, word_positions)
     last = jnp.sum(mask, axis=1, keepdims=True) - 1
     return ret_embeddings_after(model, params, model.encode_images(params, images).tokens, ids, mask, last)[:, 0]

@@ -377,7 +377,7 @@ class Pipeline:
 
   def _visual_token_count(self) -> int:
     """How many visual tokens the bridge puts before a text (0 where a composed query has none)."""
-    if self.model.heads.pic2word_hidden:
+    if self.model.has_term("pic2word"):
       return 0
     pixels = jax.ShapeDtypeStruct((1, 3, self.image_size, self.image_size), jnp.float32)
     return int(jax.eval_shape(self.model.encode_images, self.params, pixels).tokens.shape[1])

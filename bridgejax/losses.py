@@ -37,7 +37,7 @@ text-token regression of a teacher's patch features, each text token paired with
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -52,11 +52,11 @@ Array = jax.Array
 #   + ret_loss_scale·(L_i2t + L_t2i)/2 with both scales 1.0. The thesis's eq. 5.1,
 #   L = 0.5·L_c + 0.5·(L_i2t + L_t2i), has no text-CE term and puts 0.5 on the *sum* of the two
 #   InfoNCE terms, i.e. 1.0 on their mean (our `contrastive` part).
-# `cmli` and `target_cmli` (off in both) weigh the optional token-wise terms at the end of this file,
-# `pic2word` Pic2Word's mapping-network InfoNCE (bridgejax/pic2word.py).
+# The optional terms (bridgejax/terms/: cmli, target_cmli, pic2word) add their own weight keys, off
+# (0) in both presets.
 WEIGHTS = {
-    "fromage": dict(caption=1.0, text=1.0, contrastive=1.0, cmli=0.0, target_cmli=0.0, pic2word=0.0),
-    "thesis_eq5_1": dict(caption=0.5, text=0.0, contrastive=1.0, cmli=0.0, target_cmli=0.0, pic2word=0.0),
+    "fromage": dict(caption=1.0, text=1.0, contrastive=1.0),
+    "thesis_eq5_1": dict(caption=0.5, text=0.0, contrastive=1.0),
 }
 
 
@@ -177,31 +177,35 @@ def retrieval_accuracy(image_emb: Array, text_emb: Array, ks=(1, 5)) -> dict[str
   return out
 
 
-def resolve_weights(weights: str | Mapping | None = "fromage") -> dict[str, float]:
-  """A preset name from WEIGHTS or a mapping {caption, text, contrastive} (missing keys from 'fromage')."""
+def resolve_weights(weights: str | Mapping | None = "fromage", optional: Sequence[str] = ()) -> dict[str, float]:
+  """A preset name from WEIGHTS or a mapping {caption, text, contrastive, *optional} (missing keys
+  from 'fromage'; an optional term's weight defaults to 0, off)."""
   if weights is None:
     weights = "fromage"
+  known = {**WEIGHTS["fromage"], **{name: 0.0 for name in optional}}
   if isinstance(weights, str):
     if weights not in WEIGHTS:
       raise UserError(f"unknown loss weighting {weights!r}; use one of {sorted(WEIGHTS)} or a mapping "
-                       f"with keys {sorted(WEIGHTS['fromage'])}")
-    return dict(WEIGHTS[weights])
+                       f"with keys {sorted(known)}")
+    return {**known, **WEIGHTS[weights]}
   weights = weights.to_dict() if hasattr(weights, "to_dict") else dict(weights)
-  unknown = sorted(set(weights) - set(WEIGHTS["fromage"]))
+  unknown = sorted(set(weights) - set(known))
   if unknown:
-    raise UserError(f"unknown loss weight key(s) {unknown}; the keys are {sorted(WEIGHTS['fromage'])}")
-  return {**WEIGHTS["fromage"], **{k: float(v) for k, v in weights.items()}}
+    raise UserError(f"unknown loss weight key(s) {unknown}; the keys are {sorted(known)}")
+  return {**known, **{k: float(v) for k, v in weights.items()}}
 
 
-def total_loss(parts: Mapping[str, Array], weights: str | Mapping | None = "fromage") -> Array:
+def total_loss(parts: Mapping[str, Array], weights: str | Mapping | None = "fromage",
+               optional: Sequence[str] = ()) -> Array:
   """weights['caption']·parts['caption'] + weights['text']·parts['text'] + weights['contrastive']·parts['contrastive'].
 
   parts['caption'] and parts['text'] are `caption_loss` of the two passes, parts['contrastive'] the
   first output of `contrastive_loss` (the mean of the two directions). Defaults: FROMAGe's 1/1/1;
   weights='thesis_eq5_1' gives the thesis's eq. 5.1 (0.5 caption, no text CE, 0.5 on the sum of the
-  two InfoNCE directions). A term with weight 0 may be absent from parts.
+  two InfoNCE directions). A term with weight 0 may be absent from parts; `optional` names the
+  optional terms' weight keys (resolve_weights).
   """
-  w = resolve_weights(weights)
+  w = resolve_weights(weights, optional)
   total = jnp.zeros((), jnp.float32)
   for key, weight in w.items():
     if weight == 0.0:

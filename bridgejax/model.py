@@ -24,10 +24,10 @@ their tokens; `split_visual` takes them off the sequence and `llm_hook` hands th
 parameters, to the decoder's per-layer hook (models/decoder.DecoderHook). Every other bridge: no hook.
 
 Options, all off by default (the parameter tree and the program are then exactly FROMAGe's):
-token-type embeddings added to every LLM input through a LayerScale (`config.token_type_embeddings`),
-and the token-wise CMLI and Target-CMLI terms (`config.loss.cmli`, `.target_cmli`), whose heads
-live in the `ret` subtree (RetrievalHeads has the equations and parameter formulas), and Pic2Word's
-mapping network (`config.loss.pic2word`; bridgejax/pic2word.py), in `ret/pic2word`.
+token-type embeddings added to every LLM input through a LayerScale (`config.token_type_embeddings`,
+RetrievalHeads), and the optional loss terms of bridgejax/terms/ (CMLI, Target-CMLI, Pic2Word; on
+when config.loss.<name> > 0): each declares its heads, built into the `ret` subtree, and `loss`
+hands it the step's states (terms.States) and adds its weighted value to the total.
 
 Axis legend: B batch, T text length, K visual tokens (k), S = K + T, D LLM width, E retrieval
 width, W vision width, V vocabulary, N patches, d the per-token (CMLI) heads' width.
@@ -43,7 +43,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from bridgejax import losses, pic2word
+from bridgejax import losses, terms as terms_lib
 from bridgejax.bridges import BridgeOutput, VisionFeatures, build_bridge
 from bridgejax.bridges.base import CLS_EQUIVALENTS
 from bridgejax.errors import UserError
@@ -81,15 +81,9 @@ def _with_precision(method):
   return wrapper
 
 
-# The CMLI options (config.cmli, BridgeModel._token_wise_losses): the first of each is the default.
-CMLI_IMAGE_TOKENS = ("bridge", "llm", "tower")
-TARGET_TEXT = ("caption", "text")
-TARGET_IMAGE = ("auto", "per_patch", "matched")
-
-
 class RetrievalHeads(nn.Module):
-  """The `ret` subtree: the [RET] row, W_t, W_i and the logit scale, and the optional heads below
-  (off: the subtree is exactly those four).
+  """The `ret` subtree: the [RET] row, W_t, W_i and the logit scale, the token-type embeddings when
+  on, and the heads the active loss terms declare (`extra`; bridgejax/terms/). Off: exactly those four.
 
   token_types (the TTE report, eq. 4-5; VLMo's token-type embeddings, BEiT-3/CaiT's LayerScale):
     token_type_image, token_type_text (D,) and one shared token_type_scale λ (D,), init 1e-5:
@@ -98,28 +92,15 @@ class RetrievalHeads(nn.Module):
     at the frozen rows' mean norm (BridgeModel.init_trainable, as the [RET] row), so λ is the type
     embedding's size relative to a token: the LLM's inputs move by about 1e-5 at initialisation.
     One λ for both modalities, as the report: no bias towards either. Parameters: 3·D.
-  cmli_dim d > 0 (the CMLI report, eq. 1-4; FILIP's d = 256): cmli_text_proj (D -> d) on the
-    text pass's token states and cmli_logit_scale, always; cmli_visual_proj (D -> d) on the student's
-    image tokens (the bridge's visual tokens or the LLM's states at them) when `cmli_visual`;
-    cmli_image_proj (W -> d) on the frozen tower's patches when `cmli_patches` (the CMLI term on
-    the tower, or Target-CMLI's matching). Parameters: D·d + d + 1, + D·d + d, + W·d + d.
-  target_width > 0 (the CMLI report's Target-CMLI, eq. 5-10): target_image_proj and
-    target_text_proj (D -> the teacher's width W) map the student's visual tokens and text token
-    states into the teacher's space. Parameters: 2·(D·W + W), plus the CMLI heads for the matching.
-  pic2word_hidden M > 0 (Pic2Word): the mapping network f_M (W -> M -> ... -> D) of bridgejax/pic2word.py,
-    which has its equations and parameter formula.
+  extra: terms.Head declarations, each built under its own name (a dense layer, a scalar or a
+    module); each term's file has its equations and parameter formula.
   """
 
   llm_width: int
   embed_dim: int = 256
   logit_scale_init: float = math.log(1 / 0.07)
   token_types: bool = False
-  cmli_dim: int = 0
-  cmli_visual: bool = False
-  cmli_patches: bool = False
-  target_width: int = 0
-  pic2word_hidden: int = 0
-  pic2word_layers: int = 2
+  extra: tuple = ()  # (terms.Head, ...)
 
   def setup(self):
     self.ret_embedding = self.param("ret_embedding", nn.initializers.normal(1.0), (1, self.llm_width))
@@ -131,31 +112,23 @@ class RetrievalHeads(nn.Module):
       self.token_type_image = self.param("token_type_image", nn.initializers.normal(1.0), width)
       self.token_type_text = self.param("token_type_text", nn.initializers.normal(1.0), width)
       self.token_type_scale = self.param("token_type_scale", nn.initializers.constant(TOKEN_TYPE_SCALE_INIT), width)
-    if self.cmli_dim and self.cmli_patches:
-      self.cmli_image_proj = nn.Dense(self.cmli_dim, name="cmli_image_proj")
-    if self.cmli_dim and self.cmli_visual:
-      self.cmli_visual_proj = nn.Dense(self.cmli_dim, name="cmli_visual_proj")
-    if self.cmli_dim:
-      self.cmli_text_proj = nn.Dense(self.cmli_dim, name="cmli_text_proj")
-      self.cmli_logit_scale = self.param("cmli_logit_scale", nn.initializers.constant(self.logit_scale_init), ())
-    if self.target_width:
-      self.target_image_proj = nn.Dense(self.target_width, name="target_image_proj")
-      self.target_text_proj = nn.Dense(self.target_width, name="target_text_proj")
-    if self.pic2word_hidden:
-      self.pic2word = pic2word.MappingNetwork(self.pic2word_hidden, self.pic2word_layers, self.llm_width)
+    for head in self.extra:  # each under its own name: ret/<name>, as a checkpoint keeps it
+      if head.kind == "dense":
+        setattr(self, head.name, nn.Dense(head.width))
+      elif head.kind == "scalar":
+        setattr(self, head.name, self.param(head.name, nn.initializers.constant(head.init), ()))
+      elif head.kind == "module":
+        setattr(self, head.name, head.factory())
+      else:
+        raise ValueError(f"head ret/{head.name}: unknown kind {head.kind!r}")
 
   def __call__(self, ret_hidden, image_feature, patches):  # for init: touches every parameter
     out = [self.text_embedding(ret_hidden), self.image_embedding(image_feature), self.logit_scale]
     if self.token_types:
       out.append(self.type_offsets())
-    if self.cmli_dim:
-      out += [self.cmli_text(ret_hidden), self.cmli_logit_scale]
-      out += [self.cmli_image(patches)] if self.cmli_patches else []
-      out += [self.cmli_visual_tokens(ret_hidden)] if self.cmli_visual else []
-    if self.target_width:
-      out += [self.target_image(ret_hidden), self.target_text(ret_hidden)]
-    if self.pic2word_hidden:
-      out.append(self.pseudo_word(patches[:, 0]))
+    for head in self.extra:
+      x = None if head.kind == "scalar" else ret_hidden if head.reads == "llm" else patches[:, 0]
+      out.append(self.apply_head(head.name, x))
     return out
 
   def text_embedding(self, ret_hidden):  # (B, D) -> (B, E)
@@ -167,23 +140,9 @@ class RetrievalHeads(nn.Module):
   def type_offsets(self):  # what the TTE adds: (image (D,), text (D,)), eq. 4-5
     return self.token_type_scale * self.token_type_image, self.token_type_scale * self.token_type_text
 
-  def cmli_image(self, patches):  # (B, N, W) -> (B, N, d)
-    return self.cmli_image_proj(patches.astype(jnp.float32))
-
-  def cmli_text(self, hidden):  # (B, T, D) -> (B, T, d)
-    return self.cmli_text_proj(hidden.astype(jnp.float32))
-
-  def cmli_visual_tokens(self, tokens):  # (B, K, D) -> (B, K, d)
-    return self.cmli_visual_proj(tokens.astype(jnp.float32))
-
-  def target_image(self, visual_tokens):  # (B, K, D) -> (B, K, W)
-    return self.target_image_proj(visual_tokens.astype(jnp.float32))
-
-  def target_text(self, hidden):  # (B, T, D) -> (B, T, W)
-    return self.target_text_proj(hidden.astype(jnp.float32))
-
-  def pseudo_word(self, image_feature):  # (B, W) -> (B, D), Pic2Word's f_M
-    return self.pic2word(image_feature)
+  def apply_head(self, name, x=None):  # a term's head on x (float32), or its scalar
+    head = getattr(self, name)
+    return head if x is None else head(x.astype(jnp.float32))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -201,17 +160,13 @@ class BridgeModel:
   matmul_precision: str = ""  # "" = automatic (models/precision.py), else a jax precision name
   visual_token_scale: str = "sqrt_d"  # VISUAL_TOKEN_SCALES
   cls_equivalent: str | None = None  # None: the tower has a CLS token; else bridges.base.CLS_EQUIVALENTS
-  cmli_chunk: int = 0  # images scored at once by the CMLI loss (losses.cmli_scores); 0 = all
-  cmli_image_tokens: str = "bridge"  # CMLI_IMAGE_TOKENS: the student's image tokens of the CMLI term
-  target_text: str = "caption"  # TARGET_TEXT: the student's text tokens of Target-CMLI's t2i term
-  target_image: str = "auto"  # TARGET_IMAGE: Target-CMLI's i2t pairing (eq. 7 per patch, or matched)
-  pic2word_prompt: tuple = ()  # pic2word.prompt_ids(TRAIN_PROMPT): BOS "a photo of" * [RET], from the tokenizer
+  terms: tuple = ()  # the optional loss terms config.loss switches on (terms.Active, bridgejax/terms/)
   stage: str = "generative"  # STAGES
 
   @classmethod
   def create(cls, config, vision_config: CLIPVisionConfig, llm_config: DecoderConfig, *,
              compute_dtype=jnp.float32, frozen_param_dtype=jnp.float32, tokenizer=None) -> "BridgeModel":
-    """`tokenizer` is needed by the Pic2Word term's prompt only (parameter shapes need none)."""
+    """`tokenizer` is needed by a term's prompt only (Pic2Word's; parameter shapes need none)."""
     kw = dict(dtype=compute_dtype, param_dtype=frozen_param_dtype)
     remat = config.get("remat", "none")
     if remat not in REMAT:
@@ -230,24 +185,15 @@ class BridgeModel:
         raise UserError(f"config.stage='representation' is BLIP-2's stage 1 and needs the qformer bridge, not "
                         f"{config.bridge.name!r}: use configs/qformer.py:blip2")
       bridge = bridge.clone(text_vocab=llm_config.vocab_size + 1)
-    weights = losses.resolve_weights(config.loss)
-    cmli = config.get("cmli", {})
-    token_wise = weights["cmli"] > 0 or weights["target_cmli"] > 0  # Target-CMLI matches in the CMLI space
-    choices = {"image_tokens": CMLI_IMAGE_TOKENS, "target_text": TARGET_TEXT, "target_image": TARGET_IMAGE}
-    cmli_options = {key: cmli.get(key, values[0]) for key, values in choices.items()}
-    for key, value in cmli_options.items():
-      if value not in choices[key]:
-        raise UserError(f"--config.cmli.{key}={value!r}: use one of {', '.join(choices[key])}")
-    on_tower = cmli_options["image_tokens"] == "tower"
+    weights = losses.resolve_weights(config.loss, optional=terms_lib.names())
+    dims = terms_lib.Dims(llm_config.hidden_size, vision_config.hidden_size, config.ret.logit_scale_init)
+    active = terms_lib.resolve(config, dims, weights)
+    if tokenizer is not None:  # what needs the tokenizer (Pic2Word's prompt ids)
+      active = tuple(dataclasses.replace(a, options=a.term.prepare(a.options, tokenizer, llm_config.vocab_size))
+                     if a.term.prepare else a for a in active)
     heads = RetrievalHeads(llm_config.hidden_size, config.ret.embed_dim, config.ret.logit_scale_init,
                            token_types=config.get("token_type_embeddings", False),
-                           cmli_dim=cmli.get("dim", 256) if token_wise else 0,
-                           cmli_visual=weights["cmli"] > 0 and not on_tower,
-                           cmli_patches=(weights["cmli"] > 0 and on_tower) or weights["target_cmli"] > 0,
-                           target_width=vision_config.hidden_size if weights["target_cmli"] > 0 else 0,
-                           **pic2word.head_options(config, weights["pic2word"] > 0))
-    prompt = () if weights["pic2word"] <= 0 or tokenizer is None else tuple(
-        pic2word.prompt_ids(tokenizer, pic2word.TRAIN_PROMPT, llm_config.vocab_size)[0])
+                           extra=terms_lib.heads(active, dims))
     llm_class = decoder_class(llm_config)
     # a tower without a CLS token (SigLIP): what bridges read in its place (bridges.base.CLS_EQUIVALENTS)
     cls_equivalent = None if getattr(vision_config, "has_cls_token", True) else config.vision.get("cls_equivalent", "mean")
@@ -256,9 +202,7 @@ class BridgeModel:
     return cls(vision_class(vision_config)(vision_config, **kw), llm_class(llm_config, remat=remat != "none", **kw), bridge,
                heads, ret_id=llm_config.vocab_size, loss_weights=weights, concat_prob=config.concat_prob,
                remat=remat, matmul_precision=config.get("matmul_precision", ""), visual_token_scale=scale,
-               cls_equivalent=cls_equivalent, cmli_chunk=cmli.get("chunk", 0), pic2word_prompt=prompt,
-               cmli_image_tokens=cmli_options["image_tokens"], target_text=cmli_options["target_text"],
-               target_image=cmli_options["target_image"], stage=stage)
+               cls_equivalent=cls_equivalent, terms=active, stage=stage)
 
   # ------------------------------------------------------------------ parameters
 
@@ -404,14 +348,6 @@ class BridgeModel:
     return logits, emb
 
   @_with_precision
-  def pseudo_words(self, params, features: VisionFeatures):
-    """Pic2Word's f_M on the frozen tower's post-LayerNorm CLS of layer L: (B, D) in the LLM's input
-    space (times its embedding normaliser, as a table row), where a word's embedding goes."""
-    words = self.heads.apply({"params": params["ret"]}, features.cls(-1, post_norm=True),
-                             method=RetrievalHeads.pseudo_word)
-    return words * self.llm.embed_scale
-
-  @_with_precision
   def word_query_embedding(self, params, words, ids, mask, word_positions):
     """W_t embedding (B, E) of the text pass over ids (B, T) ending in [RET], the embedding at
     word_positions (B,) replaced by the pseudo words (B, D) (plus the text type, as a word's)."""
@@ -422,21 +358,14 @@ class BridgeModel:
     embeds = jnp.where(at_word, words[:, None, :].astype(embeds.dtype), embeds)
     return self._text_pass(params, ids, mask, embeds)[1]
 
-  def pic2word_loss(self, params, features: VisionFeatures, image_emb):
-    """Pic2Word's InfoNCE between image_emb (B, E) and the text pass of "a photo of *" with * the
-    image's pseudo word (bridgejax/pic2word.py). Gradient reaches f_M only: the rest of the model is
-    stop-gradient here, as Pic2Word trains its mapping network with CLIP frozen."""
-    if not self.pic2word_prompt:
-      raise ValueError("the Pic2Word term needs its prompt's ids: build the model with "
-                       "BridgeModel.create(..., tokenizer=...) (experiment.build does)")
-    ret = params["ret"]
-    fixed = jax.lax.stop_gradient({k: v for k, v in ret.items() if k != "pic2word"})
-    params = {**params, "ret": {**fixed, "pic2word": ret["pic2word"]}}
-    b, t = image_emb.shape[0], len(self.pic2word_prompt)
-    ids = jnp.broadcast_to(jnp.asarray(self.pic2word_prompt, jnp.int32), (b, t))
-    words = self.pseudo_words(params, features)
-    text_emb = self.word_query_embedding(params, words, ids, jnp.ones_like(ids), jnp.full((b,), t - 2))
-    return losses.contrastive_loss(jax.lax.stop_gradient(image_emb), text_emb, fixed["logit_scale"])
+  @_with_precision
+  def head(self, params, name: str, x=None):
+    """A loss term's head ret/<name> (terms.Head) applied to x in float32, or its scalar when x is None."""
+    return self.heads.apply({"params": params["ret"]}, name, x, method=RetrievalHeads.apply_head)
+
+  def has_term(self, name: str) -> bool:
+    """Whether the optional loss term `name` (bridgejax/terms/) is on."""
+    return any(active.name == name for active in self.terms)
 
   def caption_inputs(self, params, visual_tokens, ids, mask, *, ret_is_input: bool = False):
     """[visual tokens] + BOS + caption: embeddings (B, S, D), mask (B, S), labels (B, S), target mask (B, S).
@@ -508,21 +437,22 @@ class BridgeModel:
     logit_scale = params["ret"]["logit_scale"]
     contrastive, parts = losses.contrastive_loss(image_emb, text_emb, logit_scale)
     terms = {"caption": caption, "text": text, "contrastive": contrastive}
-    if self.heads.pic2word_hidden:
-      terms["pic2word"], _ = self.pic2word_loss(params, features, image_emb)
-    if self.heads.cmli_dim:
+    metrics = {"caption_loss": caption, "text_loss": text, "contrastive_loss": contrastive,
+               "concat": use_concat.astype(jnp.float32), **parts}
+    if self.terms:
       unpaired = unpair(hidden) if self.concat_prob > 0 else hidden  # (B, S, D): a row per example again
       prefix = unpaired.shape[1] - ids.shape[1]  # the visual positions come first (caption_inputs)
-      token_wise = self._token_wise_losses(params, features, bridge_out.tokens, unpaired[:, :prefix],
-                                           unpaired[:, prefix:], text_hidden, ids, mask)
-    else:
-      token_wise = {}
-    terms.update({name: value for name, value in token_wise.items() if name in self.loss_weights})
-    total = losses.total_loss(terms, self.loss_weights)
-    metrics = {"loss": total, "caption_loss": caption, "text_loss": text, "contrastive_loss": contrastive,
-               "concat": use_concat.astype(jnp.float32), **parts,
-               **({"pic2word_loss": terms["pic2word"]} if "pic2word" in terms else {}),
-               **{f"{name}_loss": value for name, value in token_wise.items()}}
+      states = terms_lib.States(
+          features=features, visual_tokens=bridge_out.tokens, visual_hidden=unpaired[:, :prefix],
+          caption_hidden=unpaired[:, prefix:], text_hidden=text_hidden, image_emb=image_emb,
+          caption_tokens=mask.astype(bool) & (ids != self.ret_id) & (jnp.arange(ids.shape[1]) > 0)[None, :],
+          patches=features.tokens(-1, post_norm=True)[:, 1:])
+      for active in self.terms:  # each term's value and parts; the value counts toward the total
+        values = active.term.loss(self, params, states, active.options)
+        terms[active.name] = values[active.name]
+        metrics.update({f"{name}_loss": value for name, value in values.items()})
+    total = losses.total_loss(terms, self.loss_weights, optional=terms_lib.names())
+    metrics = {"loss": total, **metrics}
     return total, metrics
 
   @_with_precision
@@ -551,61 +481,6 @@ class BridgeModel:
     total = itc + itm + itg  # LAVIS sums the three
     return total, {"loss": total, "itc_loss": itc, "itm_loss": itm, "itg_loss": itg,
                    "itc_temperature": qformer("itc_temperature")}
-
-  def _token_wise_losses(self, params, features, visual_tokens, visual_hidden, caption_hidden, text_hidden, ids,
-                         mask):
-    """The CMLI report's terms: {"cmli": eq. 1-4 InfoNCE, "cmli_i2t", "cmli_t2i"} and, with the
-    Target-CMLI heads, {"target_cmli": eq. 10, "target_cmli_i2t" (eq. 7), "target_cmli_t2i" (eq. 9)}.
-
-    visual_tokens (B, K, D) the bridge's; visual_hidden (B, K', D) and caption_hidden (B, T, D) the
-    captioning pass's final-norm states at its visual positions and at the ids' positions;
-    text_hidden (B, T, D) the text pass's (no image).
-
-    Which states stand for the report's student tokens. FILIP trains both encoders with CMLI; here
-    both backbones are frozen and the bridge is what trains, so a term trains it only if its student
-    states depend on it:
-    - CMLI image tokens (cmli_image_tokens): "bridge" (default) the bridge's visual tokens, "llm" the
-      LLM's states at them in the captioning pass (they precede the caption, so they see no text),
-      both through cmli_visual_proj; "tower" the frozen layer-L patches (post-LayerNorm, CLS left
-      out, as FILIP's last layer) through cmli_image_proj, which trains the heads only: the
-      matching space for Target-CMLI (configs/target_cmli.py). CMLI text tokens: the text pass's
-      caption-token states (BOS, [RET] and padding out, as the report leaves out CLS, EOS and PAD),
-      frozen functions of the caption: the text side of the matching.
-    - Target-CMLI's teacher: the frozen tower's layer-L patches. Its i2t students: the bridge's
-      visual tokens, regressing patch k for token k when K = N (eq. 7, target_image "per_patch"),
-      or each its best-matched patch ("matched"; "auto" picks by K). Its t2i students
-      (target_text): "caption" (default) the captioning pass's caption-token states, which see the
-      image, so regressing their matched patch moves the bridge; "text" the text pass's (frozen:
-      only the regression head learns). Matching is in the CMLI space: D-wide students through
-      cmli_text_proj, patches through cmli_image_proj; the argmax carries no gradient.
-    """
-    heads = lambda method, x: self.heads.apply({"params": params["ret"]}, x, method=method)
-    patches = features.tokens(-1, post_norm=True)[:, 1:]  # (B, N, W)
-    text_tokens = mask.astype(bool) & (ids != self.ret_id) & (jnp.arange(ids.shape[1]) > 0)[None, :]  # (B, T)
-    out = {}
-    if self.loss_weights["cmli"] > 0:
-      image_match = {"tower": lambda: heads(RetrievalHeads.cmli_image, patches),
-                     "bridge": lambda: heads(RetrievalHeads.cmli_visual_tokens, visual_tokens),
-                     "llm": lambda: heads(RetrievalHeads.cmli_visual_tokens, visual_hidden)}[self.cmli_image_tokens]()
-      cmli, parts = losses.cmli_contrastive_loss(image_match, heads(RetrievalHeads.cmli_text, text_hidden),
-                                                 params["ret"]["cmli_logit_scale"], text_mask=text_tokens,
-                                                 chunk=self.cmli_chunk)
-      out.update(cmli=cmli, cmli_i2t=parts["loss_i2t"], cmli_t2i=parts["loss_t2i"])
-    if self.heads.target_width:
-      k, n = visual_tokens.shape[1], patches.shape[1]
-      per_patch = self.target_image == "per_patch" or (self.target_image == "auto" and k == n)
-      if per_patch and k != n:
-        raise UserError(f"--config.cmli.target_image=per_patch (eq. 7) pairs visual token k with patch k, but the "
-                        f"bridge gives {k} tokens for {n} patches: use 'matched' or 'auto'")
-      student_text = caption_hidden if self.target_text == "caption" else text_hidden
-      patch_match = heads(RetrievalHeads.cmli_image, patches)
-      image_match = None if per_patch else heads(RetrievalHeads.cmli_text, visual_tokens)
-      target, parts = losses.target_cmli_loss(
-          heads(RetrievalHeads.target_image, visual_tokens), patches, heads(RetrievalHeads.target_text, student_text),
-          text_tokens, heads(RetrievalHeads.cmli_text, student_text), patch_match, image_match)
-      out.update(target_cmli=target, target_cmli_i2t=parts["loss_i2t"], target_cmli_t2i=parts["loss_t2i"])
-    return out
-
 
 def unpair(x):
   """pair_up's inverse: (B/2, 2S, ...) -> (B, S, ...)."""

@@ -6,7 +6,7 @@ Retrieval") trains only a light mapping network f_M on unlabeled images, with CL
 encoder's embedding of "a photo of *", where * is f_M of the image's frozen CLIP embedding, is
 contrasted with that image embedding. At inference the pseudo word fills a prompt with the
 modification text, and the text embedding ranks the gallery. Here the LLM + [RET] + W_t is the text
-encoder and the model's W_i the image side (`BridgeModel.pic2word_loss`):
+encoder and the model's W_i the image side (the term: bridgejax/terms/pic2word.py):
 
     v  = post-LayerNorm CLS of the tower's layer L (CLIP's pooler_output), frozen     (B, W)
     h1 = ReLU(A_1 v + a_1),  h_l = ReLU(A_l h_{l-1} + a_l) for l = 2..n               (B, M)
@@ -45,7 +45,6 @@ from bridgejax.errors import UserError
 WORD = "*"
 TRAIN_PROMPT = "a photo of *"
 QUERY_TEMPLATE = "a photo of * , {}"
-DEFAULTS = {"hidden": 512, "layers": 2}  # Pic2Word's IM2TEXT: middle_dim 512, n_layer 2
 
 
 class MappingNetwork(nn.Module):
@@ -63,18 +62,8 @@ class MappingNetwork(nn.Module):
     return nn.Dense(self.out, name="out")(x)
 
 
-def head_options(config, enabled: bool) -> dict:
-  """RetrievalHeads' keyword arguments from config.pic2word ({hidden, layers}); {} when off."""
-  if not enabled:
-    return {}
-  options = {**DEFAULTS, **config.get("pic2word", {})}
-  if options["hidden"] < 1 or options["layers"] < 1:
-    raise UserError(f"config.pic2word needs hidden >= 1 and layers >= 1, got {options}")
-  return {"pic2word_hidden": int(options["hidden"]), "pic2word_layers": int(options["layers"])}
-
-
-def num_params(vision_width: int, llm_width: int, hidden: int = DEFAULTS["hidden"], layers: int = DEFAULTS["layers"]) -> int:
-  """The module docstring's formula."""
+def num_params(vision_width: int, llm_width: int, hidden: int, layers: int) -> int:
+  """The module docstring's formula (config.pic2word's hidden and layers: bridgejax/terms/pic2word.py)."""
   return (vision_width * hidden + hidden) + (layers - 1) * (hidden * hidden + hidden) + (hidden * llm_width + llm_width)
 
 

@@ -7,6 +7,7 @@ import math
 
 import ml_collections
 
+from bridgejax import terms as loss_terms
 from bridgejax.evaluation.evaluators import THESIS_TASKS, eval_task
 from bridgejax.errors import UserError
 
@@ -48,21 +49,16 @@ def get_config(arg=None):
   # Loss weights. FROMAGe's code: 1.0 * CE_caption + 1.0 * CE_text + 1.0 * (InfoNCE_t2i + InfoNCE_i2t) / 2.
   # The thesis' eq. 5.1, 0.5 * L_c + 0.5 * (L_i2t + L_t2i), is caption=0.5, text=0.0, contrastive=1.0:
   #   --config.loss.caption=0.5 --config.loss.text=0.0
-  config.loss = ml_collections.ConfigDict({"caption": 1.0, "text": 1.0, "contrastive": 1.0, "cmli": 0.0,
-                                           "target_cmli": 0.0, "pic2word": 0.0})
-  # Optional, off by default (bridgejax.model.RetrievalHeads): token-type embeddings through a LayerScale
-  # initialised at 1e-5 on every LLM input; loss.cmli / loss.target_cmli > 0 build the per-token heads
-  # of width cmli.dim and score cmli.chunk images at a time (0 = all; bridgejax.losses.cmli_scores).
-  # Which states are the student's tokens (BridgeModel._token_wise_losses): CMLI's image tokens
-  # "bridge" (its visual tokens), "llm" (the LLM's states at them) or "tower" (the frozen patches:
-  # trains the heads only); Target-CMLI's text tokens "caption" (the captioning pass's, which see the
-  # image) or "text" (the text pass's), and its i2t pairing "auto", "per_patch" (eq. 7) or "matched".
+  # The optional loss terms (bridgejax/terms/, one file each: cmli, target_cmli, pic2word) are off at
+  # weight 0; each term's file declares its keys, which land in its section (config.cmli: dim, chunk,
+  # image_tokens, target_text, target_image; config.pic2word: hidden, layers) with their defaults.
+  config.loss = ml_collections.ConfigDict({"caption": 1.0, "text": 1.0, "contrastive": 1.0,
+                                           **{name: 0.0 for name in loss_terms.names()}})
+  for section, keys in loss_terms.sections().items():
+    config[section] = ml_collections.ConfigDict(keys)
+  # Token-type embeddings (bridgejax.model.RetrievalHeads), off: through a LayerScale initialised at
+  # 1e-5 on every LLM input.
   config.token_type_embeddings = False
-  config.cmli = ml_collections.ConfigDict({"dim": 256, "chunk": 0, "image_tokens": "bridge", "target_text": "caption",
-                                          "target_image": "auto"})
-  # loss.pic2word > 0 builds Pic2Word's mapping network f_M (bridgejax/pic2word.py): `layers` hidden
-  # ReLU layers of width `hidden` from the tower's CLS to one pseudo word (configs/pic2word.py).
-  config.pic2word = ml_collections.ConfigDict({"hidden": 512, "layers": 2})
   config.concat_prob = 0.5  # the concat trick's probability per step (batch_size must be even)
   # Two-stage training (BLIP-2, configs/qformer.py:blip2). stage "generative" (every config): the bridge
   # learns through the frozen LLM (the losses above). "representation": BLIP-2's stage 1, the Q-Former

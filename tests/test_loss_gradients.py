@@ -1,6 +1,8 @@
 """Every loss term trains what its method says it trains: the gradient of each term of config.loss
 with respect to the bridge's parameters, on the tiny CLIP + Gemma with a cross-attention bridge, is
-non-zero exactly where the term's student states depend on the bridge.
+non-zero exactly where the term's student states depend on the bridge. FROMAGe's three terms are
+listed here; each optional term declares it in its own file (bridgejax/terms/, `trains_bridge`),
+and every registered term, with every value it reports, is held to its declaration:
 
     caption               the bridge's tokens enter the captioning pass                       trains it
     text                  the text pass has no image                                          does not
@@ -18,10 +20,11 @@ import ml_collections
 import numpy as np
 import pytest
 
+from bridgejax import terms
 from bridgejax.model import BridgeModel
 from model_helper import VOCAB, caption_batch
 
-TRAINS = {"caption": True, "text": False, "contrastive": True, "target_cmli_i2t": True, "pic2word": False}
+TRAINS = {"caption": True, "text": False, "contrastive": True}  # FROMAGe's own terms (model.py)
 
 
 class _Tokenizer:
@@ -37,7 +40,7 @@ def _model(tiny_model, **cmli):
   config = config.copy_and_resolve_references()
   config.bridge = ml_collections.ConfigDict({"name": "crossatt", "k": 3, "layer": -1, "num_heads": 4})
   config.concat_prob = 0.0
-  config.loss.update(cmli=1.0, target_cmli=1.0, pic2word=1.0)
+  config.loss.update({name: 1.0 for name in terms.names()})  # every optional term on
   config.cmli.update(chunk=0, **cmli)
   config.pic2word.hidden = 16
   return BridgeModel.create(config, vision_config, llm_config, tokenizer=_Tokenizer()), frozen
@@ -60,6 +63,10 @@ def _bridge_grad_norms(model, frozen, names):
 @pytest.mark.parametrize("image_tokens, target_text", [("bridge", "caption"), ("llm", "text"), ("tower", "caption")])
 def test_each_term_trains_the_bridge_where_its_method_says(tiny_model, image_tokens, target_text):
   model, frozen = _model(tiny_model, image_tokens=image_tokens, target_text=target_text)
-  expected = {**TRAINS, "cmli": image_tokens != "tower", "target_cmli_t2i": target_text == "caption"}
+  assert {active.name for active in model.terms} == set(terms.names())
+  expected = dict(TRAINS)
+  for active in model.terms:
+    expected.update(active.term.trains_bridge(active.options))
+  assert expected["cmli"] == (image_tokens != "tower") and expected["target_cmli_t2i"] == (target_text == "caption")
   norms = _bridge_grad_norms(model, frozen, expected)
   assert {name: norm > 0 for name, norm in norms.items()} == expected, norms

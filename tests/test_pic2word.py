@@ -2,6 +2,7 @@
 numpy computations, the toy benchmark's determinism and edits, the compose metric, and a short
 train -> eval -> predict run on the tiny world."""
 
+import functools
 import json
 import os
 import sys
@@ -16,12 +17,11 @@ import pytest
 sys.path.insert(0, os.path.dirname(__file__))
 import tiny_eval_world as tw  # noqa: E402
 
-from bridgejax import pic2word, predict  # noqa: E402
+from bridgejax import pic2word, predict, terms  # noqa: E402
 from bridgejax.data.image import clip_preprocess, decode_image  # noqa: E402
 from bridgejax.data.records import open_split  # noqa: E402
-from bridgejax.evaluation.evaluators import eval_task  # noqa: E402
 from bridgejax.evaluation import retrieval  # noqa: E402
-from bridgejax.evaluation.evaluators import REGISTRY  # noqa: E402
+from bridgejax.evaluation.evaluators import REGISTRY, eval_task  # noqa: E402
 from bridgejax.engine import Engine, pad_rows  # noqa: E402
 from bridgejax.experiment import build  # noqa: E402
 from bridgejax.inference import Pipeline  # noqa: E402
@@ -34,7 +34,7 @@ HIDDEN = 8  # f_M's width on the tiny world
 def test_mapping_network_count_at_real_size():
   # Pic2Word's IM2TEXT at CLIP ViT-L/14 (CLS width 1024) -> Gemma-2B (2048), middle 512, 2 hidden layers
   by_hand = (1024 * 512 + 512) + (512 * 512 + 512) + (512 * 2048 + 2048)
-  assert pic2word.num_params(1024, 2048) == by_hand == 1_838_080
+  assert pic2word.num_params(1024, 2048, 512, 2) == by_hand == 1_838_080
   from bridgejax.param_count import count
   from configs import pic2word as pic2word_config
   result = count(pic2word_config.get_config())  # what `python -m bridgejax.param_count --json` prints
@@ -86,15 +86,27 @@ def _info_nce(image, text, log_scale):
   return ((lse(logits, 1) - diag).mean() + (lse(logits, 0) - diag).mean()) / 2
 
 
+def _term(model):
+  return next(active for active in model.terms if active.name == "pic2word")
+
+
+def _pic2word_loss(model, params, features, image_emb):
+  """The term's value as BridgeModel.loss computes it, from the states it reads."""
+  states = terms.States(features=features, image_emb=image_emb, visual_tokens=None, visual_hidden=None,
+                        caption_hidden=None, text_hidden=None, caption_tokens=None, patches=None)
+  active = _term(model)
+  return active.term.loss(model, params, states, active.options)["pic2word"]
+
+
 def test_pic2word_loss_is_infonce_of_a_photo_of_the_pseudo_word_and_trains_f_m_only(p2w):
   setup, trainable, _, images = p2w
   model, tok = setup.model, setup.tokenizer
   ids = tok.encode("a photo of", add_bos=True) + [tok.pad_id, model.ret_id]
-  assert model.pic2word_prompt == tuple(ids)
+  assert _term(model).options["prompt"] == tuple(ids)
   params = {**setup.frozen, **trainable}
   features = jax.jit(model.vision_features)(params, jnp.asarray(images))
   image_emb = jax.jit(lambda p, f: model.image_embedding(p, model.bridge_output(p, f)))(params, features)
-  got, _ = jax.jit(model.pic2word_loss)(params, features, image_emb)
+  got = jax.jit(functools.partial(_pic2word_loss, model))(params, features, image_emb)
   text = _word_query(setup, params, images, ids, len(ids) - 2)
   want = _info_nce(np.asarray(image_emb, np.float64), text.astype(np.float64), float(trainable["ret"]["logit_scale"]))
   np.testing.assert_allclose(float(got), want, rtol=2e-4)
@@ -108,7 +120,7 @@ def test_pic2word_loss_is_infonce_of_a_photo_of_the_pseudo_word_and_trains_f_m_o
   def term(t):  # the Pic2Word term alone, through the whole model
     p = {**setup.frozen, **t}
     f = model.vision_features(p, batch["image"])
-    return model.pic2word_loss(p, f, model.image_embedding(p, model.bridge_output(p, f)))[0]
+    return _pic2word_loss(model, p, f, model.image_embedding(p, model.bridge_output(p, f)))
 
   grads = jax.jit(jax.grad(term))(trainable)
   mapping = grads["ret"].pop("pic2word")
@@ -253,7 +265,7 @@ def test_train_eval_and_predict_compose_with_pic2word(tmp_path, capsys, monkeypa
   hits = json.loads(capsys.readouterr().out)
   assert len(hits) == 3 and query not in [h["path"] for h in hits]  # the query image is left out
   pipe = made[0]
-  assert pipe.model.heads.pic2word_hidden == HIDDEN and "pic2word" in pipe.params["ret"]
+  assert _term(pipe.model).options["hidden"] == HIDDEN and "pic2word" in pipe.params["ret"]
   index = pipe.build_index(folder)
   scores = index.embeddings @ pipe.composed_query(query, "but blue")
   assert [h["path"] for h in hits] == [index.paths[i] for i in np.argsort(-scores, kind="stable") if i != 0]

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import tiny_eval_world
-from bridgejax import losses
+from bridgejax import losses, terms
 from bridgejax.param_count import count
 from bridgejax.model import TOKEN_TYPE_SCALE_INIT, BridgeModel, RetrievalHeads
 from configs import cmli, crossatt_k12, target_cmli, tte
@@ -29,7 +29,10 @@ def _size(tree):
 
 def test_heads_shapes_and_parameter_formulas():
   d_llm, e, w, d = 24, 16, 12, 8
-  heads = RetrievalHeads(d_llm, e, token_types=True, cmli_dim=d, cmli_visual=True, cmli_patches=True, target_width=w)
+  dims = terms.Dims(d_llm, w, 1.0)
+  on = lambda name, **options: terms.Active(terms.REGISTRY[name], {**terms.REGISTRY[name].defaults(), **options}, 1.0)
+  active = (on("cmli", dim=d, image_tokens="bridge"), on("target_cmli", dim=d))  # every CMLI-space head
+  heads = RetrievalHeads(d_llm, e, token_types=True, extra=terms.heads(active, dims))
   params = heads.init(jax.random.key(0), jnp.zeros((1, d_llm)), jnp.zeros((1, w)), jnp.zeros((1, 1, w)))["params"]
   assert {k: _size(params[k]) for k in set(params) - RET_KEYS} == {
       "token_type_image": d_llm, "token_type_text": d_llm, "token_type_scale": d_llm,  # 3·D
@@ -41,11 +44,13 @@ def test_heads_shapes_and_parameter_formulas():
   image_type, text_type = apply(RetrievalHeads.type_offsets)
   np.testing.assert_allclose(image_type, 1e-5 * params["token_type_image"], rtol=1e-6)
   np.testing.assert_allclose(text_type, 1e-5 * params["token_type_text"], rtol=1e-6)
-  assert apply(RetrievalHeads.cmli_image, jnp.ones((2, 5, w))).shape == (2, 5, d)
-  assert apply(RetrievalHeads.cmli_text, jnp.ones((2, 7, d_llm))).shape == (2, 7, d)
-  assert apply(RetrievalHeads.cmli_visual_tokens, jnp.ones((2, 3, d_llm))).shape == (2, 3, d)
-  assert apply(RetrievalHeads.target_image, jnp.ones((2, 3, d_llm))).shape == (2, 3, w)
-  assert apply(RetrievalHeads.target_text, jnp.ones((2, 7, d_llm))).shape == (2, 7, w)
+  head = lambda name, x=None: apply(RetrievalHeads.apply_head, name, x)
+  assert head("cmli_image_proj", jnp.ones((2, 5, w))).shape == (2, 5, d)
+  assert head("cmli_text_proj", jnp.ones((2, 7, d_llm))).shape == (2, 7, d)
+  assert head("cmli_visual_proj", jnp.ones((2, 3, d_llm))).shape == (2, 3, d)
+  assert head("target_image_proj", jnp.ones((2, 3, d_llm))).shape == (2, 3, w)
+  assert head("target_text_proj", jnp.ones((2, 7, d_llm))).shape == (2, 7, w)
+  assert float(head("cmli_logit_scale")) == 1.0  # the logit scale's init, from Dims
   plain = RetrievalHeads(d_llm, e).init(jax.random.key(0), jnp.zeros((1, d_llm)), jnp.zeros((1, w)), None)
   assert set(plain["params"]) == RET_KEYS
 

@@ -101,13 +101,14 @@ def bridge_reads(bridge, vision_config) -> dict[str, str]:
 
 
 def model_reads(model) -> dict[str, str]:
-  """What the training step reads of the tower: the bridge's (bridge_reads), layer L's tokens for
-  the CMLI heads and layer L's CLS for Pic2Word's mapping network."""
+  """What the training step reads of the tower: the bridge's (bridge_reads), and what the loss terms
+  read of layer L: its tokens (CMLI, Target-CMLI) or its CLS (Pic2Word's mapping network)."""
   num_layers = model.vision.config.num_layers
   out = bridge_reads(model.bridge, model.vision.config)
-  if model.heads.pic2word_hidden:
+  reads = {read for active in model.terms for read in active.term.reads}  # the loss terms' (bridgejax/terms/)
+  if "tower:cls" in reads:
     out.setdefault(key(num_layers), "cls")
-  if model.heads.cmli_dim:
+  if "tower:all" in reads:
     out[key(num_layers)] = "all"
   return dict(sorted(out.items(), key=lambda item: hidden_state_of(item[0])))
 

@@ -69,7 +69,7 @@ def run(engine, data_dir: str, split: str, cfg, config=None) -> TaskResult:
   predictions = [{"index": i, "id": q["id"], "modification": q["modification"], "attribute": q["attribute"],
                   "reference_index": int(references[i]), "target_index": int(targets[i]), "rank": int(ranks[i]),
                   "top_gallery": [int(g) for g in top[i] if g != references[i]][:5]} for i, q in enumerate(queries)]
-  template = pic2word.QUERY_TEMPLATE if engine.model.heads.pic2word_hidden else "[visual tokens] {}"
+  template = pic2word.QUERY_TEMPLATE if engine.model.has_term("pic2word") else "[visual tokens] {}"
   return TaskResult(percent_recalls(metrics), predictions, {"queries": n, "gallery": gallery_size},
                     {"gallery_split": table, "query_template": template + " [RET]"})
 
