@@ -35,7 +35,7 @@ from train_step import load_config  # noqa: E402
 
 from bridgejax import experiment  # noqa: E402
 from bridgejax.data import features, prepare  # noqa: E402
-from bridgejax.model import frozen_row_norm  # noqa: E402
+from bridgejax.heads import frozen_row_norm  # noqa: E402
 from bridgejax.train import loop  # noqa: E402
 from bridgejax.train.optimizer import make_optimizer  # noqa: E402
 from bridgejax.train.step import TrainState, make_train_step  # noqa: E402

@@ -57,7 +57,6 @@ At fromage, batch 180, 24-token captions, ViT-L/14 + Gemma-2B this gives 116.9 T
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 import os
@@ -75,16 +74,15 @@ TOY_ASSETS = os.path.join(ROOT, "bridgejax", "toy", "assets")
 
 
 def load_config(spec: str):
-  """'configs/x.py[:arg]' -> its get_config(arg), as ml_collections' config_flags loads it."""
+  """'configs/x.py[:arg]' -> its get_config(arg), as train.py loads it (bridgejax.cli.load_config_file)."""
   if ROOT not in sys.path:
     sys.path.insert(0, ROOT)  # configs import `configs.base` and `bridgejax`
-  path, _, arg = spec.partition(":")
-  if not os.path.isfile(path):
-    raise SystemExit(f"--config {path}: no such file")
-  module_spec = importlib.util.spec_from_file_location(f"_bench_config_{abs(hash(path))}", path)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  return module.get_config(arg) if arg else module.get_config()
+  from bridgejax.cli import load_config_file  # lazy: after ROOT is on sys.path, like every bridgejax import here
+  from bridgejax.errors import UserError
+  try:
+    return load_config_file(spec)
+  except UserError as e:
+    raise SystemExit(f"--config {spec}: {e}") from None
 
 
 def backbone_sizes(config, size: str):
@@ -319,7 +317,7 @@ def benchmark(config, vision, llm, *, batch_size: int, text_len: int, warmup: in
   import jax.numpy as jnp
   import numpy as np
 
-  from bridgejax.model import frozen_row_norm
+  from bridgejax.heads import frozen_row_norm
   from bridgejax.train.optimizer import make_optimizer
   from bridgejax.train.step import TrainState, make_train_step
 

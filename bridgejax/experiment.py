@@ -1,8 +1,11 @@
 """What a run is built from: the frozen backbones and the bridge model on the mesh, from a config.
 
     setup = build(config)    # Setup(config, mesh, model, frozen, tokenizer)
+    setup = build_abstract(config, devices)   # the same, shapes only: nothing loaded or allocated
 
-Training, evaluation and inference all start here, so it sits below each of them.
+Training, evaluation and inference all start here, so it sits below each of them. build_abstract
+lays the frozen trees out on a mesh of any devices (a TPU topology's, bench/tpu_compile.py) as
+ShapeDtypeStructs with their shardings, for ahead-of-time compilation.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from bridgejax import mesh as mesh_lib, weights
+from bridgejax import mesh as mesh_lib, param_count, weights
 from bridgejax.model import BridgeModel
 
 
@@ -41,3 +44,20 @@ def build(config) -> Setup:
                              frozen_param_dtype=param_dtype, tokenizer=tokenizer)
   frozen = {"vision": vision.params, "llm": lm.params}
   return Setup(config, mesh, model, frozen, tokenizer)
+
+
+def build_abstract(config, devices=None) -> Setup:
+  """build(config) as shapes: the backbones' sizes from their config.json or named architecture
+  (param_count.backbone_configs), the frozen trees as ShapeDtypeStructs in frozen_param_dtype with
+  the shardings build() gives them, on a mesh of `devices` (default jax.devices()). No tokenizer."""
+  devices = jax.devices() if devices is None else devices
+  mesh = mesh_lib.make_mesh(config.mesh.data, config.mesh.model, devices=devices)
+  vision, llm = param_count.backbone_configs(config)
+  param_dtype = jnp.dtype(config.frozen_param_dtype)
+  model = BridgeModel.create(config, vision, llm, compute_dtype=jnp.dtype(config.compute_dtype),
+                             frozen_param_dtype=param_dtype)
+  shapes = param_count.abstract_frozen(vision, llm)
+  shardings = mesh_lib.frozen_shardings(shapes, mesh, config.frozen_sharding)
+  frozen = jax.tree.map(lambda x, sharding: jax.ShapeDtypeStruct(x.shape, param_dtype, sharding=sharding),
+                        shapes, shardings)
+  return Setup(config, mesh, model, frozen, None)

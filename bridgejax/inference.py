@@ -36,7 +36,6 @@ prompt_ids a prompt that does not fit next to them, each as one UserError line b
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import os
 import warnings
 from collections.abc import Sequence
@@ -49,7 +48,7 @@ import numpy as np
 from huggingface_hub import errors as hub_errors, snapshot_download
 from tqdm import tqdm
 
-from bridgejax import export, mesh as mesh_lib, paths as paths_lib
+from bridgejax import cli, export, mesh as mesh_lib, paths as paths_lib
 from bridgejax.data.image import ImageError, clip_preprocess, decode_image, read_image_file
 from bridgejax.errors import UserError
 from bridgejax.evaluation.captioning import cut_caption
@@ -104,13 +103,7 @@ def load_config(config=None, workdir: str | None = None):
     if not path.exists():
       raise FileNotFoundError(f"{workdir} has no config.json (train.py writes it); pass the config file too")
     return ml_collections.ConfigDict(paths_lib.read_json(path))
-  path, _, arg = str(config).partition(":")
-  spec = importlib.util.spec_from_file_location("bridgejax_user_config", path)
-  if spec is None or not os.path.exists(path):
-    raise FileNotFoundError(f"config file {path!r} does not exist")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg or None) if arg else module.get_config()
+  return cli.load_config_file(str(config))
 
 
 def list_images(folder: str) -> list[str]:

@@ -56,7 +56,7 @@ def get_config(arg=None):
                                            **{name: 0.0 for name in loss_terms.names()}})
   for section, keys in loss_terms.sections().items():
     config[section] = ml_collections.ConfigDict(keys)
-  # Token-type embeddings (bridgejax.model.RetrievalHeads), off: through a LayerScale initialised at
+  # Token-type embeddings (bridgejax.heads.RetrievalHeads), off: through a LayerScale initialised at
   # 1e-5 on every LLM input.
   config.token_type_embeddings = False
   config.concat_prob = 0.5  # the concat trick's probability per step (batch_size must be even)

@@ -1,6 +1,6 @@
 """crossatt_k12 with token-type embeddings: one learned embedding for visual tokens and one for text
 tokens, added to every LLM input through one shared per-dimension LayerScale initialised at 1e-5
-(bridgejax.model.RetrievalHeads; the TTE report, eq. 4-5, where it gave +0.6 ImageNet top-1 and
+(bridgejax.heads.RetrievalHeads; the TTE report, eq. 4-5, where it gave +0.6 ImageNet top-1 and
 +0.3 MSCOCO retrieval over no TTE). 3 · 2048 = 6,144 more trainable parameters.
 
     python train.py --config configs/tte.py --workdir DIR --config.data.dir=data/cc3m

@@ -178,7 +178,8 @@ def train_bridge_steps(vision_config, llm_config, frozen, *, steps=3, configure=
   the losses are finite. `configure(config)` may change the experiment config first. Returns the losses."""
   import optax
 
-  from bridgejax.model import BridgeModel, frozen_row_norm
+  from bridgejax.heads import frozen_row_norm
+  from bridgejax.model import BridgeModel
   from bridgejax.train.optimizer import make_optimizer
   from bridgejax.train.step import TrainState, make_train_step
   from configs.fromage import get_config

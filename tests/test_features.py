@@ -17,6 +17,7 @@ from bridgejax.data.records import split_fingerprint
 from bridgejax.data import Split, clip_preprocess, decode_image, features
 from bridgejax.errors import UserError
 from bridgejax.train import loop
+from bridgejax.train.program import MODEL_INPUTS
 from bridgejax.train.optimizer import make_optimizer
 from bridgejax.train.step import TrainState, make_train_step
 
@@ -113,7 +114,7 @@ def test_the_cached_step_does_not_run_the_tower(world):
   program = lambda b: str(jax.make_jaxpr(step)(state, setup.frozen, b, 1.0))
   assert "conv_general_dilated" not in program({k: batch[k] for k in ("hidden_1", "text_ids", "text_mask")})
   image_batch = next(loop.train_iterator(tiny_world.config(paths), setup))
-  assert "conv_general_dilated" in program({k: image_batch[k] for k in loop.MODEL_INPUTS})  # the patch embedding
+  assert "conv_general_dilated" in program({k: image_batch[k] for k in MODEL_INPUTS})  # the patch embedding
 
 
 def _refusal(config, setup) -> str:

@@ -15,7 +15,7 @@ import tiny_eval_world as tw  # noqa: E402
 from bridgejax import predict  # noqa: E402
 from bridgejax.data.records import open_split  # noqa: E402
 from bridgejax.inference import Hit, ImageIndex, Pipeline  # noqa: E402
-from bridgejax.model import RetrievalHeads  # noqa: E402
+from bridgejax.heads import RetrievalHeads  # noqa: E402
 
 
 @pytest.fixture(scope="module")

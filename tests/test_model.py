@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from bridgejax.model import BridgeModel, TRAINABLE, pair_up
+from bridgejax.concat import pair_up
+from bridgejax.model import BridgeModel, TRAINABLE
 from model_helper import K, VOCAB, caption_batch
 
 

@@ -25,7 +25,7 @@ from bridgejax.evaluation.evaluators import REGISTRY, eval_task  # noqa: E402
 from bridgejax.engine import Engine, pad_rows  # noqa: E402
 from bridgejax.experiment import build  # noqa: E402
 from bridgejax.inference import Pipeline  # noqa: E402
-from bridgejax.model import RetrievalHeads  # noqa: E402
+from bridgejax.heads import RetrievalHeads  # noqa: E402
 from bridgejax.toy import world  # noqa: E402
 
 HIDDEN = 8  # f_M's width on the tiny world

@@ -13,7 +13,8 @@ import pytest
 import tiny_eval_world
 from bridgejax import losses, terms
 from bridgejax.param_count import count
-from bridgejax.model import TOKEN_TYPE_SCALE_INIT, BridgeModel, RetrievalHeads
+from bridgejax.heads import TOKEN_TYPE_SCALE_INIT, RetrievalHeads
+from bridgejax.model import BridgeModel
 from configs import cmli, crossatt_k12, target_cmli, tte
 from model_helper import caption_batch, np_cmli
 

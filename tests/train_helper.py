@@ -17,7 +17,7 @@ sys.path.insert(0, "tests")
 import tiny_world  # noqa: E402
 from bridgejax import experiment  # noqa: E402
 from bridgejax.main import run  # noqa: E402
-from bridgejax.train import loop  # noqa: E402
+from bridgejax.train import loop, program  # noqa: E402
 
 
 def main():
@@ -40,7 +40,7 @@ def _joined_shards(cfg, setup, shards):
   streams = [loop.train_iterator(cfg, setup, shard_index=i, shard_count=shards) for i in range(shards)]
   while True:
     parts = [next(s) for s in streams]
-    yield {k: np.concatenate([p[k] for p in parts]) for k in loop.MODEL_INPUTS}
+    yield {k: np.concatenate([p[k] for p in parts]) for k in program.MODEL_INPUTS}
 
 
 if __name__ == "__main__":

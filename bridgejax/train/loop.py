@@ -23,12 +23,13 @@ from bridgejax.data import features as feature_cache
 from bridgejax.data.pipeline import train_dataset
 from bridgejax.errors import UserError
 from bridgejax.experiment import Setup, build
-from bridgejax.model import frozen_row_norm
+from bridgejax.heads import frozen_row_norm
 from bridgejax.train.checkpoint import (CheckpointError, CheckpointMismatchError, Checkpointer, abstract_like,
                                        warm_start)
 from bridgejax.train.metric_writer import MetricWriter
 from bridgejax.train.optimizer import make_optimizer
-from bridgejax.train.step import TrainState, make_train_step
+from bridgejax.train.program import MODEL_INPUTS, train_programs
+from bridgejax.train.step import TrainState
 
 
 class NonFiniteLossError(UserError):
@@ -39,7 +40,6 @@ class ConfigMismatchError(UserError):
   """A restart whose config does not fit the run's checkpoints."""
 
 
-MODEL_INPUTS = ("image", "text_ids", "text_mask")
 # the progress bar's losses: (shown as, metric), each where the stage logs it
 PROGRESS_METRICS = (("loss", "loss"), ("cap", "caption_loss"), ("ret", "contrastive_loss"), ("itc", "itc_loss"),
                     ("itm", "itm_loss"), ("itg", "itg_loss"))  # or, with data.features, hidden_<i> for image
@@ -254,16 +254,15 @@ def _best_so_far(checkpointer: Checkpointer, name: str) -> dict | None:
 
 
 def _train(config, workdir: str, train_data, setup: Setup, evaluate, writer: MetricWriter | None) -> dict:
-  model, mesh = setup.model, setup.mesh
+  mesh = setup.mesh
   work = paths.path(workdir)
   best_metric = config.get("best_metric", "") if evaluate is not None else ""
   check_best_metric(best_metric)
 
   optimizer = make_optimizer(config.optim)
   replicated = mesh_lib.replicated(mesh)
+  init, step_fn = train_programs(setup, optimizer)
   with jax.set_mesh(mesh):
-    init = jax.jit(lambda rng, frozen: TrainState.create(model.init_trainable(rng, frozen), optimizer),
-                   out_shardings=replicated)
     state = init(jax.random.key(config.seed), setup.frozen)
     ret_norm = jax.jit(frozen_row_norm, out_shardings=replicated)(setup.frozen)
 
@@ -298,8 +297,6 @@ def _train(config, workdir: str, train_data, setup: Setup, evaluate, writer: Met
       print(f"resumed from step {start} in {workdir}")
     paths.write_text(work / "config.json", config.to_json_best_effort(indent=2))
 
-  step_fn = jax.jit(make_train_step(model, optimizer, seed=config.seed, rescale_ret=config.ret.rescale_row),
-                    donate_argnums=(0,), out_shardings=(replicated, replicated))
   own_writer = writer is None
   writer = writer or MetricWriter.for_run(config, workdir)
   writer.rewind(start)  # rows of steps after the restored one (a fallback, a hard kill) are logged again

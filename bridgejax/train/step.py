@@ -10,7 +10,8 @@ import jax.numpy as jnp
 import optax
 
 from bridgejax.data import features as feature_cache
-from bridgejax.model import BridgeModel, rescale_ret_row
+from bridgejax.heads import rescale_ret_row
+from bridgejax.model import BridgeModel
 
 
 @flax.struct.dataclass
