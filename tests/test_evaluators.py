@@ -68,7 +68,8 @@ def test_a_new_task_type_is_one_file(diversity):
                                                     batch_size=4, max_examples=5, max_new_tokens=4,
                                                     report_examples=2, progress=False)}
   workdir = tempfile.mkdtemp()
-  shutil.copytree(tw.workdir_with_checkpoint(), workdir, dirs_exist_ok=True)
+  # the checkpoint alone: other tests evaluate the shared workdir, and their eval/ would show in the report
+  shutil.copytree(tw.workdir_with_checkpoint(), workdir, dirs_exist_ok=True, ignore=shutil.ignore_patterns("eval"))
   results = evaluate(config, workdir, quiet=True)
   summary = json.load(open(os.path.join(workdir, "eval", "diversity.json")))
   assert summary == json.loads(json.dumps(results["diversity"]))
