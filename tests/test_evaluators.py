@@ -4,7 +4,6 @@ package as it is printed there and evaluates a run end to end: JSON, table colum
 
 import json
 import os
-import re
 import shutil
 import sys
 import tempfile
@@ -16,14 +15,9 @@ import tiny_eval_world as tw  # noqa: E402
 
 from bridgejax.evaluation import evaluators, report, table  # noqa: E402
 from bridgejax.evaluation.evaluators import REGISTRY, base  # noqa: E402
+from registry_helper import docs_example, dropped_in  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _docs_example() -> str:
-  text = open(os.path.join(REPO, "docs", "evaluation.md")).read()
-  section = text[text.index("## Adding a task type"):]
-  return re.search(r"```python\n(.*?)```", section, re.S).group(1)
 
 
 def test_every_task_type_declares_itself_in_its_own_module():
@@ -48,17 +42,9 @@ def test_reading_a_config_does_not_load_jax():
 
 @pytest.fixture()
 def diversity(monkeypatch):
-  """The docs' diversity.py in a folder added to the package's search path, found by discovery."""
-  folder = tempfile.mkdtemp()
-  with open(os.path.join(folder, "diversity.py"), "w") as f:
-    f.write(_docs_example())
-  monkeypatch.setattr(evaluators, "__path__", [*evaluators.__path__, folder])
-  found = evaluators._discover()
-  assert set(found) == set(REGISTRY) | {"diversity"}
-  monkeypatch.setitem(REGISTRY, "diversity", found["diversity"])
-  yield found["diversity"]
-  sys.modules.pop("bridgejax.evaluation.evaluators.diversity", None)
-  shutil.rmtree(folder)
+  """The docs' diversity.py, dropped into the evaluators package."""
+  with dropped_in(monkeypatch, evaluators, "diversity", docs_example("evaluation.md", "## Adding a task type")) as found:
+    yield found
 
 
 def test_a_new_task_type_is_one_file(diversity):

@@ -2,12 +2,6 @@
 new file. The docs' example (docs/training.md, "Adding a loss term") is dropped into the package as
 it is printed there and trains through the whole model."""
 
-import os
-import re
-import shutil
-import sys
-import tempfile
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,9 +10,7 @@ import pytest
 from bridgejax import terms
 from bridgejax.model import BridgeModel
 from model_helper import caption_batch
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
+from registry_helper import docs_example, dropped_in
 
 def test_every_term_declares_itself_in_its_own_module():
   from configs import base
@@ -42,24 +34,11 @@ def test_a_term_option_outside_its_choices_is_one_line(tiny_model):
     BridgeModel.create(config, vision_config, llm_config)
 
 
-def _docs_example() -> str:
-  text = open(os.path.join(REPO, "docs", "training.md")).read()
-  return re.search(r"```python\n(.*?)```", text[text.index("## Adding a loss term"):], re.S).group(1)
-
-
 @pytest.fixture()
 def visual_l2(monkeypatch):
-  """The docs' visual_l2.py in a folder added to the package's search path, found by discovery."""
-  folder = tempfile.mkdtemp()
-  with open(os.path.join(folder, "visual_l2.py"), "w") as f:
-    f.write(_docs_example())
-  monkeypatch.setattr(terms, "__path__", [*terms.__path__, folder])
-  found = terms._discover()
-  assert set(found) == set(terms.REGISTRY) | {"visual_l2"}
-  monkeypatch.setitem(terms.REGISTRY, "visual_l2", found["visual_l2"])
-  yield found["visual_l2"]
-  sys.modules.pop("bridgejax.terms.visual_l2", None)
-  shutil.rmtree(folder)
+  """The docs' visual_l2.py, dropped into the terms package."""
+  with dropped_in(monkeypatch, terms, "visual_l2", docs_example("training.md", "## Adding a loss term")) as found:
+    yield found
 
 
 def test_a_new_loss_term_is_one_file(visual_l2, tiny_model):

@@ -31,7 +31,7 @@ def _size(tree):
 def test_heads_shapes_and_parameter_formulas():
   d_llm, e, w, d = 24, 16, 12, 8
   dims = terms.Dims(d_llm, w, 1.0)
-  on = lambda name, **options: terms.Active(terms.REGISTRY[name], {**terms.REGISTRY[name].defaults(), **options}, 1.0)
+  on = lambda name, **options: terms.Active(terms.REGISTRY[name], {**terms.REGISTRY[name].defaults(), **options})
   active = (on("cmli", dim=d, image_tokens="bridge"), on("target_cmli", dim=d))  # every CMLI-space head
   heads = RetrievalHeads(d_llm, e, token_types=True, extra=terms.heads(active, dims))
   params = heads.init(jax.random.key(0), jnp.zeros((1, d_llm)), jnp.zeros((1, w)), jnp.zeros((1, 1, w)))["params"]

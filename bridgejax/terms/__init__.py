@@ -1,7 +1,7 @@
 """Every optional loss term behind one registry, as the bridges and the evaluators are.
 
     config.loss.cmli = 1.0                    # a term is on when its weight is > 0
-    active = resolve(config, dims)            # (Active(term, options, weight), ...), checked
+    active = resolve(config, dims, weights)   # (Active(term, options), ...), checked; weights: config.loss resolved
     heads(active, dims)                       # the Heads they add to `ret`, each once
     sections()                                # {config section: {key: default}} (configs/base.py)
 
@@ -69,7 +69,7 @@ def resolve(config, dims: Dims, weights: dict[str, float]) -> tuple[Active, ...]
         raise UserError(f"--config.{term.section}.{key}={options[key]!r}: use one of {', '.join(allowed)}")
     if term.check is not None:
       term.check(options, dims)
-    out.append(Active(term, options, float(weights[name])))
+    out.append(Active(term, options))
   return tuple(out)
 
 

@@ -100,10 +100,9 @@ class LossTerm:
 
 @dataclasses.dataclass(frozen=True)
 class Active:
-  """A term switched on by its weight, with its resolved options (its section's keys)."""
+  """A term switched on by its weight (BridgeModel.loss_weights), with its resolved options (its section's keys)."""
   term: LossTerm
   options: Mapping[str, Any]
-  weight: float
 
   @property
   def name(self) -> str:
