@@ -96,7 +96,8 @@ def test_lower_layers_import_nothing_above_them():
   for name, targets in graph.items():
     if _under(name, "bridgejax.models"):  # the frozen backbones stand alone
       wrong += [(name, t) for t in targets if not _under(t, "bridgejax.models")]
-    if name == "bridgejax.models.decoder":  # the shared decoder sits below every family (gemma, llama, gptneo)
+    # the shared decoder sits below every LLM family (gemma, llama, gptneo), the shared ViT below clip and siglip
+    if name in ("bridgejax.models.decoder", "bridgejax.models.vit"):
       wrong += [(name, t) for t in targets if t not in ("bridgejax.models.activations", "bridgejax.models.precision")]
     if _under(name, "bridgejax.train"):  # validation comes in as a callback
       wrong += [(name, t) for t in targets if any(_under(t, p) for p in ("bridgejax.evaluation", "bridgejax.main",

@@ -19,7 +19,9 @@ from bridgejax.weights.bound import VisionTower
 from bridgejax.weights.errors import CheckpointError
 from bridgejax.weights.tree import place
 
-FAMILIES = (clip, siglip)  # each: KIND, ARCHITECTURES, accepts(hf_config), read_checkpoint(path, param_dtype)
+# Each family has KIND, ARCHITECTURES, accepts(hf_config), config_from_hf(hf_config) and
+# read_checkpoint(path, param_dtype); weights/vit.py holds what the two share.
+FAMILIES = (clip, siglip)
 
 
 def family_of(path: str):
@@ -45,8 +47,7 @@ def family_of_config(hf: dict):
 
 def config_from_hf(hf: dict):
   """The tower config (CLIPVisionConfig or SiglipVisionConfig) of a HF config.json dict."""
-  family = family_of_config(hf)
-  return clip.config_from_hf(hf)[0] if family is clip else family.config_from_hf(hf)
+  return family_of_config(hf).config_from_hf(hf)
 
 
 def load_vision_tower(path: str, *, dtype=jnp.float32, param_dtype=jnp.float32, sharding=None) -> VisionTower:
