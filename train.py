@@ -30,7 +30,7 @@ def main(argv):
   cli.quiet_library_logs()
   cli.start_distributed(FLAGS.multihost, FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   from bridgejax.checks import check_config_paths, check_workdir
-  from bridgejax.config_values import check_config_values
+  from bridgejax.config_schema import check_config_values
   from bridgejax.main import run
   from bridgejax.toy.prepare import ensure_toy_data
   check_config_values(FLAGS.config)  # before the demo generates anything

@@ -18,7 +18,7 @@ import json
 import os
 
 from bridgejax import paths
-from bridgejax.config_values import check_config_values
+from bridgejax.config_schema import check_config_values
 from bridgejax.data.features import check_present
 from bridgejax.data.records import INFO_FILE
 from bridgejax.errors import UserError
@@ -122,7 +122,7 @@ def check_eval_data(config, tasks=None) -> None:
 def check_config_paths(config, *, for_training: bool, backbones: bool = True, tasks=None) -> None:
   """Every path and split the run will read: backbones; for training the train/val splits (and the
   eval data when eval_after_training); for evaluation the eval data (of the entries `tasks`, default
-  all of config.evals). Raises UserError. Every value's range is checked first (config_values)."""
+  all of config.evals). Raises UserError. Every value's type and range is checked first (config_schema)."""
   check_config_values(config)
   if backbones:
     check_backbones(config)

@@ -188,7 +188,8 @@ def config_override_error(argv: Sequence[str], flag: str = "config") -> UserErro
     config = load_config_file(spec)
   except Exception:  # pylint: disable=broad-except
     return None  # the original error says more
-  keys = flat_keys(config)
+  from bridgejax.config_schema import known_keys  # lazy: the registries it gathers, for a failed override only
+  keys = list(dict.fromkeys(flat_keys(config) + known_keys()))
   containers = [k for k in keys if any(other.startswith(k + ".") for other in keys)]
   for key in overrides:
     if key not in keys:

@@ -13,7 +13,7 @@ import jax
 
 from bridgejax import paths
 from bridgejax.checks import check_split
-from bridgejax.config_values import check_config_values
+from bridgejax.config_schema import check_config_values
 from bridgejax.errors import UserError
 from bridgejax.evaluation.run import evaluate as evaluate_checkpoint
 from bridgejax.evaluation.validation import quick_validation

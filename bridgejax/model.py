@@ -42,6 +42,7 @@ import jax
 import jax.numpy as jnp
 
 from bridgejax import losses, terms as terms_lib
+from bridgejax.config_schema import REMAT, STAGES, VISUAL_TOKEN_SCALES  # declared with their keys
 from bridgejax.concat import pair_layout, pair_up, unpair
 from bridgejax.heads import RetrievalHeads, frozen_row_norm, rescale_ret_row
 from bridgejax.bridges import BridgeOutput, VisionFeatures, build_bridge
@@ -53,11 +54,10 @@ from bridgejax.models.decoder import CausalLM, DecoderConfig
 from bridgejax.models.precision import matmul_precision
 
 TRAINABLE = ("bridge", "ret")
-# config.stage: "generative" trains the bridge through the LLM (every config); "representation" is
-# BLIP-2's stage 1, the Q-Former's text branch with ITC, ITM and ITG (BridgeModel.representation_loss).
-STAGES = ("generative", "representation")
-REMAT = ("none", "llm", "all")
-# How visual tokens enter the LLM relative to text embeddings (which Gemma scales by sqrt(D)).
+# config.stage (STAGES): "generative" trains the bridge through the LLM (every config); "representation"
+# is BLIP-2's stage 1, the Q-Former's text branch with ITC, ITM and ITG (BridgeModel.representation_loss).
+# config.visual_token_scale (VISUAL_TOKEN_SCALES): how visual tokens enter the LLM relative to text
+# embeddings (which Gemma scales by sqrt(D)).
 #   "sqrt_d": multiplied by the LLM's embedding normaliser (`embed_scale`: sqrt(D) for Gemma, 1 for
 #     the LLaMA family, which has none) too, as in the thesis's stack: its fork
 #     passed [visual tokens, text embeddings] as `inputs_embeds` to transformers 4.x, whose
@@ -66,7 +66,6 @@ REMAT = ("none", "llm", "all")
 #   "none": added after the text scaling, as transformers 5.x and FROMAGe (OPT has no such scale) do;
 #     visual tokens then start 45x smaller relative to text for Gemma-2B, and under Adam each
 #     bridge must grow 45x to get where the thesis's started.
-VISUAL_TOKEN_SCALES = ("sqrt_d", "none")
 
 
 def _with_precision(method):

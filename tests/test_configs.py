@@ -152,31 +152,66 @@ def test_inspect_cli_json():
 
 @pytest.mark.parametrize("name", CONFIGS)
 def test_every_config_is_within_the_value_ranges(name):
-  from bridgejax.config_values import problems
+  from bridgejax.config_schema import problems
   assert problems(experiment_config(name)) == []
 
 
-def test_every_range_rule_names_a_real_key():
-  """The rules of bridgejax.config_values track configs/base.py: a renamed key would silently go unchecked."""
+@pytest.mark.parametrize("name", CONFIGS)
+def test_every_key_of_every_config_is_declared_once(name):
+  """Each leaf of each shipped config is a schema key, a key of its bridge (bridgejax.bridges), of its
+  eval task's type (evaluators) or of an optimiser group; and every schema key is in the base config."""
+  from bridgejax import bridges
   from bridgejax.cli import flat_keys
-  from bridgejax.config_values import RULES
+  from bridgejax.config_schema import GROUP_KEYS, KEYS
   from bridgejax.evaluation.evaluators import COMMON_KEYS, REGISTRY
-  from bridgejax.train.optimizer import GROUP_KEYS
-  keys = set(flat_keys(experiment_config("base")))
-  wildcards = {"evals.*.": set(COMMON_KEYS).union(*(e.keys for e in REGISTRY.values())), "optim.groups.*.": set(GROUP_KEYS)}
-  for rule in RULES:
-    prefix = next((p for p in wildcards if rule.startswith(p)), None)
-    assert rule.removeprefix(prefix) in wildcards[prefix] if prefix else rule in keys, rule
+  config = experiment_config(name)
+  keys = set(flat_keys(config))
+  leaves = {k for k in keys if not any(other.startswith(k + ".") for other in keys)}
+  bridge_keys = set(bridges.REGISTRY[config.bridge.name].defaults) | {"name"}
+  for key in sorted(leaves):
+    section, _, leaf = key.partition(".")
+    if section == "bridge":
+      assert leaf in bridge_keys, key
+    elif section == "evals":
+      task, _, leaf = leaf.partition(".")
+      assert leaf in set(COMMON_KEYS) | set(REGISTRY[config.evals[task].type].keys), key
+    elif key.startswith("optim.groups."):
+      assert key.rpartition(".")[2] in GROUP_KEYS + ("params",), key
+    else:
+      assert key in KEYS or key == "optim.groups", key
+  if name == "base":
+    assert {k for k, key in KEYS.items() if not key.optional} <= keys
+
+
+def test_resume_harmless_keys_come_from_the_schema():
+  """What a resumed run may change: how it is driven, logged, placed, and evaluated; not what it trains."""
+  from bridgejax.config_schema import harmless
+  for key in ("total_steps", "log_every_steps", "checkpoint_every_steps", "eval_every_steps", "keep_checkpoints",
+              "tensorboard", "eval_after_training", "evals.caption.batch_size", "eval.caption.data",
+              "data.num_workers", "data.val_split", "data.val_examples", "data.val_batch_size", "data.dir",
+              "data.features", "vision.path", "llm.path", "llm.tokenizer", "mesh.data", "frozen_sharding",
+              "max_nonfinite_steps", "name", "best_metric", "wandb.project"):
+    assert harmless(key), key
+  for key in ("batch_size", "seed", "bridge.k", "bridge.name", "optim.lr", "optim.groups.prompt.lr", "loss.caption",
+              "data.train_split", "data.max_caption_tokens", "remat", "compute_dtype", "cmli.dim", "gone.key"):
+    assert not harmless(key), key
 
 
 def test_config_values_name_every_value_out_of_range():
-  from bridgejax.config_values import check_config_values
+  from bridgejax.config_schema import check_config_values
   from bridgejax.errors import UserError
   config = experiment_config("demo")
   config.optim.lr, config.keep_checkpoints, config.evals.caption.max_examples = float("nan"), 0, -2
+  config.remat = "layers"
   with pytest.raises(UserError) as e:
     check_config_values(config)
-  assert str(e.value) == ("--config.keep_checkpoints=0 must be an integer >= 1 (0 would keep no checkpoint: the "
-                          "trained model would be thrown away); --config.optim.lr=nan must be a finite number > 0 (the "
-                          "peak learning rate); --config.evals.caption.max_examples=-2 must be an integer >= 0 (0 = "
-                          "the whole split)")
+  assert str(e.value) == ("--config.remat='layers' must be one of 'none', 'llm', 'all'; --config.optim.lr=nan must be "
+                          "a finite number > 0 (the peak learning rate); --config.keep_checkpoints=0 must be an "
+                          "integer >= 1 (0 would keep no checkpoint: the trained model would be thrown away); "
+                          "--config.evals.caption.max_examples=-2 must be an integer >= 0 (0 = the whole split)")
+
+
+def test_the_configuration_page_lists_every_key():
+  from bridgejax.config_schema import markdown
+  with open("docs/configuration.md") as f:
+    assert markdown() in f.read(), "docs/configuration.md: paste the output of python -m bridgejax.config_schema"

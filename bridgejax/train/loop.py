@@ -18,7 +18,7 @@ from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from bridgejax import mesh as mesh_lib, paths, preemption
-from bridgejax.config_values import check_config_values
+from bridgejax.config_schema import check_config_values, harmless
 from bridgejax.data import features as feature_cache
 from bridgejax.data.pipeline import train_dataset
 from bridgejax.errors import UserError
@@ -149,14 +149,6 @@ def lock_workdir(workdir: str) -> paths.WorkdirLock | None:
   return lock
 
 
-# Keys that change only how a run is driven, not what its checkpoint holds: left out of the
-# config mismatch error, which lists what to put back ("eval.": configs saved before config.evals).
-HARMLESS_KEYS = ("total_steps", "log_every_steps", "checkpoint_every_steps", "eval_every_steps", "keep_checkpoints",
-                 "tensorboard", "eval_after_training", "evals.", "eval.", "data.num_workers", "data.val_", "data.dir",
-                 "data.features", "vision.path", "llm.path", "llm.tokenizer", "mesh.", "frozen_sharding", "max_nonfinite_steps",
-                 "name", "best_metric", "wandb.")
-
-
 def _flat(tree, prefix: str = "") -> dict:
   out = {}
   for key, value in tree.items():
@@ -177,10 +169,11 @@ def config_differences(saved: dict, config) -> list[str]:
 
 def changed_keys(config, workdir: str) -> list[str]:
   """The config keys that differ from the run's saved config.json and change what its checkpoints
-  hold (not HARMLESS_KEYS), as 'key: saved (saved) -> now (now)'; [] without a config.json."""
+  hold (not config_schema.harmless: how a run is driven, not what its checkpoints hold), as
+  'key: saved (saved) -> now (now)'; [] without a config.json."""
   saved_path = paths.path(workdir) / "config.json"
   saved = paths.read_json(saved_path) if saved_path.exists() else None
-  return [d for d in config_differences(saved, config) if not d.startswith(HARMLESS_KEYS)] if saved else []
+  return [d for d in config_differences(saved, config) if not harmless(d.partition(":")[0])] if saved else []
 
 
 def _resume_hint(workdir: str) -> str:

@@ -28,11 +28,9 @@ import re
 import jax
 import optax
 
+from bridgejax.config_schema import GROUP_KEYS  # what a group may set; grad_clip and grad_accum_steps are global
 from bridgejax.errors import UserError
 
-# What a group of optim.groups may set; the rest of optim (grad_clip, grad_accum_steps) is global.
-GROUP_KEYS = ("lr", "schedule", "warmup_steps", "decay_steps", "final_lr_fraction", "init_lr_fraction",
-              "weight_decay", "b1", "b2", "eps")
 DEFAULT_GROUP = "default"
 
 
