@@ -9,10 +9,10 @@ import sys
 
 import pytest
 
-from bridgejax.toy import world
+from bridgejax.toy.scene import COLORS, KINDS, PLURAL
 
 
-_SHAPE_WORDS = {w: k for k in world.KINDS for w in (k, world.PLURAL[k])}
+_SHAPE_WORDS = {w: k for k in KINDS for w in (k, PLURAL[k])}
 
 
 def _words(text: str, vocabulary) -> set[str]:
@@ -63,7 +63,7 @@ def test_demo_learns_to_retrieve_and_to_caption_what_it_sees(tmp_path):
   # 92% against 22%, 219 distinct captions, CIDEr 0.55.
   predictions = json.load(open(workdir / "eval" / "caption_predictions.json"))["predictions"]
   captions, references = [p["caption"] for p in predictions], [p["references"] for p in predictions]
-  colors = {c: c for c in world.COLORS}
+  colors = {c: c for c in COLORS}
   matched = word_agreement(captions, references, colors)
   shuffled = word_agreement(captions, references[1:] + references[:1], colors)
   assert matched > 0.7 and matched > shuffled + 0.4, (matched, shuffled)

@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 
 from bridgejax.toy import world
+from bridgejax.toy.scene import make_scene, render
+from bridgejax.toy.words import caption
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "own_data.md"
@@ -31,9 +33,9 @@ def _photos(folder: Path, split: str, count: int, start: int) -> None:
     rows.writerow(["image", "caption"])
     for i in range(start, start + count):
       rng = world.rng_for(split, i, 0)
-      scene = world.make_scene(rng)
-      world.render(scene).save(folder / f"img_{i:04d}.png")
-      rows.writerow([f"img_{i:04d}.png", world.caption(rng, scene)])
+      scene = make_scene(rng)
+      render(scene).save(folder / f"img_{i:04d}.png")
+      rows.writerow([f"img_{i:04d}.png", caption(rng, scene)])
 
 
 @pytest.mark.slow  # six processes, two programs compiled from scratch: about a minute of CPU

@@ -27,6 +27,7 @@ from bridgejax.experiment import build  # noqa: E402
 from bridgejax.inference import Pipeline  # noqa: E402
 from bridgejax.heads import RetrievalHeads  # noqa: E402
 from bridgejax.toy import world  # noqa: E402
+from bridgejax.toy.scene import IMAGE_SIZE  # noqa: E402
 
 HIDDEN = 8  # f_M's width on the tiny world
 
@@ -176,7 +177,7 @@ def test_toy_benchmark_is_deterministic_and_changes_exactly_the_named_attribute(
     new = target["background"] if ex["attribute"] == "background" else target["shapes"][0][ex["attribute"]]
     assert new == ex["value"] and ex["modification"] == world.modification_text(ex["attribute"], new)
     a, b = (np.asarray(decode_image(ex[k])) for k in ("reference_image", "target_image"))
-    assert a.shape == b.shape == (world.IMAGE_SIZE,) * 2 + (3,) and np.any(a != b)
+    assert a.shape == b.shape == (IMAGE_SIZE,) * 2 + (3,) and np.any(a != b)
     seen.add(ex["attribute"])
   assert seen == set(world.COMPOSE_ATTRIBUTES)
   assert world.composed_example("val", 3, seed=1) != world.composed_example("val", 3)

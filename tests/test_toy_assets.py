@@ -12,13 +12,14 @@ import io
 from bridgejax import weights
 from bridgejax.data.image import clip_preprocess
 from bridgejax.toy import world
+from bridgejax.toy.scene import COLORS, IMAGE_SIZE, KINDS
 from bridgejax.toy.pretrain import ASSETS
 
 CLIP, GEMMA = os.path.join(ASSETS, "clip"), os.path.join(ASSETS, "gemma")
 
 
 def _toy_images(n=4):
-  return np.stack([clip_preprocess(Image.open(io.BytesIO(ex["image"])), world.IMAGE_SIZE)
+  return np.stack([clip_preprocess(Image.open(io.BytesIO(ex["image"])), IMAGE_SIZE)
                    for ex in world.examples("val", n, num_questions=0, dialog_rounds=0)])
 
 
@@ -73,7 +74,7 @@ def test_toy_lm_speaks_the_toy_language():
   prompt, _ = tok.batch_encode(["a picture of a"], 8)
   out = lm.generate(prompt[:, :5], max_new_tokens=6)
   words = tok.decode(out[0]).split()
-  vocabulary = set(" ".join(captions + list(world.COLORS) + list(world.KINDS)).split())
+  vocabulary = set(" ".join(captions + list(COLORS) + list(KINDS)).split())
   assert words and sum(w in vocabulary for w in words) >= len(words) // 2, words
 
 

@@ -12,20 +12,21 @@ import numpy as np
 from bridgejax import weights
 from bridgejax.models.clip import CLIPVisionTransformer
 from bridgejax.toy import pretrain, pretrain_clip as pc, world
+from bridgejax.toy.scene import BACKGROUNDS, IMAGE_SIZE, render, shape_coverage
 
 
 def test_shape_coverage_partitions_the_image_as_drawn():
   for index in range(6):
     scene = world.scene_of("val", index)
-    per_pixel = world.shape_coverage(scene, world.IMAGE_SIZE)  # (1 + shapes, 112, 112)
-    pixels = np.asarray(world.render(scene), np.int32)
+    per_pixel = shape_coverage(scene, IMAGE_SIZE)  # (1 + shapes, 112, 112)
+    pixels = np.asarray(render(scene), np.int32)
     for i, shape in enumerate(scene.shapes, start=1):  # pixels wholly inside shape i have its colour
       inside = per_pixel[i] == 1.0
       assert inside.sum() > 100 and np.all(np.abs(pixels[inside] - np.asarray(shape.rgb)) <= 1)
     if scene.background != "checkered":
       empty = per_pixel[0] == 1.0
-      assert np.all(np.abs(pixels[empty] - np.asarray(world.BACKGROUNDS[scene.background])) <= 1)
-    per_patch = world.shape_coverage(scene, 16)  # the patch grid: the mean over each 7x7 patch
+      assert np.all(np.abs(pixels[empty] - np.asarray(BACKGROUNDS[scene.background])) <= 1)
+    per_patch = shape_coverage(scene, 16)  # the patch grid: the mean over each 7x7 patch
     np.testing.assert_allclose(per_patch, per_pixel.reshape(-1, 16, 7, 16, 7).mean((2, 4)), atol=1e-9)
     np.testing.assert_allclose(per_patch.sum(0), 1.0, atol=1e-9)
 
@@ -47,7 +48,7 @@ def test_scene_targets_follow_the_scene():
     assert targets.kind_set[i].sum() == len({s.kind for s in scene.shapes})
     assert np.sum(targets.cell_kind[i] > 0) == len(scene.shapes)
     # "none" exactly where no shape covers a quarter of the patch
-    shape_cover = world.shape_coverage(scene, 16)[1:].max(0)
+    shape_cover = shape_coverage(scene, 16)[1:].max(0)
     np.testing.assert_array_equal(targets.patch_kind[i] > 0, shape_cover >= pc.MIN_COVER)
 
 

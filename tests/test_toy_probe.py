@@ -5,6 +5,7 @@ import numpy as np
 
 from bridgejax import weights
 from bridgejax.toy import probe, world
+from bridgejax.toy.scene import BACKGROUNDS, COLORS, KINDS
 
 
 def test_logistic_regression_is_stationary_and_the_probe_reads_only_what_is_there():
@@ -41,13 +42,13 @@ def test_probe_labels_follow_the_scene_and_neighbours_count_agreement():
   scenes = [world.example("val", i, image=False, num_questions=0, dialog_rounds=0)["scene"] for i in range(40)]
   labels = probe.probe_labels(scenes)
   for i, scene in enumerate(scenes):
-    assert list(world.BACKGROUNDS)[labels["background"][i]] == scene["background"]
+    assert list(BACKGROUNDS)[labels["background"][i]] == scene["background"]
     assert labels["count"][i] + 1 == len(scene["shapes"])
     single = len(scene["shapes"]) == 1
     assert (labels["kind"][i] >= 0) == (labels["cell"][i] >= 0) == single
     if single:
       s = scene["shapes"][0]
-      assert world.KINDS[labels["kind"][i]] == s["kind"] and list(world.COLORS)[labels["color"][i]] == s["color"]
+      assert KINDS[labels["kind"][i]] == s["kind"] and list(COLORS)[labels["color"][i]] == s["color"]
       assert labels["cell"][i] == 3 * s["row"] + s["col"]
   # two identical features are each other's nearest neighbour
   features = np.eye(4)[[0, 0, 1, 1]] + 0.01 * np.arange(4)[:, None]

@@ -12,6 +12,9 @@ from bridgejax import pic2word
 from bridgejax.data import records
 from bridgejax.toy import pretrain, world
 from bridgejax.toy.prepare import prepare_toy
+from bridgejax.toy.questions import question_pool
+from bridgejax.toy.scene import COLORS, IMAGE_SIZE, KINDS, NUMBER_WORDS, PLURAL, RELATIONS, make_scene
+from bridgejax.toy.words import reference, relation
 
 
 def test_same_seed_same_bytes_other_seed_other_world():
@@ -27,13 +30,13 @@ def test_images_show_the_scene():
   for i in range(40):
     ex = world.example("train", i, num_questions=0, dialog_rounds=0)
     image = np.asarray(Image.open(io.BytesIO(ex["image"])))
-    assert image.shape == (world.IMAGE_SIZE, world.IMAGE_SIZE, 3)
-    scene = world.make_scene(world.rng_for("train", i, 0))
+    assert image.shape == (IMAGE_SIZE, IMAGE_SIZE, 3)
+    scene = make_scene(world.rng_for("train", i, 0))
     assert scene.to_dict() == ex["scene"]
     for s in scene.shapes:  # the shape's colour is at its centre
       pixel = image[int(round(s.cy)), int(round(s.cx))].astype(int)
       assert np.abs(pixel - np.array(s.rgb)).max() <= 3, (i, s)
-      row, col = int(s.cy // (world.IMAGE_SIZE / 3)), int(s.cx // (world.IMAGE_SIZE / 3))
+      row, col = int(s.cy // (IMAGE_SIZE / 3)), int(s.cx // (IMAGE_SIZE / 3))
       assert (row, col) == (s.row, s.col)
 
 
@@ -42,23 +45,23 @@ def _words(text):
 
 
 def test_text_is_true_of_the_scene():
-  colors, kinds = set(world.COLORS), set(world.KINDS) | {world.PLURAL[k] for k in world.KINDS}
-  singular = {p: k for k, p in world.PLURAL.items()}
+  colors, kinds = set(COLORS), set(KINDS) | {PLURAL[k] for k in KINDS}
+  singular = {p: k for k, p in PLURAL.items()}
   for i in range(60):
     ex = world.example("val", i)
     shapes = ex["scene"]["shapes"]
     present_colors = {s["color"] for s in shapes}
-    present_kinds = {s["kind"] for s in shapes} | {world.PLURAL[s["kind"]] for s in shapes}
+    present_kinds = {s["kind"] for s in shapes} | {PLURAL[s["kind"]] for s in shapes}
     assert len(ex["captions"]) == 5
     for c in ex["captions"]:
       assert _words(c) & colors <= present_colors and _words(c) & kinds <= present_kinds, (c, shapes)
       for m in re.finditer(r"\b(two|three) shapes\b", c):
-        assert world.NUMBER_WORDS.index(m.group(1)) == len(shapes), c
+        assert NUMBER_WORDS.index(m.group(1)) == len(shapes), c
       for m in re.finditer(r"\b(two|three) (\w+) (\w+)", c):  # "two red circles"
         if m.group(2) in colors:
           kind = singular[m.group(3)]
           n = sum(s["color"] == m.group(2) and s["kind"] == kind for s in shapes)
-          assert world.NUMBER_WORDS.index(m.group(1)) == n, c
+          assert NUMBER_WORDS.index(m.group(1)) == n, c
     for q in ex["questions"]:
       assert q["answer_type"] in ("yes/no", "number", "other") and len(q["answers"]) == 10
       assert q["multiple_choice_answer"] in q["answers"]
@@ -66,7 +69,7 @@ def test_text_is_true_of_the_scene():
                            "How many objects are there?"):
         assert q["multiple_choice_answer"] == str(len(shapes))
       m = re.fullmatch(r"What color is the (\w+)\?", q["question"])
-      if m and m.group(1) in world.KINDS:
+      if m and m.group(1) in KINDS:
         assert q["multiple_choice_answer"] == next(s["color"] for s in shapes if s["kind"] == m.group(1))
     d = ex["dialog"]
     assert d["caption"] in ex["captions"] and len(d["rounds"]) == 10
@@ -79,16 +82,16 @@ def test_text_is_true_of_the_scene():
 def test_relations_in_questions_hold():
   checked = 0
   for i in range(80):
-    scene = world.make_scene(world.rng_for("test", i, 0))
-    for q in world.question_pool(scene, np.random.default_rng(i)):
+    scene = make_scene(world.rng_for("test", i, 0))
+    for q in question_pool(scene, np.random.default_rng(i)):
       m = re.fullmatch(r"is \{R\} (above|over|below|under|beneath|to the left of|left of|to the right of|right of) "
                        r"the (.+)\?", q.text)
       if not m:
         continue
       a = scene.shapes[q.subject]
-      b = next(j for j in range(len(scene.shapes)) if world.reference(scene, j) == "the " + m.group(2))
-      rel = next(k for k, words in world.RELATIONS.items() if m.group(1) in words)
-      assert (q.answers[0] == "yes") == (rel in world.relation(a, scene.shapes[b]))
+      b = next(j for j in range(len(scene.shapes)) if reference(scene, j) == "the " + m.group(2))
+      rel = next(k for k, words in RELATIONS.items() if m.group(1) in words)
+      assert (q.answers[0] == "yes") == (rel in relation(a, scene.shapes[b]))
       checked += 1
   assert checked > 20
 
@@ -159,7 +162,7 @@ def test_relative_captions_are_true_and_in_the_composed_querys_form():
     texts = world.composition_texts("train", i)
     relative = [t for t in texts if " , but " in t]
     assert len(relative) == 3 and all(t.startswith(before.rstrip()) for t in relative), texts
-    scene = world.make_scene(world.rng_for("train", i, 7))
+    scene = make_scene(world.rng_for("train", i, 7))
     s, background = scene.shapes[0], scene.background
     own = {"color": s.color, "kind": s.kind, "background": background}
     for t in relative:
@@ -176,7 +179,7 @@ def test_relative_captions_are_true_and_in_the_composed_querys_form():
         assert said <= {own[other]} or other == "background", t
       assert after.format(modification).strip().endswith(modification)
     captions = [t for t in texts if " , but " not in t and not t.startswith("Q:")]  # true of the scene
-    assert len(captions) == 4 and all(_words(t) & set(world.COLORS) <= {s.color} for t in captions), texts
+    assert len(captions) == 4 and all(_words(t) & set(COLORS) <= {s.color} for t in captions), texts
   assert seen == set(world.COMPOSE_ATTRIBUTES)
 
 

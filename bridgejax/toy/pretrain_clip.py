@@ -60,15 +60,16 @@ from tqdm import tqdm
 from bridgejax.data.image import clip_preprocess
 from bridgejax.losses import contrastive_loss
 from bridgejax.models.clip import CLIPVisionConfig, CLIPVisionTransformer, EncoderLayer
-from bridgejax.toy import world
+from bridgejax.toy import scene as toy_scene, world
 
 # Width 64 and 2 heads (not ViT-like 128/4): on a 2-core CPU the attention maps of 257 tokens
 # dominate a step, and this size pretrains in minutes and keeps the demo's frozen forward cheap.
 TOY_CLIP = CLIPVisionConfig(hidden_size=64, intermediate_size=256, num_layers=4, num_heads=2,
-                            image_size=world.IMAGE_SIZE, patch_size=7)
+                            image_size=toy_scene.IMAGE_SIZE, patch_size=7)
 GRID = TOY_CLIP.grid_size
 WINDOW = 8  # patches per side of a phase-1 window
-KINDS, COLORS, SIZES, BACKGROUNDS = world.KINDS, list(world.COLORS), world.SIZES, list(world.BACKGROUNDS)
+KINDS, COLORS = toy_scene.KINDS, list(toy_scene.COLORS)
+SIZES, BACKGROUNDS = toy_scene.SIZES, list(toy_scene.BACKGROUNDS)
 MIN_COVER = 0.25  # a patch belongs to the shape covering at least this much of it
 
 
@@ -80,7 +81,7 @@ def render_pool(split: str, num_images: int, seed: int = 0) -> tuple[np.ndarray,
   pixels, scenes = [], []
   for ex in tqdm(world.examples(split, num_images, seed=seed, num_questions=0, dialog_rounds=0),
                  total=num_images, desc=f"render toy {split} images", leave=False):
-    pixels.append(clip_preprocess(Image.open(io.BytesIO(ex["image"])), world.IMAGE_SIZE))
+    pixels.append(clip_preprocess(Image.open(io.BytesIO(ex["image"])), toy_scene.IMAGE_SIZE))
     scenes.append(ex["scene"])
   return np.stack(pixels), scenes
 
@@ -110,7 +111,7 @@ def scene_targets(split: str, num_images: int, seed: int = 0) -> Targets:
               np.zeros((n, len(COLORS)), np.float32), np.zeros((n, 9), np.int32), [])
   for i in range(n):
     scene = world.scene_of(split, i, seed)
-    cover = world.shape_coverage(scene, GRID)  # (1 + shapes, 16, 16), 0 = background
+    cover = toy_scene.shape_coverage(scene, GRID)  # (1 + shapes, 16, 16), 0 = background
     owner = np.where(cover[1:].max(0) >= MIN_COVER, cover[1:].argmax(0) + 1, 0)  # (16, 16)
     for field, values in (("patch_kind", [KINDS.index(s.kind) for s in scene.shapes]),
                           ("patch_color", [COLORS.index(s.color) for s in scene.shapes]),

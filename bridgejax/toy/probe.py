@@ -34,7 +34,7 @@ import os
 import numpy as np
 import scipy.optimize
 
-from bridgejax.toy import world
+from bridgejax.toy.scene import BACKGROUNDS, COLORS, KINDS, SIZES
 from bridgejax.toy.pretrain_clip import render_pool, scene_targets
 
 ASSETS_CLIP = os.path.join(os.path.dirname(__file__), "assets", "clip")
@@ -44,12 +44,12 @@ def probe_labels(scenes: list[dict]) -> dict[str, np.ndarray]:
   """Per attribute, (N,) class indices, -1 where it is undefined: colour, kind, size and cell of
   the shape of one-shape images; count and background of every image."""
   single = lambda f: np.asarray([f(s["shapes"][0]) if len(s["shapes"]) == 1 else -1 for s in scenes])
-  return {"color": single(lambda s: list(world.COLORS).index(s["color"])),
-          "kind": single(lambda s: world.KINDS.index(s["kind"])),
-          "size": single(lambda s: world.SIZES.index(s["size"])),
+  return {"color": single(lambda s: list(COLORS).index(s["color"])),
+          "kind": single(lambda s: KINDS.index(s["kind"])),
+          "size": single(lambda s: SIZES.index(s["size"])),
           "cell": single(lambda s: 3 * s["row"] + s["col"]),
           "count": np.asarray([len(s["shapes"]) - 1 for s in scenes]),
-          "background": np.asarray([list(world.BACKGROUNDS).index(s["background"]) for s in scenes])}
+          "background": np.asarray([list(BACKGROUNDS).index(s["background"]) for s in scenes])}
 
 
 def fit_logistic_regression(x: np.ndarray, y: np.ndarray, num_classes: int, l2: float) -> np.ndarray:
