@@ -69,7 +69,7 @@ def bench_jax(size: str, batches, prompt_len: int, new_tokens: int, repeats: int
   module = decoder_class(config)(config, dtype=dt, param_dtype=dt)
   abstract = jax.eval_shape(lambda: module.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"])
   sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-  from train_step import random_tree
+  from train_step_model import random_tree
 
   params = random_tree(abstract, 0, lambda path: 0.0 if path[-1].key == "scale" else None)  # (1 + scale) norms
   on_device = LanguageModel(module, jax.block_until_ready(params), config)

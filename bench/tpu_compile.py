@@ -13,7 +13,7 @@ architecture, frozen trees laid out by config.frozen_sharding) and the jitted pr
 
 Reported per device: XLA's memory analysis (temp, arguments, output; total = temp + arguments +
 output - aliased) against the device's HBM, and whether it fits; the step's FLOPs counted
-analytically (bench/train_step.py's flops_per_step: XLA's cost model misses the TPU's GEMMs and its
+analytically (bench/train_step_flops.py's flops_per_step: XLA's cost model misses the TPU's GEMMs and its
 optimal_seconds came out negative here) and the step time they take at the chip's bf16 peak and at
 50% of it. A compile of Gemma-2B + ViT-L/14 takes minutes on 2 cores.
 
@@ -33,7 +33,8 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from train_step import flops_per_step, load_config, memory_fields  # noqa: E402
+from train_step import load_config, memory_fields  # noqa: E402
+from train_step_flops import flops_per_step  # noqa: E402
 
 GIB = 2**30
 # device_kind -> (bf16 peak FLOP/s per chip, HBM bytes per chip)

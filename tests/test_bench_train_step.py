@@ -1,5 +1,6 @@
-"""bench/train_step.py: the analytic FLOP count by hand and against the traced model, and a
-reduced-size CPU run with the transformers peer (one JSON object, a positive finite speedup)."""
+"""bench/train_step.py: the analytic FLOP count (bench/train_step_flops.py) by hand and against the
+traced model, and a reduced-size CPU run with the transformers peer (one JSON object, a positive
+finite speedup)."""
 
 import importlib.util
 import json
@@ -25,6 +26,10 @@ def _bench():
   return module
 
 
+sys.path.insert(0, os.path.dirname(SCRIPT))  # bench/ is not a package: the script's helpers are imported from there
+import train_step_flops as flops  # noqa: E402
+import train_step_model as model_lib  # noqa: E402
+
 bench = _bench()
 VISION = CLIPVisionConfig(hidden_size=8, intermediate_size=16, num_layers=1, num_heads=2, image_size=4, patch_size=2)
 LLM = GemmaConfig(vocab_size=10, hidden_size=8, intermediate_size=16, num_layers=1, num_heads=2, num_kv_heads=1,
@@ -47,7 +52,7 @@ def test_flops_by_hand():
   lm_head = 2 * ((2 * 3 + 2 * 2) * 2 * 8 * 11)  # all but the last position of each pass, V + [RET]
   attention = 3 * (2 * 4 * 16 * 8 + 2 * 4 * 9 * 8)  # 4 s^2 H h per row, s = 4 and 3
   heads = 3 * (2 * 2 * 4 * (8 + 8) + 4 * 4 * 4)
-  assert bench.flops_per_step(_fromage(), VISION, LLM, 2, 3) == (
+  assert flops.flops_per_step(_fromage(), VISION, LLM, 2, 3) == (
       clip + bridge + llm_linear + lm_head + attention + heads) == 55680
 
 
@@ -59,10 +64,10 @@ SMALL_LLM = GemmaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num
 
 def _abstract_small(config, vision=SMALL_VISION, llm=SMALL_LLM):
   """The config's model on 2-layer backbones, with abstract (shape-only) params and a batch of 4 x 5."""
-  model = bench.build_model(config, vision, llm)
-  frozen = jax.eval_shape(bench.frozen_init(model), jax.random.key(0))
+  model = model_lib.build_model(config, vision, llm)
+  frozen = jax.eval_shape(model_lib.frozen_init(model), jax.random.key(0))
   trainable = jax.eval_shape(lambda f: model.init_trainable(jax.random.key(0), f), frozen)
-  batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in bench.random_batch(0, 4, 5, vision, llm).items()}
+  batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in model_lib.random_batch(0, 4, 5, vision, llm).items()}
   return model, trainable, frozen, batch
 
 
@@ -73,20 +78,20 @@ def test_forward_flops_equal_the_traced_loss(config_file, concat_prob):
   config = bench.load_config(os.path.join(ROOT, "configs", config_file))
   config.concat_prob = concat_prob
   model, trainable, frozen, batch = _abstract_small(config)
-  traced = bench._traced_matmul_flops(jax.make_jaxpr(model.loss)(trainable, frozen, batch, jax.random.key(0)).jaxpr)
-  assert sum(bench.flops_breakdown(config, SMALL_VISION, SMALL_LLM, 4, 5)["forward"].values()) == traced
+  traced = flops._traced_matmul_flops(jax.make_jaxpr(model.loss)(trainable, frozen, batch, jax.random.key(0)).jaxpr)
+  assert sum(flops.flops_breakdown(config, SMALL_VISION, SMALL_LLM, 4, 5)["forward"].values()) == traced
 
 
 def test_real_fromage_count_is_near_the_issue_figure():
   config = _fromage(embed_dim=256)
-  vision, llm = bench.backbone_sizes(config, "real")
-  assert 115e12 < bench.flops_per_step(config, vision, llm, 180, 24) < 118e12  # 116.9 TFLOP
+  vision, llm = model_lib.backbone_sizes(config, "real")
+  assert 115e12 < flops.flops_per_step(config, vision, llm, 180, 24) < 118e12  # 116.9 TFLOP
 
 
 def _tiny_config(tmp_path) -> str:
   """configs/demo.py with one-layer toy backbones: only their config.json is read."""
   for part, changes in (("clip", {"num_hidden_layers": 1, "image_size": 28}), ("gemma", {"num_hidden_layers": 1})):
-    with open(os.path.join(bench.TOY_ASSETS, part, "config.json")) as f:
+    with open(os.path.join(model_lib.TOY_ASSETS, part, "config.json")) as f:
       hf = {**json.load(f), **changes}
     os.makedirs(tmp_path / part)
     with open(tmp_path / part / "config.json", "w") as f:
