@@ -19,8 +19,9 @@ keys and defaults are the fields of its module class; list them all with
 Each family's module docstring gives the equations, the choices made where the thesis is ambiguous
 and the parameter-count formula (the module's `num_params`; tests hold it against the real tree).
 The thesis's bridges are in cls.py, alltokens.py and crossatt.py; querying.py (Flamingo's Perceiver
-resampler, BLIP-2's Q-Former) and projector.py (LLaVA-1.5's MLP) add bridges from other work, and
-epalm.py and flamingo.py two that also act inside the frozen LLM (inllm.py: they need `llm_layers`).
+resampler, BLIP-2's Q-Former; qformer_text.py its stage-1 text branch and heads) and projector.py
+(LLaVA-1.5's MLP) add bridges from other work, and epalm.py and flamingo.py two that also act inside
+the frozen LLM (inllm.py: they need `llm_layers`). Every bridge module is a base.Bridge (its fields).
 """
 
 from __future__ import annotations

@@ -63,8 +63,6 @@ counts them:
 
 from __future__ import annotations
 
-from typing import Any
-
 import flax.linen as nn
 import jax.numpy as jnp
 
@@ -76,7 +74,12 @@ RETRIEVAL_FEATURES = ("mean", "attention_pool")  # what W_i reads (module docstr
 
 
 class _AllTokens(nn.Module):
-  """Shared plumbing: layer selection, post-norm, the grid check and the retrieval feature."""
+  """Shared plumbing: layer selection, post-norm, the grid check and the retrieval feature.
+
+  A mixin without fields: the module brings vision_width, grid_size, layer, post_norm, num_heads,
+  retrieval_feature and the dtypes (a bridge: `class Grouped(_AllTokens, base.Bridge)`; flamingo.py's
+  resampler, which is no bridge, declares them itself).
+  """
 
   def _tokens(self, features: base.VisionFeatures):
     base.check_tokens(self.registry_name, features, self.grid_size, self.vision_width)
@@ -94,22 +97,14 @@ class _AllTokens(nn.Module):
     return AttentionPool.num_params(self.vision_width) if self.retrieval_feature == "attention_pool" else 0
 
 
-class Grouped(_AllTokens):
+class Grouped(_AllTokens, base.Bridge):
   registry_name = "grouped"  # class attribute, not a field: names the bridge in errors
-  vision_width: int
-  llm_width: int
   grid_size: int
   k: int = 4
   layer: int = -1
   post_norm: bool = False
   num_heads: int = 4  # the attention pool's heads
   retrieval_feature: str = "mean"  # RETRIEVAL_FEATURES
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
-
-  @property
-  def num_tokens(self) -> int:
-    return self.k
 
   @property
   def num_params(self) -> int:
@@ -132,17 +127,13 @@ def _region_corners(g: int) -> list[tuple[int, int]]:
   return [(0, 0), (0, r), (r, 0), (r, r), (g // 4, g // 4)]
 
 
-class Regions(_AllTokens):
+class Regions(_AllTokens, base.Bridge):
   registry_name = "regions"
-  vision_width: int
-  llm_width: int
   grid_size: int
   layer: int = -1
   post_norm: bool = False
   num_heads: int = 4  # the attention pool's heads
   retrieval_feature: str = "mean"  # RETRIEVAL_FEATURES
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
 
   @property
   def num_tokens(self) -> int:
@@ -165,10 +156,8 @@ class Regions(_AllTokens):
     return BridgeOutput(z, self._feature(x, regions))
 
 
-class WeightedAverage(_AllTokens):
+class WeightedAverage(_AllTokens, base.Bridge):
   registry_name = "wavg"
-  vision_width: int
-  llm_width: int
   grid_size: int
   k: int = 4
   layer: int = -1
@@ -176,12 +165,6 @@ class WeightedAverage(_AllTokens):
   num_heads: int = 4  # the attention pool's heads
   retrieval_feature: str = "mean"  # RETRIEVAL_FEATURES
   use_bias: bool = False  # eq. 7.14's LL has no bias
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
-
-  @property
-  def num_tokens(self) -> int:
-    return self.k
 
   @property
   def num_params(self) -> int:

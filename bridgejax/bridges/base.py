@@ -1,4 +1,5 @@
-"""What every bridge shares: its input and output types, the registry, initialisers, attention blocks.
+"""What every bridge shares: its input and output types, its fields (Bridge), the registry, initialisers,
+attention blocks.
 
 A bridge h maps the frozen vision tower's features (`VisionFeatures`: every layer's hidden states
 and the tower's post-LayerNorm) to k LLM input embeddings plus the image feature that the retrieval
@@ -137,6 +138,14 @@ torch_mha_in_kernel = nn.initializers.variance_scaling(0.5, "fan_avg", "uniform"
 
 # --- layers --------------------------------------------------------------------------------------
 
+def layer_norm(name: str, **kw) -> nn.LayerNorm:
+  return nn.LayerNorm(epsilon=1e-5, name=name, **kw)  # torch's nn.LayerNorm eps
+
+
+def ln_params(width: int) -> int:
+  return 2 * width  # γ and β
+
+
 class MultiHeadCrossAttention(nn.Module):
   """Multi-head attention of learned queries over tokens: torch.nn.MultiheadAttention's math by default.
 
@@ -210,6 +219,34 @@ class AttentionPool(nn.Module):
   @staticmethod
   def num_params(width: int) -> int:
     return width + MultiHeadCrossAttention.num_params(width)
+
+
+# --- the bridge module ------------------------------------------------------------------------------
+
+class Bridge(nn.Module):
+  """The fields every bridge module has. Each bridge adds its own after them: the other backbone sizes
+  it reads (grid_size, vision_layers, llm_layers: DIMS) and its config keys, each with its default.
+
+    bridge(features: VisionFeatures) -> BridgeOutput
+      tokens         (B, K, E)  the visual prefix, K = num_tokens (in-LLM bridges: their prefix and
+                                context rows, inllm.py)
+      image_feature  (B, D)     W_i's input; (B, S·D) for grouped and regions with retrieval_feature="mean"
+
+  vision_width D and llm_width E come from the backbones, dtype and param_dtype from the run: none is
+  a config key. dtype and param_dtype are keyword-only, so a bridge's fields without defaults can
+  follow them, and its positional order stays (vision_width, llm_width, its own fields...).
+  """
+
+  vision_width: int
+  llm_width: int
+  _: dataclasses.KW_ONLY
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @property
+  def num_tokens(self) -> int:
+    """K, known from the config alone: the `k` field; a bridge whose count is not `k` overrides this."""
+    return self.k
 
 
 # --- registry --------------------------------------------------------------------------------------

@@ -37,8 +37,6 @@ Config keys and defaults are the module fields below (`bridgejax.bridges.describ
 
 from __future__ import annotations
 
-from typing import Any
-
 import flax.linen as nn
 import jax.numpy as jnp
 
@@ -47,18 +45,10 @@ from bridgejax.bridges.base import BridgeOutput
 from bridgejax.errors import UserError
 
 
-class CLSLinear(nn.Module):
-  vision_width: int
-  llm_width: int
+class CLSLinear(base.Bridge):
   k: int = 1
   layer: int = -1
   post_norm: bool = True  # FROMAGe's pooler_output; the thesis rows of tables 6.1-6.18 set False
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
-
-  @property
-  def num_tokens(self) -> int:
-    return self.k
 
   @property
   def num_params(self) -> int:
@@ -72,15 +62,11 @@ class CLSLinear(nn.Module):
     return BridgeOutput(z.reshape(z.shape[0], self.k, self.llm_width), cls)
 
 
-class MultiCLS(nn.Module):
-  vision_width: int
-  llm_width: int
+class MultiCLS(base.Bridge):
   layers: tuple = (-1, -2, -3, -4)
   copies: int = 1
   compare: bool = False
   post_norm: bool = False  # these models exist only in the thesis fork, which reads raw hidden states
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
 
   @property
   def num_tokens(self) -> int:

@@ -44,10 +44,7 @@ the fork) sends every token through the tower's post-LayerNorm first.
 
 from __future__ import annotations
 
-from typing import Any
-
 import flax.linen as nn
-import jax.numpy as jnp
 
 from bridgejax.bridges import base
 from bridgejax.bridges.base import AttentionPool, BridgeOutput, MultiHeadCrossAttention
@@ -56,21 +53,13 @@ from bridgejax.bridges.base import AttentionPool, BridgeOutput, MultiHeadCrossAt
 ATTENTION = {"equation": (False, False, False), "mha": (True, True, True), "mha_no_out": (True, False, True)}
 
 
-class CrossAttention(nn.Module):
-  vision_width: int
-  llm_width: int
+class CrossAttention(base.Bridge):
   grid_size: int
   k: int = 4
   layer: int = -1
   num_heads: int = 4
   post_norm: bool = False
   attention: str = "mha"  # ATTENTION; the thesis configs set "equation" (module docstring)
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
-
-  @property
-  def num_tokens(self) -> int:
-    return self.k
 
   @property
   def num_params(self) -> int:

@@ -112,8 +112,6 @@ class Adapter(nn.Module):
 
 
 class EPALM(inllm.InLLMBridge):
-  vision_width: int
-  llm_width: int
   grid_size: int
   vision_layers: int
   llm_layers: int = 0  # set by BridgeModel from the LLM
@@ -129,8 +127,6 @@ class EPALM(inllm.InLLMBridge):
   prompt_mlp: bool = True
   adapters: bool = False
   adapter_reduction: int = 8
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
 
   @property
   def cls_count(self) -> int:

@@ -101,7 +101,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from bridgejax.bridges import alltokens, base, inllm, querying
+from bridgejax.bridges import alltokens, base, inllm
 from bridgejax.bridges.base import BridgeOutput
 from bridgejax.errors import UserError
 from bridgejax.models.decoder import attend
@@ -127,12 +127,12 @@ def _dense(features: int, name: str, **kw) -> nn.Dense:
 def _feed_forward(x, mult: int, **kw):
   """helpers.py's FeedForward: LN, Linear (no bias), exact GELU, Linear (no bias); (.., W) -> (.., W)."""
   width = x.shape[-1]
-  hidden = _dense(mult * width, "ff_in", **kw)(querying.layer_norm("ff_norm", **kw)(x))
+  hidden = _dense(mult * width, "ff_in", **kw)(base.layer_norm("ff_norm", **kw)(x))
   return _dense(width, "ff_out", **kw)(jax.nn.gelu(hidden, approximate=False))
 
 
 def _feed_forward_params(width: int, mult: int) -> int:
-  return querying.ln_params(width) + 2 * mult * width * width
+  return base.ln_params(width) + 2 * mult * width * width
 
 
 def _attention(q_in, kv_in, visible, heads: int, head_dim: int, out_width: int, **kw):
@@ -157,8 +157,8 @@ class ResamplerLayer(nn.Module):
   @nn.compact
   def __call__(self, latents, patches):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    x = querying.layer_norm("media_norm", **kw)(patches)
-    q = querying.layer_norm("latent_norm", **kw)(latents)
+    x = base.layer_norm("media_norm", **kw)(patches)
+    q = base.layer_norm("latent_norm", **kw)(latents)
     kv = jnp.concatenate([x, q], axis=1)  # (B, P + K, D)
     visible = jnp.ones((q.shape[0], q.shape[1], kv.shape[1]), bool)
     latents = latents + _attention(q, kv, visible, self.heads, self.head_dim, latents.shape[-1], **kw)
@@ -166,7 +166,7 @@ class ResamplerLayer(nn.Module):
 
   @staticmethod
   def num_params(width: int, heads: int, head_dim: int, mlp_ratio: int) -> int:
-    return 2 * querying.ln_params(width) + 4 * width * heads * head_dim + _feed_forward_params(width, mlp_ratio)
+    return 2 * base.ln_params(width) + 4 * width * heads * head_dim + _feed_forward_params(width, mlp_ratio)
 
 
 class PerceiverResampler(alltokens._AllTokens):
@@ -190,7 +190,7 @@ class PerceiverResampler(alltokens._AllTokens):
   def num_params(self) -> int:
     d = self.vision_width
     layer = ResamplerLayer.num_params(d, self.num_heads, self.head_dim, self.mlp_ratio)
-    return self.k * d + self.num_layers * layer + querying.ln_params(d) + self._pool_params
+    return self.k * d + self.num_layers * layer + base.ln_params(d) + self._pool_params
 
   @nn.compact
   def __call__(self, features: base.VisionFeatures):
@@ -202,7 +202,7 @@ class PerceiverResampler(alltokens._AllTokens):
     h = jnp.broadcast_to(latents.astype(self.dtype), (x.shape[0], *latents.shape))  # (B, K, D)
     for i in range(self.num_layers):
       h = ResamplerLayer(self.num_heads, self.head_dim, self.mlp_ratio, name=f"layer_{i}", **kw)(h, patches)
-    h = querying.layer_norm("norm", **kw)(h)
+    h = base.layer_norm("norm", **kw)(h)
     return h, self._feature(x, h)
 
 
@@ -219,7 +219,7 @@ class GatedCrossAttentionDense(nn.Module):
   def __call__(self, y, media, visible):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     x = y.astype(self.dtype)
-    out = _attention(querying.layer_norm("attn_norm", **kw)(x), media.astype(self.dtype), visible, self.heads,
+    out = _attention(base.layer_norm("attn_norm", **kw)(x), media.astype(self.dtype), visible, self.heads,
                      self.head_dim, x.shape[-1], **kw)
     out = out * jnp.any(visible, axis=-1, keepdims=True)  # no image yet: nothing (helpers.py l.223-229)
     x = x + jnp.tanh(self.param("attn_gate", nn.initializers.zeros, (), self.param_dtype)) * out
@@ -230,13 +230,11 @@ class GatedCrossAttentionDense(nn.Module):
   @staticmethod
   def num_params(width: int, media_width: int, heads: int, head_dim: int, ff_mult: int) -> int:
     inner = heads * head_dim
-    attention = querying.ln_params(width) + 2 * width * inner + 2 * media_width * inner
+    attention = base.ln_params(width) + 2 * width * inner + 2 * media_width * inner
     return attention + _feed_forward_params(width, ff_mult) + 2
 
 
 class Flamingo(inllm.InLLMBridge):
-  vision_width: int
-  llm_width: int
   grid_size: int
   vision_layers: int
   llm_layers: int = 0  # set by BridgeModel from the LLM
@@ -254,8 +252,6 @@ class Flamingo(inllm.InLLMBridge):
   xattn_heads: int = 8
   xattn_head_dim: int = 64
   ff_mult: int = 4
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
 
   @property
   def num_prefix_tokens(self) -> int:

@@ -30,6 +30,8 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from bridgejax.bridges import base
+
 Array = jax.Array
 
 
@@ -58,8 +60,8 @@ class InLLMHook:
     return self.replace(context=fn(self.context), markers=fn(self.markers))
 
 
-class InLLMBridge(nn.Module):
-  """The interface epalm.py and flamingo.py implement (fields come from each subclass)."""
+class InLLMBridge(base.Bridge):
+  """The interface epalm.py and flamingo.py implement (their own fields follow base.Bridge's)."""
 
   @property
   def num_prefix_tokens(self) -> int:

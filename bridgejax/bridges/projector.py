@@ -62,17 +62,13 @@ class GeluMLP(nn.Module):
     return width * hidden + hidden + hidden * out + out
 
 
-class MLPProjector(alltokens._AllTokens):
+class MLPProjector(alltokens._AllTokens, base.Bridge):
   registry_name = "mlp_projector"
-  vision_width: int
-  llm_width: int
   grid_size: int
   layer: int = -2  # LLaVA-1.5: the penultimate layer
   post_norm: bool = False
   num_heads: int = 4  # the attention pool's heads
   retrieval_feature: str = "mean"  # alltokens.RETRIEVAL_FEATURES
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
 
   @property
   def num_tokens(self) -> int:

@@ -44,10 +44,7 @@ W (D, E), which makes the k visual-prefix tokens. FFN(Y) = GELU(Y W_1 + b_1) W_2
     Z = LL_O(Q)                               (B, K, E),  X starts as LN_q([queries; word + position])
   The bridge (stage 2, and every stage of the default) is the query branch alone (T = 0). Stage 1
   (config.stage="representation", BLIP-2's representation learning; text_vocab > 0) adds the text
-  branch: word and position embeddings, FFN_t per layer, and the heads of ITC (Linear(H, 256) on each
-  query and on the text's first token, a learned temperature), ITM (Linear(H, 2), the mean over the
-  queries of a joint pass) and ITG (BERT's LM head: Linear, GELU, LN, the decoder tied to the word
-  embeddings), under the masks of qformer_attention_mask; model.representation_loss joins them.
+  branch and the heads of ITC, ITM and ITG (qformer_text.py, its equations and parameter count).
   bridgejax chooses by default: k=32 (BLIP-2's), width H = D (no BERT to start from, so the queries take
   the vision width), num_layers=2 with cross-attention in every layer (cross_attention_every=1), 16
   heads (64-wide like BERT's), mlp_ratio=4, eps 1e-5, layer=-2 and every token of it, CLS included,
@@ -58,9 +55,6 @@ W (D, E), which makes the k visual-prefix tokens. FFN(Y) = GELU(Y W_1 + b_1) W_2
     K·H + 2H (LN_q) + 2D (LN_v) + num_layers·(4·(H² + H) + 2·H·M + M + H + 2·2H)
     + C·(2·(H² + H) + 2·(D·H + H) + 2H) + H·E + E (+ pool).
     ViT-L/14 + Gemma-2B, defaults: 35,729,408 (36,518,401 with the heads); blip2: 103,200,256.
-  Stage 1's own (QFormer.text_params), V_t = the LLM's vocabulary + 1 ([DEC]):
-    V_t·H + 512·H + num_layers·(2·H·M + M + H + 2H) + 2·(256·H + 256) + 1 + (2H + 2) + (H² + H) + 2H + V_t;
-    blip2 at Gemma-2B: 254,932,996 (196.6M of it the word embeddings over 256,001 ids).
 
 image_feature (for W_i), `retrieval_feature` as in alltokens.py:
   "mean" (default): the mean of the K query outputs that LL_O consumes (D dims), thesis 6.3's rule
@@ -80,25 +74,16 @@ import jax
 import jax.numpy as jnp
 
 from bridgejax.bridges import alltokens, base
-from bridgejax.bridges.base import BridgeOutput, MultiHeadCrossAttention
+from bridgejax.bridges.base import BridgeOutput, MultiHeadCrossAttention, layer_norm, ln_params
 from bridgejax.bridges.projector import GeluMLP
+# qformer_attention_mask: BLIP-2's stage-1 masks, with the text branch; importable from here too
+from bridgejax.bridges.qformer_text import TextBranch, qformer_attention_mask  # noqa: F401
 from bridgejax.errors import UserError
-
-TEXT_POSITIONS = 512  # BERT's max_position_embeddings: the text branch's absolute positions
-ITC_WIDTH = 256  # BLIP-2's embed_dim of the ITC projections
 
 # MultiHeadCrossAttention shares its queries over the batch; vmapped over B with one parameter set
 # it takes per-example queries, which every layer after the first needs (and self-attention).
 _PerExampleAttention = nn.vmap(MultiHeadCrossAttention, in_axes=0, out_axes=0, variable_axes={"params": None},
                                split_rngs={"params": False})
-
-
-def layer_norm(name: str, **kw) -> nn.LayerNorm:
-  return nn.LayerNorm(epsilon=1e-5, name=name, **kw)  # torch's nn.LayerNorm eps
-
-
-def ln_params(width: int) -> int:
-  return 2 * width  # γ and β
 
 
 class _QueryLayer(nn.Module):
@@ -215,10 +200,8 @@ class QFormerLayer(nn.Module):
     return attention + GeluMLP.num_params(width, mlp_ratio * width, width) + 2 * ln_params(width) + cross
 
 
-class PerceiverResampler(alltokens._AllTokens):
+class PerceiverResampler(alltokens._AllTokens, base.Bridge):
   registry_name = "perceiver_resampler"
-  vision_width: int
-  llm_width: int
   grid_size: int
   k: int = 64  # latents = output tokens (Flamingo's 64)
   num_layers: int = 6
@@ -227,12 +210,6 @@ class PerceiverResampler(alltokens._AllTokens):
   layer: int = -1
   post_norm: bool = True
   retrieval_feature: str = "mean"  # alltokens.RETRIEVAL_FEATURES
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
-
-  @property
-  def num_tokens(self) -> int:
-    return self.k
 
   @property
   def num_params(self) -> int:
@@ -254,10 +231,10 @@ class PerceiverResampler(alltokens._AllTokens):
     return BridgeOutput(z, self._feature(x, h))
 
 
-class QFormer(alltokens._AllTokens):
+class QFormer(alltokens._AllTokens, TextBranch, base.Bridge):
+  """The query branch is the bridge; TextBranch (qformer_text.py) adds stage 1's text branch and heads."""
+
   registry_name = "qformer"
-  vision_width: int
-  llm_width: int
   grid_size: int
   k: int = 32  # learned queries = output tokens (BLIP-2's 32)
   num_layers: int = 2  # BLIP-2: 12
@@ -270,12 +247,6 @@ class QFormer(alltokens._AllTokens):
   width: int = 0  # the Q-Former's width H; 0 = the vision width D (BLIP-2: 768, BERT-base's)
   layer_norm_eps: float = 1e-5  # the Q-Former's LayerNorms (BLIP-2: BERT's 1e-12); LN_v keeps 1e-5
   text_vocab: int = 0  # > 0: the stage-1 text branch and heads (set by config.stage="representation")
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
-
-  @property
-  def num_tokens(self) -> int:
-    return self.k
 
   @property
   def query_width(self) -> int:
@@ -291,15 +262,6 @@ class QFormer(alltokens._AllTokens):
     layers = sum(QFormerLayer.num_params(h, self.mlp_ratio, self._cross_attends(i), d) for i in range(self.num_layers))
     return self.k * h + ln_params(h) + ln_params(d) + layers + h * e + e + self._pool_params
 
-  @property
-  def text_params(self) -> int:
-    """Stage 1's own parameters: embeddings, a text FFN per layer, the ITC, ITM and ITG heads."""
-    h, v = self.query_width, self.text_vocab
-    embeddings = v * h + TEXT_POSITIONS * h
-    text_ffns = self.num_layers * (GeluMLP.num_params(h, self.mlp_ratio * h, h) + ln_params(h))
-    heads = 2 * (h * ITC_WIDTH + ITC_WIDTH) + 1 + (2 * h + 2) + (h * h + h) + ln_params(h) + v
-    return embeddings + text_ffns + heads
-
   def setup(self):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     h = self.query_width
@@ -312,16 +274,7 @@ class QFormer(alltokens._AllTokens):
     if self.retrieval_feature == "attention_pool":
       self.feature_pool = base.AttentionPool(self.num_heads, **kw)
     if self.text_vocab:  # stage 1 (BLIP-2's representation learning)
-      init = nn.initializers.normal(0.02)  # BERT's initializer_range
-      self.word_embeddings = nn.Embed(self.text_vocab, h, embedding_init=init, **kw)
-      self.position_embeddings = nn.Embed(TEXT_POSITIONS, h, embedding_init=init, **kw)
-      self.itc_image_proj = base.dense(ITC_WIDTH, h, **kw)  # BLIP-2's vision_proj
-      self.itc_text_proj = base.dense(ITC_WIDTH, h, **kw)  # text_proj
-      self.itc_temp = self.param("itc_temp", nn.initializers.constant(0.07), ())
-      self.itm_head = base.dense(2, h, **kw)
-      self.itg_transform = base.dense(h, h, **kw)  # BERT's LM head: dense, GELU, LN, then the tied decoder
-      self.itg_norm = nn.LayerNorm(epsilon=self.layer_norm_eps, **kw)
-      self.itg_bias = self.param("itg_bias", nn.initializers.zeros, (self.text_vocab,), self.param_dtype)
+      self.setup_text_branch(**kw)
 
   # ----------------------------------------------------------------- the query branch (the bridge)
 
@@ -345,71 +298,6 @@ class QFormer(alltokens._AllTokens):
     if self.retrieval_feature == "mean":
       return BridgeOutput(z, jnp.mean(h.astype(jnp.float32), axis=1).astype(self.dtype))
     return BridgeOutput(z, self.feature_pool(x))
-
-  # ----------------------------------------------------------------- stage 1: the text branch
-
-  def text_states(self, ids, mask):
-    """ITC's text side: ids (B, T) alone, bidirectional over real tokens -> (B, T, H)."""
-    x = self.query_norm(self._embed_text(ids))
-    attend = jnp.broadcast_to(mask.astype(bool)[:, None, :], (*ids.shape, ids.shape[1]))  # (B, T, T)
-    for layer in self.layers:
-      x = layer(x, None, 0, attend)
-    return x
-
-  def joint_states(self, tokens, ids, mask, causal: bool):
-    """[queries; text] (B, K + T, H) through every layer, queries cross-attending to tokens (B, N, D):
-    causal=False ITM's mask (every position sees every real one); causal=True ITG's (the queries see
-    only the queries, text position t the queries and text up to t): losses.qformer_attention_mask."""
-    b = ids.shape[0]
-    q = jnp.broadcast_to(self.queries.astype(self.dtype), (b, self.k, self.query_width))
-    x = self.query_norm(jnp.concatenate([q, self._embed_text(ids)], axis=1))
-    attend = qformer_attention_mask(self.k, mask, causal)
-    for layer in self.layers:
-      x = layer(x, tokens, self.k, attend)
-    return x
-
-  def _embed_text(self, ids):  # (B, T) -> (B, T, H): word + absolute position (BERT's; HF Blip2TextEmbeddings)
-    return self.word_embeddings(ids) + self.position_embeddings(jnp.arange(ids.shape[1]))[None]
-
-  def itc_embeddings(self, query_states, text_states):
-    """-> (the queries' ITC embeddings (B, K, 256), the text's from its first token (B, 256)), unit norm."""
-    normalize = lambda x: x / jnp.linalg.norm(x, axis=-1, keepdims=True)
-    return (normalize(self.itc_image_proj(query_states).astype(jnp.float32)),
-            normalize(self.itc_text_proj(text_states[:, 0]).astype(jnp.float32)))
-
-  def itc_temperature(self):
-    """BLIP-2 clamps its temp to [0.001, 0.5] in place before each step, so it keeps learning at a
-    bound; a plain clip would stop its gradient there: the clipped value, the identity's gradient."""
-    return self.itc_temp + jax.lax.stop_gradient(jnp.clip(self.itc_temp, 0.001, 0.5) - self.itc_temp)
-
-  def itm_logits(self, joint_states):  # (B, K + T, H) -> (B, 2): the mean over the query positions
-    return jnp.mean(self.itm_head(joint_states[:, :self.k]).astype(jnp.float32), axis=1)
-
-  def itg_logits(self, text_states):  # (B, T, H) -> (B, T, V_t): the decoder tied to word_embeddings
-    h = self.itg_norm(nn.gelu(self.itg_transform(text_states), approximate=False))
-    return self.word_embeddings.attend(h).astype(jnp.float32) + self.itg_bias
-
-  def init_representation(self, features, ids, mask):
-    """Touches every stage-1 parameter (init): the query branch without LL_O, the text branch, the heads."""
-    _, tokens = self.vision_tokens(features)
-    q, t = self.query_states(tokens), self.text_states(ids, mask)
-    return (self.itc_embeddings(q, t), self.itc_temperature(), self.itm_logits(self.joint_states(tokens, ids, mask, False)),
-            self.itg_logits(self.joint_states(tokens, ids, mask, True)[:, self.k:]))
-
-
-def qformer_attention_mask(num_queries: int, mask, causal: bool):
-  """Who sees whom in [queries; text] (B, K + T, K + T), mask (B, T) the text's real tokens.
-  ITM (causal=False): every position sees the queries and the real text. ITG (causal=True, BLIP-2's
-  multimodal causal mask): the queries see only the queries; text t sees the queries and real text <= t."""
-  b, t = mask.shape
-  real = jnp.concatenate([jnp.ones((b, num_queries), bool), mask.astype(bool)], axis=1)  # (B, K + T)
-  attend = jnp.broadcast_to(real[:, None, :], (b, num_queries + t, num_queries + t))
-  if not causal:
-    return attend
-  pos = jnp.arange(num_queries + t)
-  is_text = pos >= num_queries
-  allowed = jnp.where(is_text[:, None], ~is_text[None, :] | (pos[None, :] <= pos[:, None]), ~is_text[None, :])
-  return attend & allowed[None]
 
 
 # --- registry ----------------------------------------------------------------------------------------
