@@ -25,10 +25,6 @@ reads it.
 from __future__ import annotations
 
 import contextlib
-import errno
-import logging as logging_lib
-import sys
-import threading
 
 import jax
 import orbax.checkpoint as ocp
@@ -36,6 +32,7 @@ from absl import logging
 
 from bridgejax import paths
 from bridgejax.errors import UserError
+from bridgejax.train.checkpoint_noise import disk_full, drop_closed_loop_noise, quiet_disk_full_reports
 
 
 BEST = "best"  # the step name of the best validation checkpoint (eval.py --checkpoint best)
@@ -73,75 +70,6 @@ class DiskFullError(UserError):
   """No space left where the checkpoints go."""
 
 
-def _disk_full(exc) -> bool:
-  """Whether `exc` (or what caused it) is a write that ran out of space: ENOSPC / EDQUOT, or
-  TensorStore's RESOURCE_EXHAUSTED for the same."""
-  seen = set()
-  while exc is not None and id(exc) not in seen:
-    seen.add(id(exc))
-    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-      return True
-    if "No space left on device" in str(exc) or "Disk quota exceeded" in str(exc):
-      return True
-    exc = exc.__cause__ or exc.__context__
-  return False
-
-
-class _DiskFullReports(logging_lib.Filter):
-  """Orbax's background save threads log a full disk with a traceback from each of them (hundreds
-  of lines); bridgejax reports it once, as a DiskFullError: drop those."""
-
-  def filter(self, record) -> bool:
-    exc = record.exc_info[1] if record.exc_info else None
-    return not (_disk_full(exc) or "No space left on device" in str(record.msg))
-
-
-def _quiet_disk_full_reports() -> None:
-  if getattr(threading.excepthook, "bridgejax", False):
-    return
-  previous = threading.excepthook
-
-  def hook(args):
-    if not _disk_full(args.exc_value):
-      previous(args)
-
-  hook.bridgejax = True
-  threading.excepthook = hook
-  logging_lib.getLogger("absl").addFilter(_DiskFullReports())
-
-
-def _tensorstore_read_error(exc) -> bool:
-  return isinstance(exc, ValueError) and any(w in str(exc) for w in ("OCDBT", "tensorstore", "zarr"))
-
-
-class _UnretrievedReadErrors(logging_lib.Filter):
-  """asyncio's '... exception was never retrieved' for the sibling reads of a failed restore, or the
-  sibling writes of a save that found the disk full (reported once, as DiskFullError)."""
-
-  def filter(self, record) -> bool:
-    exc = record.exc_info[1] if record.exc_info else None
-    return not ("exception was never retrieved" in str(record.msg)
-                and (_tensorstore_read_error(exc) or _disk_full(exc)))
-
-
-def _drop_closed_loop_noise() -> None:
-  """A failed read (a damaged checkpoint, which the fallback handles) makes TensorStore's pending
-  callbacks reach Orbax's already closed event loop, and asyncio report the sibling reads' errors
-  as never retrieved: hundreds of lines of tracebacks around the one warning that matters. Drop
-  just those two. Installed before any read, since the callbacks print from other threads."""
-  previous = sys.unraisablehook
-  if getattr(previous, "bridgejax", False):
-    return
-
-  def hook(unraisable):
-    if not (isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed"):
-      previous(unraisable)
-
-  hook.bridgejax = True
-  sys.unraisablehook = hook
-  logging_lib.getLogger("asyncio").addFilter(_UnretrievedReadErrors())
-
-
 def _shapes(tree) -> dict[str, tuple]:
   return {jax.tree_util.keystr(k, simple=True, separator="/"): tuple(v.shape)
           for k, v in jax.tree_util.tree_leaves_with_path(tree) if hasattr(v, "shape")}
@@ -170,8 +98,8 @@ class Checkpointer:
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=every_steps, create=True)
     handlers = {"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler()}
     self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
-    _drop_closed_loop_noise()
-    _quiet_disk_full_reports()
+    drop_closed_loop_noise()
+    quiet_disk_full_reports()
     self.damaged: list[tuple[int, str]] = []  # (step, why) skipped by the last fallback
     self.best_directory = self.directory / BEST
     self._best_manager = None  # opened on first use: a run without validation has no best/ folder
@@ -196,7 +124,7 @@ class Checkpointer:
     try:
       yield
     except Exception as e:  # pylint: disable=broad-except
-      if not _disk_full(e):
+      if not disk_full(e):
         raise
       what = f"checkpoint {step}" if step is not None else "a checkpoint"
       raise DiskFullError(f"no space left on the disk of {self.directory} while writing {what}: free space or "
@@ -221,7 +149,7 @@ class Checkpointer:
     try:
       return dict(manager.restore(step, args=ocp.args.Composite(best=ocp.args.JsonRestore()))["best"])
     except Exception as e:  # pylint: disable=broad-except
-      _drop_closed_loop_noise()
+      drop_closed_loop_noise()
       logging.warning("the best checkpoint %d in %s cannot be read (%s); a new best is kept from the next "
                       "validation", step, self.best_directory, _reason(e))
       return None
@@ -285,7 +213,7 @@ class Checkpointer:
       except CheckpointMismatchError:
         raise
       except Exception as e:  # pylint: disable=broad-except
-        _drop_closed_loop_noise()
+        drop_closed_loop_noise()
         raise CheckpointError(f"checkpoint {step} in {directory} cannot be read ({_reason(e)}); pick another "
                               f"step of {steps}, or leave the step out for the newest intact one") from None
     if not steps:
@@ -297,7 +225,7 @@ class Checkpointer:
       except CheckpointMismatchError:
         raise
       except Exception as e:  # pylint: disable=broad-except
-        _drop_closed_loop_noise()
+        drop_closed_loop_noise()
         self.damaged.append((s, _reason(e)))
         logging.warning("checkpoint %d in %s cannot be read (%s); trying the one before it", s, directory,
                         _reason(e))
