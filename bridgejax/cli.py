@@ -188,8 +188,7 @@ def config_override_error(argv: Sequence[str], flag: str = "config") -> UserErro
     config = load_config_file(spec)
   except Exception:  # pylint: disable=broad-except
     return None  # the original error says more
-  from bridgejax.config_schema import known_keys  # lazy: the registries it gathers, for a failed override only
-  keys = list(dict.fromkeys(flat_keys(config) + known_keys()))
+  keys = flat_keys(config)  # configs/base.py's keys are config_schema's, so the hints are the schema's
   containers = [k for k in keys if any(other.startswith(k + ".") for other in keys)]
   for key in overrides:
     if key not in keys:

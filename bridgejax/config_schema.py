@@ -1,15 +1,16 @@
 """Every config key declared once: its default, the values it takes, and whether a resumed run may change it.
 
-    config = default_config("standard")     # configs/base.py: the FROMAGe / thesis recipe, a ConfigDict
+    config = default_config()                # configs/base.py: the FROMAGe / thesis recipe, a ConfigDict
     check_config_values(config)              # train.py, eval.py, sweep, ablate: every bad value, one line
     harmless("data.num_workers")             # True: a resumed run may change it (train/loop.py)
     python -m bridgejax.config_schema        # the reference table of docs/configuration.md
 
 Configs stay ml_collections files with `get_config(arg)`, as in big_vision: the schema describes them,
-it does not replace them. Four parts are declared by their registries and only gathered here:
-`bridge.*` (each bridge's own keys, bridgejax.bridges), `evals.*` (each task type's keys,
-bridgejax.evaluation.evaluators), the optional loss terms' weights `loss.<term>` and their sections
-(bridgejax.terms), and `optim.groups.*` (GROUP_KEYS). Reading this module does not import jax.
+it does not replace them. Registries declare three parts: `bridge.*` (each bridge's own keys and their
+checks, bridgejax.bridges), `evals.*` (each task type's keys and defaults,
+bridgejax.evaluation.evaluators; their ranges are here, as that registry sits above the training
+code that checks a config) and the optional loss terms' weights `loss.<term>` and sections (gathered
+here from bridgejax.terms). `optim.groups.*` take GROUP_KEYS. Reading this module does not import jax.
 """
 
 from __future__ import annotations
@@ -23,15 +24,16 @@ from typing import Any
 import ml_collections
 
 from bridgejax import terms
-from bridgejax.data.image import RESIZES
 from bridgejax.errors import UserError
-from bridgejax.evaluation.evaluators import COMMON_KEYS, REGISTRY as EVALUATORS, THESIS_TASKS, eval_task
 
 # The choices of the string keys that the runtime modules read (model.py, train/optimizer.py).
 STAGES = ("generative", "representation")
 REMAT = ("none", "llm", "all")
 VISUAL_TOKEN_SCALES = ("sqrt_d", "none")
 SCHEDULES = ("constant", "cosine")
+# data.image_resize (bridgejax.data.image): "clip" short side + centre crop, "squash" the whole image to a
+# square, "siglip" squashed with mean = std = 0.5 (SiglipImageProcessor).
+RESIZES = ("clip", "squash", "siglip")
 DTYPES = ("bfloat16", "float32", "float16")
 # What a group of optim.groups may set; the rest of optim (grad_clip, grad_accum_steps) is global.
 GROUP_KEYS = ("lr", "schedule", "warmup_steps", "decay_steps", "final_lr_fraction", "init_lr_fraction",
@@ -58,6 +60,18 @@ def between(low: float, high: float, high_open: bool = False) -> tuple[Callable,
 
 def one_of(*choices) -> tuple[Callable, str]:
   return (lambda x: x in choices), "one of " + ", ".join(map(repr, choices))
+
+
+def _type_rule(default) -> tuple[Callable, str] | None:
+  if isinstance(default, bool):
+    return (lambda x: isinstance(x, bool)), "True or False"
+  if isinstance(default, int):
+    return (lambda x: isinstance(x, int) and not isinstance(x, bool)), "an integer"
+  if isinstance(default, float):
+    return (lambda x: isinstance(x, (int, float)) and not isinstance(x, bool)), "a number"
+  if isinstance(default, str):
+    return (lambda x: isinstance(x, str)), "a string"
+  return None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -196,16 +210,14 @@ def _term_keys() -> dict[str, Key]:
 KEYS.update(_term_keys())
 
 # Keys below a registry's sections: '*' stands for any name (a task of config.evals, a group).
-PATTERNS: dict[str, Key] = {
-    **{f"evals.*.{k}": Key(v, "", None, resume=True) for k, v in COMMON_KEYS.items()},
-    "evals.*.batch_size": Key(64, "", int_at_least(1), resume=True),
-    "evals.*.max_examples": Key(0, "", (*int_at_least(0), "0 = the whole split"), resume=True),
-    "evals.*.num_workers": Key(0, "", int_at_least(0), resume=True),
-    "evals.*.report_examples": Key(16, "", int_at_least(0), resume=True),
-    "evals.*.image_resize": Key("clip", "", one_of(*RESIZES), resume=True),
+PATTERNS: dict[str, Key] = {  # evals.*: the task types' keys and defaults are bridgejax.evaluation.evaluators'
     **{f"evals.*.{k}": Key(None, "", rule, resume=True) for k, rule in {
-        "max_new_tokens": int_at_least(1), "num_beams": int_at_least(1), "captions_per_image": int_at_least(1),
-        "chunk_size": int_at_least(1), "rounds_per_step": int_at_least(1), "max_dialog_tokens": int_at_least(1),
+        "type": _type_rule(""), "protocol": _type_rule(""), "data": _type_rule(""), "split": _type_rule(""),
+        "image_resize": one_of(*RESIZES), "batch_size": int_at_least(1),
+        "max_examples": (*int_at_least(0), "0 = the whole split"), "num_workers": int_at_least(0),
+        "report_examples": int_at_least(0), "progress": _type_rule(True), "max_new_tokens": int_at_least(1),
+        "num_beams": int_at_least(1), "captions_per_image": int_at_least(1), "chunk_size": int_at_least(1),
+        "rounds_per_step": int_at_least(1), "max_dialog_tokens": int_at_least(1),
     }.items()},
     "optim.groups.*.lr": Key(None, "", at_least(0, strict=True)),
     "optim.groups.*.schedule": Key(None, "", one_of(*SCHEDULES)),
@@ -222,10 +234,10 @@ PATTERNS: dict[str, Key] = {
 HARMLESS_SECTIONS = ("evals.", "eval.", "mesh.", "wandb.")
 
 
-def default_config(protocol: str = "standard") -> ml_collections.ConfigDict:
-  """The recipe every experiment starts from: each key at its default, config.evals for `protocol`
-  (bridgejax.evaluation.evaluators.protocols()). The bridge's own keys are FROMAGe's (cls_linear, k=1,
-  the post-LayerNorm CLS of the last layer)."""
+def default_config() -> ml_collections.ConfigDict:
+  """The recipe every experiment starts from: each key at its default (config.evals, declared by the
+  evaluators, is configs/base.py's to add). The bridge's own keys are FROMAGe's (cls_linear, k=1, the
+  post-LayerNorm CLS of the last layer)."""
   tree: dict = {}
   for dotted, key in KEYS.items():
     if key.optional:
@@ -236,7 +248,6 @@ def default_config(protocol: str = "standard") -> ml_collections.ConfigDict:
       node = node.setdefault(section, {})
     node[leaf] = key.default
   tree["bridge"].update(k=1, layer=-1, post_norm=True)
-  tree["evals"] = {task: eval_task(task, protocol) for task in THESIS_TASKS}
   return ml_collections.ConfigDict(tree)
 
 
@@ -244,23 +255,6 @@ def harmless(dotted: str) -> bool:
   """Whether a resumed run may change the key `dotted` (a key no longer declared is not)."""
   key = KEYS.get(dotted)
   return dotted.startswith(HARMLESS_SECTIONS) or (key is not None and key.resume)
-
-
-def known_keys() -> list[str]:
-  """Every declared key (patterns excluded): what the 'did you mean' hints offer beside a config's own."""
-  return list(KEYS)
-
-
-def _type_rule(default) -> tuple[Callable, str] | None:
-  if isinstance(default, bool):
-    return (lambda x: isinstance(x, bool)), "True or False"
-  if isinstance(default, int):
-    return (lambda x: isinstance(x, int) and not isinstance(x, bool)), "an integer"
-  if isinstance(default, float):
-    return (lambda x: isinstance(x, (int, float)) and not isinstance(x, bool)), "a number"
-  if isinstance(default, str):
-    return (lambda x: isinstance(x, str)), "a string"
-  return None
 
 
 def _lookup(config, dotted: str):
@@ -312,9 +306,7 @@ def markdown() -> str:
     doc = key.doc + (" (optional: set by a config that needs it)" if key.optional else "")
     rows.append(f"| `{dotted}` | {_cell(default)} | {_cell(must)} | {'may change' if harmless(dotted) else 'fixed'} "
                 f"| {_cell(doc)} |")
-  types = ", ".join(f"`{t}`" for t in EVALUATORS)
-  rows.append(f"| `evals.*.…` | | | may change | each task type's own keys ({types}): "
-              "bridgejax/evaluation/evaluators/ |")
+  rows.append("| `evals.*.…` | | | may change | each task type's keys and defaults: bridgejax/evaluation/evaluators/ |")
   return "\n".join(rows) + "\n"
 
 

@@ -7,6 +7,7 @@ import ml_collections
 
 from bridgejax.config_schema import default_config
 from bridgejax.errors import UserError
+from bridgejax.evaluation.evaluators import THESIS_TASKS, eval_task
 
 
 def get_config(arg=None):
@@ -23,7 +24,11 @@ def get_config(arg=None):
   protocol instead of the standard one.
   """
   args = parse_arg(arg, eval="standard")
-  return default_config(args["eval"])
+  config = default_config()
+  # One dict per eval task, big_vision style (bridgejax.evaluation.evaluators has every key and default):
+  #   --config.evals.caption.data=data/coco --config.evals.caption.max_new_tokens=16
+  config.evals = ml_collections.ConfigDict({task: eval_task(task, args["eval"]) for task in THESIS_TASKS})
+  return config
 
 
 def parse_arg(arg, **defaults) -> dict:

@@ -183,6 +183,17 @@ def test_every_key_of_every_config_is_declared_once(name):
     assert {k for k, key in KEYS.items() if not key.optional} <= keys
 
 
+def test_every_pattern_names_a_real_key():
+  """The schema's evals.* and optim.groups.* rules name keys the evaluators and the optimiser have."""
+  from bridgejax.config_schema import GROUP_KEYS, PATTERNS
+  from bridgejax.evaluation.evaluators import COMMON_KEYS, REGISTRY
+  keys = {"evals.*.": set(COMMON_KEYS).union(*(e.keys for e in REGISTRY.values())), "optim.groups.*.": set(GROUP_KEYS)}
+  for pattern in PATTERNS:
+    prefix = next(p for p in keys if pattern.startswith(p))
+    assert pattern.removeprefix(prefix) in keys[prefix], pattern
+  assert {f"evals.*.{k}" for k in COMMON_KEYS} <= set(PATTERNS)
+
+
 def test_resume_harmless_keys_come_from_the_schema():
   """What a resumed run may change: how it is driven, logged, placed, and evaluated; not what it trains."""
   from bridgejax.config_schema import harmless

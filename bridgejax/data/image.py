@@ -19,6 +19,7 @@ import struct
 import numpy as np
 from PIL import Image
 
+from bridgejax.config_schema import RESIZES  # declared with data.image_resize
 from bridgejax.errors import UserError
 
 CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
@@ -49,7 +50,6 @@ def to_rgb(image: Image.Image) -> Image.Image:
   return Image.alpha_composite(white, image.convert("RGBA")).convert("RGB")
 
 
-RESIZES = ("clip", "squash", "siglip")
 
 
 def clip_preprocess(image: Image.Image | np.ndarray, size: int = 224, resize: str = "clip") -> np.ndarray:

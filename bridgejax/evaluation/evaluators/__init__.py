@@ -21,7 +21,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
-from bridgejax.data.image import RESIZES
+from bridgejax.config_schema import RESIZES
 from bridgejax.data.records import RecordError, load_info
 from bridgejax.errors import UserError
 from bridgejax.evaluation.evaluators.base import COMMON_KEYS, CUSTOM, Evaluator, TaskResult
