@@ -32,8 +32,10 @@ def main(argv):
   from bridgejax.checks import check_config_paths, check_workdir
   from bridgejax.config_schema import check_config_values
   from bridgejax.main import run
+  from bridgejax.train.loop import check_batch_size
   from bridgejax.toy.prepare import ensure_toy_data
   check_config_values(FLAGS.config)  # before the demo generates anything
+  check_batch_size(FLAGS.config)
   check_workdir(FLAGS.workdir)
   ensure_toy_data(FLAGS.config)  # the demo's data is generated on first use, so check after it
   check_config_paths(FLAGS.config, for_training=True)

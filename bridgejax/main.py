@@ -19,7 +19,7 @@ from bridgejax.evaluation.run import evaluate as evaluate_checkpoint
 from bridgejax.evaluation.validation import quick_validation
 from bridgejax.experiment import build
 from bridgejax.toy.prepare import ensure_toy_data
-from bridgejax.train.loop import format_summary, lock_workdir, train, train_iterator
+from bridgejax.train.loop import check_batch_size, format_summary, lock_workdir, train, train_iterator
 from bridgejax.train.metric_writer import MetricWriter
 
 
@@ -29,6 +29,7 @@ def run(config, workdir: str) -> dict:
   With config.representation_share > 0 (BLIP-2, configs/qformer.py:blip2), stage 1 runs first in
   WORKDIR/representation and this run starts from it (`stages`)."""
   check_config_values(config)
+  check_batch_size(config)  # a batch the mesh cannot split, before anything loads
   first, config = stages(config, workdir)
   if first is not None:
     summary = run(first, str(paths.path(workdir) / REPRESENTATION_DIR))

@@ -18,10 +18,9 @@ from bridgejax.errors import UserError
 AXES = ("data", "model")
 
 
-def make_mesh(data: int = -1, model: int = 1, devices=None) -> jax.sharding.Mesh:
-  """A ('data', 'model') mesh; -1 on one axis takes all remaining devices."""
-  devices = jax.devices() if devices is None else devices
-  n = len(devices)
+def mesh_shape(data: int, model: int, num_devices: int) -> tuple[int, int]:
+  """(data, model) of a mesh over num_devices devices; -1 on one axis takes all remaining devices."""
+  n = num_devices
   if data == -1 and model == -1:
     raise UserError("mesh.data and mesh.model cannot both be -1; set one of them")
   if data == -1:
@@ -31,7 +30,28 @@ def make_mesh(data: int = -1, model: int = 1, devices=None) -> jax.sharding.Mesh
   if data <= 0 or model <= 0 or data * model != n:
     raise UserError(f"mesh.data={data} x mesh.model={model} does not use the {n} available devices "
                      f"exactly; choose sizes whose product is {n} (or -1 for one of them)")
-  return jax.make_mesh((data, model), AXES, axis_types=(AxisType.Auto,) * 2, devices=devices)
+  return data, model
+
+
+def make_mesh(data: int = -1, model: int = 1, devices=None) -> jax.sharding.Mesh:
+  """A ('data', 'model') mesh; -1 on one axis takes all remaining devices."""
+  devices = jax.devices() if devices is None else devices
+  shape = mesh_shape(data, model, len(devices))
+  return jax.make_mesh(shape, AXES, axis_types=(AxisType.Auto,) * 2, devices=devices)
+
+
+def batch_size_problem(batch_size: int, data: int, processes: int = 1, even: bool = False) -> str | None:
+  """Why a global batch does not split evenly over `data` devices and `processes` hosts (and into
+  pairs when `even`: the concat trick), naming the nearest sizes that do; None when it does."""
+  multiple = math.lcm(data, processes, 2 if even else 1)
+  if batch_size % multiple == 0:
+    return None
+  below = batch_size // multiple * multiple
+  near = [b for b in (below, below + multiple) if b > 0]
+  why = [f"mesh.data={data}"] + ([f"{processes} processes"] if processes > 1 else []) + (
+      ["pairs for the concat trick (concat_prob > 0)"] if even else [])
+  return (f"batch_size={batch_size} does not split evenly over {', '.join(why)}: it must be a multiple of "
+          f"{multiple}; the nearest that do are {' and '.join(map(str, near))} (--config.batch_size={near[0]})")
 
 
 def batch_sharding(mesh) -> NamedSharding:

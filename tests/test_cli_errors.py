@@ -94,6 +94,28 @@ def test_train_py_unknown_key_is_one_line_with_debug_for_the_traceback(tmp_path)
                                              "did you mean --config.batch_size?")
 
 
+def test_a_batch_the_mesh_cannot_split_names_the_nearest_sizes_before_loading(tmp_path):
+  from bridgejax.mesh import batch_size_problem
+  assert batch_size_problem(176, 8, even=True) is None
+  assert batch_size_problem(180, 8, even=True) == (
+      "batch_size=180 does not split evenly over mesh.data=8, pairs for the concat trick (concat_prob > 0): it "
+      "must be a multiple of 8; the nearest that do are 176 and 184 (--config.batch_size=176)")
+  assert batch_size_problem(4, 6, processes=4) == (
+      "batch_size=4 does not split evenly over mesh.data=6, 4 processes: it must be a multiple of 12; the nearest "
+      "that do are 12 (--config.batch_size=12)")
+  # train.py on 4 devices: refused before the toy world is generated or any weight loads
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+  result = subprocess.run([sys.executable, "train.py", "--config", "configs/demo.py", "--workdir", str(tmp_path / "w"),
+                           "--config.batch_size=30", f"--config.data.dir={tmp_path / 'toy'}",
+                           f"--config.data.toy.dir={tmp_path / 'toy'}"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
+  assert result.returncode == 2, result.stderr
+  assert result.stderr == ("error: batch_size=30 does not split evenly over mesh.data=4, pairs for the concat trick "
+                           "(concat_prob > 0): it must be a multiple of 4; the nearest that do are 28 and 32 "
+                           "(--config.batch_size=28)\n")
+  assert not (tmp_path / "toy").exists()
+
+
 def test_eval_py_checks_the_workdir_before_loading(tmp_path):
   start = time.time()
   result = _run("eval.py", "--config", "configs/demo.py", "--workdir", str(tmp_path))

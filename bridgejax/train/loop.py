@@ -52,15 +52,16 @@ def global_batch(batch: dict, mesh) -> dict:
           if k in MODEL_INPUTS or k.startswith(feature_cache.KEY_PREFIX)}
 
 
-def check_batch_size(config, mesh) -> int:
-  """The per-process batch size; the global one must split evenly over processes and 'data'."""
-  data_size, processes = mesh.shape["data"], jax.process_count()
-  if config.batch_size % data_size or config.batch_size % processes:
-    raise UserError(f"batch_size={config.batch_size} must be divisible by mesh.data={data_size} and by the "
-                     f"{processes} processes; change --config.batch_size or --config.mesh.data")
-  if config.concat_prob > 0 and config.batch_size % 2:
-    raise UserError(f"batch_size={config.batch_size} must be even for the concat trick (or set concat_prob=0)")
-  return config.batch_size // processes
+def check_batch_size(config, data_size: int | None = None) -> int:
+  """The per-process batch size; the global one must split evenly over processes and 'data' (of the
+  config's mesh on this job's devices unless given), and into pairs for the concat trick. train.py
+  calls it before any weight loads."""
+  if data_size is None:
+    data_size = mesh_lib.mesh_shape(config.mesh.data, config.mesh.model, jax.device_count())[0]
+  problem = mesh_lib.batch_size_problem(config.batch_size, data_size, jax.process_count(), config.concat_prob > 0)
+  if problem:
+    raise UserError(problem)
+  return config.batch_size // jax.process_count()
 
 
 def train_iterator(config, setup: Setup, *, shard_index: int | None = None, shard_count: int | None = None):
@@ -69,7 +70,7 @@ def train_iterator(config, setup: Setup, *, shard_index: int | None = None, shar
   shard_index/shard_count default to this process's; given, they read shard i of n (its share of
   the global batch), as process i of an n-process job would.
   """
-  per_shard = check_batch_size(config, setup.mesh) if shard_count is None else config.batch_size // shard_count
+  per_shard = check_batch_size(config, setup.mesh.shape["data"]) if shard_count is None else config.batch_size // shard_count
   # cached tower features (data.features), checked against this run's tower before step 1
   features = feature_cache.check_cache(config, setup) if feature_cache.cache_dir(config) else None
   dataset = train_dataset(config.data.dir, config.data.train_split, setup.tokenizer,
