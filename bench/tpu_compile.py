@@ -62,17 +62,16 @@ def compile_step(config, devices, *, batch_size: int, text_len: int) -> dict:
   import jax.numpy as jnp
 
   from bridgejax.experiment import build_abstract
-  from bridgejax.mesh import replicated
+  from bridgejax.mesh import batch_size_problem, replicated
   from bridgejax.train.optimizer import make_optimizer
   from bridgejax.train.program import abstract_batch, train_programs
 
   setup = build_abstract(config, devices)
   data = setup.mesh.shape["data"]
-  if batch_size % data or (config.concat_prob > 0 and batch_size % 2):
-    near = sorted({max(data, batch_size // data * data), -(-batch_size // data) * data})
-    raise SystemExit(f"batch {batch_size} does not split over mesh.data={data}"
-                     f"{' (and must be even for the concat trick)' if config.concat_prob > 0 else ''}; "
-                     f"nearest: {near}")
+  processes = len({d.process_index for d in devices})
+  problem = batch_size_problem(batch_size, data, processes, even=config.concat_prob > 0)  # train.py's own check
+  if problem:
+    raise SystemExit(f"error: {problem.replace('--config.batch_size', '--batch')}")
   init, step = train_programs(setup, make_optimizer(config.optim))
   on_mesh = lambda tree: jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated(setup.mesh)), tree)
@@ -84,7 +83,7 @@ def compile_step(config, devices, *, batch_size: int, text_len: int) -> dict:
   out = memory_fields(compiled)
   out["total_bytes"] = out["temp_bytes"] + out["argument_bytes"] + out["output_bytes"] - out["alias_bytes"]
   out.update(compile_s=round(time.perf_counter() - start, 1), devices=len(devices), mesh=dict(setup.mesh.shape),
-             processes=len({d.process_index for d in devices}))
+             processes=processes)
   return out
 
 

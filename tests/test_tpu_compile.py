@@ -21,13 +21,24 @@ if not os.path.isdir(os.path.join(LIBTPU_DIR, "libtpu")):
   pytest.skip(_REASON, allow_module_level=True)
 
 
-def test_demo_step_compiles_for_v5e_2x2_and_its_memory_matches_the_cpu_order():
+def _tpu_compile(*args):
   env = {**os.environ, "PYTHONPATH": os.pathsep.join([LIBTPU_DIR, REPO, os.environ.get("PYTHONPATH", "")]),
          "TPU_SKIP_MDS_QUERY": "1"}
   env.pop("JAX_PLATFORMS", None)
-  proc = subprocess.run([sys.executable, os.path.join(REPO, "bench", "tpu_compile.py"), "--config",
-                         "configs/demo.py", "--topology", "v5e:2x2", "--batch", "8", "--text-len", "16",
-                         "--cpu-reference", "--json"], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+  return subprocess.run([sys.executable, os.path.join(REPO, "bench", "tpu_compile.py"), "--config",
+                         "configs/demo.py", "--topology", "v5e:2x2", *args], cwd=REPO, env=env, capture_output=True,
+                        text=True, timeout=900)
+
+
+def test_a_batch_the_topology_cannot_split_names_the_nearest_sizes_before_compiling():
+  proc = _tpu_compile("--batch", "30")
+  assert proc.returncode == 1 and proc.stderr.splitlines()[-1] == (
+      "error: batch_size=30 does not split evenly over mesh.data=4, pairs for the concat trick (concat_prob > 0): "
+      "it must be a multiple of 4; the nearest that do are 28 and 32 (--batch=28)")
+
+
+def test_demo_step_compiles_for_v5e_2x2_and_its_memory_matches_the_cpu_order():
+  proc = _tpu_compile("--batch", "8", "--text-len", "16", "--cpu-reference", "--json")
   assert proc.returncode == 0, proc.stderr[-3000:]
   r = json.loads(proc.stdout.strip().splitlines()[-1])
   assert (r["device_kind"], r["chips"], r["devices"], r["mesh"]) == ("TPU v5 lite", 4, 4, {"data": 4, "model": 1})
