@@ -90,7 +90,8 @@ class Key:
 
 _RUN = dict(resume=True)  # how a run is driven, logged or placed on devices
 
-# dotted key -> Key, in the order of the reference table; sections are the dots.
+# dotted key -> Key, in the order of the reference table; sections are the dots. The optional loss
+# terms' keys follow them in declared().
 KEYS: dict[str, Key] = {
     "name": Key("base", "the experiment's name (run records, the ablation table)", **_RUN),
     # Frozen backbones.
@@ -207,7 +208,10 @@ def _term_keys() -> dict[str, Key]:
   return out
 
 
-KEYS.update(_term_keys())
+def declared() -> dict[str, Key]:
+  """Every declared key: KEYS and the optional terms' (read from the terms registry on each call, so a
+  term file added to bridgejax/terms/ is in the next config built)."""
+  return {**KEYS, **_term_keys()}
 
 # Keys below a registry's sections: '*' stands for any name (a task of config.evals, a group).
 PATTERNS: dict[str, Key] = {  # evals.*: the task types' keys and defaults are bridgejax.evaluation.evaluators'
@@ -239,7 +243,7 @@ def default_config() -> ml_collections.ConfigDict:
   evaluators, is configs/base.py's to add). The bridge's own keys are FROMAGe's (cls_linear, k=1, the
   post-LayerNorm CLS of the last layer)."""
   tree: dict = {}
-  for dotted, key in KEYS.items():
+  for dotted, key in declared().items():
     if key.optional:
       continue
     *sections, leaf = dotted.split(".")
@@ -253,7 +257,7 @@ def default_config() -> ml_collections.ConfigDict:
 
 def harmless(dotted: str) -> bool:
   """Whether a resumed run may change the key `dotted` (a key no longer declared is not)."""
-  key = KEYS.get(dotted)
+  key = declared().get(dotted)
   return dotted.startswith(HARMLESS_SECTIONS) or (key is not None and key.resume)
 
 
@@ -274,7 +278,7 @@ def _lookup(config, dotted: str):
 def problems(config) -> list[str]:
   """One phrase per config value of the wrong type or out of its range."""
   out = []
-  for dotted, key in {**KEYS, **PATTERNS}.items():
+  for dotted, key in {**declared(), **PATTERNS}.items():
     rule = key.rule or _type_rule(key.default)
     if rule is None:
       continue
@@ -299,7 +303,7 @@ def _cell(text: str) -> str:
 def markdown() -> str:
   """The reference table of every key (docs/configuration.md holds it; a test keeps them equal)."""
   rows = ["| key | default | must be | resume | what it is |", "|---|---|---|---|---|"]
-  for dotted, key in {**KEYS, **PATTERNS}.items():
+  for dotted, key in {**declared(), **PATTERNS}.items():
     rule = key.rule or _type_rule(key.default)
     must = (rule[1] + (f" ({rule[2]})" if len(rule) > 2 else "")) if rule else ""
     default = "" if key.default is None else f"`{key.default!r}`"
