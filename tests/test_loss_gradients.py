@@ -70,3 +70,18 @@ def test_each_term_trains_the_bridge_where_its_method_says(tiny_model, image_tok
   assert expected["cmli"] == (image_tokens != "tower") and expected["target_cmli_t2i"] == (target_text == "caption")
   norms = _bridge_grad_norms(model, frozen, expected)
   assert {name: norm > 0 for name, norm in norms.items()} == expected, norms
+
+
+@pytest.mark.parametrize("directions", ["i2t", "t2i"])
+def test_target_cmli_keeps_one_direction(tiny_model, directions):
+  """cmli.target_directions keeps one of eq. 10's two regressions; with the text pass as the t2i student
+  (frozen), the t2i-only term cannot move the bridge, and its gradient there is exactly 0."""
+  model, frozen = _model(tiny_model, image_tokens="tower", target_text="text", target_directions=directions)
+  trainable = model.init_trainable(jax.random.key(0), frozen)
+  metrics = model.loss(trainable, frozen, caption_batch(), jax.random.key(1))[1]
+  assert float(metrics["target_cmli_loss"]) == pytest.approx(float(metrics[f"target_cmli_{directions}_loss"]))
+  (active,) = [a for a in model.terms if a.name == "target_cmli"]
+  trains = active.term.trains_bridge(active.options)["target_cmli"]
+  assert trains == (directions == "i2t")
+  norm = _bridge_grad_norms(model, frozen, ["target_cmli"])["target_cmli"]
+  assert (norm > 0) == trains, norm

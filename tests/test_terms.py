@@ -22,7 +22,7 @@ def test_every_term_declares_itself_in_its_own_module():
     assert set(term.defaults()) <= set(config[term.section])  # its keys, from its declaration
     assert set(term.reads) <= set(terms.States._fields) | {"tower:cls", "tower:all"}, name
   assert terms.sections() == {"cmli": {"dim": 256, "chunk": 0, "image_tokens": "bridge", "target_text": "caption",
-                                       "target_image": "auto"}, "pic2word": {"hidden": 512, "layers": 2}}
+                                       "target_image": "auto", "target_directions": "both"}, "pic2word": {"hidden": 512, "layers": 2}}
 
 
 def test_a_term_option_outside_its_choices_is_one_line(tiny_model):

@@ -7,7 +7,8 @@ tokens regress the teacher's patches, each direction an L2 regression (losses.ta
   t2i (eq. 9)  caption token states, through target_text_proj (D -> W), regress their matched patch
                (config.cmli.target_text): "caption" (default) the captioning pass's, which see
                the image, so the bridge moves; "text" the text pass's (frozen: the head alone)
-  total (eq. 10) their sum.
+  total (eq. 10) their mean; config.cmli.target_directions="i2t" or "t2i" keeps one direction (an
+               ablation: which direction moves the bridge where; the CMLI report trains both).
 Matching is in the CMLI space (terms/cmli.py): D-wide students through cmli_text_proj, patches
 through cmli_image_proj; the argmax carries no gradient. The teacher: the tower's layer-L patches
 (post-LayerNorm, CLS left out).
@@ -23,7 +24,8 @@ from bridgejax.terms.base import Head, LossTerm
 
 TARGET_TEXT = ("caption", "text")
 TARGET_IMAGE = ("auto", "per_patch", "matched")
-KEYS = {"dim": 256, "target_text": TARGET_TEXT, "target_image": TARGET_IMAGE}
+TARGET_DIRECTIONS = ("both", "i2t", "t2i")
+KEYS = {"dim": 256, "target_text": TARGET_TEXT, "target_image": TARGET_IMAGE, "target_directions": TARGET_DIRECTIONS}
 
 
 def heads(options, dims):
@@ -46,11 +48,14 @@ def loss(model, params, states, options) -> dict:
   value, parts = losses.target_cmli_loss(
       head("target_image_proj", states.visual_tokens), states.patches, head("target_text_proj", student_text),
       states.caption_tokens, head("cmli_text_proj", student_text), head("cmli_image_proj", states.patches), image_match)
+  value = {"both": value, "i2t": parts["loss_i2t"], "t2i": parts["loss_t2i"]}[options["target_directions"]]
   return {"target_cmli": value, "target_cmli_i2t": parts["loss_i2t"], "target_cmli_t2i": parts["loss_t2i"]}
 
 
 def trains_bridge(options) -> dict[str, bool]:
-  return {"target_cmli": True, "target_cmli_i2t": True, "target_cmli_t2i": options["target_text"] == "caption"}
+  t2i = options["target_text"] == "caption"
+  total = {"both": True, "i2t": True, "t2i": t2i}[options["target_directions"]]
+  return {"target_cmli": total, "target_cmli_i2t": True, "target_cmli_t2i": t2i}
 
 
 TERM = LossTerm(name="target_cmli", section="cmli", keys=KEYS, heads=heads, loss=loss, trains_bridge=trains_bridge,
