@@ -10,7 +10,9 @@
     emb = engine.composed_query(images, ids, mask, words)    # (B, E): image + modification queries
 
 Placement: the params are put on the mesh once (frozen trees stay as the training mesh laid them
-out, anything else is replicated). Every batch is split over the mesh's 'data' axis, on all devices
+out, anything else is replicated). Abstract params (jax.ShapeDtypeStruct leaves, no tokenizer) give
+an engine whose jitted functions can only be lowered: bench/tpu_compile.py compiles them for a TPU
+topology through `programs`. Every batch is split over the mesh's 'data' axis, on all devices
 of all processes; rows are padded (repeating the last row) to a multiple of the 'data' size, so pass
 `round_batch(n)` rows to waste nothing. Inputs are host arrays, the same on every process; outputs
 come back as numpy, replicated to every process. Without a mesh, the params' own mesh is used (one
@@ -54,6 +56,9 @@ def place_on_mesh(params, mesh):
   devices, replicated = set(mesh.devices.flat), mesh_lib.replicated(mesh)
 
   def put(x):
+    if isinstance(x, jax.ShapeDtypeStruct):  # an abstract engine's: the layout only
+      keep = isinstance(x.sharding, jax.sharding.NamedSharding) and x.sharding.mesh == mesh
+      return x if keep else jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated)
     if isinstance(x, jax.Array) and x.sharding.device_set == devices and (
         len(devices) == 1 or getattr(x.sharding, "mesh", None) == mesh):  # same devices in the same order
       return x
@@ -81,8 +86,9 @@ class Engine:
     self.max_new_tokens, self.method, self.num_beams = max_new_tokens, method, num_beams
     llm = model.llm.config
     # Generation stops at EOS and at [RET]: what follows a [RET] is a new segment (an image), not
-    # more of this caption or answer.
-    self.stop_ids = tuple(sorted(set(llm.eos_token_ids) | {tokenizer.eos_id, model.ret_id}))
+    # more of this caption or answer. (An abstract engine has no tokenizer: the config's EOS.)
+    eos = {tokenizer.eos_id} if tokenizer is not None else set()
+    self.stop_ids = tuple(sorted(set(llm.eos_token_ids) | eos | {model.ret_id}))
     rows, replicated = mesh_lib.batch_sharding(self.mesh), mesh_lib.replicated(self.mesh)
     # Host-bound outputs are replicated (each process reads them whole); what stays on device
     # for the next jitted piece (generation's prefix) stays split over 'data'.
@@ -176,21 +182,37 @@ class Engine:
     Rows stop at EOS and, unless stop_at_ret=False (interleaved output), at [RET].
     """
     n = len(ids)
+    rows = [None, *self._shard(ids, mask)] if visual_tokens is None else self._shard(visual_tokens, ids, mask)
+    new = self.generation(self.params, *rows,
+                          max_new_tokens=max_new_tokens or self.max_new_tokens,
+                          num_beams=self.num_beams if num_beams is None else num_beams, stop_at_ret=stop_at_ret)
+    return np.asarray(self._replicate(new))[:n]
+
+  def generation(self, params, visual_tokens, ids, mask, *, max_new_tokens: int, num_beams: int,
+                 stop_at_ret: bool = True):
+    """generate's device work on global arrays split over 'data': the prefix, then KV-cache decoding
+    (generate.generate: prefill and the loop). Traceable as a whole: `programs` jits it."""
     hook = None  # a bridge acting inside the LLM (bridges/inllm.py) hands the decoder its hook
     if visual_tokens is None:
-      embeds, full_mask = self._text_prefix(self.params, *self._shard(ids, mask))
+      embeds, full_mask = self._text_prefix(params, ids, mask)
     else:
-      embeds, full_mask = self.prefix(visual_tokens, ids, mask)
-      hook = self.model.llm_hook(self.params, *self._shard(visual_tokens), embeds.shape[1])
-    num_beams = self.num_beams if num_beams is None else num_beams
+      embeds, full_mask = self._prefix(params, visual_tokens, ids, mask)
+      hook = self.model.llm_hook(params, visual_tokens, embeds.shape[1])
     method = "beam" if num_beams > 1 else self.method
-    new = generate(self.model.llm, self.params["llm"], inputs_embeds=embeds, attention_mask=full_mask,
-                   extra_embeddings=self.params["ret"]["ret_embedding"],
-                   embed_offset=self.model.text_type_offset(self.params),
-                   max_new_tokens=max_new_tokens or self.max_new_tokens, method=method,
-                   num_beams=max(num_beams, 1),
-                   eos_token_ids=self.stops(stop_at_ret), hook=hook)
-    return np.asarray(self._replicate(new))[:n]
+    return generate(self.model.llm, params["llm"], inputs_embeds=embeds, attention_mask=full_mask,
+                    extra_embeddings=params["ret"]["ret_embedding"], embed_offset=self.model.text_type_offset(params),
+                    max_new_tokens=max_new_tokens, method=method, num_beams=max(num_beams, 1),
+                    eos_token_ids=self.stops(stop_at_ret), hook=hook)
+
+  def programs(self, *, max_new_tokens: int | None = None, num_beams: int | None = None) -> dict:
+    """The jitted functions behind encode, text_embedding and generate, by name, each taking
+    (params, *global arrays): what bench/tpu_compile.py lowers for a TPU topology. The generation
+    is jitted whole here (the runtime runs its prefix, prefill and loop as separate programs)."""
+    num_beams = self.num_beams if num_beams is None else num_beams
+    generation = functools.partial(self.generation, max_new_tokens=max_new_tokens or self.max_new_tokens,
+                                   num_beams=num_beams)
+    return {"encode": self._encode, "text_embedding": self._text_embedding,
+            "generation": jax.jit(generation, out_shardings=mesh_lib.replicated(self.mesh))}
 
   def stops(self, stop_at_ret: bool = True) -> tuple[int, ...]:
     """The ids generation stops at: EOS, and [RET] unless stop_at_ret=False (interleaved output)."""

@@ -6,6 +6,8 @@
 Prompts are right padded (mask 1 on real tokens) and may have different lengths; each row continues
 from its own last real token. The result holds only the new tokens: a row that stops (EOS or one of
 `stop_tokens`) keeps the stop token and is padded with `pad_id` after it, as transformers does.
+generate may itself be traced (inputs_embeds and attention_mask traced: one program, as
+bridgejax.engine.Engine.programs jits it); the host check of the mask's right padding is then skipped.
 
 Two compiled pieces, so that nothing recompiles per token and little per prompt:
   prefill   embeddings (B, P, D) -> the first logits (B, V) and a cache of S slots. P is the prompt
@@ -118,8 +120,9 @@ def generate(
   batch, length = (input_ids if inputs_embeds is None else inputs_embeds).shape[:2]
   lengths = _prompt_lengths(attention_mask, batch, length)
   cache_length = cache_length or round_up(_bucket(length) + max_new_tokens, _CACHE_MULTIPLE)
-  if int(lengths.max()) + max_new_tokens > cache_length or length > cache_length:
-    raise UserError(f"a prompt of {length} slots (longest row {lengths.max()}) plus {max_new_tokens} new "
+  longest = length if isinstance(lengths, jax.core.Tracer) else int(lengths.max())
+  if longest + max_new_tokens > cache_length or length > cache_length:
+    raise UserError(f"a prompt of {length} slots (longest row {longest}) plus {max_new_tokens} new "
                      f"tokens does not fit cache_length={cache_length}")
   slots = min(_bucket(length), cache_length)  # pad the prompt to its bucket
   if inputs_embeds is None:
@@ -144,6 +147,8 @@ def generate(
 def _prompt_lengths(attention_mask, batch: int, length: int) -> np.ndarray:
   if attention_mask is None:
     return np.full((batch,), length, np.int32)
+  if isinstance(attention_mask, jax.core.Tracer):  # generate jitted whole (Engine.programs): no host check
+    return jnp.sum(attention_mask, axis=1, dtype=jnp.int32)
   mask = np.asarray(attention_mask).astype(bool)
   lengths = mask.sum(axis=1).astype(np.int32)
   if not np.array_equal(mask, np.arange(length)[None, :] < lengths[:, None]):

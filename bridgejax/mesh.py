@@ -40,10 +40,15 @@ def make_mesh(data: int = -1, model: int = 1, devices=None) -> jax.sharding.Mesh
   return jax.make_mesh(shape, AXES, axis_types=(AxisType.Auto,) * 2, devices=devices)
 
 
+def batch_multiple(data: int, processes: int = 1, even: bool = False) -> int:
+  """What a global batch must be a multiple of: split evenly over `data` devices and `processes`
+  hosts, and into pairs when `even` (the concat trick)."""
+  return math.lcm(data, processes, 2 if even else 1)
+
+
 def batch_size_problem(batch_size: int, data: int, processes: int = 1, even: bool = False) -> str | None:
-  """Why a global batch does not split evenly over `data` devices and `processes` hosts (and into
-  pairs when `even`: the concat trick), naming the nearest sizes that do; None when it does."""
-  multiple = math.lcm(data, processes, 2 if even else 1)
+  """Why a global batch is not a batch_multiple, naming the nearest sizes that are; None when it is."""
+  multiple = batch_multiple(data, processes, even)
   if batch_size % multiple == 0:
     return None
   below = batch_size // multiple * multiple

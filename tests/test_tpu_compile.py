@@ -1,8 +1,9 @@
-"""The demo's train step compiles for a real TPU topology (v5e:2x2, 4 chips) on this CPU through
-libtpu, and its per-device memory is of the order of the same step's on one CPU device at the
-per-device batch. bench/tpu_compile.py does it; libtpu lives in .tpu/ (pip install --no-deps
---target .tpu libtpu==0.0.42.1, as .ci/run does) and only this test's subprocess sees it, so every
-other test stays on the CPU backend without the TPU runtime's start-up or its warnings."""
+"""The demo's programs compile for real TPU topologies on this CPU through libtpu: the train step,
+and the evaluation programs (image encoding, KV-cache caption generation, text embedding) on
+v5e:2x2 (4 chips). bench/tpu_compile.py does the compiling; libtpu lives in .tpu/ (pip install --no-deps --target .tpu libtpu==0.0.42.1, as
+.ci/run does) and only these tests' subprocesses see it, so every other test stays on the CPU backend
+without the TPU runtime's start-up or its warnings. --max-batch's search is checked on a fake
+compile here, without libtpu: a real one compiles a step per try."""
 
 import json
 import os
@@ -14,22 +15,25 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LIBTPU_DIR = os.environ.get("BRIDGEJAX_LIBTPU_DIR", os.path.join(REPO, ".tpu"))
 _REASON = f"no libtpu in {LIBTPU_DIR}: pip install --no-deps --target .tpu libtpu==0.0.42.1"
+HAVE_LIBTPU = os.path.isdir(os.path.join(LIBTPU_DIR, "libtpu"))
+if not HAVE_LIBTPU and os.environ.get("CI"):  # .ci/run installs it: a skip there would hide the TPU compile
+  raise RuntimeError(_REASON)
+needs_libtpu = pytest.mark.skipif(not HAVE_LIBTPU, reason=_REASON)
 
-if not os.path.isdir(os.path.join(LIBTPU_DIR, "libtpu")):
-  if os.environ.get("CI"):  # .ci/run installs it: a skip there would hide the TPU compile
-    raise RuntimeError(_REASON)
-  pytest.skip(_REASON, allow_module_level=True)
 
-
-def _tpu_compile(*args):
+def _bench(script, *args):
   env = {**os.environ, "PYTHONPATH": os.pathsep.join([LIBTPU_DIR, REPO, os.environ.get("PYTHONPATH", "")]),
          "TPU_SKIP_MDS_QUERY": "1"}
   env.pop("JAX_PLATFORMS", None)
-  return subprocess.run([sys.executable, os.path.join(REPO, "bench", "tpu_compile.py"), "--config",
-                         "configs/demo.py", "--topology", "v5e:2x2", *args], cwd=REPO, env=env, capture_output=True,
-                        text=True, timeout=900)
+  return subprocess.run([sys.executable, os.path.join(REPO, "bench", script), *args], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=900)
 
 
+def _tpu_compile(*args):
+  return _bench("tpu_compile.py", "--config", "configs/demo.py", "--topology", "v5e:2x2", *args)
+
+
+@needs_libtpu
 def test_a_batch_the_topology_cannot_split_names_the_nearest_sizes_before_compiling():
   proc = _tpu_compile("--batch", "30")
   assert proc.returncode == 1 and proc.stderr.splitlines()[-1] == (
@@ -37,10 +41,52 @@ def test_a_batch_the_topology_cannot_split_names_the_nearest_sizes_before_compil
       "it must be a multiple of 4; the nearest that do are 28 and 32 (--batch=28)")
 
 
-def test_demo_step_compiles_for_v5e_2x2_and_its_memory_matches_the_cpu_order():
+@needs_libtpu
+def test_demo_train_and_eval_programs_compile_for_v5e_2x2_and_the_step_matches_the_cpu_order():
   proc = _tpu_compile("--batch", "8", "--text-len", "16", "--cpu-reference", "--json")
   assert proc.returncode == 0, proc.stderr[-3000:]
   r = json.loads(proc.stdout.strip().splitlines()[-1])
   assert (r["device_kind"], r["chips"], r["devices"], r["mesh"]) == ("TPU v5 lite", 4, 4, {"data": 4, "model": 1})
   assert r["fits"] and r["hbm_bytes"] == 16 * 2**30 and r["flops"] > 0 and r["step_s_at_peak"] > 0
-  assert 0.1 < r["total_bytes"] / r["cpu_total_bytes"] < 10, r
+  programs = r["programs"]
+  assert list(programs) == ["train", "encode", "caption", "text"]
+  for name, p in programs.items():
+    assert p["fits"] and 0 < p["total_bytes"] < 2**30 and p["argument_bytes"] > 0, (name, p)
+  assert 0.1 < programs["train"]["total_bytes"] / r["cpu_total_bytes"] < 10, r
+  # the demo's caption and retrieval tasks (batch 32, 5 captions of 40 tokens), greedy for 32 tokens
+  assert programs["encode"]["images"] == [32, 3, 112, 112] and programs["text"]["text_ids"] == [160, 40]
+  assert programs["caption"]["prompt"] == [32, 8] and programs["caption"]["max_new_tokens"] == 32
+  assert "per_process" not in r  # one host
+
+
+def _tpu_module(name):
+  sys.path.insert(0, os.path.join(REPO, "bench"))
+  try:
+    return __import__(name)
+  finally:
+    sys.path.pop(0)
+
+
+@pytest.mark.parametrize("fixed, per_row, refused_above, start, multiple, want", [
+    (5.0, 0.05, None, 176, 8, 208),  # the start fits: extrapolated up, then bisected
+    (5.0, 0.05, 300, 176, 8, 208),  # the compiler refuses large batches outright (no totals)
+    (5.0, 0.2, None, 176, 8, 48),  # the start does not fit: bisected down
+    (15.0, 2.0, None, 64, 16, 0),  # nothing fits
+    (5.0, 0.003, None, 8, 4, 2332),  # far above the start
+    (0.01, 1e-9, None, 32, 16, 1 << 16),  # capped at the limit
+])
+def test_max_batch_search_finds_the_largest_fitting_multiple_in_few_compiles(fixed, per_row, refused_above, start,
+                                                                             multiple, want):
+  tpu_compile = _tpu_module("tpu_compile")
+  hbm, tried = 16 * 2**30, []
+
+  def memory(batch):  # a fake compile: memory near-linear in the batch
+    if refused_above and batch > refused_above:
+      return {"error": "RESOURCE_EXHAUSTED: Ran out of memory", "fits": False}
+    temp = per_row * batch * (1 + batch / 4096) * 2**30
+    total = int(fixed * 2**30 + temp)
+    return {"total_bytes": total, "temp_bytes": int(temp), "fits": total <= hbm}
+
+  got = tpu_compile.largest_fitting(lambda b: tried.append(b) or memory(b), hbm, multiple, start)
+  assert got == want == max((b for b in range(multiple, (1 << 16) + 1, multiple) if memory(b)["fits"]), default=0)
+  assert all(b % multiple == 0 for b in tried) and len(tried) == len(set(tried)) and len(tried) <= 8, tried

@@ -52,16 +52,18 @@ def global_batch(batch: dict, mesh) -> dict:
           if k in MODEL_INPUTS or k.startswith(feature_cache.KEY_PREFIX)}
 
 
-def check_batch_size(config, data_size: int | None = None) -> int:
-  """The per-process batch size; the global one must split evenly over processes and 'data' (of the
-  config's mesh on this job's devices unless given), and into pairs for the concat trick. train.py
-  calls it before any weight loads."""
+def check_batch_size(config, data_size: int | None = None, processes: int | None = None) -> int:
+  """The per-process batch size (the rows each process's loader reads); the global one must split
+  evenly over processes and 'data' (of the config's mesh on this job's devices and this job's
+  processes unless given: bench/tpu_compile.py gives a TPU topology's), and into pairs for the
+  concat trick. train.py calls it before any weight loads."""
   if data_size is None:
     data_size = mesh_lib.mesh_shape(config.mesh.data, config.mesh.model, jax.device_count())[0]
-  problem = mesh_lib.batch_size_problem(config.batch_size, data_size, jax.process_count(), config.concat_prob > 0)
+  processes = jax.process_count() if processes is None else processes
+  problem = mesh_lib.batch_size_problem(config.batch_size, data_size, processes, config.concat_prob > 0)
   if problem:
     raise UserError(problem)
-  return config.batch_size // jax.process_count()
+  return config.batch_size // processes
 
 
 def train_iterator(config, setup: Setup, *, shard_index: int | None = None, shard_count: int | None = None):
