@@ -1,6 +1,8 @@
 """The demo's programs compile for real TPU topologies on this CPU through libtpu: the train step,
 and the evaluation programs (image encoding, KV-cache caption generation, text embedding) on
-v5e:2x2 (4 chips). bench/tpu_compile.py does the compiling; libtpu lives in .tpu/ (pip install --no-deps --target .tpu libtpu==0.0.42.1, as
+v5e:2x2 (4 chips), the train step with each process's rows on v5e:4x4 (16 chips over 4 hosts),
+through bench/tpu_table.py, whose recorded cell is skipped when it runs again. bench/tpu_compile.py
+does the compiling; libtpu lives in .tpu/ (pip install --no-deps --target .tpu libtpu==0.0.42.1, as
 .ci/run does) and only these tests' subprocesses see it, so every other test stays on the CPU backend
 without the TPU runtime's start-up or its warnings. --max-batch's search is checked on a fake
 compile here, without libtpu: a real one compiles a step per try."""
@@ -57,6 +59,28 @@ def test_demo_train_and_eval_programs_compile_for_v5e_2x2_and_the_step_matches_t
   assert programs["encode"]["images"] == [32, 3, 112, 112] and programs["text"]["text_ids"] == [160, 40]
   assert programs["caption"]["prompt"] == [32, 8] and programs["caption"]["max_new_tokens"] == 32
   assert "per_process" not in r  # one host
+
+
+@needs_libtpu
+def test_table_runner_records_a_multihost_cell_with_each_process_rows_and_skips_it_when_resumed(tmp_path):
+  out = str(tmp_path / "runs")
+  args = ("--out", out, "--configs", "demo", "--topologies", "v5e:4x4", "--remat", "none", "--no-max-batch")
+  proc = _bench("tpu_table.py", *args)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  path = os.path.join(out, "demo__v5e-4x4__remat-none.json")
+  r = json.load(open(path))
+  assert (r["chips"], r["processes"], r["batch"], r["mesh"]["data"]) == (16, 4, 32, 16) and r["fits"]
+  # each host's loader reads 32 / 4 rows; its devices hold 8 rows of the global batch between them
+  pp = r["per_process"]
+  assert pp["rows"] == 8 and pp["inputs"] == {"image": [8, 3, 112, 112], "text_ids": [8, 40], "text_mask": [8, 40]}
+  held = sorted(i for ranges in pp["row_ranges"].values() for a, b in ranges for i in range(a, b))
+  assert held == list(range(32)) and len(pp["row_ranges"]) == 4
+  assert "| demo | v5e:4x4 (16 GiB) | 32 |" in proc.stdout and open(os.path.join(out, "table.md")).read()
+
+  mtime = os.path.getmtime(path)
+  again = _bench("tpu_table.py", *args)
+  assert again.returncode == 0 and f"skip demo on v5e:4x4, remat none: recorded in {path}" in again.stdout
+  assert os.path.getmtime(path) == mtime and "| demo | v5e:4x4 (16 GiB) | 32 |" in again.stdout
 
 
 def _tpu_module(name):
