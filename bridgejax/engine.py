@@ -141,11 +141,6 @@ class Engine:
     embeds, full_mask, _, _ = self.model.caption_inputs(params, visual_tokens, ids, mask)
     return embeds, full_mask
 
-  def prefix(self, visual_tokens, ids, mask):
-    """[visual tokens] + embedded text: inputs_embeds (B', K + T, D) split over 'data' and mask
-    (B', K + T), with B' = round_batch(B) (the extra rows repeat the last one)."""
-    return self._prefix(self.params, *self._shard(visual_tokens, ids, mask))
-
   # ------------------------------------------------------------------ composed queries
 
   def composed_ids(self, modification: str) -> tuple[list[int], int]:
