@@ -55,17 +55,17 @@ def _dataset_info(key: str, data_dir: str) -> dict | None:
   """dataset_info.json of `--config.KEY=data_dir` (None for a remote one)."""
   if not data_dir:
     raise UserError(f"--config.{key} is empty; set it to a prepared dataset folder "
-                    "(python -m bridgejax.data.prepare ... --out DIR)")
+                    "(python -m bridgejax.prepare ... --out DIR)")
   if paths.is_remote(data_dir):
     return None
   if not os.path.isdir(data_dir):
     raise UserError(f"--config.{key}={data_dir!r} does not exist ({_nearby(data_dir)}); "
-                    "prepare it with python -m bridgejax.data.prepare ... --out DIR")
+                    "prepare it with python -m bridgejax.prepare ... --out DIR")
   path = os.path.join(data_dir, INFO_FILE)
   if not os.path.exists(path):
     inside = sorted(d for d in os.listdir(data_dir) if os.path.exists(os.path.join(data_dir, d, INFO_FILE)))
     hint = (f"it holds the datasets {', '.join(inside)}: point at one of them" if inside else
-            "prepare one with python -m bridgejax.data.prepare ... --out DIR")
+            "prepare one with python -m bridgejax.prepare ... --out DIR")
     raise UserError(f"--config.{key}={data_dir!r} is not a prepared dataset (no {INFO_FILE}); {hint}")
   with open(path) as f:
     return json.load(f)

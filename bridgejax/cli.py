@@ -4,7 +4,7 @@ Errors. A *user error* is one the user fixes by changing a flag, a config value,
 data or the disk: bridgejax.errors.UserError and its subclasses (the config, path and data checks,
 RecordError, ImageError, the checkpoint errors, a non-finite training loss), absl's flag errors,
 and the OS errors that mean a path or the disk (a missing file, a permission, a full disk). train.py,
-eval.py, `python -m bridgejax.predict` and `python -m bridgejax.data.prepare` print those as one
+eval.py, `python -m bridgejax.predict` and `python -m bridgejax.prepare` print those as one
 line, `error: <message>` (the message says what to fix), and exit with status 2. Anything else, a
 plain ValueError included, is taken for a bug: its traceback is printed, with a line asking to
 report it, and the status is 1. `--debug` prints the traceback of user errors too.

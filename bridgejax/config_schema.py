@@ -154,7 +154,7 @@ KEYS: dict[str, Key] = {
     "optim.groups": Key({}, "per-group settings {name: {params: a regex on 'bridge/prompt_in/kernel'-style "
                         "paths, and any of " + ", ".join(GROUP_KEYS) + "}}; unmatched parameters keep optim's"),
     # Data.
-    "data.dir": Key("", "a prepared dataset folder (python -m bridgejax.data.prepare ...)", **_RUN),
+    "data.dir": Key("", "a prepared dataset folder (python -m bridgejax.prepare ...)", **_RUN),
     "data.train_split": Key("train", "its training split"),
     "data.val_split": Key("val", "the periodic validation's split; \"\" = none", **_RUN),
     "data.max_caption_tokens": Key(24, "BOS + caption + [RET]; a longer caption is cut and still ends in [RET]",
@@ -166,7 +166,7 @@ KEYS: dict[str, Key] = {
                                **_RUN),
     "data.image_resize": Key("clip", "shortest side to the tower's size + centre crop (FROMAGe), or the whole "
                              "image squashed to a square", one_of(*RESIZES)),
-    "data.features": Key("", "cached frozen features (python -m bridgejax.data.features): \"\" = off, \"auto\" = "
+    "data.features": Key("", "cached frozen features (python -m bridgejax.features): \"\" = off, \"auto\" = "
                          "DIR/features/TRAIN_SPLIT, or the cache's folder", **_RUN),
     # The toy world (configs/demo.py): generated into data.toy.dir on first use, and only there.
     "data.toy.dir": Key("", "the only folder the toy world is written into (data.dir must equal it)",

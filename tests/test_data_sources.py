@@ -328,14 +328,14 @@ def test_cli_with_worker_processes_reports_skips(tmp_path):
   for i in range(6):
     _write(tmp_path / f"{i}.jpg", _image_bytes(i) if i != 3 else _truncated(i))
   (tmp_path / "d.jsonl").write_text("".join(json.dumps({"image": f"{i}.jpg", "caption": f"c{i}"}) + "\n" for i in range(7)))
-  out = subprocess.run([sys.executable, "-m", "bridgejax.data.prepare", "jsonl", "--src", str(tmp_path / "d.jsonl"),
+  out = subprocess.run([sys.executable, "-m", "bridgejax.prepare", "jsonl", "--src", str(tmp_path / "d.jsonl"),
                         "--out", str(tmp_path / "out"), "--workers", "2", "--shard-mb", "1"],
                        capture_output=True, text=True, timeout=120)
   assert out.returncode == 0, out.stderr
   assert "5 written, 2 skipped of 7" in out.stdout and "truncated" in out.stdout and "missing" in out.stdout
   # order is kept with workers: the records are in file order
   assert [r["id"] for r in records.open_split(tmp_path / "out", "train")] == ["1", "2", "3", "5", "6"]
-  bad = subprocess.run([sys.executable, "-m", "bridgejax.data.prepare", "coco", "--src", str(tmp_path / "nope.json"),
+  bad = subprocess.run([sys.executable, "-m", "bridgejax.prepare", "coco", "--src", str(tmp_path / "nope.json"),
                         "--out", str(tmp_path / "o2")], capture_output=True, text=True, timeout=60)
   assert bad.returncode == 2 and "nope.json" in bad.stderr
 

@@ -123,7 +123,7 @@ def cached(world, tmp_path_factory):
   """A copy of the tiny dataset with a features cache of its train split."""
   data = tmp_path_factory.mktemp("cached") / "data"
   shutil.copytree(world["paths"]["data.dir"], data)
-  result = run(["-m", "bridgejax.data.features", *flags(world, **{"data.dir": data}), "--data", data,
+  result = run(["-m", "bridgejax.features", *flags(world, **{"data.dir": data}), "--data", data,
                 "--split", "train"])
   assert result.returncode == 0, result.stderr[-3000:]
   return data
@@ -133,12 +133,12 @@ def test_a_features_cache_of_other_images_is_refused(world, cached, tmp_path):
   data = tmp_path / "data"
   shutil.copytree(cached, data)
   n = json.loads((data / "dataset_info.json").read_text())["splits"]["train"]["num_examples"]
-  result = run(["-m", "bridgejax.data.prepare", "toy", "--out", data, "--num-train", n, "--num-val", 16,
+  result = run(["-m", "bridgejax.prepare", "toy", "--out", data, "--num-train", n, "--num-val", 16,
                 "--num-test", 8, "--seed", 1, "--overwrite", "--quiet"])  # the same count, other images
   assert result.returncode == 0, result.stderr[-3000:]
   argv = ["train.py", "--workdir", tmp_path / "w", *flags(world, **{"data.dir": data}), "--config.data.features=auto"]
   run_probe(Probe(argv, 2, r"^error: --config\.data\.features='auto' was built from other images: split 'train' of "
-                           r".* was prepared again since; build it with: python -m bridgejax\.data\.features",
+                           r".* was prepared again since; build it with: python -m bridgejax\.features",
                   unchanged=[data / "features"]))
   assert not (tmp_path / "w").exists()
 

@@ -157,7 +157,7 @@ def test_serve_allows_exactly_the_index_images(tiny):
 # --- prepare -------------------------------------------------------------------------------------
 
 def _prepare(src, out, *more):
-  return ["-m", "bridgejax.data.prepare", "jsonl", "--src", str(src), "--out", str(out), "--workers", "0", *more]
+  return ["-m", "bridgejax.prepare", "jsonl", "--src", str(src), "--out", str(out), "--workers", "0", *more]
 
 
 def test_prepare_skips_undecodable_and_unterminated_rows(tmp_path):

@@ -121,7 +121,7 @@ def _refusal(config, setup) -> str:
   with pytest.raises(UserError) as error:
     loop.train_iterator(config, setup)
   message = str(error.value)
-  assert "\n" not in message and "Rebuild it with: python -m bridgejax.data.features --config" in message
+  assert "\n" not in message and "Rebuild it with: python -m bridgejax.features --config" in message
   return message
 
 
@@ -137,7 +137,7 @@ def test_a_stale_cache_is_refused_in_one_line_naming_what_differs(world, tmp_pat
   squash = tiny_world.config(paths, **CACHED, **{"data.image_resize": "squash"})
   assert "image_resize: cached 'clip', the run uses 'squash'" in _refusal(squash, setup)
   missing = tiny_world.config(paths, **{"data.features": str(tmp_path / "nowhere")})
-  with pytest.raises(UserError, match="holds no cached features .* build it with: python -m bridgejax.data.features"):
+  with pytest.raises(UserError, match="holds no cached features .* build it with: python -m bridgejax.features"):
     check_training_data(missing)
 
 

@@ -1,6 +1,6 @@
 """Imports run one way, from the CLIs down to the backbones: the package's import graph, read from
-its own source with `ast` (module-level and function-level imports alike), has no circle, and the
-lower layers import nothing above them. Nothing is imported, so this takes a fraction of a second."""
+its own source with `ast` (module-level and function-level imports alike), has no circle, not even
+with each subpackage taken as one, and the lower layers import nothing above them. Nothing is imported, so this takes a fraction of a second."""
 
 from __future__ import annotations
 
@@ -102,7 +102,27 @@ def test_lower_layers_import_nothing_above_them():
     if _under(name, "bridgejax.train"):  # validation comes in as a callback
       wrong += [(name, t) for t in targets if any(_under(t, p) for p in ("bridgejax.evaluation", "bridgejax.main",
                                                                          "bridgejax.inference", "bridgejax.toy"))]
-    # the toy world builds on the data library; only the prepare CLI's entry point reaches up to it
-    if _under(name, "bridgejax.data") and not name.endswith(".__main__"):
-      wrong += [(name, t) for t in targets if _under(t, "bridgejax.toy")]
+    # the toy world, the checks and the Setup build on the data library: its command lines
+    # (bridgejax.prepare, bridgejax.features) stand above them, none of its own modules does
+    if _under(name, "bridgejax.data"):
+      wrong += [(name, t) for t in targets if any(_under(t, p) for p in (
+          "bridgejax.toy", "bridgejax.checks", "bridgejax.experiment", "bridgejax.train", "bridgejax.evaluation",
+          "bridgejax.prepare", "bridgejax.features"))]
   assert not wrong, f"imports against the layers: {wrong}"
+
+
+def test_the_packages_import_one_way():
+  """With each subpackage taken as one (bridgejax.data, bridgejax.toy, ...), there is still no circle: a
+  module inside a package (a __main__.py, say) cannot reach up to what builds on that package."""
+  graph = _graph()
+  part = {name: ".".join(name.split(".")[:2]) for name in graph}
+  parts = {p: set() for p in part.values()}
+  ties = {}
+  for name, targets in graph.items():
+    for t in targets:
+      if part[t] != part[name]:
+        parts[part[name]].add(part[t])
+        ties.setdefault((part[name], part[t]), []).append(f"{name} -> {t}")
+  circles = _circles(parts)
+  found = [ties[a, b] for c in circles for a in c for b in sorted(parts[a]) if b in c]
+  assert not circles, f"packages that import each other: {circles}: {found}"

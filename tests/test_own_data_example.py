@@ -42,8 +42,8 @@ def _photos(folder: Path, split: str, count: int, start: int) -> None:
 def test_the_example_runs_from_a_folder_of_images_to_an_exported_bridge(tmp_path):
   commands = _commands()
   assert [c.split()[:3] for c in commands] == [
-      ["python", "-m", "bridgejax.data.prepare"], ["python", "-m", "bridgejax.data.prepare"],
-      ["python", "-m", "bridgejax.data.features"], ["python", "train.py", "--config"],
+      ["python", "-m", "bridgejax.prepare"], ["python", "-m", "bridgejax.prepare"],
+      ["python", "-m", "bridgejax.features"], ["python", "train.py", "--config"],
       ["python", "eval.py", "--config"], ["python", "-m", "bridgejax.export"]]
   photos = tmp_path / "my_photos"
   photos.mkdir()
@@ -55,7 +55,7 @@ def test_the_example_runs_from_a_folder_of_images_to_an_exported_bridge(tmp_path
   for command in commands:
     done = subprocess.run(["bash", "-c", command], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert done.returncode == 0, f"{command}\n{done.stderr[-3000:]}"
-    if "bridgejax.data.features" in command:
+    if "bridgejax.features" in command:
       assert re.search(r"cached features of 16 images in .* s .* MB", done.stdout), done.stdout
   info = json.loads((tmp_path / "data/mine/dataset_info.json").read_text())
   assert {s: info["splits"][s]["num_examples"] for s in ("train", "test")} == {"train": 16, "test": 8}

@@ -1,4 +1,4 @@
-"""`python -m bridgejax.data.prepare` on bad input: bad rows are skipped and listed (a line that is
+"""`python -m bridgejax.prepare` on bad input: bad rows are skipped and listed (a line that is
 not UTF-8 and a CSV quote left open included), a byte-order mark costs no row, an empty input
 fails, a failed run leaves nothing half-made, --overwrite starts skipped.jsonl afresh for the
 split, and image paths may not leave the base folder. All in-process, no worker processes."""

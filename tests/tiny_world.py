@@ -23,7 +23,7 @@ def make(root: str, *, num_train: int = 32, num_val: int = 16) -> dict:
       num_attention_heads=4, num_key_value_heads=1, head_dim=8, pad_token_id=0, bos_token_id=2,
       eos_token_id=1)).save_pretrained(os.path.join(root, "gemma"))
   pretrain.save_tokenizer(tokenizer, os.path.join(root, "gemma"))
-  subprocess.run([sys.executable, "-m", "bridgejax.data.prepare", "toy", "--out", os.path.join(root, "data"),
+  subprocess.run([sys.executable, "-m", "bridgejax.prepare", "toy", "--out", os.path.join(root, "data"),
                   "--num-train", str(num_train), "--num-val", str(num_val), "--num-test", "8", "--quiet"],
                  check=True, capture_output=True)
   return {"vision.path": os.path.join(root, "clip"), "llm.path": os.path.join(root, "gemma"),

@@ -1,6 +1,6 @@
 """Datasets for bridgejax: prepared once into array_record shards, read with grain.
 
-    python -m bridgejax.data.prepare {cc3m,coco,vqav2,visdial,jsonl,toy} --src ... --out DIR
+    python -m bridgejax.prepare {cc3m,coco,vqav2,visdial,jsonl,toy} --src ... --out DIR
 
     from bridgejax import data
     loader = data.train_dataset(DIR, "train", tokenizer, batch_size=180, seed=0, worker_count=4)

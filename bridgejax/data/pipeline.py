@@ -91,7 +91,7 @@ class _TrainExample:
     cached = self.features[index]
     if cached.pop("id") != record["id"]:
       raise RecordError(f"the feature cache {self.features.path} is out of step with split {self.split.name!r} "
-                        f"at record {index} ({record['id']!r}): rebuild it (python -m bridgejax.data.features)")
+                        f"at record {index} ({record['id']!r}): rebuild it (python -m bridgejax.features)")
     return cached
 
 
@@ -210,7 +210,7 @@ def train_dataset(data_dir: str | os.PathLike, split: str, tokenizer: Tokenizer,
                       "reads image_text splits (captions)")
   if features is not None and len(features) != len(records):
     raise RecordError(f"the feature cache {features.path} holds {len(features)} records, split {split!r} "
-                      f"{len(records)}: rebuild it (python -m bridgejax.data.features)")
+                      f"{len(records)}: rebuild it (python -m bridgejax.features)")
   shard_index, shard_count = _shard(shard_index, shard_count)
   ds = epoch_order(len(records), seed=seed, shard_index=shard_index, shard_count=shard_count)
   if len(ds) < batch_size:

@@ -241,7 +241,7 @@ def load_info(data_dir: str | os.PathLike) -> dict[str, Any]:
   path = Path(data_dir) / INFO_FILE
   if not path.exists():
     hint = (" (an interrupted preparation: run it again)" if any(Path(data_dir).glob("*.array_record*"))
-            else " (prepare one with `python -m bridgejax.data.prepare ...`)")
+            else " (prepare one with `python -m bridgejax.prepare ...`)")
     raise RecordError(f"{data_dir} is not a prepared bridgejax dataset: no {INFO_FILE}{hint}")
   info = json.loads(path.read_text())
   if info.get("format") != FORMAT or info.get("version", 0) > VERSION:

@@ -1,11 +1,11 @@
 """The toy world written as a prepared dataset, on the command line or on a config's first use.
 
     prepare_toy(out, num_train=10000, num_val=1000, num_test=1000, seed=0)
-    python -m bridgejax.data.prepare toy --out DIR [--num-train 10000 --num-val 1000 --num-test 1000 --seed 0]
+    python -m bridgejax.prepare toy --out DIR [--num-train 10000 --num-val 1000 --num-test 1000 --seed 0]
     ensure_toy_data(config)    # configs/demo.py (data.toy): generated into data.dir (= data.toy.dir) when not there yet
 
-Built on bridgejax.data's writers; COMMAND is the `toy` subcommand that the prepare CLI's
-entry point adds to the data sources' table.
+Built on bridgejax.data's writers; COMMAND is the `toy` subcommand that the prepare command line
+(bridgejax/prepare.py) adds to the data sources' table.
 """
 
 from __future__ import annotations
@@ -126,7 +126,7 @@ def ensure_toy_data(config) -> None:
       return
   else:
     home = toy.get("dir") or data_dir
-    prepare = "prepare your data with python -m bridgejax.data.prepare ... --out DIR and point --config.data.dir at it"
+    prepare = "prepare your data with python -m bridgejax.prepare ... --out DIR and point --config.data.dir at it"
     if os.path.abspath(data_dir) != os.path.abspath(home):
       state = "does not exist" if not os.path.exists(data_dir) else "is not a prepared dataset (no dataset_info.json)"
       raise UserError(f"--config.data.dir={data_dir!r} {state}; the demo generates its toy world only into "

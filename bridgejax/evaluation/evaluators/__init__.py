@@ -127,10 +127,10 @@ def task_data(name: str, cfg) -> tuple[str, str]:
   kind = REGISTRY[cfg.type].kind
   if not cfg.data:
     raise UserError(f"--config.evals.{name}.data is empty; set it to a prepared dataset folder "
-                    "(python -m bridgejax.data.prepare ...)")
+                    "(python -m bridgejax.prepare ...)")
   info = load_info(cfg.data)["splits"]
   if cfg.split in info and info[cfg.split]["kind"] == kind:
     return cfg.data, cfg.split
   have = ", ".join(f"{n} ({s['kind']})" for n, s in sorted(info.items()))
   raise RecordError(f"{cfg.data} has no {kind} split named {cfg.split!r}; it has: {have}. Set "
-                    f"--config.evals.{name}.split=NAME (or prepare the split with python -m bridgejax.data.prepare)")
+                    f"--config.evals.{name}.split=NAME (or prepare the split with python -m bridgejax.prepare)")

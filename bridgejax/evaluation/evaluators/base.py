@@ -21,7 +21,7 @@ from typing import Any
 COMMON_KEYS = {
     "type": "",
     "protocol": "standard",  # the protocol this dict was made for; the JSON says "custom" if it was changed
-    "data": "",  # a prepared dataset folder (python -m bridgejax.data.prepare ...); required
+    "data": "",  # a prepared dataset folder (python -m bridgejax.prepare ...); required
     "split": "",
     "image_resize": "clip",  # "clip": short side + centre crop (FROMAGe's transform); "squash": no crop
     "batch_size": 64,  # rounded up to a multiple of mesh.data

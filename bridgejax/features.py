@@ -1,5 +1,5 @@
-"""python -m bridgejax.data.features --config CONFIG --data DIR [--split train] [--out DIR] [--batch_size 64]
-                                   [--config.key=value ...]
+"""python -m bridgejax.features --config CONFIG --data DIR [--split train] [--out DIR] [--batch_size 64]
+                              [--config.key=value ...]
 
 Runs the config's frozen tower once over a prepared split and writes what training reads of it
 (bridgejax.data.features has the format). A bad path or split is one line (`error: ...`, exit

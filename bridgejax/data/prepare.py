@@ -1,11 +1,11 @@
 """Prepare a dataset once into array_record shards that the grain pipelines read.
 
-    python -m bridgejax.data.prepare cc3m    --src IMG2DATASET_DIR_OR_TSV [--images DIR] --out DIR [--split train]
-    python -m bridgejax.data.prepare coco    --src dataset_coco.json|captions_val2017.json [--images ROOT] --out DIR
-    python -m bridgejax.data.prepare vqav2   --src QUESTIONS.json [--annotations ANN.json] --images DIR [DIR ...] --out DIR
-    python -m bridgejax.data.prepare visdial --src visdial_1.0_val.json --images DIR [--dense DENSE.json] --out DIR
-    python -m bridgejax.data.prepare jsonl   --src DATA.jsonl|.csv|.tsv [--images ROOT] --out DIR [--split train]
-    python -m bridgejax.data.prepare toy     --out DIR [--num-train 10000 --num-val 1000 --num-test 1000 --seed 0]
+    python -m bridgejax.prepare cc3m    --src IMG2DATASET_DIR_OR_TSV [--images DIR] --out DIR [--split train]
+    python -m bridgejax.prepare coco    --src dataset_coco.json|captions_val2017.json [--images ROOT] --out DIR
+    python -m bridgejax.prepare vqav2   --src QUESTIONS.json [--annotations ANN.json] --images DIR [DIR ...] --out DIR
+    python -m bridgejax.prepare visdial --src visdial_1.0_val.json --images DIR [--dense DENSE.json] --out DIR
+    python -m bridgejax.prepare jsonl   --src DATA.jsonl|.csv|.tsv [--images ROOT] --out DIR [--split train]
+    python -m bridgejax.prepare toy     --out DIR [--num-train 10000 --num-val 1000 --num-test 1000 --seed 0]
 
 Every image is decoded once here: a missing, empty, truncated or corrupt image (or a failed
 download) is skipped, counted and listed in DIR/skipped.jsonl, and never stops the run; so is a
@@ -19,8 +19,8 @@ all (an error, exit status 2). Splits can be added to an existing DIR (e.g. CC3M
 train); --overwrite replaces a split, and that split's old skipped.jsonl lines go with it.
 Errors in the input are reported on one line (`error: ...`); --debug adds the traceback.
 
-The `toy` subcommand is bridgejax.toy's: `python -m bridgejax.data.prepare` runs this package's
-__main__.py, which adds it to COMMANDS, so the library here never imports the toy world.
+The command line is bridgejax/prepare.py (`python -m bridgejax.prepare`): it adds bridgejax.toy's `toy`
+subcommand to COMMANDS, so the library here never imports the toy world.
 """
 
 from __future__ import annotations
@@ -313,7 +313,7 @@ COMMANDS: dict[str, Command] = {
 
 
 def _parser(commands: dict[str, Command]) -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(prog="python -m bridgejax.data.prepare", description=__doc__,
+  p = argparse.ArgumentParser(prog="python -m bridgejax.prepare", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--debug", action="store_true", help="show the traceback of an error (anywhere on the line)")
   sub = p.add_subparsers(dest="source", required=True)
@@ -335,7 +335,7 @@ def _parser(commands: dict[str, Command]) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None, commands: dict[str, Command] | None = None) -> int:
-  """The CLI over `commands` (default: COMMANDS, the data sources; __main__.py adds `toy`)."""
+  """The CLI over `commands` (default: COMMANDS, the data sources; bridgejax.prepare adds `toy`)."""
   commands = COMMANDS if commands is None else commands
   argv, debug = cli.pop_debug(sys.argv[1:] if argv is None else argv)
   a = _parser(commands).parse_args(argv)

@@ -1,8 +1,8 @@
 """Cached frozen features: the vision tower run once over a prepared split, so training reads its
 hidden states instead of decoding JPEGs and running the tower at every step.
 
-    python -m bridgejax.data.features --config configs/crossatt_k12.py --data data/cc3m [--split train]
-                                      [--out DIR] [--batch_size 64] [--config.key=value ...]
+    python -m bridgejax.features --config configs/crossatt_k12.py --data data/cc3m [--split train]
+                                 [--out DIR] [--batch_size 64] [--config.key=value ...]
     python train.py --config configs/crossatt_k12.py --config.data.features=auto ...
 
 Only what the config reads is written (model_reads): the hidden states its bridge reads, the CLS
@@ -157,7 +157,7 @@ def config_file_arg() -> str:
 
 
 def rebuild_command(config, path: str) -> str:
-  return (f"python -m bridgejax.data.features --config {config_file_arg()} --data {config.data.dir} "
+  return (f"python -m bridgejax.features --config {config_file_arg()} --data {config.data.dir} "
           f"--split {config.data.train_split} --out {path} (with this run's --config.* overrides)")
 
 
