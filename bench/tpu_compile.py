@@ -140,7 +140,7 @@ def report(config, topology: str, *, batch_size: int, text_len: int, programs=PR
     def measure(batch: int) -> dict:
       if batch not in tried:
         tried[batch] = r = step.compile(batch, text_len)
-        r.update(hbm_bytes=hbm_device, fits=fits(r))
+        r["fits"] = fits(r)
         if log and max_batch:
           log(f"batch {batch}: " + (r["error"] if "error" in r else f"{_size(r['total_bytes'])} per device")
               + f", {'fits' if r['fits'] else 'does not fit'} (compiled in {r['compile_s']:.0f} s)")
