@@ -126,7 +126,7 @@ def toy_config(name: str, steps: int = STEPS, *, toy=None, max_examples: int = M
   config.evals = ml_collections.ConfigDict({
       task: eval_task(task, data=config.data.dir, split=split, batch_size=config.data.val_batch_size,
                       max_examples=max_examples, progress=False)
-      for task, split in {**TOY_SPLITS, **(PIC2WORD_SPLITS if config.loss.get("pic2word", 0) > 0 else {})}.items()})
+      for task, split in {**TOY_SPLITS, **(PIC2WORD_SPLITS if config.loss.pic2word > 0 else {})}.items()})
   for task in ("caption", "vqa"):
     config.evals[task].max_new_tokens = max_new_tokens or config.evals[task].max_new_tokens
   return config

@@ -95,7 +95,7 @@ def check_backbones(config) -> None:
   check_path("vision.path", config.vision.path, "a CLIP checkpoint folder (Hugging Face, or converted "
              "with python -m bridgejax.weights.convert)")
   check_path("llm.path", config.llm.path, "a Gemma checkpoint folder (Hugging Face or converted) or a .gguf file")
-  tokenizer = config.llm.get("tokenizer") or ""
+  tokenizer = config.llm.tokenizer
   if tokenizer:
     check_path("llm.tokenizer", tokenizer, "the Hugging Face folder holding the tokenizer (or a .gguf file)")
 
@@ -106,7 +106,7 @@ def check_training_data(config) -> None:
   if toy_pending(config):
     return
   check_split("data.train_split", config.data.dir, config.data.train_split)
-  if config.data.get("val_split"):
+  if config.data.val_split:
     check_split("data.val_split", config.data.dir, config.data.val_split)
   check_present(config)
 
@@ -128,7 +128,7 @@ def check_config_paths(config, *, for_training: bool, backbones: bool = True, ta
     check_backbones(config)
   if for_training:
     check_training_data(config)
-  if not for_training or config.get("eval_after_training"):
+  if not for_training or config.eval_after_training:
     check_eval_data(config, tasks)
 
 

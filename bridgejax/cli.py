@@ -1,4 +1,5 @@
-"""What the entry points share: one-line user errors, quiet library logs, starting a multi-host job.
+"""What the entry points share: one-line user errors, configs read with every declared key
+(config_schema.complete: a config file, --config), quiet library logs, starting a multi-host job.
 
 Errors. A *user error* is one the user fixes by changing a flag, a config value, a path, the input
 data or the disk: bridgejax.errors.UserError and its subclasses (the config, path and data checks,
@@ -23,6 +24,7 @@ from collections.abc import Callable, Sequence
 
 from absl import app, flags, logging
 
+from bridgejax import config_schema
 from bridgejax.errors import UserError
 
 USER_ERRORS: tuple[type[BaseException], ...] = (UserError, flags.Error, app.UsageError, FileNotFoundError,
@@ -111,9 +113,16 @@ def run_absl(main: Callable[[list[str]], int | None], argv: list[str] | None = N
 
   def wrapped(args: list[str]) -> int:
     # config_flags defers a missing config file's error to the first use of FLAGS.config
-    return call(lambda: _config_file_check(full_argv) or main(args), debug=flags.FLAGS.debug)
+    return call(lambda: _config_file_check(full_argv) or _complete_config_flag() or main(args),
+                debug=flags.FLAGS.debug)
 
   app.run(wrapped, argv=argv, flags_parser=_parse_flags)
+
+
+def _complete_config_flag() -> None:
+  """--config's ConfigDict with every declared key (config_schema.complete), as load_config_file's."""
+  if "config" in flags.FLAGS and flags.FLAGS.config is not None:
+    config_schema.complete(flags.FLAGS.config)
 
 
 # --- config overrides ---------------------------------------------------------------------------
@@ -128,14 +137,14 @@ def _config_file_arg(argv: Sequence[str], name: str) -> str | None:
 
 
 def load_config_file(spec: str):
-  """configs/X.py[:arg] -> its get_config(arg), as config_flags loads it."""
+  """configs/X.py[:arg] -> its get_config(arg), as config_flags loads it, with every declared key."""
   path, _, arg = spec.partition(":")
   if not os.path.isfile(path):
     raise UserError(f"config file {path!r} does not exist (e.g. --config configs/demo.py)")
   module_spec = importlib.util.spec_from_file_location("bridgejax_user_config", path)
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)
-  return module.get_config(arg) if arg else module.get_config()
+  return config_schema.complete(module.get_config(arg) if arg else module.get_config())
 
 
 def flat_keys(config, prefix: str = "") -> list[str]:

@@ -1,6 +1,7 @@
 """Every config key declared once: its default, the values it takes, and whether a resumed run may change it.
 
     config = default_config()                # configs/base.py: the FROMAGe / thesis recipe, a ConfigDict
+    complete(config)                         # a config read (file, config.json): missing keys get defaults
     check_config_values(config)              # train.py, eval.py, sweep, ablate: every bad value, one line
     harmless("data.num_workers")             # True: a resumed run may change it (train/loop.py)
     python -m bridgejax.config_schema        # the reference table of docs/configuration.md
@@ -15,6 +16,7 @@ here from bridgejax.terms). `optim.groups.*` take GROUP_KEYS. Reading this modul
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import sys
@@ -253,6 +255,34 @@ def default_config() -> ml_collections.ConfigDict:
     node[leaf] = key.default
   tree["bridge"].update(k=1, layer=-1, post_norm=True)
   return ml_collections.ConfigDict(tree)
+
+
+def complete(config):
+  """Fills each declared key (not the optional ones) that `config` lacks with its default, in place, and
+  returns it: a run's config.json saved before a key existed ran as its default did, so code reads
+  every key plainly. Present values and undeclared keys (a bridge's own, config.evals) stay as they
+  are. A ConfigDict (locked or not) or a plain dict of dicts, as read from JSON."""
+  def fill():
+    for dotted, key in declared().items():
+      if key.optional:
+        continue
+      *sections, leaf = dotted.split(".")
+      node = config
+      for section in sections:
+        if section not in node:
+          node[section] = {}
+        node = node[section]
+        if not hasattr(node, "items"):  # a value where the schema has a section: left to problems()
+          break
+      else:
+        if leaf not in node:
+          node[leaf] = copy.deepcopy(key.default)
+  if isinstance(config, ml_collections.ConfigDict):
+    with config.unlocked():
+      fill()
+  else:
+    fill()
+  return config
 
 
 def harmless(dotted: str) -> bool:

@@ -43,7 +43,7 @@ def build(config) -> Setup:
   on_mesh = lambda tree: mesh_lib.frozen_shardings(tree, mesh, config.frozen_sharding)
   vision = weights.load_vision_tower(config.vision.path, param_dtype=param_dtype, sharding=on_mesh)
   lm = weights.load_language_model(config.llm.path, param_dtype=param_dtype, sharding=on_mesh)
-  tokenizer = weights.load_tokenizer(config.llm.get("tokenizer") or config.llm.path)
+  tokenizer = weights.load_tokenizer(config.llm.tokenizer or config.llm.path)
   model = _model(config, vision.config, lm.config, tokenizer)
   frozen = {"vision": vision.params, "llm": lm.params}
   return Setup(config, mesh, model, frozen, tokenizer)

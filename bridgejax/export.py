@@ -41,6 +41,7 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from bridgejax import cli, paths
+from bridgejax.config_schema import complete
 from bridgejax.errors import UserError
 from bridgejax.evaluation import table
 
@@ -77,7 +78,7 @@ def unflatten(tensors: dict[str, np.ndarray]) -> dict:
 
 
 def _backbone(config_part, hub_id: str | None) -> dict:
-  return {"path": config_part.path, "arch": config_part.get("arch", ""), "hub_id": hub_id or None}
+  return {"path": config_part.path, "arch": config_part.arch, "hub_id": hub_id or None}
 
 
 def _check_out(out: str, overwrite: bool, workdir: str) -> None:
@@ -172,7 +173,7 @@ def export(workdir: str, out: str, checkpoint: int | str | None = None, *, overw
   if not config_path.exists():
     raise UserError(f"--workdir {workdir!r} has no {CONFIG_FILE} (training writes it); pass a training run's folder")
   config_text = paths.read_text(config_path)
-  config = ml_collections.ConfigDict(paths.read_json(config_path))
+  config = complete(ml_collections.ConfigDict(paths.read_json(config_path)))  # an older run lacks newer keys
   _check_out(out, overwrite, workdir)
   checkpointer = Checkpointer(workdir)
   try:
@@ -182,9 +183,9 @@ def export(workdir: str, out: str, checkpoint: int | str | None = None, *, overw
   tensors = flatten(trainable)
   runs = _eval_results(workdir)
   record = {
-      "format": FORMAT, "config": config.get("name", ""), "step": int(step),
+      "format": FORMAT, "config": config.name, "step": int(step),
       "checkpoint": "best" if checkpoint == "best" else "latest" if checkpoint is None else "step",
-      "total_steps": config.get("total_steps"), "trainable_parameters": int(sum(t.size for t in tensors.values())),
+      "total_steps": config.total_steps, "trainable_parameters": int(sum(t.size for t in tensors.values())),
       "backbones": {"vision": _backbone(config.vision, vision_id), "llm": _backbone(config.llm, llm_id)},
       "workdir": str(paths.path(workdir)),
   }
@@ -208,7 +209,7 @@ def _eval_results(workdir: str) -> dict[str, dict]:
 
 def _describe_bridge(bridge) -> str:
   settings = ", ".join(f"{k}={v}" for k, v in bridge.items() if k != "name")
-  return f"{bridge.get('name', '?')} ({settings})" if settings else str(bridge.get("name", "?"))
+  return f"{bridge.name} ({settings})" if settings else str(bridge.name)
 
 
 def _metrics_section(runs: dict[str, dict], step: int) -> list[str]:

@@ -48,6 +48,7 @@ import numpy as np
 from tqdm import tqdm
 
 from bridgejax import cli, export, paths as paths_lib
+from bridgejax.config_schema import complete
 from bridgejax.data.image import ImageError, clip_preprocess, decode_image, read_image_file
 from bridgejax.errors import UserError
 from bridgejax.evaluation.captioning import cut_caption
@@ -93,14 +94,15 @@ class ImageIndex:
 
 
 def load_config(config=None, workdir: str | None = None):
-  """A ConfigDict from: a ConfigDict, a config file path (configs/X.py[:arg]), or the workdir's config.json."""
+  """A ConfigDict from: a ConfigDict, a config file path (configs/X.py[:arg]), or the workdir's config.json;
+  keys it lacks (a config.json saved before they existed) at their defaults (config_schema.complete)."""
   if isinstance(config, ml_collections.ConfigDict):
-    return config
+    return complete(config)
   if config is None:
     path = paths_lib.path(workdir or ".") / "config.json"
     if not path.exists():
       raise FileNotFoundError(f"{workdir} has no config.json (train.py writes it); pass the config file too")
-    return ml_collections.ConfigDict(paths_lib.read_json(path))
+    return complete(ml_collections.ConfigDict(paths_lib.read_json(path)))
   return cli.load_config_file(str(config))
 
 
@@ -140,7 +142,7 @@ class Pipeline:
     self.engine = Engine(self.model, params, self.tokenizer, mesh=setup.mesh, max_new_tokens=max_new_tokens)
     self.params = self.engine.params  # on the mesh, placed once: no call sends the weights again
     self.image_size = self.model.vision.config.image_size
-    self.image_resize = setup.config.data.get("image_resize", "clip")  # as the model was trained
+    self.image_resize = setup.config.data.image_resize  # as the model was trained
     self._forward = jax.jit(self._forward_fn)
 
   @classmethod
@@ -150,7 +152,7 @@ class Pipeline:
     config = load_config(config, workdir)
     setup = build(config)
     step, params = load_params(setup, workdir, step)
-    return cls(setup, params, name=f"{config.get('name', '')}@{step}", **kwargs)
+    return cls(setup, params, name=f"{config.name}@{step}", **kwargs)
 
   @classmethod
   def from_pretrained(cls, path_or_id: str, *, vision: str | None = None, llm: str | None = None,
@@ -167,7 +169,7 @@ class Pipeline:
       check_backbone(part, config[part].path, manifest["backbones"][part])
     setup = build(config)
     trainable = read_trainable(setup, os.path.join(folder, export.PARAMS_FILE))
-    return cls(setup, {**setup.frozen, **trainable}, name=f"{config.get('name', '')}@{manifest['step']}", **kwargs)
+    return cls(setup, {**setup.frozen, **trainable}, name=f"{config.name}@{manifest['step']}", **kwargs)
 
   # ------------------------------------------------------------------ inputs
 

@@ -42,7 +42,7 @@ def run(config, workdir: str) -> dict:
   try:
     writer = MetricWriter.for_run(config, workdir)  # config.wandb without wandb fails here, before the backbones
     setup = build(config)
-    representation = config.get("stage", "generative") == "representation"
+    representation = config.stage == "representation"
     evaluate = None
     if config.data.val_split and not representation:
       evaluate = lambda setup, params, step: quick_validation(setup, params)  # the loop's callback gets the step too
@@ -50,7 +50,7 @@ def run(config, workdir: str) -> dict:
                     writer=writer)
     if jax.process_index() == 0:
       print(format_summary(summary, workdir))
-    if config.get("eval_after_training") and not summary["preempted"] and not representation:
+    if config.eval_after_training and not summary["preempted"] and not representation:
       summary["eval"] = evaluate_checkpoint(config, workdir, setup=setup)
       samples = caption_samples(workdir, 50)
       if samples:  # W&B shows them as a table (config.wandb)
@@ -73,8 +73,8 @@ def stages(config, workdir: str):
   config splits total_steps N: stage 1 (config.stage="representation", no validation or evaluation)
   trains round(s·N) steps in WORKDIR/representation, stage 2 the other steps with init_from pointing
   there. The same command derives the same two configs, so each stage resumes where it stopped."""
-  share = config.get("representation_share", 0.0)
-  if not share or config.get("stage", "generative") != "generative":
+  share = config.representation_share
+  if not share or config.stage != "generative":
     return None, config
   first_steps = min(max(1, round(share * config.total_steps)), config.total_steps - 1)
   if first_steps < 1:
@@ -92,7 +92,7 @@ def stages(config, workdir: str):
 
 def check_val_split(config) -> None:
   """data.val_split ("" = no validation) names a captioned split of data.dir."""
-  if config.data.get("val_split"):
+  if config.data.val_split:
     check_split("data.val_split", config.data.dir, config.data.val_split)
 
 

@@ -102,16 +102,16 @@ class BridgeModel:
              compute_dtype=jnp.float32, frozen_param_dtype=jnp.float32, tokenizer=None) -> "BridgeModel":
     """`tokenizer` is needed by a term's prompt only (Pic2Word's; parameter shapes need none)."""
     kw = dict(dtype=compute_dtype, param_dtype=frozen_param_dtype)
-    remat = config.get("remat", "none")
+    remat = config.remat
     if remat not in REMAT:
       raise UserError(f"config.remat={remat!r}: use one of {', '.join(REMAT)} (--config.remat=llm)")
-    scale = config.get("visual_token_scale", "sqrt_d")
+    scale = config.visual_token_scale
     if scale not in VISUAL_TOKEN_SCALES:
       raise UserError(f"config.visual_token_scale={scale!r}: use one of {', '.join(VISUAL_TOKEN_SCALES)}")
     bridge = build_bridge(config.bridge, vision_width=vision_config.hidden_size,
                           vision_layers=vision_config.num_layers, grid_size=vision_config.grid_size,
                           llm_width=llm_config.hidden_size, llm_layers=llm_config.num_layers)
-    stage = config.get("stage", "generative")
+    stage = config.stage
     if stage not in STAGES:
       raise UserError(f"config.stage={stage!r}: use one of {', '.join(STAGES)}")
     if stage == "representation":  # the text branch reads the LLM's tokenizer; [DEC] is the id after it
@@ -126,16 +126,16 @@ class BridgeModel:
       active = tuple(dataclasses.replace(a, options=a.term.prepare(a.options, tokenizer, llm_config.vocab_size))
                      if a.term.prepare else a for a in active)
     heads = RetrievalHeads(llm_config.hidden_size, config.ret.embed_dim, config.ret.logit_scale_init,
-                           token_types=config.get("token_type_embeddings", False),
+                           token_types=config.token_type_embeddings,
                            extra=terms_lib.heads(active, dims))
     llm_class = decoder_class(llm_config)
     # a tower without a CLS token (SigLIP): what bridges read in its place (bridges.base.CLS_EQUIVALENTS)
-    cls_equivalent = None if getattr(vision_config, "has_cls_token", True) else config.vision.get("cls_equivalent", "mean")
+    cls_equivalent = None if getattr(vision_config, "has_cls_token", True) else config.vision.cls_equivalent
     if cls_equivalent not in (None, *CLS_EQUIVALENTS):
       raise UserError(f"config.vision.cls_equivalent={cls_equivalent!r}: use one of {', '.join(CLS_EQUIVALENTS)}")
     return cls(vision_class(vision_config)(vision_config, **kw), llm_class(llm_config, remat=remat != "none", **kw), bridge,
                heads, ret_id=llm_config.vocab_size, loss_weights=weights, concat_prob=config.concat_prob,
-               remat=remat, matmul_precision=config.get("matmul_precision", ""), visual_token_scale=scale,
+               remat=remat, matmul_precision=config.matmul_precision, visual_token_scale=scale,
                cls_equivalent=cls_equivalent, terms=active, stage=stage)
 
   # ------------------------------------------------------------------ parameters

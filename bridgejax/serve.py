@@ -164,7 +164,7 @@ def toy_index_folder(config) -> str | None:
   from bridgejax.data.records import INFO_FILE, load_info, open_split  # lazy: bridgejax.data, ~0.1 s of CLI start
   retrieval = [(t.get("data"), t.get("split")) for t in (config.get("evals") or {}).values()
                if t.get("type") == "retrieval"]
-  for data, split in retrieval + [(config.data.get("dir"), "test")]:
+  for data, split in retrieval + [(config.data.dir, "test")]:
     if not data or not os.path.isfile(os.path.join(data, INFO_FILE)):
       continue
     info = load_info(data)

@@ -208,6 +208,67 @@ def test_resume_harmless_keys_come_from_the_schema():
     assert not harmless(key), key
 
 
+def test_complete_fills_what_a_config_lacks_with_the_schema_defaults():
+  """A config.json saved before a key existed: each declared key it lacks comes back at its default,
+  what it holds and what the schema does not declare stay; the optional keys (data.toy) stay absent."""
+  import ml_collections
+  from bridgejax.cli import flat_keys
+  from bridgejax.config_schema import complete, declared, default_config
+  old = default_config().to_dict()
+  for section, key in (("", "stage"), ("", "representation_share"), ("", "remat"), ("data", "image_resize"),
+                       ("vision", "cls_equivalent"), ("optim", "init_lr_fraction"), ("loss", "cmli")):
+    del (old[section] if section else old)[key]
+  del old["wandb"]
+  old["bridge"] = {"name": "crossatt", "k": 3, "num_heads": 4}  # a bridge's own keys: not the schema's
+  old["batch_size"], old["optim"]["lr"] = 7, 1e-3
+  config = ml_collections.ConfigDict(old)
+  config.lock()
+  assert complete(config) is config and config.is_locked
+  assert (config.stage, config.representation_share, config.remat, config.data.image_resize) == (
+      "generative", 0.0, "none", "clip")
+  assert (config.vision.cls_equivalent, config.optim.init_lr_fraction, config.loss.cmli) == ("mean", 0.0, 0.0)
+  assert config.wandb.to_dict() == {"project": "", "entity": "", "name": ""}
+  assert (config.batch_size, config.optim.lr, config.bridge.to_dict()) == (7, 1e-3, old["bridge"])
+  assert "toy" not in config.data
+  wanted = {k for k, key in declared().items() if not key.optional}
+  assert wanted <= set(flat_keys(config))
+  plain = {"data": {"dir": "d"}, "extra": [1]}  # a dict as read from JSON (train/loop.changed_keys, table)
+  assert complete(plain)["data"] == {**default_config().data.to_dict(), "dir": "d"} and plain["extra"] == [1]
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_complete_never_changes_a_present_value(name):
+  """Every shipped config is complete already, and so is one with each declared key off its default."""
+  from bridgejax.cli import flat_keys
+  from bridgejax.config_schema import complete, declared
+  config = experiment_config(name)
+  before = config.to_json_best_effort(sort_keys=True)
+  assert complete(config).to_json_best_effort(sort_keys=True) == before
+  present = set(flat_keys(config))
+  for dotted, key in declared().items():
+    if dotted in present and isinstance(key.default, (bool, int, float, str)):
+      *sections, leaf = dotted.split(".")
+      node = config
+      for section in sections:
+        node = node[section]
+      default = key.default
+      node[leaf] = (not default if isinstance(default, bool) else default + "_x" if isinstance(default, str)
+                    else default + 1)
+  before = config.to_json_best_effort(sort_keys=True)
+  assert complete(config).to_json_best_effort(sort_keys=True) == before
+
+
+def test_a_config_file_without_newer_keys_loads_with_their_defaults(tmp_path):
+  """cli.load_config_file (train.py's --config reads the same way, through cli.run_absl)."""
+  from bridgejax.cli import load_config_file
+  path = tmp_path / "old.py"
+  path.write_text("import ml_collections\n\ndef get_config():\n"
+                  "  return ml_collections.ConfigDict({'name': 'old', 'remat': 'llm', 'data': {'dir': 'd'}})\n")
+  config = load_config_file(str(path))
+  assert (config.name, config.remat, config.data.dir) == ("old", "llm", "d")
+  assert (config.stage, config.data.image_resize, config.batch_size) == ("generative", "clip", 180)
+
+
 def test_config_values_name_every_value_out_of_range():
   from bridgejax.config_schema import check_config_values
   from bridgejax.errors import UserError

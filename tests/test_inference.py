@@ -76,6 +76,46 @@ def test_index_and_retrieval(pipe_and_images, tmp_path):
   np.testing.assert_allclose(pipe.composed_query(query_image, "but blue"), want, atol=1e-5)
 
 
+def test_a_run_saved_before_newer_keys_predicts_and_evaluates_as_before(pipe_and_images, tmp_path, capsys):
+  """A config.json written without the keys added since (stage, representation_share, remat,
+  data.image_resize, ...) loads with their defaults (config_schema.complete): the run predicts,
+  evaluates, passes the resume check against today's config and exports as the same run saved today."""
+  import shutil
+  from bridgejax import export
+  from bridgejax.evaluation.run import evaluate
+  from bridgejax.inference import load_config
+  from bridgejax.train.loop import changed_keys
+  pipe, folder = pipe_and_images
+  new, old = str(tmp_path / "new"), str(tmp_path / "old")
+  for workdir in (new, old):
+    shutil.copytree(tw.workdir_with_checkpoint(), workdir)
+  with open(os.path.join(old, "config.json")) as f:
+    saved = json.load(f)
+  for key in ("stage", "representation_share", "remat", "visual_token_scale", "token_type_embeddings",
+              "matmul_precision", "wandb"):
+    del saved[key]
+  del saved["data"]["image_resize"], saved["data"]["features"], saved["vision"]["cls_equivalent"]
+  with open(os.path.join(old, "config.json"), "w") as f:
+    json.dump(saved, f)
+  config = load_config(None, old)
+  assert (config.stage, config.representation_share, config.remat, config.data.image_resize) == (
+      "generative", 0.0, "none", "clip")
+  assert json.loads(config.to_json()) == json.loads(load_config(None, new).to_json())
+  assert changed_keys(pipe.setup.config, old) == []  # resuming it with today's config changes nothing
+
+  image = os.path.join(folder, "img0.png")
+  loaded = Pipeline.from_workdir(old, max_new_tokens=5, batch_size=4)
+  assert loaded.image_resize == "clip" and loaded.caption(image) == pipe.caption(image)
+  np.testing.assert_allclose(loaded.build_index(folder).embeddings, pipe.build_index(folder).embeddings, atol=1e-6)
+  assert predict.main(["--workdir", old, "--json", "caption", image]) == 0
+  capsys.readouterr()
+
+  results = [evaluate(load_config(None, w), w, tasks=["retrieval"], setup=pipe.setup, report=False, quiet=True)
+             for w in (new, old)]
+  assert results[0]["retrieval"]["metrics"] == results[1]["retrieval"]["metrics"]
+  assert export.export(old, str(tmp_path / "exported"))["config"] == "tiny"
+
+
 def test_caption_and_answer_are_strings(pipe_and_images):
   pipe, folder = pipe_and_images
   image = os.path.join(folder, "img0.png")

@@ -65,7 +65,7 @@ def hidden_state_of(name: str) -> int:
 
 def cache_dir(config) -> str:
   """Where config.data.features points: "" (off), "auto" (DATA/features/TRAIN_SPLIT), or a path."""
-  features = config.data.get("features", "")
+  features = config.data.features
   if features == "auto":
     return os.path.join(config.data.dir, "features", config.data.train_split)
   return features
@@ -135,7 +135,7 @@ def identity(config, model, frozen) -> dict:
   """What a cache must agree on with a run: the tower, the hidden states it reads, the image transform."""
   return {"vision": {"path": str(config.vision.path), "weights_hash": tower_hash(frozen["vision"])},
           "reads": model_reads(model), "image_size": model.vision.config.image_size,
-          "image_resize": config.data.get("image_resize", "clip"),
+          "image_resize": config.data.image_resize,
           "num_hidden_states": model.vision.config.num_layers + 1}
 
 

@@ -66,7 +66,7 @@ def evaluate(config, workdir: str, step: int | None = None, *, tasks=None, setup
              report: bool = True, quiet: bool = False) -> dict[str, dict]:
   """Runs every entry of config.evals (or those named in `tasks`) on checkpoint `step` (default:
   the latest) of `workdir`. Inside a sweep's catch_sigterm() a SIGTERM stops it between tasks."""
-  if config.get("stage", "generative") == "representation":
+  if config.stage == "representation":
     raise UserError(f"{workdir} is a stage-1 run (config.stage='representation'): its Q-Former has not met the LLM "
                     "yet; evaluate the stage-2 run that starts from it (config.init_from)")
   evals = eval_tasks(config, tasks)
@@ -90,7 +90,7 @@ def evaluate(config, workdir: str, step: int | None = None, *, tasks=None, setup
     result = REGISTRY[cfg.type].run(engine, data_dir, split, cfg, config)
     summary = {
         "task": name, "type": cfg.type, "protocol": protocol_of(cfg), "metrics": result.metrics,
-        "config": config.get("name", ""), "checkpoint_step": step,
+        "config": config.name, "checkpoint_step": step,
         "workdir": str(paths.path(workdir)), "dataset": {"dir": os.path.abspath(data_dir), "split": split},
         "counts": result.counts, "settings": {**cfg.to_dict(), **result.settings}, "notes": result.notes,
         "wall_time_s": round(time.time() - start, 2),
@@ -106,7 +106,7 @@ def evaluate(config, workdir: str, step: int | None = None, *, tasks=None, setup
     results[name] = summary
   if writer and results:
     if not quiet:
-      print(table.format_task_metrics(results, title=f"{config.get('name', '')} @ step {step} ({workdir})"))
+      print(table.format_task_metrics(results, title=f"{config.name} @ step {step} ({workdir})"))
     if report:
       path = report_lib.write_report(workdir)
       if not quiet:

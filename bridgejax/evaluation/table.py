@@ -50,10 +50,12 @@ def load_workdir(workdir: str) -> dict[str, dict]:
 
 
 def load_config(workdir: str) -> dict | None:
-  """The run's config.json (written by training), or None."""
+  """The run's config.json (written by training), with the keys it lacks at their defaults
+  (config_schema.complete: a run saved before a key existed ran as its default), or None."""
   from bridgejax import paths as paths_lib  # lazy: etils.epath, ~0.08 s of CLI start
+  from bridgejax.config_schema import complete  # lazy: ml_collections, ~0.1 s of CLI start
   path = paths_lib.path(workdir) / "config.json"
-  return paths_lib.read_json(path) if path.exists() else None
+  return complete(paths_lib.read_json(path)) if path.exists() else None
 
 
 def protocol(run: dict[str, dict]) -> str:

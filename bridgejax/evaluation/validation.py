@@ -85,7 +85,7 @@ def quick_validation(setup, params, *, max_examples: int | None = None,
   for batch in eval_batches(data_dir, split, n, batch_size, model.vision.config.image_size,
                             tokenizer=setup.tokenizer, captions_per_image=VALIDATION_CAPTIONS_PER_IMAGE,
                             max_length=config.data.max_caption_tokens, workers=0,
-                            image_resize=config.data.get("image_resize", "clip")):
+                            image_resize=config.data.image_resize):
     valid = batch["valid"]
     inputs = (batch["image"], batch["caption_ids"][:, 0], batch["caption_mask"][:, 0], valid.astype(np.int32),
               batch["caption_ids"], batch["caption_mask"])

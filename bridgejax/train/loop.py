@@ -18,7 +18,7 @@ from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from bridgejax import mesh as mesh_lib, paths, preemption
-from bridgejax.config_schema import check_config_values, harmless
+from bridgejax.config_schema import check_config_values, complete, harmless
 from bridgejax.data import features as feature_cache
 from bridgejax.data.pipeline import train_dataset
 from bridgejax.errors import UserError
@@ -79,7 +79,7 @@ def train_iterator(config, setup: Setup, *, shard_index: int | None = None, shar
                           batch_size=per_shard, seed=config.seed, shard_index=shard_index, shard_count=shard_count,
                           image_size=setup.model.vision.config.image_size,
                           max_length=config.data.max_caption_tokens, worker_count=config.data.num_workers,
-                          image_resize=config.data.get("image_resize", "clip"), features=features)
+                          image_resize=config.data.image_resize, features=features)
   return iter(dataset)
 
 
@@ -175,7 +175,7 @@ def changed_keys(config, workdir: str) -> list[str]:
   hold (not config_schema.harmless: how a run is driven, not what its checkpoints hold), as
   'key: saved (saved) -> now (now)'; [] without a config.json."""
   saved_path = paths.path(workdir) / "config.json"
-  saved = paths.read_json(saved_path) if saved_path.exists() else None
+  saved = complete(paths.read_json(saved_path)) if saved_path.exists() else None  # absent keys ran as their defaults
   return [d for d in config_differences(saved, config) if not harmless(d.partition(":")[0])] if saved else []
 
 
@@ -252,7 +252,7 @@ def _best_so_far(checkpointer: Checkpointer, name: str) -> dict | None:
 def _train(config, workdir: str, train_data, setup: Setup, evaluate, writer: MetricWriter | None) -> dict:
   mesh = setup.mesh
   work = paths.path(workdir)
-  best_metric = config.get("best_metric", "") if evaluate is not None else ""
+  best_metric = config.best_metric if evaluate is not None else ""
   check_best_metric(best_metric)
 
   optimizer = make_optimizer(config.optim)
@@ -269,7 +269,7 @@ def _train(config, workdir: str, train_data, setup: Setup, evaluate, writer: Met
     checkpointer.close()
     raise
   start = int(state.step)
-  if not start and config.get("init_from"):  # a fresh run starts its bridge from another run (BLIP-2's stage 2)
+  if not start and config.init_from:  # a fresh run starts its bridge from another run (BLIP-2's stage 2)
     try:
       params, report = warm_start(jax.device_get(state.params), config.init_from)
     except BaseException:

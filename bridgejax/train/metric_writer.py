@@ -49,7 +49,7 @@ class MetricWriter:
   @classmethod
   def for_run(cls, config, workdir: str) -> "MetricWriter":
     """The writer config asks for (config.tensorboard, config.wandb)."""
-    return cls(workdir, tensorboard=config.get("tensorboard", True), wandb_settings=config.get("wandb"),
+    return cls(workdir, tensorboard=config.tensorboard, wandb_settings=config.wandb,
                run_config=config)
 
   def write(self, step: int, metrics: dict, prefix: str = "") -> None:

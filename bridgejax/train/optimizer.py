@@ -35,9 +35,9 @@ DEFAULT_GROUP = "default"
 
 
 def learning_rate_schedule(cfg) -> optax.Schedule:
-  """Linear warm-up from lr·init_lr_fraction (0 if unset), then constant (FROMAGe) or cosine decay
+  """Linear warm-up from lr·init_lr_fraction, then constant (FROMAGe) or cosine decay
   to `final_lr_fraction` (module docstring)."""
-  init = cfg.lr * getattr(cfg, "init_lr_fraction", 0.0)
+  init = cfg.lr * cfg.init_lr_fraction
   warmup = optax.linear_schedule(init, cfg.lr, max(cfg.warmup_steps, 1))
   if cfg.schedule == "constant":
     after = optax.constant_schedule(cfg.lr)
@@ -53,7 +53,7 @@ class _Settings:
 
   def __init__(self, cfg, overrides=None):
     for key in GROUP_KEYS:
-      setattr(self, key, cfg.get(key, 0.0) if key == "init_lr_fraction" else cfg[key])
+      setattr(self, key, cfg[key])
     for key, value in (overrides or {}).items():
       setattr(self, key, value)
 
@@ -65,7 +65,7 @@ def _adamw(settings) -> optax.GradientTransformation:
 
 def groups(cfg) -> dict[str, tuple[re.Pattern, _Settings]]:
   """{name: (its pattern, its settings)} of optim.groups, checked; {} without groups."""
-  raw = cfg.get("groups", None) or {}
+  raw = cfg.groups
   out = {}
   for name, group in raw.items():
     group = dict(group.to_dict() if hasattr(group, "to_dict") else group)
