@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import tiny_eval_world
-from bridgejax import losses, terms
+from bridgejax import config_schema, losses, terms
 from bridgejax.param_count import count
 from bridgejax.heads import TOKEN_TYPE_SCALE_INIT, RetrievalHeads
 from bridgejax.model import BridgeModel
@@ -76,11 +76,13 @@ def test_inspect_counts_the_new_heads_at_real_size(module, extra, total):
 # ------------------------------------------------------------------ options off: nothing changes
 
 def test_options_off_keep_the_parameter_tree_and_the_program(tiny_model):
-  """A config from before the options (no token_type_embeddings, cmli, loss.cmli/target_cmli keys)
-  and today's base config with them off give the same tree and the same compiled program."""
+  """A config from before the options (no token_type_embeddings, cmli, loss.cmli/target_cmli keys),
+  completed as every config read is (config_schema.complete), and today's base config with them off
+  give the same tree and the same compiled program."""
   config, vision_config, llm_config, frozen, _ = tiny_model
   old = config.copy_and_resolve_references()
   del old["token_type_embeddings"], old["cmli"], old.loss["cmli"], old.loss["target_cmli"]
+  old = config_schema.complete(old)
   runs = []
   for c in (old, config):
     model = BridgeModel.create(c, vision_config, llm_config)
