@@ -54,14 +54,17 @@ EVAL_INPUTS = ("images", "visual_tokens", "prompt", "max_new_tokens", "num_beams
 LIBTPU = "pip install --no-deps --target .tpu libtpu==0.0.42.1 and run with PYTHONPATH=.tpu"
 
 
-def topology_devices(name: str):
-  """The devices of a TPU topology ('v5e:2x4', 'v4:2x2x1', ...) without a TPU."""
+def topology_devices(name: str, chips_per_host: str | None = None):
+  """The devices of a TPU topology ('v5e:2x4', 'v4:2x2x1', ...) without a TPU; chips_per_host ('2x4x1')
+  sets how many chips each host has (libtpu's default puts v5e:2x4 and v6e:2x4 on 2 hosts of 2x2,
+  where Cloud's v5litepod-8 and v6e-8 are one host)."""
   if importlib.util.find_spec("libtpu") is None:
     raise SystemExit(f"no libtpu: the TPU compiler is needed ({LIBTPU})")
   os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")  # no metadata server off a TPU VM
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # compile-only: no chip to guard from another process
   from jax.experimental import topologies
-  return topologies.get_topology_desc(platform="tpu", topology_name=name).devices
+  hosts = {} if chips_per_host is None else {"chips_per_host_bounds": [int(n) for n in chips_per_host.split("x")]}
+  return topologies.get_topology_desc(platform="tpu", topology_name=name, **hosts).devices
 
 
 def train_compile(config, devices, *, batch_size: int, text_len: int) -> dict:
@@ -101,7 +104,7 @@ def largest_fitting(measure, hbm: int, multiple: int, start: int, limit: int = 1
 
 
 def report(config, topology: str, *, batch_size: int, text_len: int, programs=PROGRAMS, hbm_gib: float | None = None,
-           max_batch: bool = False, log=None) -> dict:
+           max_batch: bool = False, chips_per_host: str | None = None, log=None) -> dict:
   """Compiles the `programs` on the topology: per program its memory per device against the HBM and
   the fit; the train step's analytic time; with max_batch, the largest batch whose train step fits."""
   from bridgejax.errors import UserError
@@ -109,7 +112,7 @@ def report(config, topology: str, *, batch_size: int, text_len: int, programs=PR
   from bridgejax.mesh import batch_multiple
   from bridgejax.param_count import backbone_configs
 
-  devices = topology_devices(topology)
+  devices = topology_devices(topology, chips_per_host)
   kind = devices[0].device_kind
   if kind not in CHIPS:
     raise SystemExit(f"{topology}: device kind {kind!r} has no entry in CHIPS ({sorted(CHIPS)})")
@@ -124,6 +127,7 @@ def report(config, topology: str, *, batch_size: int, text_len: int, programs=PR
   setup = build_abstract(config, devices)
   processes = len({d.process_index for d in devices})
   out = {"config": config.get("name", ""), "topology": topology, "device_kind": kind, "chips": chips,
+         **({"chips_per_host": chips_per_host} if chips_per_host else {}),
          "devices": len(devices), "mesh": dict(setup.mesh.shape), "processes": processes, "hbm_bytes": hbm_device,
          "batch": batch_size, "text_len": text_len, "remat": config.get("remat", "none"), "programs": {},
          **({"notes": notes} if notes else {})}
@@ -204,6 +208,9 @@ def main(argv=None) -> dict:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--config", required=True, help="configs/X.py[:arg]")
   p.add_argument("--topology", default="v5e:2x2", help="a TPU topology name: v4:2x2x1, v5e:2x4, v5p:2x2x1, v6e:2x4, ...")
+  p.add_argument("--chips-per-host", default=None, metavar="AxBxC",
+                 help="chips per host (default: libtpu's, which splits v5e:2x4 and v6e:2x4 over 2 hosts; Cloud's "
+                      "v5litepod-8 and v6e-8 are one host: 2x4x1)")
   p.add_argument("--batch", type=int, default=None, help="global batch (default: the config's batch_size)")
   p.add_argument("--text-len", type=int, default=None, help="caption tokens (default: data.max_caption_tokens)")
   p.add_argument("--remat", choices=("none", "llm", "all"), default=None, help="default: the config's")
@@ -225,7 +232,7 @@ def main(argv=None) -> dict:
   batch, text_len = a.batch or config.batch_size, a.text_len or config.data.max_caption_tokens
   log = lambda line: print(line, file=sys.stderr, flush=True)  # progress; stdout keeps the result
   result = report(config, a.topology, batch_size=batch, text_len=text_len, programs=a.programs, hbm_gib=a.hbm_gib,
-                  max_batch=a.max_batch, log=log)
+                  max_batch=a.max_batch, chips_per_host=a.chips_per_host, log=log)
   if a.cpu_reference:
     import jax
     config.mesh.data, config.mesh.model = 1, 1

@@ -27,9 +27,15 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from tpu_compile import CHIPS, GIB, ROOT, report, topology_devices  # noqa: E402
 from train_step import load_config  # noqa: E402
 
-# Cloud TPU slice names -> topology names (one host each on Cloud; libtpu's descriptions of v5e:2x4
-# and v6e:2x4 split the 8 chips over 2 hosts, which only changes the batch multiple)
-TOPOLOGIES = {"v4-8": "v4:2x2x1", "v5e-8": "v5e:2x4", "v5p-8": "v5p:2x2x1", "v6e-8": "v6e:2x4"}
+# Cloud TPU slice names -> (topology name, chips per host): one host each, as on Cloud (libtpu's own
+# description of v5e:2x4 and v6e:2x4 splits the 8 chips over 2 hosts of 2x2)
+TOPOLOGIES = {"v4-8": ("v4:2x2x1", None), "v5e-8": ("v5e:2x4", "2x4x1"), "v5p-8": ("v5p:2x2x1", None),
+              "v6e-8": ("v6e:2x4", "2x4x1")}
+
+
+def topology_spec(name: str) -> tuple[str, str | None]:
+  """A Cloud name (v5e-8) or a topology name (v5e:4x4, libtpu's hosts) -> (topology, chips per host)."""
+  return TOPOLOGIES.get(name, (name, None))
 NOT_EXPERIMENTS = {"base", "demo", "__init__"}  # as bridgejax.ablate skips them
 FIRST = "crossatt_k12"  # the thesis's best model leads
 
@@ -57,7 +63,7 @@ def cell_batch(config, topology: str) -> int:
   """The config's batch, or the nearest multiple of what the topology's mesh needs (the smaller on a tie)."""
   from bridgejax.mesh import batch_multiple, mesh_shape
 
-  devices = topology_devices(TOPOLOGIES.get(topology, topology))
+  devices = topology_devices(*topology_spec(topology))
   data = mesh_shape(config.mesh.data, config.mesh.model, len(devices))[0]
   multiple = batch_multiple(data, len({d.process_index for d in devices}), config.concat_prob > 0)
   below = config.batch_size // multiple * multiple
@@ -69,7 +75,8 @@ def run_cell(config_name: str, topology: str, remat: str, *, max_batch: bool, lo
   config.remat = remat
   batch = cell_batch(config, topology)
   start = time.time()
-  out = report(config, TOPOLOGIES.get(topology, topology), batch_size=batch, text_len=config.data.max_caption_tokens,
+  name, chips_per_host = topology_spec(topology)
+  out = report(config, name, chips_per_host=chips_per_host, batch_size=batch, text_len=config.data.max_caption_tokens,
                programs=("train",), max_batch=max_batch, log=log)
   out.update(cell={"config": config_name, "topology": topology, "remat": remat}, wall_s=round(time.time() - start),
              created=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
@@ -119,7 +126,8 @@ def main(argv=None) -> None:
                  help="config names (configs/NAME.py) or paths[:arg], comma-separated (default: every experiment, "
                       f"{FIRST} first)")
   p.add_argument("--topologies", default=",".join(TOPOLOGIES),
-                 help=f"Cloud TPU names ({', '.join(f'{k} = {v}' for k, v in TOPOLOGIES.items())}) or topology names")
+                 help=f"Cloud TPU names ({', '.join(f'{k} = {v[0]}' for k, v in TOPOLOGIES.items())}, one host each) "
+                      "or topology names (libtpu's hosts)")
   p.add_argument("--remat", default="none,llm", help="remat settings, comma-separated")
   p.add_argument("--no-max-batch", dest="max_batch", action="store_false", help="skip the largest-batch search")
   p.add_argument("--table-only", action="store_true", help="print the table of the recorded cells, compile nothing")

@@ -24,11 +24,11 @@ needs_libtpu = pytest.mark.skipif(not HAVE_LIBTPU, reason=_REASON)
 
 
 def _bench(script, *args):
-  env = {**os.environ, "PYTHONPATH": os.pathsep.join([LIBTPU_DIR, REPO, os.environ.get("PYTHONPATH", "")]),
-         "TPU_SKIP_MDS_QUERY": "1"}
+  env = {**os.environ, "PYTHONPATH": os.pathsep.join([LIBTPU_DIR, REPO, os.path.join(REPO, "bench"),
+                                                      os.environ.get("PYTHONPATH", "")]), "TPU_SKIP_MDS_QUERY": "1"}
   env.pop("JAX_PLATFORMS", None)
-  return subprocess.run([sys.executable, os.path.join(REPO, "bench", script), *args], cwd=REPO, env=env,
-                        capture_output=True, text=True, timeout=900)
+  command = ["-c", args[0]] if script == "-c" else [os.path.join(REPO, "bench", script), *args]
+  return subprocess.run([sys.executable, *command], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
 
 
 def _tpu_compile(*args):
@@ -41,6 +41,19 @@ def test_a_batch_the_topology_cannot_split_names_the_nearest_sizes_before_compil
   assert proc.returncode == 1 and proc.stderr.splitlines()[-1] == (
       "error: batch_size=30 does not split evenly over mesh.data=4, pairs for the concat trick (concat_prob > 0): "
       "it must be a multiple of 4; the nearest that do are 28 and 32 (--batch=28)")
+
+
+@needs_libtpu
+def test_cloud_slice_names_are_one_host_as_on_cloud():
+  """libtpu's own v5e:2x4 and v6e:2x4 have 2 hosts of 2x2 chips; Cloud's v5litepod-8 and v6e-8 are one
+  host, and the table's Cloud names (tpu_table.TOPOLOGIES) compile for that."""
+  proc = _bench("-c", "import tpu_compile, tpu_table\n"
+                      "for name in ('v4-8', 'v5e-8', 'v5p-8', 'v6e-8', 'v5e:2x4'):\n"
+                      "  devices = tpu_compile.topology_devices(*tpu_table.topology_spec(name))\n"
+                      "  print(name, len({d.process_index for d in devices}), len(devices))")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  # v4-8 and v5p-8 are 4 chips of 2 TensorCores: libtpu lists v4's cores, v5p's chips (megacore)
+  assert proc.stdout.splitlines() == ["v4-8 1 8", "v5e-8 1 8", "v5p-8 1 4", "v6e-8 1 8", "v5e:2x4 2 8"]
 
 
 @needs_libtpu
