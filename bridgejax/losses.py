@@ -12,6 +12,9 @@ mean over every unmasked target token of the batch (sum of token NLLs / number o
 not a mean of per-example means). Under jit with a batch sharded over devices the mean is over the
 *global* batch; FROMAGe's DDP averages per-GPU means instead, which differs only when GPUs hold
 different token counts.
+Over a long vocabulary (Gemma's 256,000 columns) the LM head and this CE run a few sequence positions
+at a time (`chunked_caption_loss`): a float32 (B, T, V) logits array is never held, only a
+(B, c, V) block of at most LOSS_BLOCK_BYTES, recomputed in the backward pass.
 Which labels FROMAGe counts (main.py/models.py), for building `mask`:
   captioning pass [k visual] + BOS + caption + [RET] + pad: the visual positions are masked and so is
     everything from the first pad *or [RET]* on, so [RET] is not a target there, while BOS is (the
@@ -103,8 +106,57 @@ def caption_loss(logits: Array, labels: Array, mask: Array | None = None, *, shi
   if shift:  # position t predicts token t+1
     logits = tuple(x[:, :-1] for x in logits) if isinstance(logits, tuple) else logits[:, :-1]
     labels, mask = labels[:, 1:], mask[:, 1:]
+  total, count = masked_nll_sum(logits, labels, mask)
+  return total / jnp.maximum(count, 1)
+
+
+def masked_nll_sum(logits, labels: Array, mask: Array) -> tuple[Array, Array]:
+  """(sum of the NLL over the positions where mask, their number): aligned logits (..., V) (or split,
+  see `token_nll`), labels and bool mask (...). `caption_loss` is the one divided by the other."""
   nll = token_nll(logits, jnp.where(mask, labels, 0))
-  return jnp.sum(jnp.where(mask, nll, 0.0)) / jnp.maximum(jnp.sum(mask), 1)
+  return jnp.sum(jnp.where(mask, nll, 0.0)), jnp.sum(mask)
+
+
+# The largest float32 logits block `chunked_caption_loss` forms: (B, c, V + X) · 4 bytes, the global
+# batch's (a device holds its share). Gemma's 256,000 + 1 columns at batch 180 take 184 MB a position,
+# so 1 GiB is 5 positions: the 24- and 23-position passes of fromage run in 5 blocks each.
+LOSS_BLOCK_BYTES = 1 << 30
+
+
+def chunked_caption_loss(head, hidden: Array, labels: Array, mask: Array, *, block_bytes: int | None = None) -> Array:
+  """caption_loss(head(hidden), labels, mask, shift=False) without ever holding head(hidden) whole.
+
+  head: hidden (B, c, D) -> logits (B, c, V) or split (vocab, extra) as `token_nll` takes them (the LM
+  head: Gemma.split_logits); hidden (B, T, D) already aligned with labels and mask (B, T), as
+  shift=False takes them. When the float32 logits of all T positions exceed block_bytes (default
+  LOSS_BLOCK_BYTES) the positions are cut into n equal chunks of c (the last padded with masked
+  positions, fewer than n), and a `jax.lax.map` over them computes each chunk's logits and its
+  `masked_nll_sum` under `jax.checkpoint`: the backward pass recomputes a chunk's logits instead of
+  keeping them, so neither pass holds more than one (B, c, V) block. Same loss and gradient up to
+  float32 summation order (tests/test_losses.py measures it). When everything fits one block this is
+  `caption_loss` itself (the logits kept for the backward, as before).
+  """
+  block_bytes = LOSS_BLOCK_BYTES if block_bytes is None else block_bytes
+  mask = mask.astype(bool)
+  batch, length = labels.shape
+  if hidden.shape[:2] != labels.shape or labels.shape != mask.shape:
+    raise ValueError(f"hidden {hidden.shape} must be labels.shape + (D,) and mask like labels; got labels "
+                     f"{labels.shape}, mask {mask.shape}")
+  shapes = jax.eval_shape(head, jax.ShapeDtypeStruct((batch, 1, *hidden.shape[2:]), hidden.dtype))
+  position_bytes = sum(x.size * 4 for x in jax.tree.leaves(shapes))  # scored in float32 (token_nll)
+  if length * position_bytes <= block_bytes or length <= 1:
+    return caption_loss(head(hidden), labels, mask, shift=False)
+  count = -(-length // max(1, block_bytes // position_bytes))
+  chunk = -(-length // count)  # equal chunks, the padding below `count` positions
+  pad = count * chunk - length
+
+  def split(x):  # (B, T, ...) -> (count, B, chunk, ...), padded with masked positions
+    x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+    return jnp.moveaxis(x.reshape(batch, count, chunk, *x.shape[2:]), 1, 0)
+
+  block = jax.checkpoint(lambda args: masked_nll_sum(head(args[0]), args[1], args[2]))
+  totals, counts = jax.lax.map(block, (split(hidden), split(labels), split(mask)))
+  return jnp.sum(totals) / jnp.maximum(jnp.sum(counts), 1)
 
 
 def l2_normalize(x):

@@ -250,12 +250,14 @@ class BridgeModel:
   @_with_precision
   def lm_loss(self, params, hidden, labels, target_mask):
     """Token-mean next-token CE of the LM head: hidden (B, S, D) at position t predicts labels[t + 1]
-    where target_mask[t + 1]; the [RET] column is its own product (the decoder's split_logits)."""
+    where target_mask[t + 1]; the [RET] column is its own product (the decoder's split_logits).
+    Over a long vocabulary the head runs a few positions at a time (losses.chunked_caption_loss): the
+    float32 (B, S, V) logits are never held whole, in the forward pass or the backward."""
     def ce(llm, ret_row, hidden):
-      logits = self.llm.apply({"params": llm}, hidden[:, :-1], ret_row, method="split_logits")
-      return losses.caption_loss(logits, labels[:, 1:], target_mask[:, 1:], shift=False)
+      head = lambda h: self.llm.apply({"params": llm}, h, ret_row, method="split_logits")
+      return losses.chunked_caption_loss(head, hidden[:, :-1], labels[:, 1:], target_mask[:, 1:])
 
-    if self.remat == "all":  # recompute the (B, S, V) logits in the backward pass instead of keeping them
+    if self.remat == "all":  # recompute the logits in the backward pass instead of keeping them
       ce = jax.checkpoint(ce)
     return ce(params["llm"], params["ret"]["ret_embedding"], hidden)
 
