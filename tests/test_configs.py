@@ -9,7 +9,6 @@ import sys
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 from ml_collections import config_flags  # noqa: F401  (configs are loaded like train.py does)
 
@@ -36,15 +35,18 @@ def test_config_builds_and_gives_k_tokens(name):
     assert isinstance(config[key], int), key
   assert {"data", "model"} <= set(config.mesh) and config.vision.path and config.llm.path
   model = BridgeModel.create(config, TINY_VISION, TINY_LLM)
+  # shapes only (jax.eval_shape): the bridges' widths are the configs' own, up to BLIP-2's 100M-parameter
+  # Q-Former, which would take most of a minute to initialise; test_bridges* run them for real
   x = jnp.zeros((2, 3, 28, 28))
-  frozen = {"vision": CLIPVisionTransformer(TINY_VISION).init(jax.random.key(0), x)["params"],
-            "llm": Gemma(TINY_LLM).init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"]}
-  trainable = model.init_trainable(jax.random.key(1), frozen)
-  out = model.encode_images({**frozen, **trainable}, np.random.default_rng(0).standard_normal((2, 3, 28, 28)))
+  frozen = {"vision": jax.eval_shape(CLIPVisionTransformer(TINY_VISION).init, jax.random.key(0), x)["params"],
+            "llm": jax.eval_shape(Gemma(TINY_LLM).init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"]}
+  trainable = jax.eval_shape(model.init_trainable, jax.random.key(1), frozen)
+  params = {**frozen, **trainable}
+  out = jax.eval_shape(model.encode_images, params, x)
   dims = dict(vision_width=16, vision_layers=4, grid_size=4, llm_width=24)
   k = bridges.num_tokens(config.bridge, **dims)
   assert out.tokens.shape == (2, k, 24)
-  assert model.image_embedding({**frozen, **trainable}, out).shape == (2, config.ret.embed_dim)
+  assert jax.eval_shape(model.image_embedding, params, out).shape == (2, config.ret.embed_dim)
 
 
 @pytest.mark.parametrize("arg,bridge", [("layer=-2,k=8", dict(layer=-2, k=8, post_norm=False)),

@@ -13,7 +13,9 @@ import torch
 
 from bridgejax.weights import load_language_model, load_tokenizer
 
-pytestmark = pytest.mark.slow
+# One worker runs the whole file (pyproject's --dist loadgroup), so each of the two minute-long loads
+# below happens once a session, not once per pytest-xdist worker.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("gemma3_gguf")]
 
 # Ids from transformers' GGUF tokenizer (AutoTokenizer.from_pretrained(dir, gguf_file=...)) for this
 # file; building that tokenizer takes ~40 s, so its answers are written down here.
