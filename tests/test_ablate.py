@@ -60,13 +60,14 @@ def test_configs_are_files_in_configs_dir(world, tmp_path, monkeypatch, capsys):
   assert ablate.known_configs(directory) == ablate.parse_configs("all", directory) == ["myfromage"]
   with pytest.raises(UserError, match=r"unknown config 'fromage'; known: myfromage \(or 'all'\) in --configs_dir .*my_"):
     ablate.parse_configs("fromage", directory)
+  # the run the ablation would make of it: fromage's recipe on the toy setup (the next test trains such runs)
   toy = tiny_world.config(world, batch_size=4)
-  result = ablate.ablate(["myfromage"], [0], str(tmp_path / "ablate"), steps=1, max_examples=1, max_new_tokens=2,
-                         toy=toy, directory=directory)
-  assert result["complete"] and [r["config"] for r in result["rows"]] == ["myfromage"]
-  assert result["rows"][0]["trainable_params"] == param_count.count(ablate.experiment_config("fromage"))[
-      "trainable_params"]
-  capsys.readouterr()
+  mine = ablate.toy_config("myfromage", 2, toy=toy, directory=directory)
+  theirs = ablate.toy_config("fromage", 2, toy=toy)
+  assert mine.to_dict() == {**theirs.to_dict(), "name": "myfromage"}
+  assert ablate.unrunnable("myfromage", mine, directory) is None
+  assert param_count.count(ablate.experiment_config("myfromage", directory)) == param_count.count(
+      ablate.experiment_config("fromage"))
 
   monkeypatch.chdir(tmp_path)  # no configs/ here: the checkout's (an editable install)
   assert ablate.default_configs_dir() == os.path.join(REPO, "configs") and "fromage" in ablate.known_configs()
@@ -115,11 +116,15 @@ def test_sigterm_stops_the_ablation_between_tasks_and_between_runs_and_it_resume
                                                                                      capsys):
   """A SIGTERM while a run is evaluated used to kill the process (the trainer's handler was gone);
   now the evaluation stops after the task in flight, or, at the last task, the sweep stops before
-  the next seed's training. Either way exit is 'incomplete' and the same call resumes."""
+  the next seed's training. Either way exit is 'incomplete' and the same call resumes. The config comes
+  from a --configs_dir of its own (fromage's recipe as `myfromage`, a name only that folder has)."""
   from bridgejax.evaluation.evaluators import REGISTRY
   toy = tiny_world.config(world, batch_size=4)
+  folder = tmp_path / "my_configs"
+  folder.mkdir()
+  shutil.copy(os.path.join(REPO, "configs", "fromage.py"), folder / "myfromage.py")
   workdir = str(tmp_path / "ablate")
-  run0 = os.path.join(workdir, "fromage", "seed_0")
+  run0 = os.path.join(workdir, "myfromage", "seed_0")
   calls, kill_at = [], {"n": 1}
 
   def signalling(name, fn):
@@ -133,13 +138,13 @@ def test_sigterm_stops_the_ablation_between_tasks_and_between_runs_and_it_resume
   for name in ablate.TOY_SPLITS:
     monkeypatch.setitem(REGISTRY, name, dataclasses.replace(REGISTRY[name], run=signalling(name, REGISTRY[name].run)))
   before = signal.getsignal(signal.SIGTERM)
-  run = lambda seeds=(0, 1): ablate.ablate(["fromage"], list(seeds), workdir, steps=2, max_examples=2,
-                                         max_new_tokens=4, toy=toy)
+  run = lambda seeds=(0, 1): ablate.ablate(["myfromage"], list(seeds), workdir, steps=2, max_examples=2,
+                                         max_new_tokens=4, toy=toy, directory=str(folder))
 
   result = run()  # SIGTERM during seed 0's first task: that task is kept, the others wait
   assert not result["complete"] and signal.getsignal(signal.SIGTERM) is before
   assert sorted(os.listdir(os.path.join(run0, "eval"))) == ["caption.json", "caption_predictions.json", "report.html"]
-  assert not os.path.exists(os.path.join(workdir, "fromage", "seed_1"))
+  assert not os.path.exists(os.path.join(workdir, "myfromage", "seed_1"))
   assert "evaluation stopped (SIGTERM)" in capsys.readouterr().out
 
   kill_at["n"] = len(calls) + len(ablate.TOY_SPLITS)  # now at seed 0's last task
@@ -148,8 +153,10 @@ def test_sigterm_stops_the_ablation_between_tasks_and_between_runs_and_it_resume
   assert not result["complete"] and "stopped after seed 0 (SIGTERM)" in out and "stopped early (SIGTERM)" in out
   assert {f for f in os.listdir(os.path.join(run0, "eval")) if not f.endswith("_predictions.json")} >= {
       f"{t}.json" for t in ablate.TOY_SPLITS}
-  assert not os.path.exists(os.path.join(workdir, "fromage", "seed_1"))
+  assert not os.path.exists(os.path.join(workdir, "myfromage", "seed_1"))
 
   kill_at["n"] = 0  # no more signals: seed 0 is done, nothing is redone
-  assert run(seeds=[0])["complete"]
-  assert "seed 0: done already" in capsys.readouterr().out
+  result = run(seeds=[0])
+  assert result["complete"] and "seed 0: done already" in capsys.readouterr().out
+  assert [r["config"] for r in result["rows"]] == ["myfromage"] and result["rows"][0]["trainable_params"] == \
+      param_count.count(ablate.experiment_config("fromage"))["trainable_params"]
