@@ -14,7 +14,7 @@ not a mean of per-example means). Under jit with a batch sharded over devices th
 different token counts.
 Over a long vocabulary (Gemma's 256,000 columns) the LM head and this CE run a few sequence positions
 at a time (`chunked_caption_loss`): a float32 (B, T, V) logits array is never held, only a
-(B, c, V) block of at most LOSS_BLOCK_BYTES, recomputed in the backward pass.
+(B, c, V) block, c positions of at most LOSS_BLOCK_ROW_BYTES a row, recomputed in the backward pass.
 Which labels FROMAGe counts (main.py/models.py), for building `mask`:
   captioning pass [k visual] + BOS + caption + [RET] + pad: the visual positions are masked and so is
     everything from the first pad *or [RET]* on, so [RET] is not a target there, while BOS is (the
@@ -117,36 +117,41 @@ def masked_nll_sum(logits, labels: Array, mask: Array) -> tuple[Array, Array]:
   return jnp.sum(jnp.where(mask, nll, 0.0)), jnp.sum(mask)
 
 
-# The largest float32 logits block `chunked_caption_loss` forms: (B, c, V + X) · 4 bytes, the global
-# batch's (a device holds its share). Gemma's 256,000 + 1 columns at batch 180 take 184 MB a position,
-# so 1 GiB is 5 positions: the 24- and 23-position passes of fromage run in 5 blocks each.
-LOSS_BLOCK_BYTES = 1 << 30
+# How many positions `chunked_caption_loss` scores at once: as many as fit LOSS_BLOCK_ROW_BYTES of
+# float32 logits per sequence, so a block is (B, c, V + X) with c·(V + X)·4 bytes at most this a row,
+# and a device holds its share of the rows, like every other activation. Gemma's 256,000 + 1 columns
+# take 1.0 MB a position: c = 4, a block of 0.74 GB at batch 180 (0.37 GB for the concat trick's 90
+# rows of 49 positions), and the vocabulary GEMM keeps hundreds of rows. fromage at real size, XLA's
+# CPU temp (docs/performance.md): 43.9 GiB with the whole logits; 37.3, 37.7, 38.4 and 39.7 GiB with
+# c = 1, 2, 4 and 8.
+LOSS_BLOCK_ROW_BYTES = 4 << 20
 
 
-def chunked_caption_loss(head, hidden: Array, labels: Array, mask: Array, *, block_bytes: int | None = None) -> Array:
+def chunked_caption_loss(head, hidden: Array, labels: Array, mask: Array, *, row_bytes: int | None = None) -> Array:
   """caption_loss(head(hidden), labels, mask, shift=False) without ever holding head(hidden) whole.
 
   head: hidden (B, c, D) -> logits (B, c, V) or split (vocab, extra) as `token_nll` takes them (the LM
   head: Gemma.split_logits); hidden (B, T, D) already aligned with labels and mask (B, T), as
-  shift=False takes them. When the float32 logits of all T positions exceed block_bytes (default
-  LOSS_BLOCK_BYTES) the positions are cut into n equal chunks of c (the last padded with masked
+  shift=False takes them. When a row's float32 logits over all T positions exceed row_bytes (default
+  LOSS_BLOCK_ROW_BYTES) the positions are cut into n equal chunks of c (the last padded with masked
   positions, fewer than n), and a `jax.lax.map` over them computes each chunk's logits and its
   `masked_nll_sum` under `jax.checkpoint`: the backward pass recomputes a chunk's logits instead of
-  keeping them, so neither pass holds more than one (B, c, V) block. Same loss and gradient up to
-  float32 summation order (tests/test_losses.py measures it). When everything fits one block this is
-  `caption_loss` itself (the logits kept for the backward, as before).
+  keeping them (one more forward GEMM of the head), so neither pass holds more than one (B, c, V)
+  block. Same loss and gradient up to float32 summation order (tests/test_losses.py measures it).
+  When everything fits one block this is `caption_loss` itself (the logits kept for the backward,
+  no recomputation, as before).
   """
-  block_bytes = LOSS_BLOCK_BYTES if block_bytes is None else block_bytes
+  row_bytes = LOSS_BLOCK_ROW_BYTES if row_bytes is None else row_bytes
   mask = mask.astype(bool)
   batch, length = labels.shape
   if hidden.shape[:2] != labels.shape or labels.shape != mask.shape:
     raise ValueError(f"hidden {hidden.shape} must be labels.shape + (D,) and mask like labels; got labels "
                      f"{labels.shape}, mask {mask.shape}")
-  shapes = jax.eval_shape(head, jax.ShapeDtypeStruct((batch, 1, *hidden.shape[2:]), hidden.dtype))
+  shapes = jax.eval_shape(head, jax.ShapeDtypeStruct((1, 1, *hidden.shape[2:]), hidden.dtype))
   position_bytes = sum(x.size * 4 for x in jax.tree.leaves(shapes))  # scored in float32 (token_nll)
-  if length * position_bytes <= block_bytes or length <= 1:
+  if length * position_bytes <= row_bytes or length <= 1:
     return caption_loss(head(hidden), labels, mask, shift=False)
-  count = -(-length // max(1, block_bytes // position_bytes))
+  count = -(-length // max(1, row_bytes // position_bytes))
   chunk = -(-length // count)  # equal chunks, the padding below `count` positions
   pad = count * chunk - length
 

@@ -16,8 +16,9 @@ apart, so each half is then exactly its own sequence. (One program rather than a
 between the two layouts, which would keep both branches' buffers alive.)
 
 `config.remat` trades memory for compute in the backward pass: "llm" recomputes each frozen LLM
-layer (keeping only its input), "all" also recomputes the LM head with its cross-entropy (the
-(B, S, V) logits are never kept) and the bridge.
+layer (keeping only its input), "all" also recomputes the LM head with its cross-entropy and the
+bridge. In every mode the float32 logits are held a block of positions at a time over a long
+vocabulary (`lm_loss`; losses.LOSS_BLOCK_ROW_BYTES a row), never as a whole (B, S, V) array.
 
 Bridges that act inside the frozen LLM (eP-ALM, Flamingo: bridges/inllm.py) append context rows to
 their tokens; `split_visual` takes them off the sequence and `llm_hook` hands them, with the bridge's

@@ -99,9 +99,9 @@ def test_chunked_caption_loss_equals_caption_loss_and_its_gradients():
   labels, mask = jnp.asarray(labels), jnp.asarray(mask)
   whole = lambda h, r: losses.caption_loss(head(h, r), labels, mask, shift=False)
   ref, (ref_h, ref_r) = jax.value_and_grad(whole, argnums=(0, 1))(hidden, rows)
-  position = b * 14 * 4  # float32 bytes of one position's logits
-  for block_bytes, chunks in ((6 * position, 3), (3 * position, 6), (position, 17)):
-    chunked = lambda h, r: losses.chunked_caption_loss(lambda x: head(x, r), h, labels, mask, block_bytes=block_bytes)
+  position = 14 * 4  # float32 bytes of one position's logits in a row
+  for row_bytes, chunks in ((6 * position, 3), (3 * position, 6), (position, 17)):
+    chunked = lambda h, r: losses.chunked_caption_loss(lambda x: head(x, r), h, labels, mask, row_bytes=row_bytes)
     traced = jax.make_jaxpr(chunked)(hidden, rows)
     assert [e.params["length"] for e in traced.eqns if e.primitive.name == "scan"] == [chunks]
     value, (grad_h, grad_r) = jax.jit(jax.value_and_grad(chunked, argnums=(0, 1)))(hidden, rows)
@@ -112,7 +112,7 @@ def test_chunked_caption_loss_equals_caption_loss_and_its_gradients():
   one = jax.make_jaxpr(lambda h: losses.chunked_caption_loss(lambda x: head(x, rows), h, labels, mask))(hidden)
   assert not [e for e in one.eqns if e.primitive.name == "scan"]
   empty = losses.chunked_caption_loss(lambda x: head(x, rows), hidden, labels, jnp.zeros((b, t), bool),
-                                      block_bytes=position)
+                                      row_bytes=position)
   assert float(empty) == 0.0
 
 

@@ -165,20 +165,20 @@ def test_bf16_loss_stays_within_todays_distance_of_float32():
 
 
 def test_chunked_lm_loss_changes_no_number(monkeypatch):
-  """The LM-head CE of both passes a few positions at a time against the whole logits: the text
-  pass's 7 positions in 3 chunks of 3, the concat trick's 21 in 4 of 6 (2 and 3 padded), with
-  remat "none" and "all". Measured (remat "none"): the total loss equal, caption and text CE within 2.0e-7
-  relative, the gradient w.r.t. every trainable parameter within 7.6e-7 of its leaf's largest entry
-  ([RET] row 6.4e-8; the k_proj bias's, zero up to 1e-10, aside), 2.3e-7 relative as a whole."""
-  batch, default = _batch(), losses.LOSS_BLOCK_BYTES
+  """The LM-head CE of both passes a few positions at a time against the whole logits: blocks of 4
+  positions, the text pass's 7 in 2 chunks of 4, the concat trick's 21 in 6 of 4 (1 and 3 padded),
+  with remat "none" and "all". Measured (remat "none"): the total loss equal, caption and text CE
+  within 2.0e-7 relative, the gradient w.r.t. every trainable parameter within 7.6e-7 of its leaf's
+  largest entry ([RET] row 6.4e-8; the k_proj bias's, zero up to 1e-10, aside), 2.3e-7 relative as a
+  whole."""
+  batch, default, four = _batch(), losses.LOSS_BLOCK_ROW_BYTES, 4 * (VOCAB + 1) * 4
   results = {}
-  for mode, block_bytes in (("none", default), ("none", 3 * 4 * (VOCAB + 1) * 4),
-                            ("all", 3 * 4 * (VOCAB + 1) * 4)):
-    monkeypatch.setattr(losses, "LOSS_BLOCK_BYTES", block_bytes)
+  for mode, row_bytes in (("none", default), ("none", four), ("all", four)):
+    monkeypatch.setattr(losses, "LOSS_BLOCK_ROW_BYTES", row_bytes)
     model, frozen = _model(remat=mode, concat_prob=1.0)
     trainable = model.init_trainable(jax.random.key(1), frozen)
     loss = lambda t: model.loss(t, frozen, batch, jax.random.key(0))
-    results[mode, block_bytes] = jax.jit(jax.value_and_grad(loss, has_aux=True))(trainable)
+    results[mode, row_bytes] = jax.jit(jax.value_and_grad(loss, has_aux=True))(trainable)
   (loss_a, metrics_a), grads_a = results.pop(("none", default))
   flat = lambda tree: np.concatenate([np.ravel(x) for x in jax.tree.leaves(tree)])
   for key, ((loss_b, metrics_b), grads_b) in results.items():
@@ -188,6 +188,7 @@ def test_chunked_lm_loss_changes_no_number(monkeypatch):
     for a, b in zip(jax.tree.leaves(grads_a), jax.tree.leaves(grads_b)):
       np.testing.assert_allclose(b, a, rtol=0, atol=2e-6 * float(np.abs(a).max()) + 1e-9)
     assert np.linalg.norm(flat(grads_b) - flat(grads_a)) < 1e-6 * np.linalg.norm(flat(grads_a)), key
+
 
 def _vocabulary_rows(text: str) -> int:
   """The most rows (the product of the leading dimensions) of any float32 array of vocabulary width
@@ -199,10 +200,10 @@ def _vocabulary_rows(text: str) -> int:
 
 def test_no_float32_logits_of_the_whole_sequence_when_the_loss_is_chunked(monkeypatch):
   """The train step's float32 vocabulary-wide arrays, in the lowered StableHLO and in XLA's compiled
-  HLO: with LOSS_BLOCK_BYTES forced down to 3 text positions (3 x 4 rows x 98 columns x 4 bytes) they
-  hold at most 12 rows (batch x positions): the text pass runs 3 chunks of 3 of its 7 positions, the
-  concat trick's captioning pass (2 rows of 21 positions) 4 chunks of 6. Unchunked (the default at
-  this size) the same step holds the captioning pass's whole (2, 21, 97) logits."""
+  HLO: with LOSS_BLOCK_ROW_BYTES forced down to 4 positions (4 x 98 columns x 4 bytes) they hold at
+  most 16 rows (batch x positions): the text pass runs its 4 rows' 7 positions in 2 chunks of 4, the
+  concat trick's captioning pass its 2 rows' 21 in 6 of 4. Unchunked (the default at this size) the
+  same step holds the captioning pass's whole (2, 21, 97) logits."""
   model, frozen = _model("float32", concat_prob=0.5)
   step, args = _step(model, frozen, _batch())
 
@@ -211,5 +212,5 @@ def test_no_float32_logits_of_the_whole_sequence_when_the_loss_is_chunked(monkey
     return _vocabulary_rows(lowered.as_text()), _vocabulary_rows(lowered.compile().as_text())
 
   assert rows() == (42, 42)
-  monkeypatch.setattr(losses, "LOSS_BLOCK_BYTES", 3 * 4 * (VOCAB + 1) * 4)
-  assert rows() == (12, 12)
+  monkeypatch.setattr(losses, "LOSS_BLOCK_ROW_BYTES", 4 * (VOCAB + 1) * 4)
+  assert rows() == (16, 16)
