@@ -13,9 +13,7 @@ import torch
 
 from bridgejax.weights import load_language_model, load_tokenizer
 
-# One worker runs the whole file (pyproject's --dist loadgroup), so each of the two minute-long loads
-# below happens once a session, not once per pytest-xdist worker.
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("gemma3_gguf")]
+pytestmark = pytest.mark.slow
 
 # Ids from transformers' GGUF tokenizer (AutoTokenizer.from_pretrained(dir, gguf_file=...)) for this
 # file; building that tokenizer takes ~40 s, so its answers are written down here.
@@ -61,7 +59,9 @@ def test_config_and_tokenizer(ours):
     assert tok.decode(ids) == text
 
 
-def test_logits_match_transformers_on_a_padded_batch(ours, reference):
+def test_logits_on_a_padded_batch_and_greedy_continuations_match_transformers(ours, reference):
+  """One test for both comparisons, so the minute-long load of the reference happens once (two tests
+  on two pytest-xdist workers loaded it twice)."""
   lm, tok = ours
   texts = list(TOKENIZED)
   ids, mask = tok.batch_encode(texts, 8)
@@ -73,9 +73,6 @@ def test_logits_match_transformers_on_a_padded_batch(ours, reference):
     assert np.abs(logits[row, :n] - want).max() <= LOGITS_ATOL, text
     np.testing.assert_array_equal(logits[row, :n].argmax(-1), want.argmax(-1))  # top-1 at every position
 
-
-def test_greedy_continuation_matches_transformers(ours, reference):
-  lm, tok = ours
   texts = ["The capital of France is", "Hello, my name is"]
   ids, mask = tok.batch_encode(texts, 8)
   new = np.asarray(lm.generate(ids, attention_mask=mask, max_new_tokens=16))
