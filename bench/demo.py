@@ -105,7 +105,7 @@ def main(argv=None) -> int:
   p.add_argument("--check", action="store_true", help="exit 1 when a figure is under its floor")
   p.add_argument("--json", action="store_true", help="print one JSON object last")
   a, train_flags = p.parse_known_args(argv)
-  scratch = tempfile.mkdtemp(prefix="bridgejax-demo-bench-")
+  scratch = None if a.workdir and a.toy_dir else tempfile.mkdtemp(prefix="bridgejax-demo-bench-")
   workdir = a.workdir or os.path.join(scratch, "demo")
   toy_dir = a.toy_dir or os.path.join(scratch, "toy_data")
   command = [sys.executable, "train.py", "--config", "configs/demo.py", "--workdir", workdir,
@@ -119,7 +119,8 @@ def main(argv=None) -> int:
     return 1
   result = {"wall_s": round(wall, 1), "generated_toy_world": a.toy_dir is None, "train_flags": train_flags,
             "workdir": workdir, **figures(workdir)}
-  print(f"\nthe demo in {wall:.0f} s ({'toy world generated' if a.toy_dir is None else 'toy world reused'})")
+  print(f"\nthe demo in {wall:.0f} s ({'toy world generated' if a.toy_dir is None else 'toy world reused'}); "
+        f"the run is kept in {workdir} (eval/report.html), the toy world in {toy_dir} (--toy-dir reuses it)")
   print(table(result))
   missing = shortfalls(result)
   if missing:

@@ -31,13 +31,13 @@ from train_step import load_config  # noqa: E402
 # description of v5e:2x4 and v6e:2x4 splits the 8 chips over 2 hosts of 2x2)
 TOPOLOGIES = {"v4-8": ("v4:2x2x1", None), "v5e-8": ("v5e:2x4", "2x4x1"), "v5p-8": ("v5p:2x2x1", None),
               "v6e-8": ("v6e:2x4", "2x4x1")}
+NOT_EXPERIMENTS = {"base", "demo", "__init__"}  # as bridgejax.ablate skips them
+FIRST = "crossatt_k12"  # the thesis's best model leads
 
 
 def topology_spec(name: str) -> tuple[str, str | None]:
   """A Cloud name (v5e-8) or a topology name (v5e:4x4, libtpu's hosts) -> (topology, chips per host)."""
   return TOPOLOGIES.get(name, (name, None))
-NOT_EXPERIMENTS = {"base", "demo", "__init__"}  # as bridgejax.ablate skips them
-FIRST = "crossatt_k12"  # the thesis's best model leads
 
 
 def default_configs() -> list[str]:

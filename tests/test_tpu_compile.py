@@ -23,12 +23,16 @@ if not HAVE_LIBTPU and os.environ.get("CI"):  # .ci/run installs it: a skip ther
 needs_libtpu = pytest.mark.skipif(not HAVE_LIBTPU, reason=_REASON)
 
 
-def _bench(script, *args):
+def _python(*args):
+  """python ARGS with libtpu, the repo and bench/ importable (only this subprocess sees .tpu/)."""
   env = {**os.environ, "PYTHONPATH": os.pathsep.join([LIBTPU_DIR, REPO, os.path.join(REPO, "bench"),
                                                       os.environ.get("PYTHONPATH", "")]), "TPU_SKIP_MDS_QUERY": "1"}
   env.pop("JAX_PLATFORMS", None)
-  command = ["-c", args[0]] if script == "-c" else [os.path.join(REPO, "bench", script), *args]
-  return subprocess.run([sys.executable, *command], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+  return subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+
+
+def _bench(script, *args):
+  return _python(os.path.join(REPO, "bench", script), *args)
 
 
 def _tpu_compile(*args):
@@ -47,10 +51,10 @@ def test_a_batch_the_topology_cannot_split_names_the_nearest_sizes_before_compil
 def test_cloud_slice_names_are_one_host_as_on_cloud():
   """libtpu's own v5e:2x4 and v6e:2x4 have 2 hosts of 2x2 chips; Cloud's v5litepod-8 and v6e-8 are one
   host, and the table's Cloud names (tpu_table.TOPOLOGIES) compile for that."""
-  proc = _bench("-c", "import tpu_compile, tpu_table\n"
-                      "for name in ('v4-8', 'v5e-8', 'v5p-8', 'v6e-8', 'v5e:2x4'):\n"
-                      "  devices = tpu_compile.topology_devices(*tpu_table.topology_spec(name))\n"
-                      "  print(name, len({d.process_index for d in devices}), len(devices))")
+  proc = _python("-c", "import tpu_compile, tpu_table\n"
+                       "for name in ('v4-8', 'v5e-8', 'v5p-8', 'v6e-8', 'v5e:2x4'):\n"
+                       "  devices = tpu_compile.topology_devices(*tpu_table.topology_spec(name))\n"
+                       "  print(name, len({d.process_index for d in devices}), len(devices))")
   assert proc.returncode == 0, proc.stderr[-3000:]
   # v4-8 and v5p-8 are 4 chips of 2 TensorCores: libtpu lists v4's cores, v5p's chips (megacore)
   assert proc.stdout.splitlines() == ["v4-8 1 8", "v5e-8 1 8", "v5p-8 1 4", "v6e-8 1 8", "v5e:2x4 2 8"]
