@@ -25,6 +25,7 @@ from bridgejax.models.gemma import Gemma, GemmaConfig
 from bridgejax.weights.bound import LanguageModel
 from bridgejax.weights import converted, safetensors_io
 from bridgejax.weights.errors import CheckpointError, MissingCheckpointError, config_json_errors
+from bridgejax.weights.gguf_file import GGUFFile
 from bridgejax.weights.tree import Source, abstract_init, assemble, check_tree, export, place
 
 KIND = "gemma"
@@ -182,8 +183,8 @@ def _ignored(name: str) -> bool:
 # GGUF
 
 def gguf_reader(path: str):
-  """A `gguf.GGUFReader` of the file. Parsing a 262k-token vocabulary takes seconds, so the model
-  and tokenizer loaders share one reader per file (version)."""
+  """The file's metadata and tensor table (`gguf_file.GGUFFile`), one per file (version), shared by the
+  model and tokenizer loaders."""
   if not os.path.isfile(path):
     raise MissingCheckpointError(f"GGUF file {path!r} does not exist")
   stat = os.stat(path)
@@ -193,14 +194,13 @@ def gguf_reader(path: str):
 @functools.lru_cache(maxsize=2)
 def _cached_reader(path: str, mtime_ns: int, size: int):
   try:
-    return gguf.GGUFReader(path)
-  except Exception as e:  # the reader raises ValueError/struct errors/... on a damaged file
+    return GGUFFile(path)
+  except Exception as e:  # ValueError, struct.error, UnicodeDecodeError, ... on a damaged file
     raise CheckpointError(f"{path!r} is not a readable GGUF file ({type(e).__name__}: {e})") from e
 
 
 def gguf_field(reader, key: str, default=None):
-  field = reader.fields.get(key)
-  return default if field is None else field.contents()
+  return reader.fields.get(key, default)
 
 
 def gguf_architecture(path: str) -> str | None:
