@@ -1,5 +1,6 @@
 """The model bench/train_step.py times, at 'real' or 'reduced' size, with random frozen weights made
-on the device and a random batch of fixed shape: no files are read but the toy backbones' config.json.
+on the device and a random batch of fixed shape: no weights are read, only the backbones' config.json
+(the toy ones at 'reduced' size when the config's are not folders) or a GGUF file's header.
 A helper of the bench scripts (bench/ is not a package: they put this folder on sys.path).
 """
 
@@ -24,8 +25,11 @@ def backbone_sizes(config, size: str):
         raise SystemExit(f"--size real: config.{part}.arch={config[part].arch!r} is not one of {sorted(archs)}")
     return VISION_ARCHS[config.vision.arch], LLM_ARCHS[config.llm.arch]
   own = lambda path, toy: path if os.path.isfile(os.path.join(path, "config.json")) else os.path.join(TOY_ASSETS, toy)
-  return (vision.config_from_hf(safetensors_io.read_hf_config(own(config.vision.path, "clip"))),
-          language.config_from_hf(safetensors_io.read_hf_config(own(config.llm.path, "gemma"))))
+  if str(config.llm.path).endswith(".gguf") and os.path.isfile(config.llm.path):  # a real LLM as a GGUF file:
+    llm = language.family_of(config.llm.path).read_gguf(config.llm.path)[0]  # its header, no weights read
+  else:
+    llm = language.config_from_hf(safetensors_io.read_hf_config(own(config.llm.path, "gemma")))
+  return vision.config_from_hf(safetensors_io.read_hf_config(own(config.vision.path, "clip"))), llm
 
 
 def random_batch(rng, batch: int, text_len: int, vision, llm) -> dict:

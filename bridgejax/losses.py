@@ -14,7 +14,8 @@ not a mean of per-example means). Under jit with a batch sharded over devices th
 different token counts.
 Over a long vocabulary (Gemma's 256,000 columns) the LM head and this CE run a few sequence positions
 at a time (`chunked_caption_loss`): a float32 (B, T, V) logits array is never held, only a
-(B, c, V) block, c positions of at most LOSS_BLOCK_ROW_BYTES a row, recomputed in the backward pass.
+(B, c, V) block, c positions of at most LOSS_BLOCK_ROW_BYTES a row, recomputed in the backward pass
+(logits of at most LOSS_WHOLE_BYTES in all are kept whole).
 Which labels FROMAGe counts (main.py/models.py), for building `mask`:
   captioning pass [k visual] + BOS + caption + [RET] + pad: the visual positions are masked and so is
     everything from the first pad *or [RET]* on, so [RET] is not a target there, while BOS is (the
@@ -125,9 +126,16 @@ def masked_nll_sum(logits, labels: Array, mask: Array) -> tuple[Array, Array]:
 # CPU temp (docs/performance.md): 43.9 GiB with the whole logits; 37.3, 37.7, 38.4 and 39.7 GiB with
 # c = 1, 2, 4 and 8.
 LOSS_BLOCK_ROW_BYTES = 4 << 20
+# Logits of at most this many bytes in all are kept whole: cutting them would only add the
+# recomputation and read the head's weights once per block (each block streams all V x D of them).
+# On the 2-core CPU, configs/demo_gemma3.py (batch 8 x 40 positions x 262,145 columns, 0.34 GB):
+# 21.9 s a step in blocks of 4 positions, 11.9 s whole. At the real sizes above (4.3 GB) it changes
+# nothing.
+LOSS_WHOLE_BYTES = 512 << 20
 
 
-def chunked_caption_loss(head, hidden: Array, labels: Array, mask: Array, *, row_bytes: int | None = None) -> Array:
+def chunked_caption_loss(head, hidden: Array, labels: Array, mask: Array, *, row_bytes: int | None = None,
+                         whole_bytes: int | None = None) -> Array:
   """caption_loss(head(hidden), labels, mask, shift=False) without ever holding head(hidden) whole.
 
   head: hidden (B, c, D) -> logits (B, c, V) or split (vocab, extra) as `token_nll` takes them (the LM
@@ -138,10 +146,11 @@ def chunked_caption_loss(head, hidden: Array, labels: Array, mask: Array, *, row
   `masked_nll_sum` under `jax.checkpoint`: the backward pass recomputes a chunk's logits instead of
   keeping them (one more forward GEMM of the head), so neither pass holds more than one (B, c, V)
   block. Same loss and gradient up to float32 summation order (tests/test_losses.py measures it).
-  When everything fits one block this is `caption_loss` itself (the logits kept for the backward,
-  no recomputation, as before).
+  When everything fits one block, or all the logits fit whole_bytes (default LOSS_WHOLE_BYTES), this
+  is `caption_loss` itself (the logits kept for the backward, no recomputation).
   """
   row_bytes = LOSS_BLOCK_ROW_BYTES if row_bytes is None else row_bytes
+  whole_bytes = LOSS_WHOLE_BYTES if whole_bytes is None else whole_bytes
   mask = mask.astype(bool)
   batch, length = labels.shape
   if hidden.shape[:2] != labels.shape or labels.shape != mask.shape:
@@ -149,7 +158,7 @@ def chunked_caption_loss(head, hidden: Array, labels: Array, mask: Array, *, row
                      f"{labels.shape}, mask {mask.shape}")
   shapes = jax.eval_shape(head, jax.ShapeDtypeStruct((1, 1, *hidden.shape[2:]), hidden.dtype))
   position_bytes = sum(x.size * 4 for x in jax.tree.leaves(shapes))  # scored in float32 (token_nll)
-  if length * position_bytes <= row_bytes or length <= 1:
+  if length * position_bytes <= row_bytes or batch * length * position_bytes <= whole_bytes or length <= 1:
     return caption_loss(head(hidden), labels, mask, shift=False)
   count = -(-length // max(1, row_bytes // position_bytes))
   chunk = -(-length // count)  # equal chunks, the padding below `count` positions

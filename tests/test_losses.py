@@ -101,7 +101,8 @@ def test_chunked_caption_loss_equals_caption_loss_and_its_gradients():
   ref, (ref_h, ref_r) = jax.value_and_grad(whole, argnums=(0, 1))(hidden, rows)
   position = 14 * 4  # float32 bytes of one position's logits in a row
   for row_bytes, chunks in ((6 * position, 3), (3 * position, 6), (position, 17)):
-    chunked = lambda h, r: losses.chunked_caption_loss(lambda x: head(x, r), h, labels, mask, row_bytes=row_bytes)
+    chunked = lambda h, r: losses.chunked_caption_loss(lambda x: head(x, r), h, labels, mask, row_bytes=row_bytes,
+                                                          whole_bytes=0)
     traced = jax.make_jaxpr(chunked)(hidden, rows)
     assert [e.params["length"] for e in traced.eqns if e.primitive.name == "scan"] == [chunks]
     value, (grad_h, grad_r) = jax.jit(jax.value_and_grad(chunked, argnums=(0, 1)))(hidden, rows)
@@ -112,7 +113,11 @@ def test_chunked_caption_loss_equals_caption_loss_and_its_gradients():
   one = jax.make_jaxpr(lambda h: losses.chunked_caption_loss(lambda x: head(x, rows), h, labels, mask))(hidden)
   assert not [e for e in one.eqns if e.primitive.name == "scan"]
   empty = losses.chunked_caption_loss(lambda x: head(x, rows), hidden, labels, jnp.zeros((b, t), bool),
-                                      row_bytes=position)
+                                      row_bytes=position, whole_bytes=0)
+  # logits that fit whole_bytes in all are kept whole, however many blocks a row would take
+  small = jax.make_jaxpr(lambda h: losses.chunked_caption_loss(lambda x: head(x, rows), h, labels, mask,
+                                                               row_bytes=position, whole_bytes=b * t * position))(hidden)
+  assert not [e for e in small.eqns if e.primitive.name == "scan"]
   assert float(empty) == 0.0
 
 

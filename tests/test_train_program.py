@@ -173,6 +173,7 @@ def test_chunked_lm_loss_changes_no_number(monkeypatch):
   whole."""
   batch, default, four = _batch(), losses.LOSS_BLOCK_ROW_BYTES, 4 * (VOCAB + 1) * 4
   results = {}
+  monkeypatch.setattr(losses, "LOSS_WHOLE_BYTES", 0)  # at this size the logits would all be kept whole
   for mode, row_bytes in (("none", default), ("none", four), ("all", four)):
     monkeypatch.setattr(losses, "LOSS_BLOCK_ROW_BYTES", row_bytes)
     model, frozen = _model(remat=mode, concat_prob=1.0)
@@ -200,7 +201,8 @@ def _vocabulary_rows(text: str) -> int:
 
 def test_no_float32_logits_of_the_whole_sequence_when_the_loss_is_chunked(monkeypatch):
   """The train step's float32 vocabulary-wide arrays, in the lowered StableHLO and in XLA's compiled
-  HLO: with LOSS_BLOCK_ROW_BYTES forced down to 4 positions (4 x 98 columns x 4 bytes) they hold at
+  HLO: with LOSS_BLOCK_ROW_BYTES forced down to 4 positions (4 x 98 columns x 4 bytes) and
+  LOSS_WHOLE_BYTES to 0 they hold at
   most 16 rows (batch x positions): the text pass runs its 4 rows' 7 positions in 2 chunks of 4, the
   concat trick's captioning pass its 2 rows' 21 in 6 of 4. Unchunked (the default at this size) the
   same step holds the captioning pass's whole (2, 21, 97) logits."""
@@ -212,5 +214,6 @@ def test_no_float32_logits_of_the_whole_sequence_when_the_loss_is_chunked(monkey
     return _vocabulary_rows(lowered.as_text()), _vocabulary_rows(lowered.compile().as_text())
 
   assert rows() == (42, 42)
+  monkeypatch.setattr(losses, "LOSS_WHOLE_BYTES", 0)
   monkeypatch.setattr(losses, "LOSS_BLOCK_ROW_BYTES", 4 * (VOCAB + 1) * 4)
   assert rows() == (16, 16)
