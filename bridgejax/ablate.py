@@ -14,7 +14,7 @@ bridge does not fit the toy backbones is skipped with its reason.
 
 The configs are files, found in --configs_dir: by default configs/ in the current directory (the
 repository root), else the configs/ beside the checkout bridgejax was installed from (an editable
-install). Each NAME there is NAME.py (base.py and demo.py are not experiments), loaded as
+install). Each NAME there is NAME.py (base.py and the demos are not experiments), loaded as
 `train.py --config NAME.py` loads it (bridgejax.cli.load_config_file); demo.py is the toy setup.
 An installed wheel has no configs/: point --configs_dir at a copy of the repository's.
 
@@ -43,7 +43,7 @@ from bridgejax.evaluation import table
 # cmli, pic2word: bridgejax/terms/); everything else is the demo's.
 TRANSPLANTED = ("bridge", "loss", "ret", *terms.sections(), "token_type_embeddings", "concat_prob",
                 "visual_token_scale", "stage", "representation_share")
-NOT_EXPERIMENTS = {"base", "demo", "__init__"}
+NOT_EXPERIMENTS = {"base", "demo", "demo_gemma3", "__init__"}  # the toy world's own runs
 STEPS = 200  # the default bounded run: README "Ablation on the toy world" has its time
 MAX_EXAMPLES = 100  # per eval task, on the toy test split
 # The table's and plot's columns: (task, metric); headers as bridgejax.evaluation.table shows them.
@@ -83,7 +83,7 @@ def load_config(name: str, directory: str | None = None):
 
 
 def known_configs(directory: str | None = None) -> list[str]:
-  """The experiment configs in the configs folder (its *.py but base.py and demo.py), sorted."""
+  """The experiment configs in the configs folder (its *.py but base.py and the demos), sorted."""
   path = configs_dir(directory)
   return sorted(f[:-3] for f in os.listdir(path) if f.endswith(".py") and f[:-3] not in NOT_EXPERIMENTS)
 

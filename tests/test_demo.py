@@ -58,3 +58,9 @@ def test_agreement_counts_the_captions_that_name_only_what_their_image_shows():
   assert demo.shortfalls(result) == []
   assert demo.shortfalls({**result, "t2i_R@1": 4.0, "shape_agreement_shuffled": 0.5}) == [
       "t2i_R@1 4 < 5.0", "shape_agreement 0.80 is not 0.45 above another image's (0.50)"]
+  # the real-LLM demo's floors: retrieval only, its captions do not follow the image yet
+  gemma3 = {**result, "shape_agreement": 0.1, "distinct_captions": 13, "vqa": 0.02}
+  assert demo.shortfalls(gemma3, "configs/demo_gemma3.py") == []
+  assert demo.shortfalls({**gemma3, "i2t_R@1": 2.0}, "configs/demo_gemma3.py") == ["i2t_R@1 2 < 5.0"]
+  assert "| vqa | 0.02 |" in demo.table(gemma3, "configs/demo_gemma3.py")
+  assert "| vqa |" not in demo.table(result)

