@@ -4,7 +4,9 @@ KV-cache loop against transformers' `generate(do_sample=False)` on the same dequ
     python bench/decode.py [--batch 1] [--new-tokens 64] [--repeats 3] [--cache-dir ~/.cache/bridgejax]
 
 Prints tokens/s (new tokens of the whole batch per second, prefill included, compilation excluded:
-one warm-up call first) for both, and the ratio. Both run float32 on the CPU (or bridgejax on
+one warm-up call first) for both, the ratio, and the memory-bandwidth floor measured in the same
+run: the bytes a step must read (every weight, the K/V cache) over the rate a jitted sum reads a
+buffer of that size. Both run float32 on the CPU (or bridgejax on
 whatever device JAX picks).
 """
 
@@ -28,6 +30,27 @@ def timed(fn, repeats: int) -> float:
     fn()
     best = min(best, time.perf_counter() - start)
   return best
+
+
+def memory_read_rate(nbytes: int, repeats: int) -> float:
+  """Bytes a second that a jitted sum reads from a float32 buffer of nbytes (the weights' size, so
+  that caches do not flatter it): the rate decoding at batch 1 cannot beat."""
+  import jax
+  import jax.numpy as jnp
+
+  buffer = jnp.ones((nbytes // 4,), jnp.float32)
+  total = jax.jit(jnp.sum)
+  return nbytes / timed(lambda: total(buffer).block_until_ready(), repeats)
+
+
+def bytes_per_step(lm, batch: int, context: int) -> int:
+  """What one greedy step reads at least: every parameter once (the tied embedding is the LM head)
+  and each row's K/V cache over `context` positions."""
+  import jax
+
+  c = lm.config
+  weights = sum(x.nbytes for x in jax.tree.leaves(lm.params))
+  return weights + batch * c.num_layers * 2 * c.num_kv_heads * c.head_dim * context * 4
 
 
 def main() -> None:
@@ -74,6 +97,11 @@ def main() -> None:
   print(f"bridgejax:    {tokens / ours_s:8.1f} tokens/s ({ours_s:.2f} s)")
   print(f"transformers: {tokens / theirs_s:8.1f} tokens/s ({theirs_s:.2f} s)")
   print(f"ratio (bridgejax / transformers): {theirs_s / ours_s:.2f}x; same tokens: {same}")
+  step_bytes = bytes_per_step(lm, args.batch, ids.shape[1] + n // 2)  # the mean context of the steps
+  rate = memory_read_rate(step_bytes, args.repeats)
+  floor = tokens / (n * step_bytes / rate)
+  print(f"memory floor: {floor:8.1f} tokens/s ({step_bytes / 1e9:.2f} GB read a step at {rate / 1e9:.1f} GB/s, "
+        f"measured here); bridgejax at {tokens / ours_s / floor:.0%} of it")
 
 
 if __name__ == "__main__":
