@@ -32,11 +32,12 @@ def get_config(arg=None):
   config.optim.lr = 3e-3
   config.optim.warmup_steps = 10
   config.log_every_steps = 10
-  config.checkpoint_every_steps = config.eval_every_steps = 50
+  config.checkpoint_every_steps = 50
+  config.eval_every_steps = 100  # validation at the end only: each pass costs a minute
   config.data.val_examples = 64
   config.data.val_batch_size = 16
   splits = {"caption": "test", "retrieval": "test", "vqa": "vqa_test"}
   config.evals = ml_collections.ConfigDict({
-      task: eval_task(task, data=config.data.get_ref("dir") + "", split=split, batch_size=16, max_examples=200)
+      task: eval_task(task, data=config.data.get_ref("dir") + "", split=split, batch_size=16, max_examples=160)
       for task, split in splits.items()})
   return config
