@@ -23,7 +23,7 @@ from sentencepiece import sentencepiece_model_pb2
 
 from bridgejax.errors import UserError
 from bridgejax.weights.errors import CheckpointError, MissingCheckpointError
-from bridgejax.weights.gemma import gguf_reader  # one parse per file, shared with the model loader
+from bridgejax.weights.gemma import gguf_field, gguf_reader  # one parse per file, shared with the model loader
 
 RET_TOKEN = "[RET]"
 
@@ -184,7 +184,7 @@ def _json(directory: str, name: str) -> dict:
 
 def _from_gguf(path: str) -> Tokenizer:
   reader = gguf_reader(path)
-  field = reader.fields.get
+  field = lambda key, default=None: gguf_field(reader, key, default)
   kind = field("tokenizer.ggml.model")
   if kind != "llama":  # llama.cpp's name for a sentencepiece vocabulary
     raise CheckpointError(f"{path!r}: GGUF tokenizer {kind!r} is not supported (bridgejax reads sentencepiece "
